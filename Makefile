@@ -1,0 +1,23 @@
+# The two commands: `make train` and `make test`. Both bootstrap .venv (Python >= 3.12, pinned deps) first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= dense_lm
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: venv train test test-gpu clean
+
+venv:
+	@bash scripts/bootstrap.sh
+
+train: venv
+	$(PY) -m recipes.$(RECIPE) $(ARGS)
+
+test: venv
+	XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadgroup --timeout 600 $(PYTEST_ARGS)
+
+test-gpu:
+	python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests
+
+clean:
+	rm -rf runs/

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Creates .venv with Python >= 3.12 (if missing) and installs the project with its pinned versions.
+# Re-running is cheap: pip is skipped when pyproject.toml has not changed since the last install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+find_python() {
+  for cand in "${PYTHON:-}" python3.12 python3.13; do
+    [ -n "$cand" ] || continue
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
+      echo "$cand"; return 0
+    fi
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E "^3\.1[2-9]" | sort -V); do
+      p="$(pyenv root)/versions/$v/bin/python3"
+      [ -x "$p" ] && { echo "$p"; return 0; }
+    done
+  fi
+  return 1
+}
+if [ ! -x "$VENV/bin/python" ]; then
+  PY=$(find_python) || { echo "error: no Python >= 3.12 found; install one (e.g. 'pyenv install 3.12' or apt install python3.12) or set PYTHON=/path/to/python3.12" >&2; exit 1; }
+  echo "bootstrap: creating $VENV with $($PY --version 2>&1)"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "bootstrap: installing axlearn_like and its pinned dependencies into $VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import jax, flax, optax, orbax.checkpoint, grain" || { echo "error: dependency install failed; see the pip output above" >&2; exit 1; }
+  touch "$stamp"
+fi
