@@ -20,16 +20,18 @@ class Param(nn.Partitioned):
     """nn.Partitioned with a weight-decay flag (static metadata, survives init/apply and checkpoints)."""
 
     weight_decay: bool = flax.struct.field(pytree_node=False, default=True)
+    lr_scale: float = flax.struct.field(pytree_node=False, default=1.0)
 
 
-def param_init(init_fn, axes: tuple[str | None, ...], *, weight_decay: bool = True):
-    """Wraps an initializer so the created parameter carries logical axes and the decay flag."""
+def param_init(init_fn, axes: tuple[str | None, ...], *, weight_decay: bool = True, lr_scale: float = 1.0):
+    """Wraps an initializer so the created parameter carries logical axes, the decay flag and a
+    learning-rate multiplier (e.g. EBT's learnable step size trains at its own rate)."""
 
     def wrapped(*args, **kwargs):
         value = init_fn(*args, **kwargs)
         if value.ndim != len(axes):
             raise ValueError(f"param_init: value of rank {value.ndim} but axes {axes}")
-        return Param(value, names=tuple(axes), weight_decay=weight_decay)
+        return Param(value, names=tuple(axes), weight_decay=weight_decay, lr_scale=lr_scale)
 
     return wrapped
 
@@ -56,3 +58,8 @@ def logical_axes(boxed: Any) -> Any:
     return jax.tree.map(
         lambda x: tuple(x.names) if _is_box(x) else (None,) * getattr(x, "ndim", 0), boxed, is_leaf=_is_box
     )
+
+
+def lr_scales(boxed_params: Any) -> Any:
+    """Boxed params -> pytree of float learning-rate multipliers (1.0 unless a layer set lr_scale)."""
+    return jax.tree.map(lambda x: float(getattr(x, "lr_scale", 1.0)), boxed_params, is_leaf=_is_box)
