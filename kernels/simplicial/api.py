@@ -1,0 +1,141 @@
+"""Public 2-simplicial attention op: argument checks, `implementation=` dispatch, custom VJPs.
+
+Every kernel backend (Pallas, Triton) implements the same three launches, sharing the glue here:
+  fwd(q, k1, v1, k2, v2, cfg)                          -> out [B,S,Hq,Dv], lse [B,S,Hq] (float32)
+  bwd(q, k1, v1, k2, v2, do, lse, delta, cfg)          -> dq, dk1, dv1, t2, u2
+where t2/u2 [B,S,Hkv,W2P,D] (float32) hold, per query i and window row r (key k = i - w2 + 1 + r), the
+query's contribution to dk2_k / dv2_k summed over its query heads; `_diagonal_sum` turns them into dk2/dv2
+without atomics. See docs/notes/simplicial.md for the algorithm.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kernels import common
+from kernels.simplicial import reference
+
+_OP = "two_simplicial_attention"
+_VARIANTS = ("trilinear", "determinant")
+_SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
+
+
+class Config(NamedTuple):
+    """Static kernel parameters; windows are already clipped to the sequence length."""
+
+    w1: int
+    w2: int
+    scale: float
+
+
+def _diagonal_sum(t: jax.Array, w2: int) -> jax.Array:
+    """t: [B, S, H, W2P, D], row r of query i belonging to key k = i - w2 + 1 + r. Returns [B, S, H, D]
+    with out[k] = sum_r t[k + w2 - 1 - r, r] (rows of queries past the end do not exist)."""
+    b, s, h, _, d = t.shape
+    tp = jnp.pad(t, ((0, 0), (0, w2), (0, 0), (0, 0), (0, 0)))
+    out = jnp.zeros((b, s, h, d), t.dtype)
+    for r in range(w2):
+        out = out + tp[:, w2 - 1 - r : w2 - 1 - r + s, :, r]
+    return out
+
+
+def _kernel_op(fwd_fn, bwd_fn):
+    """custom_vjp op from a backend's fwd/bwd launches (flash-style: only O and the LSE are saved)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+    def op(q, k1, v1, k2, v2, cfg):
+        return fwd_fn(q, k1, v1, k2, v2, cfg)[0]
+
+    def op_fwd(q, k1, v1, k2, v2, cfg):
+        out, lse = fwd_fn(q, k1, v1, k2, v2, cfg)
+        return out, (q, k1, v1, k2, v2, out, lse)
+
+    def op_bwd(cfg, res, do):
+        q, k1, v1, k2, v2, out, lse = res
+        delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # D_i = <dO_i, O_i>
+        dq, dk1, dv1, t2, u2 = bwd_fn(q, k1, v1, k2, v2, do.astype(q.dtype), lse, delta, cfg)
+        dk2, dv2 = _diagonal_sum(t2, cfg.w2), _diagonal_sum(u2, cfg.w2)
+        return tuple(g.astype(x.dtype) for g, x in zip((dq, dk1, dv1, dk2, dv2), (q, k1, v1, k2, v2)))
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+@functools.cache
+def _backend_op(name: str):
+    if name == "pallas":
+        from kernels.simplicial import pallas_tpu
+
+        return _kernel_op(pallas_tpu.forward, pallas_tpu.backward)
+    if name == "triton":
+        from kernels.simplicial import triton_gpu
+
+        return _kernel_op(triton_gpu.forward, triton_gpu.backward)
+    raise AssertionError(name)
+
+
+def _check(q, k1, v1, k2, v2, w1, w2, variant):
+    if q.ndim != 4:
+        raise ValueError(f"{_OP}: q must be [batch, seq, q_heads, head_dim], got shape {q.shape}")
+    kshape = k1.shape
+    for name, x in (("k1", k1), ("v1", v1), ("k2", k2), ("v2", v2)):
+        if x.shape != kshape or x.ndim != 4:
+            raise ValueError(
+                f"{_OP}: k1, v1, k2, v2 must share one shape [batch, seq, kv_heads, head_dim]; "
+                f"got k1 {k1.shape}, {name} {x.shape}"
+            )
+    b, s, hq, d = q.shape
+    if (kshape[0], kshape[1], kshape[3]) != (b, s, d):
+        raise ValueError(f"{_OP}: q {q.shape} and k1 {kshape} must agree in batch, seq and head_dim")
+    if hq % kshape[2]:
+        raise ValueError(
+            f"{_OP}: q_heads={hq} must be a multiple of kv_heads={kshape[2]} (grouped-query attention)"
+        )
+    dtypes = {x.dtype for x in (q, k1, v1, k2, v2)}
+    if len(dtypes) != 1 or not jnp.issubdtype(q.dtype, jnp.floating):
+        raise ValueError(f"{_OP}: q, k1, v1, k2, v2 must share one floating dtype, got {sorted(map(str, dtypes))}")
+    for name, w in (("w1", w1), ("w2", w2)):
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise ValueError(f"{_OP}: {name} must be a positive int window size, got {w!r}")
+    if variant not in _VARIANTS:
+        raise ValueError(f"{_OP}: unknown variant={variant!r}; choose one of {_VARIANTS}")
+    if variant == "determinant" and d % 3:
+        raise ValueError(
+            f"{_OP}: variant='determinant' splits head_dim into 3-dim chunks; head_dim={d} is not a multiple "
+            "of 3 (use e.g. 96 or 129, or variant='trilinear')"
+        )
+
+
+def two_simplicial_attention(
+    q, k1, v1, k2, v2, *, w1: int, w2: int, variant: str = "trilinear", scale: float | None = None,
+    implementation: str | None = None,
+):
+    """2-simplicial attention with causal sliding windows (Roy et al. 2025, Eq. 5-7; determinant Eq. 8-9).
+
+    Args:
+      q: [batch, seq, q_heads, head_dim]; q_heads a multiple of kv_heads (grouped-query attention).
+      k1, v1, k2, v2: [batch, seq, kv_heads, head_dim].
+      w1, w2: query i sees k1/v1 at i-w1 < j <= i and k2/v2 at i-w2 < k <= i; windows may exceed seq.
+      variant: "trilinear" A_ijk = scale * <q_i, k1_j * k2_k>, or "determinant" A_ijk = scale * sum over
+        3-chunks of det[q_i; k1_j; k2_k] (rotation invariant; head_dim a multiple of 3).
+      scale: logit scale, default 1/sqrt(head_dim).
+      implementation: "xla" (chunked jnp reference), "pallas" (TPU; interpret mode on CPU), "triton"
+        (jax-triton, GPU) or None for the best one on this backend.
+    Returns:
+      [batch, seq, q_heads, head_dim] in q.dtype: o_i = sum_jk softmax_jk(A_ijk) v1_j * v2_k.
+    """
+    _check(q, k1, v1, k2, v2, w1, w2, variant)
+    preferred = {"cpu": "xla", "tpu": "pallas", "gpu": "triton" if common.has_jax_triton() else "xla"}
+    impl = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=preferred)
+    d = q.shape[-1]
+    scale = float(1.0 / math.sqrt(d) if scale is None else scale)
+    if variant == "determinant":
+        q, k1, k2 = reference.determinant_operands(q, k1, k2)
+    w1e, w2e = reference.effective_windows(q.shape[1], w1, w2)
+    if impl == "xla":
+        return reference.reference_op(q, k1, v1, k2, v2, w1e, w2e, scale)
+    return _backend_op(impl)(q, k1, v1, k2, v2, Config(w1e, w2e, scale))

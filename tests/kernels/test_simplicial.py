@@ -1,0 +1,189 @@
+"""2-simplicial attention: every CPU-runnable implementation against a float64 NumPy oracle.
+
+The oracle builds the full [B, Hq, S, S, S] logit tensor (determinant via the Levi-Civita symbol, not
+Sarrus' rule) and its gradients from the paper's Eq. 10-16 written out by hand, so it shares no code path
+with the kernels; it is itself checked against finite differences.
+"""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.simplicial import two_simplicial_attention
+from tests.oracle import assert_close
+
+IMPLS = ["xla", "pallas"]
+
+_EPS = np.zeros((3, 3, 3))
+for _a, _b, _c in itertools.permutations(range(3)):
+    _EPS[_a, _b, _c] = np.linalg.det(np.eye(3)[[_a, _b, _c]])
+
+
+def _expand(x, g):
+    return np.repeat(np.asarray(x, np.float64), g, axis=2)  # kv heads -> query heads
+
+
+def _logits_parts(q, k1, k2, variant):
+    """Returns (A / scale, dA->dq, dA->dk1, dA->dk2 contractions) for the oracle."""
+    b, s, h, d = q.shape
+    if variant == "trilinear":
+        a = np.einsum("bihd,bjhd,bkhd->bhijk", q, k1, k2, optimize=True)
+        dq = lambda da: np.einsum("bhijk,bjhd,bkhd->bihd", da, k1, k2, optimize=True)
+        dk1 = lambda da: np.einsum("bhijk,bihd,bkhd->bjhd", da, q, k2, optimize=True)
+        dk2 = lambda da: np.einsum("bhijk,bihd,bjhd->bkhd", da, q, k1, optimize=True)
+        return a, dq, dk1, dk2
+    c = lambda x: x.reshape(b, s, h, d // 3, 3)
+    qc, k1c, k2c = c(q), c(k1), c(k2)
+    a = np.einsum("bihlx,bjhly,bkhlz,xyz->bhijk", qc, k1c, k2c, _EPS, optimize=True)
+    dq = lambda da: np.einsum("bhijk,bjhly,bkhlz,xyz->bihlx", da, k1c, k2c, _EPS, optimize=True).reshape(q.shape)
+    dk1 = lambda da: np.einsum("bhijk,bihlx,bkhlz,xyz->bjhly", da, qc, k2c, _EPS, optimize=True).reshape(q.shape)
+    dk2 = lambda da: np.einsum("bhijk,bihlx,bjhly,xyz->bkhlz", da, qc, k1c, _EPS, optimize=True).reshape(q.shape)
+    return a, dq, dk1, dk2
+
+
+def oracle(q, k1, v1, k2, v2, do, *, w1, w2, scale, variant="trilinear"):
+    """float64 forward and (dq, dk1, dv1, dk2, dv2) for cotangent `do` (Eq. 5-7, 10-16)."""
+    q = np.asarray(q, np.float64)
+    hkv = k1.shape[2]
+    g = q.shape[2] // hkv
+    k1, v1, k2, v2 = (_expand(x, g) for x in (k1, v1, k2, v2))
+    do = np.asarray(do, np.float64)
+    s = q.shape[1]
+    i, j, k = np.arange(s)[:, None, None], np.arange(s)[None, :, None], np.arange(s)[None, None, :]
+    mask = (j <= i) & (j > i - w1) & (k <= i) & (k > i - w2)
+    a, dq_of, dk1_of, dk2_of = _logits_parts(q, k1, k2, variant)
+    a = np.where(mask, a * scale, -np.inf)
+    a = a - a.max(axis=(3, 4), keepdims=True)
+    p = np.exp(a)
+    p /= p.sum(axis=(3, 4), keepdims=True)
+    out = np.einsum("bhijk,bjhd,bkhd->bihd", p, v1, v2, optimize=True)
+    dp = np.einsum("bihd,bjhd,bkhd->bhijk", do, v1, v2, optimize=True)
+    delta = np.einsum("bihd,bihd->bhi", do, out)
+    da = p * (dp - delta[..., None, None]) * scale
+    dv1 = np.einsum("bhijk,bihd,bkhd->bjhd", p, do, v2, optimize=True)
+    dv2 = np.einsum("bhijk,bihd,bjhd->bkhd", p, do, v1, optimize=True)
+    fold = lambda x: x.reshape(*x.shape[:2], hkv, g, x.shape[-1]).sum(3)  # query heads -> kv heads
+    return out, (dq_of(da), fold(dk1_of(da)), fold(dv1), fold(dk2_of(da)), fold(dv2))
+
+
+def _inputs(rng, b, s, hq, hkv, d, dtype):
+    mk = lambda h: jnp.asarray(rng.standard_normal((b, s, h, d)), dtype)
+    q, k1, v1, k2, v2 = mk(hq), mk(hkv), mk(hkv), mk(hkv), mk(hkv)
+    do = jnp.asarray(rng.standard_normal((b, s, hq, d)), dtype)
+    return (q, k1, v1, k2, v2), do
+
+
+# (batch, seq, q_heads, kv_heads, head_dim, w1, w2, dtype, variant)
+CASES = {
+    "gqa2_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear"),
+    "ratio64_seq_lt_w1_w2_gt_w1_bf16": (1, 7, 64, 1, 4, 9, 12, jnp.bfloat16, "trilinear"),
+    "mqa_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear"),
+    "determinant_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant"),
+}
+
+
+def test_oracle_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    (q, k1, v1, k2, v2), do = _inputs(rng, 1, 5, 2, 1, 3, jnp.float32)
+    args = [np.asarray(x, np.float64) for x in (q, k1, v1, k2, v2)]
+    do = np.asarray(do, np.float64)
+    for variant in ("trilinear", "determinant"):
+        kw = dict(w1=3, w2=2, scale=0.7, variant=variant)
+        _, grads = oracle(*args, do, **kw)
+        for n in range(5):
+            for idx in [tuple(rng.integers(0, sz) for sz in args[n].shape) for _ in range(3)]:
+                plus = [x.copy() for x in args]
+                minus = [x.copy() for x in args]
+                plus[n][idx] += 1e-6
+                minus[n][idx] -= 1e-6
+                fd = (np.sum(oracle(*plus, do, **kw)[0] * do) - np.sum(oracle(*minus, do, **kw)[0] * do)) / 2e-6
+                np.testing.assert_allclose(grads[n][idx], fd, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_and_gradients_match_oracle(impl, case):
+    b, s, hq, hkv, d, w1, w2, dtype, variant = CASES[case]
+    rng = np.random.default_rng()  # fresh inputs on every run
+    args, do = _inputs(rng, b, s, hq, hkv, d, dtype)
+    scale = 1.0 / np.sqrt(d)
+    fn = lambda *a: two_simplicial_attention(*a, w1=w1, w2=w2, variant=variant, implementation=impl)
+    out, vjp = jax.vjp(jax.jit(fn), *args)
+    grads = vjp(do)
+    ref_out, ref_grads = oracle(*args, do, w1=w1, w2=w2, scale=scale, variant=variant)
+    assert out.dtype == dtype and out.shape == (b, s, hq, d)
+    assert_close(out, ref_out, dtype, f"{impl} output")
+    for name, g, rg, x in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads, args):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert_close(g, rg, dtype, f"{impl} {name}", factor=2.0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keys_outside_windows_do_not_matter(impl):
+    b, s, hq, hkv, d, w1, w2 = 1, 12, 4, 2, 8, 5, 3
+    rng = np.random.default_rng()
+    args, _ = _inputs(rng, b, s, hq, hkv, d, jnp.float32)
+    fn = jax.jit(lambda *a: two_simplicial_attention(*a, w1=w1, w2=w2, implementation=impl))
+    base = np.asarray(fn(*args))
+    for i in (2, 7, 11):
+        for n, w in ((1, w1), (2, w1), (3, w2), (4, w2)):  # k1, v1 (window w1); k2, v2 (window w2)
+            pos = np.arange(s)
+            outside = (pos > i) | (pos <= i - w)
+            noise = rng.standard_normal(args[n].shape) * 10
+            pert = list(args)
+            pert[n] = args[n] + jnp.asarray(noise * outside[None, :, None, None], jnp.float32)
+            np.testing.assert_allclose(np.asarray(fn(*pert))[:, i], base[:, i], rtol=1e-5, atol=1e-5)
+            pert[n] = args[n] + jnp.asarray(noise * ~outside[None, :, None, None], jnp.float32)
+            assert np.abs(np.asarray(fn(*pert))[:, i] - base[:, i]).max() > 1e-3  # the test can fail
+
+
+def _random_rotation(rng):
+    m, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    m = m * np.sign(np.diag(r))
+    return m if np.linalg.det(m) > 0 else -m
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_determinant_is_rotation_invariant_and_trilinear_is_not(impl):
+    b, s, hq, hkv, d = 1, 8, 4, 2, 9
+    rng = np.random.default_rng()
+    args, _ = _inputs(rng, b, s, hq, hkv, d, jnp.float32)
+    rot = _random_rotation(rng)
+    turn = lambda x: jnp.einsum("...lx,yx->...ly", x.reshape(*x.shape[:-1], d // 3, 3), rot).reshape(x.shape)
+    q, k1, v1, k2, v2 = args
+    rotated = (turn(q), turn(k1), v1, turn(k2), v2)
+    for variant, invariant in (("determinant", True), ("trilinear", False)):
+        fn = jax.jit(lambda *a: two_simplicial_attention(*a, w1=4, w2=3, variant=variant, implementation=impl))
+        diff = float(jnp.max(jnp.abs(fn(*rotated) - fn(*args))))
+        assert (diff < 1e-4) == invariant, (variant, diff)
+
+
+def test_clear_errors():
+    rng = np.random.default_rng(0)
+    args, _ = _inputs(rng, 1, 5, 4, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        two_simplicial_attention(*args, w1=2, w2=2, variant="determinant")
+    q3 = jnp.zeros((1, 5, 3, 8))
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        two_simplicial_attention(q3, *args[1:], w1=2, w2=2)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        two_simplicial_attention(*args, w1=2, w2=2, implementation="cuda_magic")
+    with pytest.raises(ValueError, match="does not run on backend"):
+        two_simplicial_attention(*args, w1=2, w2=2, implementation="triton")
+    with pytest.raises(ValueError, match="unknown variant"):
+        two_simplicial_attention(*args, w1=2, w2=2, variant="quadrilinear")
+    with pytest.raises(ValueError, match="positive int"):
+        two_simplicial_attention(*args, w1=0, w2=2)
+
+
+def test_reference_chunking_matches_oracle():
+    from kernels.simplicial.reference import two_simplicial_reference
+
+    rng = np.random.default_rng()
+    args, do = _inputs(rng, 2, 10, 4, 2, 8, jnp.float32)
+    out = two_simplicial_reference(*args, w1=4, w2=3, scale=0.4, chunk=3)  # 4 chunks, last one ragged
+    assert_close(out, oracle(*args, do, w1=4, w2=3, scale=0.4)[0], jnp.float32, "chunked reference")
