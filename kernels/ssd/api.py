@@ -1,0 +1,184 @@
+"""Public SSD op: `ssd(x, dt, A, B, C, ...)` with implementation= dispatch and one custom VJP for every backend.
+
+All implementations share the chunked algorithm in this file (pad, cumsum of dt*A per chunk, stages, and the
+closed-form backward); an implementation only supplies the five heavy stages (see reference.py for their
+meaning). The backward needs no Q x Q matrix from the forward: residuals are the inputs plus the chunk-boundary
+states [b, c+1, h, P, N] float32 (memory linear in sequence length).
+
+Backward (derived for this repo, checked against a float64 NumPy recurrence in tests): with dS the reverse
+state recurrence dS_c = exp(cs_last_c) dS_{c+1} + sum_t exp(cs_t) dy_t^T C_t (dS_final = final-state cotangent),
+the cotangent of the in-chunk cumsum is
+    dcs_t = C_t.dC_t^h - dt_t x_t.W_t + [t = last] <dS_{c+1}, S_{c+1}>
+and da = reverse-cumsum(dcs) within the chunk, ddt = x.W + A da, dA = sum dt da.
+"""
+from __future__ import annotations
+
+import functools
+import types
+
+import jax
+import jax.numpy as jnp
+
+from kernels.common import resolve_implementation
+from kernels.ssd import reference
+
+F32 = jnp.float32
+
+SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
+PREFERRED = {"cpu": "xla", "gpu": "triton", "tpu": "pallas"}
+
+_XLA_STAGES = types.SimpleNamespace(
+    chunk_state=reference.chunk_state,
+    state_passing=reference.state_passing,
+    chunk_scan=reference.chunk_scan,
+    chunk_bwd_dx_dB=reference.chunk_bwd_dx_dB,
+    chunk_bwd_dC=reference.chunk_bwd_dC,
+)
+
+
+def _stages(implementation: str):
+    if implementation == "xla":
+        return _XLA_STAGES
+    if implementation == "pallas":
+        from kernels.ssd import pallas_tpu
+
+        return pallas_tpu.STAGES
+    if implementation == "triton":
+        from kernels.common import has_jax_triton
+
+        if not has_jax_triton():
+            raise ValueError("ssd: implementation='triton' needs jax-triton (pip install jax-triton==0.3.1)")
+        from kernels.ssd import triton_gpu
+
+        return triton_gpu.STAGES
+    raise AssertionError(implementation)
+
+
+def _check(x, dt, A, B, C, D, initial_state, chunk_size):
+    def err(msg):
+        raise ValueError(f"ssd: {msg}")
+
+    if x.ndim != 4:
+        err(f"x must be [batch, seq, heads, head_dim], got shape {x.shape}")
+    b, L, h, P = x.shape
+    if dt.shape != (b, L, h):
+        err(f"dt must be [batch, seq, heads] = {(b, L, h)}, got {dt.shape}")
+    if A.shape != (h,):
+        err(f"A must be [heads] = {(h,)}, got {A.shape}")
+    if B.ndim != 4 or B.shape[:2] != (b, L):
+        err(f"B must be [batch, seq, groups, d_state] with batch, seq = {(b, L)}, got {B.shape}")
+    if C.shape != B.shape:
+        err(f"C must have B's shape {B.shape}, got {C.shape}")
+    g, N = B.shape[2], B.shape[3]
+    if g < 1 or h % g:
+        err(f"heads ({h}) must be a multiple of groups ({g})")
+    if D is not None and D.shape != (h,):
+        err(f"D must be [heads] = {(h,)} or None, got {D.shape}")
+    if initial_state is not None and initial_state.shape != (b, h, P, N):
+        err(f"initial_state must be [batch, heads, head_dim, d_state] = {(b, h, P, N)}, got {initial_state.shape}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        err(f"chunk_size must be a positive int, got {chunk_size!r}")
+    for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            err(f"{name} must be floating point, got {v.dtype}")
+
+
+def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_final_state=False,
+        implementation=None):
+    """Mamba-2 SSD scan: H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T, y_t = H_t C_t + D x_t.
+
+    Args:
+      x: [batch, seq, heads, head_dim]; dt: [batch, seq, heads] positive (softplus and bias already applied);
+      A: [heads] negative; B, C: [batch, seq, groups, d_state], heads a multiple of groups;
+      chunk_size: SSD chunk length Q (any seq; padded internally);
+      D: [heads] skip connection or None; initial_state: [batch, heads, head_dim, d_state] or None (zeros);
+      implementation: "xla", "pallas", "triton" or None (per backend).
+    Returns y with x's shape and dtype, and with return_final_state=True also the float32 final state.
+    """
+    _check(x, dt, A, B, C, D, initial_state, chunk_size)
+    impl = resolve_implementation("ssd", implementation, supported=SUPPORTED, preferred=PREFERRED)
+    b, L, h, P = x.shape
+    N = B.shape[3]
+    if D is None:
+        D = jnp.zeros((h,), F32)
+    if initial_state is None:
+        initial_state = jnp.zeros((b, h, P, N), F32)
+    y, final = _ssd(chunk_size, impl, x, dt, A, B, C, D, initial_state)
+    return (y, final) if return_final_state else y
+
+
+def _chunked(chunk_size, x, dt, A, B, C):
+    """Pads seq to a multiple of Q and reshapes: x -> [b,c,Q,h,P], B/C -> [b,c,Q,g,N], dt/cs -> [b,h,c,Q] f32."""
+    b, L, h, P = x.shape
+    Q = chunk_size
+    pad = (-L) % Q
+    padseq = lambda v: jnp.pad(v, [(0, 0), (0, pad)] + [(0, 0)] * (v.ndim - 2)) if pad else v
+    nc = (L + pad) // Q
+    xc = padseq(x).reshape(b, nc, Q, h, P)
+    Bc = padseq(B).reshape(b, nc, Q, *B.shape[2:])
+    Cc = padseq(C).reshape(b, nc, Q, *C.shape[2:])
+    dtc = jnp.moveaxis(padseq(dt).astype(F32), 1, 2).reshape(b, h, nc, Q)
+    cs = jnp.cumsum(dtc * A.astype(F32)[None, :, None, None], axis=-1)
+    return xc, dtc, cs, Bc, Cc
+
+
+def _unchunk(v, L):
+    b, c, Q = v.shape[:3]
+    return v.reshape(b, c * Q, *v.shape[3:])[:, :L]
+
+
+def _forward(chunk_size, impl, x, dt, A, B, C, D, init):
+    st = _stages(impl)
+    xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
+    w = dtc * jnp.exp(cs[..., -1:] - cs)
+    states = st.state_passing(st.chunk_state(xc, Bc, w), jnp.exp(cs[..., -1]), init.astype(F32))
+    y = st.chunk_scan(xc, dtc, cs, Bc, Cc, states, D)
+    return _unchunk(y, x.shape[1]).astype(x.dtype), states
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _ssd(chunk_size, impl, x, dt, A, B, C, D, init):
+    y, states = _forward(chunk_size, impl, x, dt, A, B, C, D, init)
+    return y, states[:, -1]
+
+
+def _ssd_fwd(chunk_size, impl, x, dt, A, B, C, D, init):
+    y, states = _forward(chunk_size, impl, x, dt, A, B, C, D, init)
+    return (y, states[:, -1]), (x, dt, A, B, C, D, init, states)
+
+
+def _ssd_bwd(chunk_size, impl, res, cts):
+    x, dt, A, B, C, D, init, states = res
+    dy, dfinal = cts
+    st = _stages(impl)
+    L = x.shape[1]
+    xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
+    dyc = _chunked(chunk_size, dy, dt, A, B, C)[0]
+    decay = jnp.exp(cs[..., -1])
+    dstates = st.state_passing(st.chunk_state(dyc, Cc, jnp.exp(cs)), decay, dfinal.astype(F32), reverse=True)
+    dx, dB, ddt_direct, dD_part = st.chunk_bwd_dx_dB(xc, dtc, cs, Bc, Cc, dyc, dstates, D)
+    dC, CdC = st.chunk_bwd_dC(xc, dtc, cs, Bc, Cc, dyc, states)
+    carried = jnp.moveaxis(jnp.sum(dstates[:, 1:] * states[:, 1:], axis=(-1, -2)), 1, 2)  # [b, h, c]
+    dcs = (CdC - dtc * ddt_direct).at[..., -1].add(carried)
+    da = jnp.flip(jnp.cumsum(jnp.flip(dcs, -1), -1), -1)
+    ddt = ddt_direct + A.astype(F32)[None, :, None, None] * da
+    dA = jnp.sum(dtc * da, axis=(0, 2, 3))
+    b, h = dt.shape[0], dt.shape[2]
+    ddt = jnp.moveaxis(ddt.reshape(b, h, -1), 1, 2)[:, :L]
+    return (
+        _unchunk(dx, L).astype(x.dtype),
+        ddt.astype(dt.dtype),
+        dA.astype(A.dtype),
+        _unchunk(dB, L).astype(B.dtype),
+        _unchunk(dC, L).astype(C.dtype),
+        jnp.sum(dD_part, axis=(0, 2, 3)).astype(D.dtype),
+        dstates[:, 0].astype(init.dtype),
+    )
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def ssd_step(state, x_t, dt_t, A, B_t, C_t, D=None):
+    """Single decode step; see reference.ssd_step (shapes [batch, heads, head_dim] etc., float32 state)."""
+    return reference.ssd_step(state, x_t, dt_t, A, B_t, C_t, D)

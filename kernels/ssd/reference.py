@@ -1,0 +1,186 @@
+"""Pure-jnp SSD (Mamba-2 state-space duality, Dao & Gu 2024): the sequential oracle, the one-token decode step,
+and the chunked stages that every implementation shares.
+
+Recurrence (REFERENCES.md section 4), per batch b and head h (group g = h // (heads // groups)):
+    H_t = exp(dt_t A_h) H_{t-1} + dt_t x_t B_t^T          H_t in R^{P x N}
+    y_t = H_t C_t + D_h x_t
+
+Chunked form (chunk length Q, positions t, s inside chunk c, a_t = dt_t A, cs = inclusive cumsum of a in the
+chunk, S_c = state entering chunk c):
+    y_t      = sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) S_c C_t + D x_t      (chunk_scan)
+    S_{c+1}  = exp(cs_last) S_c + sum_s exp(cs_last - cs_s) dt_s x_s B_s^T                      (chunk_state,
+                                                                                                 state_passing)
+The decay exp(cs_t - cs_s) is taken only for t >= s, where the exponent is <= 0: the "segment sum" never
+exponentiates a positive number, so it cannot overflow (masked entries get exponent -inf, i.e. 0).
+
+Internal layout ("chunked"): x [b, c, Q, h, P] and B, C [b, c, Q, g, N] are free reshapes of the user's
+[b, L, ...] arrays; per-position scalars (dt, cs) are [b, h, c, Q] float32; states are [b, c+1, h, P, N]
+float32 where index c is S_c and the last index is the final state.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def _split_heads(h: int, g: int):
+    return g, h // g
+
+
+def ssd_scan(x, dt, A, B, C, D=None, initial_state=None):
+    """Token-by-token recurrence with lax.scan (the pure-jnp oracle; float32 state).
+
+    x [b, L, h, P], dt [b, L, h], A [h], B/C [b, L, g, N], D [h] | None, initial_state [b, h, P, N] | None.
+    Returns (y [b, L, h, P] in x.dtype, final_state [b, h, P, N] float32).
+    """
+    b, L, h, P = x.shape
+    g, N = B.shape[2], B.shape[3]
+    if initial_state is None:
+        initial_state = jnp.zeros((b, h, P, N), F32)
+
+    def step(state, inp):
+        xt, dtt, bt, ct = inp
+        y, state = ssd_step(state, xt, dtt, A, bt, ct, D)
+        return state, y
+
+    inputs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(dt, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0))
+    final, ys = jax.lax.scan(step, initial_state.astype(F32), inputs)
+    return jnp.moveaxis(ys, 0, 1).astype(x.dtype), final
+
+
+def ssd_step(state, x_t, dt_t, A, B_t, C_t, D=None):
+    """One recurrence step (decode): state [b, h, P, N] f32, x_t [b, h, P], dt_t [b, h], A [h],
+    B_t/C_t [b, g, N], D [h] | None. Returns (y_t [b, h, P] in x_t.dtype, new_state [b, h, P, N] f32)."""
+    h = x_t.shape[1]
+    g = B_t.shape[1]
+    if h % g:
+        raise ValueError(f"ssd_step: heads ({h}) must be a multiple of groups ({g})")
+    rep = h // g
+    Bh = jnp.repeat(B_t.astype(F32), rep, axis=1)  # [b, h, N]
+    Ch = jnp.repeat(C_t.astype(F32), rep, axis=1)
+    xf, dtf = x_t.astype(F32), dt_t.astype(F32)
+    decay = jnp.exp(dtf * A.astype(F32))  # [b, h]
+    new_state = decay[..., None, None] * state.astype(F32) + (dtf[..., None] * xf)[..., :, None] * Bh[..., None, :]
+    y = jnp.einsum("bhpn,bhn->bhp", new_state, Ch)
+    if D is not None:
+        y = y + D.astype(F32)[None, :, None] * xf
+    return y.astype(x_t.dtype), new_state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunked stages (pure jnp). Every stage computes in float32; implementations replace stages one by one.
+# ----------------------------------------------------------------------------------------------------------
+
+def _decay_matrix(cs_t, cs_s):
+    """exp(cs_t - cs_s) for t >= s else 0; cs_* [..., Q]. Returns [..., Q(t), Q(s)]."""
+    Q = cs_t.shape[-1]
+    diff = cs_t[..., :, None] - cs_s[..., None, :]
+    causal = jnp.arange(Q)[:, None] >= jnp.arange(Q)[None, :]
+    return jnp.exp(jnp.where(causal, diff, -jnp.inf))
+
+
+def _heads(x, g):
+    """[b, c, Q, h, P] -> [b, c, Q, g, r, P] so group tensors broadcast against heads without a copy."""
+    b, c, Q, h, P = x.shape
+    return x.reshape(b, c, Q, g, h // g, P)
+
+
+def _per_head(v, g):
+    """[b, h, c, Q] -> [b, g, r, c, Q]."""
+    b, h, c, Q = v.shape
+    return v.reshape(b, g, h // g, c, Q)
+
+
+def chunk_state(x, Bm, w):
+    """sum_t w_t x_t^T B_t per chunk: x [b,c,Q,h,P], Bm [b,c,Q,g,N], w [b,h,c,Q] -> [b,c,h,P,N] f32."""
+    g = Bm.shape[3]
+    out = jnp.einsum("bgrcq,bcqgrp,bcqgn->bcgrpn", _per_head(w, g), _heads(x, g).astype(F32), Bm.astype(F32))
+    b, c, _, r, P, N = out.shape
+    return out.reshape(b, c, g * r, P, N)
+
+
+def state_passing(chunk_states, chunk_decay, init, reverse=False):
+    """Inter-chunk recurrence. Forward: S_0 = init, S_{c+1} = decay_c S_c + st_c; returns [b, c+1, h, P, N]
+    with S_0..S_c (the last is the final state). reverse=True runs the adjoint: G_c = chunk_states[c],
+    out[c_last+1] = init (the final-state cotangent), out[c] = decay_c out[c+1] + G_c.
+    chunk_states [b, c, h, P, N] f32, chunk_decay [b, h, c] f32, init [b, h, P, N] f32."""
+    st = jnp.moveaxis(chunk_states, 1, 0)
+    dec = jnp.moveaxis(chunk_decay, 2, 0)[..., None, None]
+
+    def step(s, inp):
+        st_c, d_c = inp
+        return d_c * s + st_c, s
+
+    last, outs = jax.lax.scan(step, init.astype(F32), (st, dec), reverse=reverse)
+    if reverse:
+        allst = jnp.concatenate([last[None], outs], axis=0)
+    else:
+        allst = jnp.concatenate([outs, last[None]], axis=0)
+    return jnp.moveaxis(allst, 0, 1)
+
+
+def chunk_scan(x, dt, cs, Bm, Cm, states, D):
+    """y per chunk (first equation of the module docstring); states [b, c+1, h, P, N]. Returns [b,c,Q,h,P] f32."""
+    g = Bm.shape[3]
+    Bf, Cf = Bm.astype(F32), Cm.astype(F32)
+    csg, dtg = _per_head(cs, g), _per_head(dt, g)
+    xg = _heads(x, g).astype(F32)
+    CB = jnp.einsum("bctgn,bcsgn->bgcts", Cf, Bf)  # shared by the heads of a group
+    M = CB[:, :, None] * _decay_matrix(csg, csg) * dtg[..., None, :]  # [b,g,r,c,t,s]
+    y = jnp.einsum("bgrcts,bcsgrp->bctgrp", M, xg)
+    S = states[:, :-1].reshape(states.shape[0], states.shape[1] - 1, g, -1, *states.shape[3:])  # [b,c,g,r,P,N]
+    y = y + jnp.einsum("bcgrpn,bctgn,bgrct->bctgrp", S, Cf, jnp.exp(csg))
+    if D is not None:
+        y = y + D.astype(F32).reshape(g, -1)[:, :, None] * xg
+    return y.reshape(x.shape)
+
+
+def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D):
+    """Cotangents flowing through the "source" side s of each chunk.
+
+    With W_s = sum_{t>=s} (B_s.C_t) exp(cs_t - cs_s) dy_t + exp(cs_last - cs_s) dS_{c+1} B_s:
+      dx_s = dt_s W_s + D dy_s;   ddt_direct_s = x_s.W_s;   dD_s = dy_s.x_s (summed later);
+      dB_s = sum_heads [ sum_{t>=s} (dy_t.x_s) exp(cs_t - cs_s) dt_s C_t + exp(cs_last - cs_s) dt_s dS_{c+1}^T x_s ].
+    dstates [b, c+1, h, P, N] holds dS_c (index c); dS_{c+1} is index c+1.
+    Returns dx [b,c,Q,h,P] f32, dB [b,c,Q,g,N] f32, ddt_direct [b,h,c,Q], dD_part [b,h,c,Q]."""
+    g = Bm.shape[3]
+    Bf, Cf = Bm.astype(F32), Cm.astype(F32)
+    csg, dtg = _per_head(cs, g), _per_head(dt, g)
+    xg, dyg = _heads(x, g).astype(F32), _heads(dy, g).astype(F32)
+    L = _decay_matrix(csg, csg)  # [b,g,r,c,t,s]
+    CB = jnp.einsum("bctgn,bcsgn->bgcts", Cf, Bf)
+    dSn = dstates[:, 1:].reshape(dstates.shape[0], dstates.shape[1] - 1, g, -1, *dstates.shape[3:])
+    tail = jnp.exp(csg[..., -1:] - csg)  # exp(cs_last - cs_s) [b,g,r,c,s]
+    W = jnp.einsum("bgcts,bgrcts,bctgrp->bcsgrp", CB, L, dyg)
+    W = W + jnp.einsum("bgrcs,bcgrpn,bcsgn->bcsgrp", tail, dSn, Bf)
+    dtx = jnp.moveaxis(dtg, (1, 2, 3, 4), (3, 4, 1, 2))[..., None]  # [b,c,s,g,r,1]
+    dx = dtx * W
+    if D is not None:
+        dx = dx + D.astype(F32).reshape(g, -1)[:, :, None] * dyg
+    XDY = jnp.einsum("bctgrp,bcsgrp->bgrcts", dyg, xg)
+    dB = jnp.einsum("bgrcts,bgrcts,bgrcs,bctgn->bcsgn", XDY, L, dtg, Cf)
+    dB = dB + jnp.einsum("bgrcs,bcgrpn,bcsgrp->bcsgn", tail * dtg, dSn, xg)
+    to_hcq = lambda v: jnp.moveaxis(v, (1, 2), (3, 4)).reshape(cs.shape)  # [b,c,s,g,r] -> [b,h,c,Q]
+    ddt_direct = to_hcq(jnp.sum(xg * W, -1))
+    dD_part = to_hcq(jnp.sum(xg * dyg, -1))
+    return dx.reshape(x.shape), dB, ddt_direct, dD_part
+
+
+def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states):
+    """Cotangents through the "query" side t: per head
+      dC_t^h = sum_{s<=t} (dy_t.x_s) exp(cs_t - cs_s) dt_s B_s + exp(cs_t) S_c^T dy_t,
+    returns dC [b,c,Q,g,N] f32 (summed over the heads of a group) and CdC [b,h,c,Q] = C_t.dC_t^h, which equals
+    dy_t.(y_t - D x_t), the cumsum cotangent's "query" term."""
+    g = Bm.shape[3]
+    Bf, Cf = Bm.astype(F32), Cm.astype(F32)
+    csg, dtg = _per_head(cs, g), _per_head(dt, g)
+    xg, dyg = _heads(x, g).astype(F32), _heads(dy, g).astype(F32)
+    L = _decay_matrix(csg, csg)
+    S = states[:, :-1].reshape(states.shape[0], states.shape[1] - 1, g, -1, *states.shape[3:])
+    XDY = jnp.einsum("bctgrp,bcsgrp->bgrcts", dyg, xg)
+    dCh = jnp.einsum("bgrcts,bgrcts,bgrcs,bcsgn->bctgrn", XDY, L, dtg, Bf)
+    dCh = dCh + jnp.einsum("bgrct,bcgrpn,bctgrp->bctgrn", jnp.exp(csg), S, dyg)
+    CdC = jnp.einsum("bctgrn,bctgn->bgrct", dCh, Cf).reshape(cs.shape)
+    return jnp.sum(dCh, axis=4), CdC

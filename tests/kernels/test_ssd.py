@@ -1,0 +1,157 @@
+"""SSD op vs a float64 NumPy recurrence (forward, final state, all seven gradients), carried state, decode step."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kernels.ssd import ssd, ssd_step
+from tests.oracle import assert_close
+
+CPU_IMPLS = ["xla", "pallas"]
+
+
+def np_ssd(x, dt, A, B, C, D, h0):
+    """Sequential recurrence in float64. Returns y, final state."""
+    x, dt, A, B, C, D, H = (np.asarray(v, np.float64) for v in (x, dt, A, B, C, D, h0))
+    b, L, h, P = x.shape
+    r = h // B.shape[2]
+    Bh, Ch = np.repeat(B, r, axis=2), np.repeat(C, r, axis=2)
+    y = np.zeros_like(x)
+    for t in range(L):
+        H = np.exp(dt[:, t] * A)[..., None, None] * H + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        y[:, t] = np.einsum("bhpn,bhn->bhp", H, Ch[:, t]) + D[:, None] * x[:, t]
+    return y, H
+
+
+def np_ssd_grads(x, dt, A, B, C, D, h0, dy, dfinal):
+    """Hand-written adjoint of np_ssd in float64: gradients of <y, dy> + <final, dfinal>."""
+    x, dt, A, B, C, D, h0, dy, dH = (np.asarray(v, np.float64) for v in (x, dt, A, B, C, D, h0, dy, dfinal))
+    b, L, h, P = x.shape
+    g = B.shape[2]
+    r = h // g
+    Bh, Ch = np.repeat(B, r, axis=2), np.repeat(C, r, axis=2)
+    Hs = [h0]
+    for t in range(L):
+        a = np.exp(dt[:, t] * A)[..., None, None]
+        Hs.append(a * Hs[-1] + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :])
+    dx, ddt, dBh, dCh = (np.zeros_like(v) for v in (x, dt, Bh, Ch))
+    dA, dD = np.zeros_like(A), np.zeros_like(D)
+    for t in reversed(range(L)):
+        H, Hp = Hs[t + 1], Hs[t]
+        dH = dH + dy[:, t, :, :, None] * Ch[:, t, :, None, :]
+        dCh[:, t] = np.einsum("bhpn,bhp->bhn", H, dy[:, t])
+        dD += np.einsum("bhp,bhp->h", dy[:, t], x[:, t])
+        dHB = np.einsum("bhpn,bhn->bhp", dH, Bh[:, t])
+        dx[:, t] = dt[:, t, :, None] * dHB + D[:, None] * dy[:, t]
+        dBh[:, t] = dt[:, t, :, None] * np.einsum("bhpn,bhp->bhn", dH, x[:, t])
+        a = np.exp(dt[:, t] * A)
+        da = np.sum(dH * Hp, axis=(-1, -2)) * a  # d/d(dt*A)
+        ddt[:, t] = np.sum(x[:, t] * dHB, -1) + da * A
+        dA += np.sum(da * dt[:, t], axis=0)
+        dH = a[..., None, None] * dH
+    sum_groups = lambda v: v.reshape(b, L, g, r, -1).sum(3)
+    return dx, ddt, dA, sum_groups(dBh), sum_groups(dCh), dD, dH
+
+
+def make_inputs(rng, b, L, h, P, g, N, dtype):
+    rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
+    x = rnd(b, L, h, P).astype(dtype)
+    dt = np.exp(rng.uniform(np.log(1e-2), np.log(0.3), (b, L, h))).astype(dtype)
+    A = -rng.uniform(0.5, 4.0, h).astype(np.float32)
+    B, C = rnd(b, L, g, N).astype(dtype), rnd(b, L, g, N).astype(dtype)
+    D = rnd(h)
+    h0 = rnd(b, h, P, N)
+    return x, dt, A, B, C, D, h0
+
+
+def run_ssd(impl, chunk, x, dt, A, B, C, D, h0):
+    return ssd(x, dt, A, B, C, D=D, initial_state=h0, chunk_size=chunk, return_final_state=True,
+               implementation=impl)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
+def test_forward_and_gradients_match_float64_recurrence(impl, dtype):
+    rng = np.random.default_rng()
+    b, L, h, P, g, N, chunk = 2, 45, 4, 8, 2, 16, 16  # seq not a multiple of the chunk, groups > 1
+    inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
+    y, final = jax.jit(run_ssd, static_argnums=(0, 1))(impl, chunk, *inputs)
+    y_ref, final_ref = np_ssd(*inputs)
+    assert y.dtype == dtype and y.shape == (b, L, h, P) and final.dtype == jnp.float32
+    assert_close(y, y_ref, np.dtype(dtype), "y")
+    assert_close(final, final_ref, np.dtype(dtype), "final_state")
+
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
+
+    def loss(*args):
+        yy, ff = run_ssd(impl, chunk, *args)
+        return jnp.sum(yy.astype(jnp.float32) * dy) + jnp.sum(ff * dfinal)
+
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*inputs)
+    refs = np_ssd_grads(*inputs, dy, dfinal)
+    for name, got, want, arg in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs, inputs):
+        assert got.shape == np.shape(arg) and got.dtype == np.asarray(arg).dtype, name
+        assert_close(got, want, np.dtype(dtype), f"d{name}", factor=2.0 if name in ("dt", "A") else 1.0)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_carried_state_equals_one_long_forward(impl):
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 1, 40, 2, 8, 1, 8, np.dtype(np.float32))
+    y_full, f_full = run_ssd(impl, 16, x, dt, A, B, C, D, h0)
+    cut = 19  # not on a chunk boundary
+    part = lambda v, sl: v[:, sl]
+    y1, f1 = run_ssd(impl, 16, *(part(v, slice(0, cut)) for v in (x, dt)), A,
+                     *(part(v, slice(0, cut)) for v in (B, C)), D, h0)
+    y2, f2 = run_ssd(impl, 16, *(part(v, slice(cut, None)) for v in (x, dt)), A,
+                     *(part(v, slice(cut, None)) for v in (B, C)), D, f1)
+    assert_close(jnp.concatenate([y1, y2], axis=1), y_full, np.dtype(np.float32), "y")
+    assert_close(f2, f_full, np.dtype(np.float32), "final_state")
+
+
+def test_decode_steps_equal_parallel_forward():
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 2, 21, 4, 8, 2, 8, np.dtype(np.float32))
+    y_par, f_par = run_ssd("xla", 8, x, dt, A, B, C, D, h0)
+    state, ys = jnp.asarray(h0), []
+    step = jax.jit(ssd_step)
+    for t in range(x.shape[1]):
+        y_t, state = step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        assert state.dtype == jnp.float32
+        ys.append(y_t)
+    assert_close(jnp.stack(ys, 1), y_par, np.dtype(np.float32), "y")
+    assert_close(state, f_par, np.dtype(np.float32), "state")
+    assert_close(jnp.stack(ys, 1), np_ssd(x, dt, A, B, C, D, h0)[0], np.dtype(np.float32), "y vs float64")
+
+
+def test_defaults_no_D_no_initial_state():
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 1, 10, 2, 4, 1, 4, np.dtype(np.float32))
+    y = ssd(x, dt, A, B, C, chunk_size=4)
+    assert_close(y, np_ssd(x, dt, A, B, C, np.zeros_like(D), np.zeros_like(h0))[0], np.dtype(np.float32))
+
+
+def test_bad_arguments_raise_clear_errors():
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 1, 8, 4, 4, 2, 4, np.dtype(np.float32))
+    with pytest.raises(ValueError, match="dt must be"):
+        ssd(x, dt[:, :-1], A, B, C)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        ssd(x, dt, A, np.zeros((1, 8, 3, 4), np.float32),
+            np.zeros((1, 8, 3, 4), np.float32))
+    with pytest.raises(ValueError, match="C must have"):
+        ssd(x, dt, A, B, C[..., :2])
+    with pytest.raises(ValueError, match="A must be"):
+        ssd(x, dt, A[:2], B, C)
+    with pytest.raises(ValueError, match="initial_state must be"):
+        ssd(x, dt, A, B, C, initial_state=h0[:, :, :2])
+    with pytest.raises(ValueError, match="x must be"):
+        ssd(x[0], dt, A, B, C)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd(x, dt, A, B, C, chunk_size=0)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        ssd(x, dt, A, B, C, implementation="cuda")
+    with pytest.raises(ValueError, match="does not run on backend"):
+        ssd(x, dt, A, B, C, implementation="triton")
