@@ -11,7 +11,7 @@ venv:
 	@bash scripts/bootstrap.sh
 
 train: venv
-	$(PY) -m recipes.$(RECIPE) $(ARGS)
+	$(PY) -m recipes $(RECIPE) $(ARGS)
 
 test: venv
 	XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadgroup --timeout 600 $(PYTEST_ARGS)

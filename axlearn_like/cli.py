@@ -1,0 +1,61 @@
+"""Command line shared by every recipe: `python -m recipes.<name> [--set a.b=v ...] [--print-config]
+[--run-dir DIR] [--preset NAME] [--coordinator HOST:PORT --num-processes N --process-id I]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+
+from axlearn_like import config as config_lib
+from axlearn_like.config import ConfigError
+
+
+def parse_args(argv, prog: str, presets: Mapping[str, Callable] | None):
+    p = argparse.ArgumentParser(prog=prog, description="Train a recipe (resumes from the latest checkpoint in --run-dir).")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (dotted path)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and logs go (default runs/<name>)")
+    if presets:
+        p.add_argument("--preset", choices=sorted(presets), default=None, help="a named preset of this recipe")
+    p.add_argument("--coordinator", default=None, help="multi-process: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def build_config(config_fn: Callable, argv=None, presets=None, prog: str = "recipe"):
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog, presets)
+    base = presets[args.preset]() if presets and getattr(args, "preset", None) else config_fn()
+    overrides = list(args.set)
+    if args.run_dir:
+        overrides.append(f"run_dir={args.run_dir}")
+    cfg = config_lib.apply_overrides(base, overrides)
+    return cfg, args
+
+
+def main(config_fn: Callable, argv=None, presets: Mapping[str, Callable] | None = None, prog: str | None = None, run_fn=None) -> int:
+    """Parses the command line, applies overrides, then trains (or prints the config). Returns an exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        cfg, args = build_config(config_fn, argv, presets, prog)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config_lib.to_json(cfg))
+        return 0
+    from axlearn_like import launch, trainer
+
+    try:
+        launch.initialize(args.coordinator, args.num_processes, args.process_id)
+        (run_fn or trainer.run)(cfg)
+    except (ConfigError, trainer.UserError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the latest completed checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0

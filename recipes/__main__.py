@@ -1,0 +1,28 @@
+"""`python -m recipes NAME [args...]`: runs recipe NAME, or lists the recipes when NAME is unknown."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import recipes
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(recipes.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str]) -> int:
+    names = available()
+    if not argv or argv[0] not in names:
+        what = f"unknown recipe {argv[0]!r}" if argv else "no recipe given"
+        print(f"error: {what}; available recipes: {', '.join(names)} (run: python -m recipes.<name>)", file=sys.stderr)
+        return 2
+    mod = importlib.import_module(f"recipes.{argv[0]}")
+    from axlearn_like.cli import main as cli_main
+
+    return cli_main(mod.config, argv[1:], presets=getattr(mod, "PRESETS", None), prog=f"python -m recipes.{argv[0]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

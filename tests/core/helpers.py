@@ -1,0 +1,63 @@
+"""Shared pieces for the trainer tests: a tiny dense-LM recipe and subprocess runners."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY = [
+    "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128", "model.attention.num_heads=4",
+    "model.attention.num_kv_heads=2", "model.attention.head_dim=16", "data.seq_len=32",
+    "data.global_batch_size=8", "data.max_bytes=300000", "trainer.sample_tokens=0", "trainer.progress=false",
+    "optimizer.decay_steps=40", "optimizer.warmup_steps=4", "trainer.eval_batches=2",
+]
+
+
+def tiny_config(extra=()):
+    from axlearn_like import config as config_lib
+    from recipes import dense_lm
+
+    return config_lib.apply_overrides(dense_lm.config(), list(TINY) + list(extra))
+
+
+def recipe_cmd(run_dir, extra=(), recipe="dense_lm"):
+    args = [sys.executable, "-m", f"recipes.{recipe}", "--run-dir", str(run_dir)]
+    for s in list(TINY) + list(extra):
+        args += ["--set", s]
+    return args
+
+
+def env(devices: int = 1, **more):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    e["JAX_PLATFORMS"] = "cpu"
+    e["PYTHONPATH"] = REPO
+    e.update({k: str(v) for k, v in more.items()})
+    return e
+
+
+def run(cmd, devices=1, timeout=300, **more) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env(devices, **more), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> train loss from metrics.jsonl (the last row wins if a step was logged twice)."""
+    import json
+
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if "train/objective" in row:
+                out[row["step"]] = row["train/objective"]
+    return out
+
+
+def raw_state(run_dir, step):
+    """The saved TrainState of a step as nested numpy arrays (no model needed)."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(run_dir, "checkpoints", str(step), "state")
+    return ocp.StandardCheckpointer().restore(path)

@@ -1,0 +1,137 @@
+"""In-process trainer tests on 8 simulated CPU devices: sharding follows the rules, a sharded run matches a
+1-device run, non-finite steps never reach the state, user errors are one line."""
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from axlearn_like import cli, params as params_lib, sharding as sharding_lib, trainer
+from axlearn_like.data import make_iterator
+from recipes import dense_lm
+from tests.core import helpers
+
+
+def _setup(cfg, devices):
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices=devices)
+    setup = trainer.build_state_setup(cfg, mesh=mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+        step, batch_sh = trainer.make_train_step(setup, cfg)
+        state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
+    return setup, step, batch_sh, state
+
+
+def _batches(cfg, n):
+    it = make_iterator(cfg.data, split="train")
+    return [next(it) for _ in range(n)]
+
+
+def test_params_and_batch_are_sharded_as_the_rules_say():
+    assert jax.device_count() == 8
+    cfg = helpers.tiny_config(["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
+    setup, step, batch_sh, state = _setup(cfg, jax.devices())
+    boxed = jax.eval_shape(lambda: setup.task.init(jax.random.PRNGKey(0), {k: jnp.zeros(v.shape, v.dtype) for k, v in setup.batch_spec.items()}))
+    axes = params_lib.logical_axes(boxed["params"])
+    split = 0
+    for (path, ax), leaf in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=trainer._is_axes)[0], jax.tree.leaves(state.params)):
+        want = trainer._sharding_for(leaf.shape, ax, setup.mesh, setup.rules).spec
+        assert leaf.sharding.spec == want, (jax.tree_util.keystr(path), ax, leaf.sharding.spec, want)
+        if "embed" in ax and leaf.shape[ax.index("embed")] % 4 == 0:
+            assert "fsdp" in str(want), (path, want)
+        if leaf.addressable_shards[0].data.shape != leaf.shape:
+            split += 1
+    assert split >= 3, "expected several parameters to be split across devices"
+    batch = trainer._global_batch(_batches(cfg, 1)[0], batch_sh)
+    assert batch["inputs"].sharding.spec == P(("fsdp",), None) or batch["inputs"].sharding.spec == P("fsdp", None)
+    assert batch["inputs"].addressable_shards[0].data.shape[0] == cfg.data.global_batch_size // 4
+
+
+def test_sharded_run_matches_single_device():
+    cfg8 = helpers.tiny_config(["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    cfg1 = helpers.tiny_config(["mesh.data=1"])
+    batches = _batches(cfg8, 3)
+    out = {}
+    for name, cfg, devs in (("8", cfg8, jax.devices()), ("1", cfg1, jax.devices()[:1])):
+        setup, step, batch_sh, state = _setup(cfg, devs)
+        losses = []
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            for b in batches:
+                state, m = step(state, trainer._global_batch(b, batch_sh))
+                losses.append(float(m["objective"]))
+        out[name] = losses
+    np.testing.assert_allclose(out["8"], out["1"], rtol=1e-5)
+    assert out["1"][-1] < out["1"][0]
+
+
+def test_grad_accumulation_matches_one_big_batch():
+    base = helpers.tiny_config(["mesh.data=1"])
+    acc = helpers.tiny_config(["mesh.data=1", "trainer.grad_accum=2"])
+    batches = _batches(base, 2)
+    res = {}
+    for name, cfg in (("base", base), ("acc", acc)):
+        setup, step, batch_sh, state = _setup(cfg, jax.devices()[:1])
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+            for b in batches:
+                state, m = step(state, trainer._global_batch(b, batch_sh))
+        res[name] = (float(m["objective"]), jax.tree.leaves(state.params)[0])
+    np.testing.assert_allclose(res["acc"][0], res["base"][0], rtol=2e-3)
+    np.testing.assert_allclose(res["acc"][1], res["base"][1], rtol=1e-3, atol=1e-5)
+
+
+def test_nonfinite_step_leaves_state_untouched():
+    cfg = helpers.tiny_config(["mesh.data=1", "trainer.nan_policy=skip"])
+    setup, step, batch_sh, state = _setup(cfg, jax.devices()[:1])
+    b = dict(_batches(cfg, 1)[0])
+    b["loss_mask"] = b["loss_mask"].copy()
+    b["loss_mask"][0, 0] = np.nan
+    before = jax.tree.map(np.asarray, state.params)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        state, m = step(state, trainer._global_batch(b, batch_sh))
+    assert not bool(m["finite"])
+    assert int(state.step) == 1
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(x, np.asarray(y))
+
+
+def _cli(argv, capsys):
+    code = cli.main(dense_lm.config, argv, presets=dense_lm.PRESETS)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("sets, fragment", [
+    (["data.paths=/definitely/not/here/*.txt"], "data.paths"),
+    (["data.seq_len=100000000", "data.max_bytes=20000"], "seq_len"),
+    (["data.global_batch_size=6", "mesh.data=4", "mesh.fsdp=1"], "divisible"),
+    (["mesh.data=3", "mesh.fsdp=1"], "mesh"),
+    (["model.attention.num_heads=5"], "num_heads"),
+    (["trainer.nan_policy=ignore"], "trainer.nan_policy"),
+    (["model.no_such_field=1"], "unknown config key"),
+])
+def test_user_errors_are_one_line(sets, fragment, capsys, tmp_path):
+    argv = ["--run-dir", str(tmp_path / "r")]
+    for s in helpers.TINY + sets:
+        argv += ["--set", s]
+    code, err = _cli(argv, capsys)
+    assert code == 2, err
+    assert err.startswith("error:") and "\n" not in err and fragment in err, err
+
+
+def test_unwritable_run_dir_is_one_line(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = ["--run-dir", str(blocker / "sub")]
+    for s in helpers.TINY:
+        argv += ["--set", s]
+    code, err = _cli(argv, capsys)
+    assert code == 2 and "not writable" in err and "\n" not in err, err
+    assert not os.path.exists(blocker / "sub")
+
+
+def test_unknown_recipe_lists_recipes():
+    r = helpers.run([helpers.sys.executable, "-m", "recipes", "nope"])
+    assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr and "dense_lm" in r.stderr

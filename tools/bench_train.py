@@ -1,0 +1,125 @@
+"""`python -m tools.bench_train [--preset gpu_1b] [--steps 20] [--set k=v ...]`: train-step time, tokens/s and
+MFU of a recipe preset on the present devices (synthetic tokens, so the input pipeline is not measured), plus
+the async-checkpoint stall: the time a save blocks the loop, as a share of the step time between saves.
+
+Anchor measured in the same run: a bf16 matmul of 8192^3 through jax.jit (the achievable matmul ceiling).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _matmul_anchor(n: int = 8192, reps: int = 10) -> float:
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_train")
+    p.add_argument("--recipe", default="dense_lm")
+    p.add_argument("--preset", default="gpu_1b")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint interval the stall is quoted for")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--no-anchor", action="store_true")
+    a = p.parse_args(argv)
+
+    from axlearn_like import config as config_lib, sharding as sharding_lib, trainer
+    from axlearn_like.checkpoint import CheckpointConfig, Checkpointer
+
+    mod = importlib.import_module(f"recipes.{a.recipe}")
+    cfg = config_lib.apply_overrides(mod.PRESETS[a.preset](), a.set)
+    mesh = sharding_lib.make_mesh(cfg.mesh)
+    setup = trainer.build_state_setup(cfg, mesh=mesh)
+    g, s = cfg.data.global_batch_size, cfg.data.seq_len
+    vocab = getattr(cfg.model, "vocab_size", 256)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+        step_fn, batch_sh = trainer.make_train_step(setup, cfg)
+        state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
+        batches = []
+        for _ in range(4):  # rotate a few random batches (never time on zeros)
+            toks = rng.integers(0, vocab, (g, s + 1), dtype=np.int32)
+            local = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((g, s), np.float32),
+                     "segment_ids": np.ones((g, s), np.int32), "positions": np.tile(np.arange(s, dtype=np.int32), (g, 1))}
+            batches.append(trainer._global_batch(local, batch_sh))
+        t0 = time.perf_counter()
+        state, m = step_fn(state, batches[0])
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for i in range(a.warmup):
+            state, m = step_fn(state, batches[i % 4])
+        jax.block_until_ready(m)
+        times = []
+        for i in range(a.steps):
+            t = time.perf_counter()
+            state, m = step_fn(state, batches[i % 4])
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+        step_s = statistics.median(times)
+        # Async checkpoint stall: time the save call blocks, then the next step's extra time.
+        with tempfile.TemporaryDirectory() as d:
+            ck = Checkpointer(d, CheckpointConfig(async_save=True, max_to_keep=1))
+            t = time.perf_counter()
+            ck.save(1, state, None, config_lib.to_dict(cfg), {})
+            block_s = time.perf_counter() - t
+            t = time.perf_counter()
+            state, m = step_fn(state, batches[0])
+            jax.block_until_ready(m)
+            next_step_s = time.perf_counter() - t
+            ck.close()
+    stall_s = block_s + max(0.0, next_step_s - step_s)
+    tokens = g * s
+    fpt = setup.task.flops_per_token(s)
+    peak = trainer.peak_flops_per_device()
+    ndev = jax.device_count()
+    nparams = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    mem = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+        mem = stats.get("peak_bytes_in_use") if stats else None
+    except Exception:
+        pass
+    anchor = None if a.no_anchor or jax.default_backend() == "cpu" else _matmul_anchor()
+    print(f"\ndevice: {jax.devices()[0].device_kind} x{ndev}  jax {jax.__version__}")
+    print(f"model: {a.recipe}:{a.preset}  params {nparams/1e9:.3f}B  batch {g} x seq {s}  FLOPs/token {fpt/1e9:.2f} G")
+    print("| metric | value |\n|---|---|")
+    print(f"| compile (first step) | {compile_s:.1f} s |")
+    print(f"| step time (median of {a.steps}) | {step_s*1e3:.1f} ms |")
+    print(f"| tokens/s | {tokens/step_s:,.0f} |")
+    print(f"| model TFLOP/s per device | {fpt*tokens/step_s/ndev/1e12:.1f} |")
+    if peak:
+        print(f"| MFU (vs {peak/1e12:.0f} TFLOP/s datasheet bf16) | {100*fpt*tokens/step_s/(peak*ndev):.1f}% |")
+    if anchor:
+        print(f"| anchor: jax bf16 matmul 8192^3 | {anchor/1e12:.0f} TFLOP/s |")
+        print(f"| share of the measured matmul ceiling | {100*fpt*tokens/step_s/ndev/anchor:.1f}% |")
+    print(f"| async save: blocking time | {block_s*1e3:.0f} ms |")
+    print(f"| async save: next-step slowdown | {max(0.0, next_step_s-step_s)*1e3:.0f} ms |")
+    print(f"| checkpoint stall at a save every {a.save_every} steps | {100*stall_s/(a.save_every*step_s):.2f}% of step time |")
+    if mem:
+        print(f"| peak device memory | {mem/2**30:.1f} GiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
