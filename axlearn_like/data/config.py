@@ -1,0 +1,62 @@
+"""`DataConfig`: what the trainer asks of the data pipeline (source, tokenizer, shapes, split, order)."""
+from __future__ import annotations
+
+import dataclasses
+
+from axlearn_like.config import config_class, require
+
+SOURCES = ("text", "arrayrecord", "task")
+MODES = ("shuffled", "tbtt")
+
+
+@config_class
+class DataConfig:
+    """Data pipeline config (see `make_iterator` for the batch layout).
+
+    Attributes:
+      source: "text" (local files/globs/dirs), "arrayrecord" (records of text or np.save'd token arrays),
+        or "task" (a generated task from `TASKS`).
+      paths: files, globs or directories; "stdlib" = the interpreter's standard-library *.py sources.
+      max_bytes: cap on corpus bytes read (the first files/records in sorted order).
+      tokenizer: "byte", or a path to a HF `tokenizers` .json or a SentencePiece .model.
+      task: registry name in `TASKS` (source="task"); task_kwargs: its keyword arguments, plus
+        "num_examples" (size of the index space the examples are drawn from; default 100_000).
+      seq_len, global_batch_size: each batch is [global_batch_size, seq_len] across all processes.
+      eval_fraction: fraction of documents (or task examples) held out for split="eval".
+      packing: pack documents into full rows (False: one document piece per row, padded).
+        Generated tasks always hold one example per row.
+      mode: "shuffled" (rows shuffled per epoch) or "tbtt" (row r is one continuous stream across steps).
+      seed: fixes document split, row order and generated examples.
+    """
+
+    source: str = "text"
+    paths: tuple[str, ...] = ("stdlib",)
+    max_bytes: int = 4_000_000
+    tokenizer: str = "byte"
+    task: str = "copy"
+    task_kwargs: dict = dataclasses.field(default_factory=dict)
+    seq_len: int = 128
+    global_batch_size: int = 16
+    eval_fraction: float = 0.05
+    packing: bool = True
+    mode: str = "shuffled"
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.source in SOURCES, "data.source", f"{self.source!r} is not one of {list(SOURCES)}")
+        require(self.mode in MODES, "data.mode", f"{self.mode!r} is not one of {list(MODES)}")
+        require(self.seq_len >= 1, "data.seq_len", f"must be >= 1, got {self.seq_len}")
+        require(self.global_batch_size >= 1, "data.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
+        require(self.max_bytes >= 1, "data.max_bytes", f"must be >= 1, got {self.max_bytes}")
+        require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        require(0 <= self.seed < 2**32, "data.seed", f"must be in [0, 2**32), got {self.seed}")
+        if self.source in ("text", "arrayrecord"):
+            require(len(self.paths) > 0, "data.paths", "is empty; give files, globs or directories (or 'stdlib')")
+            require(self.tokenizer != "", "data.tokenizer", "is empty; use 'byte' or a tokenizer file path")
+        if self.source == "task":
+            from axlearn_like.data.tasks import check_task_kwargs  # lazy: tasks imports numpy only
+
+            check_task_kwargs(self.task, self.task_kwargs)
+            require(self.mode == "shuffled", "data.mode", "generated tasks only support mode='shuffled'")
+
+
