@@ -1,0 +1,270 @@
+"""Pallas kernels for 2-simplicial attention (the TPU path; CPU tests run them with interpret=True).
+
+Algorithm (docs/notes/simplicial.md): for query i and the query heads h of one K/V head, the logits are an
+ordinary attention between "rows" r = (h, k) with vectors b_r = scale * q_ih * k2_k (k in the w2 window)
+and the keys k1_j of the w1 window: A[r, j] = <b_r, k1_j>. So the forward is a flash-attention loop over
+blocks of j with a per-row online softmax, followed by an epilogue that merges the rows of each head:
+  o_ih = sum_k v2_k * C_(h,k) * exp(m_(h,k) - M_h) / L_h,   C_r = sum_j exp(A_rj - m_r) v1_j
+(the identity sum_jk P v1_j * v2_k = sum_k v2_k * (sum_j P_jk v1_j)). Only O and the per-head LSE are stored.
+Backward (Eq. 10-16) with e_r = dO_ih * v2_k: dP = e_r . v1_j, dS = P (dP - D_ih), and
+  dq_ih = scale sum_k k2_k * F_r,  dk2_k += scale q_ih * F_r,  dv2_k += dO_ih * C_r  (F_r = sum_j dS_rj k1_j)
+  dk1_j = sum_r dS_rj b_r,  dv1_j = sum_r P_rj e_r
+in two kernels, one per query (dq and the per-query dk2/dv2 rows, summed later without atomics) and one per
+block of j (dk1, dv1), as in Meta's split.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels import common
+
+_NEG = -1e30  # finite "minus infinity" for running maxima: keeps exp(m - m_new) free of inf - inf
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _tiles(seq: int, w1: int, w2: int):
+    """(query tile, j block, padded w1 span, padded w2 rows): sublane multiples of 8, j blocks <= 128."""
+    bj = min(128, max(8, 1 << (w1 - 1).bit_length()))
+    return min(32, _round_up(seq, 8)), bj, _round_up(w1, bj), _round_up(w2, 8)
+
+
+def _dot(a, b, dims):
+    """Matmul on the input dtype with float32 accumulation (full precision for float32 inputs)."""
+    prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=prec, preferred_element_type=jnp.float32)
+
+
+_NT = ((1,), (1,))  # a @ b.T
+_NN = ((1,), (0,))  # a @ b
+_TN = ((0,), (0,))  # a.T @ b
+
+
+def _query_rows(q_ref, k2_ref, v2_ref, do_ref, t, i, *, cfg, g, w2p, f2):
+    """Rows r = (h, k) of query i: b_r = scale q_h * k2_k, e_r = dO_h * v2_k (if do_ref), validity [w2p]."""
+    w2 = cfg.w2
+    start = i + f2 - w2 + 1
+    k2w = k2_ref[pl.ds(start, w2p), :].astype(jnp.float32)
+    kk = jax.lax.broadcasted_iota(jnp.int32, (w2p,), 0)
+    valid = (kk < w2) & (i - w2 + 1 + kk >= 0)
+    qi = q_ref[t].astype(jnp.float32)  # [g, dk]
+    rows = ((qi * cfg.scale)[:, None, :] * k2w[None]).reshape(g * w2p, -1)
+    if do_ref is None:
+        return qi, k2w, rows, valid
+    v2w = v2_ref[pl.ds(start, w2p), :].astype(jnp.float32)
+    doi = do_ref[t].astype(jnp.float32)
+    e = (doi[:, None, :] * v2w[None]).reshape(g * w2p, -1)
+    return qi, k2w, rows, valid, v2w, doi, e
+
+
+def _per_row(x_g, valid, w2p, fill):
+    """Per-head values [g] -> per-row [g*w2p], `fill` on invalid rows."""
+    g = x_g.shape[0]
+    return jnp.where(valid[None, :], jnp.broadcast_to(x_g[:, None], (g, w2p)), fill).reshape(g * w2p)
+
+
+def _fwd_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, o_ref, lse_ref, *, cfg, tq, g, bj, w1p, w2p, f1, f2):
+    w1 = cfg.w1
+    dt = k1_ref.dtype
+    q0 = pl.program_id(2) * tq  # read outside loops: interpret mode cannot lower it in a loop body
+
+    def per_query(t, _):
+        i = q0 + t
+        _, _, rows, valid = _query_rows(q_ref, k2_ref, None, None, t, i, cfg=cfg, g=g, w2p=w2p, f2=f2)
+        rows = rows.astype(dt)
+        v2w = v2_ref[pl.ds(i + f2 - cfg.w2 + 1, w2p), :].astype(jnp.float32)
+        m_rows = g * w2p
+
+        def j_block(n, carry):
+            m, l, acc = carry
+            j0 = i - w1 + 1 + n * bj
+            k1b = k1_ref[pl.ds(j0 + f1, bj), :]
+            v1b = v1_ref[pl.ds(j0 + f1, bj), :]
+            jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
+            cvalid = (jpos >= 0) & (jpos <= i)
+            s = jnp.where(cvalid, _dot(rows, k1b, _NT), _NEG)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.where(cvalid, jnp.exp(s - m_new[:, None]), 0.0)
+            acc = acc * alpha[:, None] + _dot(p.astype(dt), v1b, _NN)
+            return m_new, l * alpha + p.sum(axis=1), acc
+
+        init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+                jnp.zeros((m_rows, v1_ref.shape[-1]), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(0, w1p // bj, j_block, init)
+        # Merge the rows of each head: every valid row saw j = i, so its m is finite.
+        m = jnp.where(valid[None, :], m.reshape(g, w2p), _NEG)
+        m_head = m.max(axis=1)
+        wgt = jnp.where(valid[None, :], jnp.exp(m - m_head[:, None]), 0.0)  # [g, w2p]
+        l_head = (wgt * l.reshape(g, w2p)).sum(axis=1)
+        o = (wgt[:, :, None] * acc.reshape(g, w2p, -1) * v2w[None]).sum(axis=1) / l_head[:, None]
+        o_ref[t] = o.astype(o_ref.dtype)
+        lse_ref[t] = m_head + jnp.log(l_head)
+        return 0
+
+    jax.lax.fori_loop(0, tq, per_query, 0)
+
+
+def _bwd_q_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, do_ref, lse_ref, delta_ref, dq_ref, t2_ref, u2_ref,
+                  *, cfg, tq, g, bj, w1p, w2p, f1, f2):
+    w1 = cfg.w1
+    dt = k1_ref.dtype
+    q0 = pl.program_id(2) * tq  # read outside loops: interpret mode cannot lower it in a loop body
+
+    def per_query(t, _):
+        i = q0 + t
+        qi, k2w, rows, valid, _, doi, e = _query_rows(
+            q_ref, k2_ref, v2_ref, do_ref, t, i, cfg=cfg, g=g, w2p=w2p, f2=f2)
+        rows, e = rows.astype(dt), e.astype(dt)
+        lse = _per_row(lse_ref[t], valid, w2p, jnp.inf)  # invalid rows get P = 0
+        delta = _per_row(delta_ref[t], valid, w2p, 0.0)
+
+        def j_block(n, carry):
+            f_acc, c_acc = carry
+            j0 = i - w1 + 1 + n * bj
+            k1b = k1_ref[pl.ds(j0 + f1, bj), :]
+            v1b = v1_ref[pl.ds(j0 + f1, bj), :]
+            jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
+            cvalid = (jpos >= 0) & (jpos <= i)
+            p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, _NT) - lse[:, None]), 0.0)
+            ds = p * (_dot(e, v1b, _NT) - delta[:, None])
+            return f_acc + _dot(ds.astype(dt), k1b, _NN), c_acc + _dot(p.astype(dt), v1b, _NN)
+
+        m_rows = g * w2p
+        init = (jnp.zeros((m_rows, k1_ref.shape[-1]), jnp.float32),
+                jnp.zeros((m_rows, v1_ref.shape[-1]), jnp.float32))
+        f_acc, c_acc = jax.lax.fori_loop(0, w1p // bj, j_block, init)
+        f_acc = f_acc.reshape(g, w2p, -1)
+        c_acc = c_acc.reshape(g, w2p, -1)
+        dq_ref[t] = (cfg.scale * (f_acc * k2w[None]).sum(axis=1)).astype(dq_ref.dtype)
+        t2_ref[t] = cfg.scale * (f_acc * qi[:, None, :]).sum(axis=0)
+        u2_ref[t] = (c_acc * doi[:, None, :]).sum(axis=0)
+        return 0
+
+    jax.lax.fori_loop(0, tq, per_query, 0)
+
+
+def _bwd_k_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, do_ref, lse_ref, delta_ref, dk1_ref, dv1_ref,
+                  *, cfg, seq, g, bj, w2p, f1, f2):
+    w1 = cfg.w1
+    dt = k1_ref.dtype
+    j0 = pl.program_id(2) * bj
+    k1b = k1_ref[pl.ds(j0 + f1, bj), :]
+    v1b = v1_ref[pl.ds(j0 + f1, bj), :]
+    jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
+
+    def per_query(i, carry):
+        dk1, dv1 = carry
+        _, _, rows, valid, _, _, e = _query_rows(q_ref, k2_ref, v2_ref, do_ref, i, i, cfg=cfg, g=g, w2p=w2p, f2=f2)
+        rows, e = rows.astype(dt), e.astype(dt)
+        lse = _per_row(lse_ref[i], valid, w2p, jnp.inf)
+        delta = _per_row(delta_ref[i], valid, w2p, 0.0)
+        cvalid = (jpos <= i) & (jpos > i - w1)
+        p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, _NT) - lse[:, None]), 0.0)
+        ds = p * (_dot(e, v1b, _NT) - delta[:, None])
+        return dk1 + _dot(ds.astype(dt), rows, _TN), dv1 + _dot(p.astype(dt), e, _TN)
+
+    init = (jnp.zeros((bj, k1_ref.shape[-1]), jnp.float32), jnp.zeros((bj, v1_ref.shape[-1]), jnp.float32))
+    hi = jnp.minimum(j0 + bj - 1 + w1 - 1, seq - 1)  # last query that sees this block
+    dk1, dv1 = jax.lax.fori_loop(jnp.minimum(j0, seq), hi + 1, per_query, init)
+    dk1_ref[...] = dk1.astype(dk1_ref.dtype)
+    dv1_ref[...] = dv1.astype(dv1_ref.dtype)
+
+
+def _layout(q, k1, v1, k2, v2, cfg):
+    """[B,S,H,D] -> q [B,Hkv,Sq,G,Dk] (Sq padded to the query tile), keys [B,Hkv,L,D] front-padded so every
+    window slice starts at index >= 0, rear-padded so it ends inside."""
+    b, s, hq, dk = q.shape
+    hkv = k1.shape[2]
+    g = hq // hkv
+    tq, bj, w1p, w2p = _tiles(s, cfg.w1, cfg.w2)
+    sq = _round_up(s, tq)
+    sj = _round_up(s, bj)
+    f1, f2 = w1p, w2p
+    qt = jnp.pad(q.reshape(b, s, hkv, g, dk).transpose(0, 2, 1, 3, 4), ((0, 0), (0, 0), (0, sq - s), (0, 0), (0, 0)))
+    tr = lambda x, f, tail: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (f, tail), (0, 0)))
+    keys1 = [tr(x, f1, max(sq, sj) - s + w1p) for x in (k1, v1)]
+    keys2 = [tr(x, f2, sq - s + w2p) for x in (k2, v2)]
+    dims = dict(b=b, s=s, hkv=hkv, g=g, tq=tq, bj=bj, w1p=w1p, w2p=w2p, sq=sq, sj=sj, f1=f1, f2=f2)
+    return qt, keys1, keys2, dims
+
+
+def _full(x):
+    """BlockSpec: the whole sequence of one (batch, kv head)."""
+    return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, n: (b, h) + (0,) * (x.ndim - 2))
+
+
+def _qtile(shape, tq):
+    return pl.BlockSpec((None, None, tq, *shape[3:]), lambda b, h, n: (b, h, n) + (0,) * (len(shape) - 3))
+
+
+def forward(q, k1, v1, k2, v2, cfg):
+    """Returns out [B,S,Hq,Dv] (q.dtype) and lse [B,S,Hq] (float32)."""
+    qt, (k1p, v1p), (k2p, v2p), d = _layout(q, k1, v1, k2, v2, cfg)
+    b, hkv, g, sq, tq = d["b"], d["hkv"], d["g"], d["sq"], d["tq"]
+    dv = v1.shape[-1]
+    kern = functools.partial(_fwd_kernel, cfg=cfg, tq=tq, g=g, bj=d["bj"], w1p=d["w1p"], w2p=d["w2p"],
+                             f1=d["f1"], f2=d["f2"])
+    o_shape = (b, hkv, sq, g, dv)
+    lse_shape = (b, hkv, sq, g)
+    out, lse = pl.pallas_call(
+        kern,
+        grid=(b, hkv, sq // tq),
+        in_specs=[_qtile(qt.shape, tq)] + [_full(x) for x in (k1p, v1p, k2p, v2p)],
+        out_specs=[_qtile(o_shape, tq), _qtile(lse_shape, tq)],
+        out_shape=[jax.ShapeDtypeStruct(o_shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
+        interpret=common.pallas_interpret(),
+    )(qt, k1p, v1p, k2p, v2p)
+    s = d["s"]
+    out = out[:, :, :s].transpose(0, 2, 1, 3, 4).reshape(b, s, hkv * g, dv)
+    lse = lse[:, :, :s].transpose(0, 2, 1, 3).reshape(b, s, hkv * g)
+    return out, lse
+
+
+def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
+    """Returns dq, dk1, dv1 (input dtypes) and the per-query rows t2, u2 [B,S,Hkv,W2P,D] (float32)."""
+    qt, (k1p, v1p), (k2p, v2p), d = _layout(q, k1, v1, k2, v2, cfg)
+    b, s, hkv, g, sq, tq, bj, w2p = (d[n] for n in ("b", "s", "hkv", "g", "sq", "tq", "bj", "w2p"))
+    dk, dv = q.shape[-1], v1.shape[-1]
+    dot = jnp.pad(do.reshape(b, s, hkv, g, dv).transpose(0, 2, 1, 3, 4), ((0, 0), (0, 0), (0, sq - s), (0, 0), (0, 0)))
+    per_head = lambda x: jnp.pad(x.reshape(b, s, hkv, g).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sq - s), (0, 0)))
+    lset, deltat = per_head(lse), per_head(delta)
+    keys = (k1p, v1p, k2p, v2p)
+    interpret = common.pallas_interpret()
+
+    kern_q = functools.partial(_bwd_q_kernel, cfg=cfg, tq=tq, g=g, bj=bj, w1p=d["w1p"], w2p=w2p,
+                               f1=d["f1"], f2=d["f2"])
+    t_shape = (b, hkv, sq, w2p)
+    dq, t2, u2 = pl.pallas_call(
+        kern_q,
+        grid=(b, hkv, sq // tq),
+        in_specs=[_qtile(qt.shape, tq)] + [_full(x) for x in keys]
+        + [_qtile(dot.shape, tq), _qtile(lset.shape, tq), _qtile(deltat.shape, tq)],
+        out_specs=[_qtile(qt.shape, tq), _qtile(t_shape + (dk,), tq), _qtile(t_shape + (dv,), tq)],
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct(t_shape + (dk,), jnp.float32),
+                   jax.ShapeDtypeStruct(t_shape + (dv,), jnp.float32)],
+        interpret=interpret,
+    )(qt, *keys, dot, lset, deltat)
+
+    sj = d["sj"]
+    kern_k = functools.partial(_bwd_k_kernel, cfg=cfg, seq=s, g=g, bj=bj, w2p=w2p, f1=d["f1"], f2=d["f2"])
+    kblock = lambda dd: pl.BlockSpec((None, None, bj, dd), lambda b_, h, n: (b_, h, n, 0))
+    dk1, dv1 = pl.pallas_call(
+        kern_k,
+        grid=(b, hkv, sj // bj),
+        in_specs=[_full(qt)] + [_full(x) for x in keys] + [_full(dot), _full(lset), _full(deltat)],
+        out_specs=[kblock(dk), kblock(dv)],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, sj, dk), k1.dtype), jax.ShapeDtypeStruct((b, hkv, sj, dv), v1.dtype)],
+        interpret=interpret,
+    )(qt, *keys, dot, lset, deltat)
+
+    dq = dq[:, :, :s].transpose(0, 2, 1, 3, 4).reshape(b, s, hkv * g, dk)
+    unkey = lambda x: x[:, :, :s].transpose(0, 2, 1, 3)
+    unrow = lambda x: x[:, :, :s].transpose(0, 2, 1, 3, 4)
+    return dq, unkey(dk1), unkey(dv1), unrow(t2), unrow(u2)
