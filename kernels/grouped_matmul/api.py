@@ -1,0 +1,110 @@
+"""Public grouped matmul: argument checks, `implementation=` dispatch and the custom VJP.
+
+    out[i] = lhs[i] @ rhs[g(i)]        lhs [m, k] rows sorted by group, rhs [G, k, n], group_sizes [G] int32
+
+Rows at or past sum(group_sizes) give zeros (sum(group_sizes) <= m is the caller's contract). Backward,
+with dout [m, n]:  dlhs = grouped_matmul(dout, rhs^T)  and  drhs[g] = lhs_g^T @ dout_g  (the transposed
+grouped matmul, `transposed_grouped_matmul`). Every implementation provides both launches:
+  xla     jax.lax.ragged_dot / ragged_dot_general (any backend)
+  pallas  kernels/grouped_matmul/pallas_tpu.py (TPU; interpret mode on CPU)
+  triton  kernels/grouped_matmul/triton_gpu.py (jax-triton, GPU)
+Accumulation is float32; outputs take lhs's dtype.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels import common
+
+_OP = "grouped_matmul"
+_SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
+_PREFERRED = {"cpu": "xla", "gpu": "triton", "tpu": "pallas"}
+
+
+def _xla_gmm(lhs, rhs, group_sizes, transpose_rhs=False):
+    rhs = jnp.swapaxes(rhs, 1, 2) if transpose_rhs else rhs
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32).astype(lhs.dtype)
+
+
+def _xla_tgmm(lhs, dout, group_sizes):
+    dims = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
+    )
+    out = jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims, preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
+
+
+@functools.cache
+def _launches(name: str):
+    """(gmm(lhs, rhs, gs, transpose_rhs), tgmm(lhs, dout, gs)) of one implementation."""
+    if name == "xla":
+        return _xla_gmm, _xla_tgmm
+    if name == "pallas":
+        from kernels.grouped_matmul import pallas_tpu
+
+        return (lambda l, r, g, t=False: pallas_tpu.gmm(l, r, g, transpose_rhs=t)), pallas_tpu.tgmm
+    if name == "triton":
+        from kernels.grouped_matmul import triton_gpu
+
+        return (lambda l, r, g, t=False: triton_gpu.gmm(l, r, g, transpose_rhs=t)), triton_gpu.tgmm
+    raise AssertionError(name)
+
+
+@functools.cache
+def _op(name: str):
+    gmm, tgmm = _launches(name)
+
+    @jax.custom_vjp
+    def op(lhs, rhs, group_sizes):
+        return gmm(lhs, rhs, group_sizes)
+
+    def fwd(lhs, rhs, group_sizes):
+        return gmm(lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+    def bwd(res, dout):
+        lhs, rhs, group_sizes = res
+        dout = dout.astype(lhs.dtype)
+        dlhs = gmm(dout, rhs.astype(lhs.dtype), group_sizes, True)
+        drhs = tgmm(lhs, dout, group_sizes)
+        return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None
+
+    op.defvjp(fwd, bwd)
+    return op
+
+
+def _check(lhs, rhs, group_sizes):
+    if lhs.ndim != 2 or rhs.ndim != 3:
+        raise ValueError(f"{_OP}: need lhs [m, k] and rhs [groups, k, n]; got {lhs.shape} and {rhs.shape}")
+    if lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"{_OP}: lhs has k={lhs.shape[1]} but rhs has k={rhs.shape[1]}; rhs must be [groups, k, n]")
+    if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(
+            f"{_OP}: group_sizes must be an integer array of shape ({rhs.shape[0]},), got {group_sizes.dtype}{group_sizes.shape}"
+        )
+    if not jnp.issubdtype(lhs.dtype, jnp.floating) or not jnp.issubdtype(rhs.dtype, jnp.floating):
+        raise ValueError(f"{_OP}: lhs and rhs must be floating point, got {lhs.dtype} and {rhs.dtype}")
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, implementation: str | None = None):
+    """Grouped matmul: lhs [m, k] (rows sorted by group), rhs [G, k, n], group_sizes [G] int32 -> [m, n].
+
+    Rows past sum(group_sizes) are zero. Differentiable in lhs and rhs (custom VJP with the transposed
+    grouped matmul). `implementation`: None (best for the backend), "xla", "pallas" or "triton".
+    rhs is cast to lhs's dtype for the product (bf16 compute with f32 master weights).
+    """
+    _check(lhs, rhs, group_sizes)
+    name = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=_PREFERRED)
+    if name == "triton" and not common.has_jax_triton():
+        raise ValueError(f"{_OP}: implementation='triton' needs jax-triton 0.3.1 (pip install jax-triton==0.3.1)")
+    return _op(name)(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32))
+
+
+def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, implementation=None):
+    """out[g] = lhs_g^T @ dout_g over group g's rows: lhs [m, k], dout [m, n] -> [G, k, n] (forward only)."""
+    if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
+        raise ValueError(f"transposed_{_OP}: need lhs [m, k] and dout [m, n]; got {lhs.shape} and {dout.shape}")
+    name = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=_PREFERRED)
+    return _launches(name)[1](lhs, dout.astype(lhs.dtype), group_sizes.astype(jnp.int32))
