@@ -1,0 +1,193 @@
+"""Basic layers: RMSNorm, Dense/DenseGeneral, SwiGLU MLP, rotary embeddings, token embedding.
+
+Conventions shared by every model layer:
+  * parameters are float32 and created through `axlearn_like.params.param_init(init, logical_axes,
+    weight_decay=...)`, so each leaf carries its logical axes and weight-decay flag (norm scales and
+    biases: weight_decay=False);
+  * compute runs in `dtype` (bf16 by default): inputs and kernels are cast at use; reductions that need
+    range (norm statistics, softmax, logits) run in float32;
+  * activations are annotated with `nn.with_logical_constraint` using the logical axis names of
+    axlearn_like/sharding.py (batch, length, embed, mlp, heads, kv_heads, head_dim, vocab).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from axlearn_like.config import ConfigError
+from axlearn_like.params import param_init
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+DTYPES: dict[str, Dtype] = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+def get_dtype(name: str) -> Dtype:
+    """'bfloat16' | 'float32' -> jnp dtype (ConfigError naming the valid choices otherwise)."""
+    if name not in DTYPES:
+        raise ConfigError(f"dtype: unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def _canonical_axes(axis: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(a % ndim for a in axes)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale over the last axis (statistics in float32).
+
+    x: [..., D] -> [..., D] in `dtype`. `scale` is initialised to ones, logical axis ("norm",), no decay.
+    """
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.bfloat16
+    scale_axis: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", param_init(nn.initializers.ones, (self.scale_axis,), weight_decay=False), (x.shape[-1],), jnp.float32
+        )
+        x32 = x.astype(jnp.float32)
+        inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * inv * scale).astype(self.dtype)
+
+
+class DenseGeneral(nn.Module):
+    """y = x . W contracting `axis` of x with the leading axes of W; W has shape in_shape + features.
+
+    `kernel_axes` gives one logical name per kernel axis (len = len(axis) + len(features)). The matmul runs
+    in `dtype`; with `out_dtype=float32` it accumulates and returns float32 (used for logits).
+    """
+
+    features: int | tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool = False
+    dtype: Dtype = jnp.bfloat16
+    out_dtype: Dtype | None = None
+    kernel_init: Initializer = nn.initializers.normal(0.02)
+    weight_decay: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        axes = _canonical_axes(self.axis, x.ndim)
+        if len(self.kernel_axes) != len(axes) + len(features):
+            raise ValueError(
+                f"{self.name}: kernel_axes {self.kernel_axes} must name {len(axes) + len(features)} kernel axes "
+                f"(contracted {len(axes)} + features {len(features)})"
+            )
+        kernel_shape = tuple(x.shape[a] for a in axes) + features
+        kernel = self.param(
+            "kernel", param_init(self.kernel_init, self.kernel_axes, weight_decay=self.weight_decay), kernel_shape, jnp.float32
+        )
+        out_dtype = self.out_dtype or self.dtype
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((axes, tuple(range(len(axes)))), ((), ())),
+            preferred_element_type=out_dtype,
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                param_init(nn.initializers.zeros, self.kernel_axes[len(axes):], weight_decay=False),
+                features,
+                jnp.float32,
+            )
+            y = y + bias.astype(out_dtype)
+        return y.astype(out_dtype)
+
+
+class Dense(DenseGeneral):
+    """DenseGeneral over the last axis to a single feature axis: [..., D] -> [..., F]."""
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): y = W_o (silu(x W_g) * (x W_u)); [B,S,D] -> [B,S,D].
+
+    Named checkpoints: "mlp_gate", "mlp_up" (pre-activations), "mlp_hidden" (the gated product).
+    """
+
+    hidden_dim: int
+    dtype: Dtype = jnp.bfloat16
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        del train
+        d = x.shape[-1]
+        init = nn.initializers.normal(self.init_std)
+        gate = Dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, kernel_init=init, name="wi_gate")(x)
+        up = Dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, kernel_init=init, name="wi_up")(x)
+        gate = checkpoint_name(gate, "mlp_gate")
+        up = checkpoint_name(up, "mlp_up")
+        h = nn.silu(gate.astype(jnp.float32)).astype(self.dtype) * up
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        h = checkpoint_name(h, "mlp_hidden")
+        out_init = nn.initializers.normal(self.out_init_std)
+        y = Dense(d, ("mlp", "embed"), dtype=self.dtype, kernel_init=out_init, name="wo")(h)
+        return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """Inverse frequencies theta^(-2i/d), i = 0..d/2-1 (RoFormer, Su et al. 2021, eq. 15). float32 [d/2]."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+    """Rotary position embedding in the half-split layout (pairs (x_i, x_{i+d/2}) rotate by pos * w_i).
+
+    x: [B, S, H, D]; positions: int [B, S] (per token, so packed documents restart at 0). Angles and the
+    rotation are computed in float32, the result is cast back to x.dtype. <R(p)q, R(k)k'> depends on p - k only.
+    """
+    d = x.shape[-1]
+    inv_freq = rope_frequencies(d, theta)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table [vocab, embed]; `attend` reuses it as the (tied) output projection.
+
+    __call__: int tokens [B, S] -> [B, S, D] in `dtype`. attend: [B, S, D] -> float32 logits [B, S, vocab].
+    """
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.bfloat16
+    init_std: float = 0.02
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            param_init(nn.initializers.normal(self.init_std), ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            jnp.float32,
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        logits = jnp.einsum(
+            "bsd,vd->bsv", x.astype(self.dtype), self.embedding.astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
