@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from axlearn_like.config import config_class, require
 
@@ -34,7 +35,7 @@ class DataConfig:
     max_bytes: int = 4_000_000
     tokenizer: str = "byte"
     task: str = "copy"
-    task_kwargs: dict = dataclasses.field(default_factory=dict)
+    task_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     seq_len: int = 128
     global_batch_size: int = 16
     eval_fraction: float = 0.05

@@ -52,14 +52,14 @@ class _TokenRows:
         d, p = self.doc_id[idx], self.pos[idx]
         o = np.minimum(origins, n - 1)
         od, op = self.doc_id[o][:, None], self.pos[o][:, None]
-        in_ok, tgt_ok = m[:, :-1], m[:, 1:]
+        in_ok = m[:, 1:]  # an input counts only if its target exists (the last valid token is a target only)
         seg = np.where(in_ok, d[:, :-1] - d[:, :1] + 1, 0)
         pos = np.where(in_ok, np.where(d[:, :-1] == od, p[:, :-1] - op, p[:, :-1]), 0)
-        mask = tgt_ok & (d[:, 1:] == d[:, :-1])
+        mask = in_ok & (d[:, 1:] == d[:, :-1])
         lw = mask.astype(np.float32)
         if self.lw is not None:
             lw *= self.lw[idx[:, 1:]]
-        return {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": lw,
+        return {"inputs": np.where(in_ok, tok[:, :-1], self.pad_id), "targets": tok[:, 1:], "loss_mask": lw,
                 "segment_ids": seg.astype(np.int32), "positions": pos.astype(np.int32)}
 
 

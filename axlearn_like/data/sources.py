@@ -169,6 +169,11 @@ def load_corpus(source: str, paths, max_bytes: int, tokenizer) -> Corpus:
         raise ConfigError(f"data.paths: the {len(files)} file(s) matched by {list(paths)} hold no data; "
                           "point data.paths at non-empty files")
     corpus = _tokenize(docs, tokenizer)
+    text_bytes = sum(len(d.encode("utf-8")) for d in docs if isinstance(d, str))
+    text_tokens = sum(int(corpus.doc_starts[i + 1] - corpus.doc_starts[i]) - 1 for i, d in enumerate(docs) if isinstance(d, str))
+    if text_tokens and not hasattr(type(tokenizer), "bytes_per_token"):
+        # For bits-per-byte metrics: the corpus's UTF-8 bytes per token (the last corpus loaded wins).
+        tokenizer.bytes_per_token = text_bytes / text_tokens
     _CORPUS_CACHE[key] = corpus
     while len(_CORPUS_CACHE) > _CACHE_SIZE:
         _CORPUS_CACHE.popitem(last=False)

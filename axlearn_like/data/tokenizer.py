@@ -31,6 +31,7 @@ class ByteTokenizer:
     eos_id = 256
     pad_id = 257
     name = "byte"
+    bytes_per_token = 1.0
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
