@@ -18,7 +18,6 @@ and split into global_batch_size contiguous streams; batch t row r is chunk t of
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import grain.python as gp
@@ -101,7 +100,8 @@ class _TaskRowSource:
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         s, b = self.cfg.seq_len, len(indices)
-        out = {"inputs": np.full((b, s), self.tok.pad_id, np.int32), "targets": np.full((b, s), self.tok.pad_id, np.int32),
+        pad = self.tok.pad_id
+        out = {"inputs": np.full((b, s), pad, np.int32), "targets": np.full((b, s), pad, np.int32),
                "loss_mask": np.zeros((b, s), np.float32), "segment_ids": np.zeros((b, s), np.int32),
                "positions": np.zeros((b, s), np.int32)}
         for r, i in enumerate(indices):

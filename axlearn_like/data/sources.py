@@ -139,9 +139,10 @@ def _tokenize(docs, tokenizer) -> Corpus:
     for i, d in enumerate(docs):
         if not isinstance(d, str):
             arr = np.asarray(d)
-            if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= tokenizer.vocab_size):
-                raise ValueError(f"ArrayRecord record {i} holds token ids outside [0, {tokenizer.vocab_size}) of "
-                                 f"tokenizer {getattr(tokenizer, 'name', '?')!r}; set data.tokenizer to the one that wrote them")
+            v = tokenizer.vocab_size
+            if arr.size and (not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= v):
+                raise ValueError(f"ArrayRecord record {i} holds token ids outside [0, {v}) of tokenizer "
+                                 f"{getattr(tokenizer, 'name', '?')!r}; set data.tokenizer to the one that wrote them")
             encoded[i] = arr
     lens = np.array([len(e) + 1 for e in encoded], dtype=np.int64)
     starts = np.zeros(len(encoded) + 1, np.int64)
@@ -170,7 +171,8 @@ def load_corpus(source: str, paths, max_bytes: int, tokenizer) -> Corpus:
                           "point data.paths at non-empty files")
     corpus = _tokenize(docs, tokenizer)
     text_bytes = sum(len(d.encode("utf-8")) for d in docs if isinstance(d, str))
-    text_tokens = sum(int(corpus.doc_starts[i + 1] - corpus.doc_starts[i]) - 1 for i, d in enumerate(docs) if isinstance(d, str))
+    lens = np.diff(corpus.doc_starts) - 1
+    text_tokens = int(sum(lens[i] for i, d in enumerate(docs) if isinstance(d, str)))
     if text_tokens and not hasattr(type(tokenizer), "bytes_per_token"):
         # For bits-per-byte metrics: the corpus's UTF-8 bytes per token (the last corpus loaded wins).
         tokenizer.bytes_per_token = text_bytes / text_tokens
