@@ -1,0 +1,52 @@
+"""GPU checks of the Triton SSD kernels (run on the device machine: AXL_TEST_GPU=1 pytest -m gpu ...)."""
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kernels.common import backend
+from tests.kernels.test_ssd import make_inputs, np_ssd, np_ssd_grads, run_ssd
+from tests.oracle import assert_close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(backend() != "gpu", reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize(
+    "dtype,shape",
+    [
+        (np.float32, (2, 300, 4, 24, 2, 20, 64)),  # odd head_dim/d_state (masked tiles), groups > 1, ragged seq
+        (ml_dtypes.bfloat16, (2, 700, 8, 64, 1, 128, 256)),  # the benchmark's head shape, 3 chunks
+    ],
+    ids=["f32-odd", "bf16-mamba2"],
+)
+def test_triton_forward_backward_vs_float64(dtype, shape):
+    b, L, h, P, g, N, chunk = shape
+    rng = np.random.default_rng()
+    inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
+    y, final = jax.jit(run_ssd, static_argnums=(0, 1))("triton", chunk, *inputs)
+    y_ref, final_ref = np_ssd(*inputs)
+    dt = np.dtype(dtype)
+    assert_close(y, y_ref, dt, "y")
+    assert_close(final, final_ref, dt, "final_state")
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
+
+    def loss(*args):
+        yy, ff = run_ssd("triton", chunk, *args)
+        return jnp.sum(yy.astype(jnp.float32) * dy) + jnp.sum(ff * dfinal)
+
+    grads = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*inputs)
+    refs = np_ssd_grads(*inputs, dy, dfinal)
+    for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs):
+        assert_close(got, want, dt, f"d{name}", factor=2.0)
+
+
+def test_default_implementation_on_gpu_is_triton_and_matches_xla():
+    rng = np.random.default_rng()
+    inputs = make_inputs(rng, 1, 512, 4, 64, 1, 128, ml_dtypes.bfloat16)
+    y_auto = run_ssd(None, 256, *inputs)[0]
+    y_tri = run_ssd("triton", 256, *inputs)[0]
+    y_xla = run_ssd("xla", 256, *inputs)[0]
+    np.testing.assert_array_equal(np.asarray(y_auto, np.float32), np.asarray(y_tri, np.float32))
+    assert_close(y_tri, np.asarray(y_xla, np.float32), np.dtype(ml_dtypes.bfloat16), "triton vs xla")
