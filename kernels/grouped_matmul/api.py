@@ -75,6 +75,16 @@ def _op(name: str):
     return op
 
 
+def _match_varying_axes(x: jax.Array, like: jax.Array) -> jax.Array:
+    """Inside jax.shard_map, marks x as varying over the manual axes `like` varies over, so the custom
+    VJP's cotangent types match its inputs (the transpose of that cast is the psum over those axes)."""
+    try:
+        missing = tuple(sorted(jax.typeof(like).manual_axis_type.varying - jax.typeof(x).manual_axis_type.varying))
+    except AttributeError:  # an older jax spells it `.vma`
+        missing = tuple(sorted(getattr(jax.typeof(like), "vma", set()) - getattr(jax.typeof(x), "vma", set())))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def _check(lhs, rhs, group_sizes):
     if lhs.ndim != 2 or rhs.ndim != 3:
         raise ValueError(f"{_OP}: need lhs [m, k] and rhs [groups, k, n]; got {lhs.shape} and {rhs.shape}")
@@ -99,7 +109,10 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     name = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=_PREFERRED)
     if name == "triton" and not common.has_jax_triton():
         raise ValueError(f"{_OP}: implementation='triton' needs jax-triton 0.3.1 (pip install jax-triton==0.3.1)")
-    return _op(name)(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32))
+    rhs = rhs.astype(lhs.dtype)
+    lhs, rhs = _match_varying_axes(lhs, rhs), _match_varying_axes(rhs, lhs)
+    group_sizes = _match_varying_axes(group_sizes.astype(jnp.int32), lhs)
+    return _op(name)(lhs, rhs, group_sizes)
 
 
 def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, implementation=None):
