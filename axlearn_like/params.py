@@ -16,8 +16,9 @@ import jax
 
 
 @flax.struct.dataclass
-class Param(nn.Partitioned):
-    """nn.Partitioned with a weight-decay flag (static metadata, survives init/apply and checkpoints)."""
+class Param(nn.LogicallyPartitioned):
+    """nn.LogicallyPartitioned (logical axis names, resolved by the rules in axlearn_like.sharding) plus a
+    weight-decay flag and a learning-rate multiplier (static metadata)."""
 
     weight_decay: bool = flax.struct.field(pytree_node=False, default=True)
     lr_scale: float = flax.struct.field(pytree_node=False, default=1.0)
@@ -63,3 +64,9 @@ def logical_axes(boxed: Any) -> Any:
 def lr_scales(boxed_params: Any) -> Any:
     """Boxed params -> pytree of float learning-rate multipliers (1.0 unless a layer set lr_scale)."""
     return jax.tree.map(lambda x: float(getattr(x, "lr_scale", 1.0)), boxed_params, is_leaf=_is_box)
+
+
+def unbox_values(boxed: Any) -> Any:
+    """Strips metadata boxes without applying sharding constraints (for abstract/eval_shape trees and
+    host-side code; inside a traced function `nn.meta.unbox` is fine)."""
+    return jax.tree.map(lambda x: x.value if _is_box(x) else x, boxed, is_leaf=_is_box)

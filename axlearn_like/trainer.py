@@ -149,13 +149,13 @@ def build_state_setup(cfg: ExperimentConfig, *, mesh=None, for_restore: bool = F
 
     def shard_tree(boxed_tree):
         axes = params_lib.logical_axes(boxed_tree)
-        shapes = nn.meta.unbox(boxed_tree)
+        shapes = params_lib.unbox_values(boxed_tree)
         return jax.tree.map(lambda a, s: _sharding_for(s.shape, a, mesh, rules), axes, shapes, is_leaf=_is_axes)
 
     replicated = NamedSharding(mesh, P())
     param_sh = shard_tree(boxed_params)
     stats_sh = shard_tree(boxed.get("stats", {}))
-    carry_abs = nn.meta.unbox(boxed.get("carry", {}))
+    carry_abs = params_lib.unbox_values(boxed.get("carry", {}))
     carry_sh = jax.tree.map(lambda s: _sharding_for(s.shape, ("batch",) + (None,) * (s.ndim - 1), mesh, rules), carry_abs)
 
     def init_fn(rng):

@@ -20,6 +20,7 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
+from axlearn_like.params import unbox_values
 from models.decoder import FFN_FLOPS, MIXER_FLOPS, Decoder, DecoderConfig
 
 Batch = dict[str, jax.Array]
@@ -122,7 +123,7 @@ class LanguageModel:
 
     def param_count(self, seq_len: int = 8) -> int:
         shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), _dummy_batch(1, seq_len)))
-        return int(sum(x.size for x in jax.tree.leaves(nn.unbox(shapes["params"]))))
+        return int(sum(x.size for x in jax.tree.leaves(unbox_values(shapes["params"]))))
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * N + attention-like terms (Kaplan et al. 2020 / Chinchilla convention).
