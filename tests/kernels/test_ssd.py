@@ -1,4 +1,6 @@
 """SSD op vs a float64 NumPy recurrence (forward, final state, all seven gradients), carried state, decode step."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -70,26 +72,29 @@ def run_ssd(impl, chunk, x, dt, A, B, C, D, h0):
                implementation=impl)
 
 
+run_ssd_jit = jax.jit(run_ssd, static_argnums=(0, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def ssd_and_grads(impl, chunk, dy, dfinal, *inputs):
+    """(y, final_state) and the gradients of <y, dy> + <final, dfinal> w.r.t. all seven inputs, one compile."""
+    (y, final), vjp = jax.vjp(lambda *a: run_ssd(impl, chunk, *a), *inputs)
+    return y, final, vjp((dy.astype(y.dtype), dfinal))
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
 def test_forward_and_gradients_match_float64_recurrence(impl, dtype):
     rng = np.random.default_rng()
     b, L, h, P, g, N, chunk = 2, 45, 4, 8, 2, 16, 16  # seq not a multiple of the chunk, groups > 1
     inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
-    y, final = jax.jit(run_ssd, static_argnums=(0, 1))(impl, chunk, *inputs)
     y_ref, final_ref = np_ssd(*inputs)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)  # cotangent in y's dtype, as a training step gives it
+    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
+    y, final, grads = ssd_and_grads(impl, chunk, dy, dfinal, *inputs)
     assert y.dtype == dtype and y.shape == (b, L, h, P) and final.dtype == jnp.float32
     assert_close(y, y_ref, np.dtype(dtype), "y")
     assert_close(final, final_ref, np.dtype(dtype), "final_state")
-
-    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
-
-    def loss(*args):
-        yy, ff = run_ssd(impl, chunk, *args)
-        return jnp.sum(yy.astype(jnp.float32) * dy) + jnp.sum(ff * dfinal)
-
-    grads = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*inputs)
     refs = np_ssd_grads(*inputs, dy, dfinal)
     for name, got, want, arg in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs, inputs):
         assert got.shape == np.shape(arg) and got.dtype == np.asarray(arg).dtype, name
@@ -100,6 +105,7 @@ def test_forward_and_gradients_match_float64_recurrence(impl, dtype):
 def test_carried_state_equals_one_long_forward(impl):
     rng = np.random.default_rng()
     x, dt, A, B, C, D, h0 = make_inputs(rng, 1, 40, 2, 8, 1, 8, np.dtype(np.float32))
+    run_ssd = run_ssd_jit
     y_full, f_full = run_ssd(impl, 16, x, dt, A, B, C, D, h0)
     cut = 19  # not on a chunk boundary
     part = lambda v, sl: v[:, sl]
@@ -114,7 +120,7 @@ def test_carried_state_equals_one_long_forward(impl):
 def test_decode_steps_equal_parallel_forward():
     rng = np.random.default_rng()
     x, dt, A, B, C, D, h0 = make_inputs(rng, 2, 21, 4, 8, 2, 8, np.dtype(np.float32))
-    y_par, f_par = run_ssd("xla", 8, x, dt, A, B, C, D, h0)
+    y_par, f_par = run_ssd_jit("xla", 8, x, dt, A, B, C, D, h0)
     state, ys = jnp.asarray(h0), []
     step = jax.jit(ssd_step)
     for t in range(x.shape[1]):
