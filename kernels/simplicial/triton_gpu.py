@@ -23,11 +23,10 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
-def _load_rows(Q, K2, V2, DO, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-               W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
-               W2P: tl.constexpr, GH: tl.constexpr, SCALE: tl.constexpr, WITH_DO: tl.constexpr):
+def _load_rows(Q, K2, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, W2: tl.constexpr,
+               DK: tl.constexpr, DKP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, SCALE: tl.constexpr):
     """Rows r = (h, kk), h = tile*GH + r // W2P, k2 position i - W2 + 1 + r % W2P.
-    Returns q rows, k2 rows (float32), b rows (scale*q*k2), valid [M], head index [M], (e rows, v2 rows)."""
+    Returns q rows, k2 rows (float32), b rows = scale*q*k2, valid [M], query-head index [M]."""
     r = tl.arange(0, GH * W2P)
     h = tile * GH + r // W2P
     kk = r % W2P
@@ -35,21 +34,26 @@ def _load_rows(Q, K2, V2, DO, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexp
     valid = (kk < W2) & (kpos >= 0) & (h < G)
     dk = tl.arange(0, DKP)
     hq = kvh * G + h
-    q_ptr = Q + (b * S + i).to(tl.int64) * (HKV * G * DK) + hq[:, None] * DK + dk[None, :]
-    k_off = (b * S + kpos).to(tl.int64) * (HKV * DK) + kvh * DK
     lm = valid[:, None] & (dk[None, :] < DK)
-    q = tl.load(q_ptr, mask=lm, other=0.0).to(tl.float32)
-    k2 = tl.load(K2 + k_off[:, None] + dk[None, :], mask=lm, other=0.0).to(tl.float32)
-    rows = q * SCALE * k2
-    if WITH_DO:
-        dv = tl.arange(0, DVP)
-        lmv = valid[:, None] & (dv[None, :] < DV)
-        do = tl.load(DO + (b * S + i).to(tl.int64) * (HKV * G * DV) + hq[:, None] * DV + dv[None, :],
-                     mask=lmv, other=0.0).to(tl.float32)
-        v2 = tl.load(V2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DV) + kvh * DV + dv[None, :],
-                     mask=lmv, other=0.0).to(tl.float32)
-        return q, k2, rows, valid, hq, do, v2
-    return q, k2, rows, valid, hq, q, k2
+    q = tl.load(Q + (b * S + i).to(tl.int64) * (HKV * G * DK) + hq[:, None] * DK + dk[None, :],
+                mask=lm, other=0.0).to(tl.float32)
+    k2 = tl.load(K2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DK) + kvh * DK + dk[None, :],
+                 mask=lm, other=0.0).to(tl.float32)
+    return q, k2, q * SCALE * k2, valid, hq
+
+
+@triton.jit
+def _load_do_rows(DO, V2, b, i, kvh, hq, valid, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+                  W2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr):
+    """dO rows (dO of the row's head) and v2 rows, float32 [M, DVP]."""
+    kpos = i - W2 + 1 + tl.arange(0, GH * W2P) % W2P
+    dv = tl.arange(0, DVP)
+    lm = valid[:, None] & (dv[None, :] < DV)
+    do = tl.load(DO + (b * S + i).to(tl.int64) * (HKV * G * DV) + hq[:, None] * DV + dv[None, :],
+                 mask=lm, other=0.0).to(tl.float32)
+    v2 = tl.load(V2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DV) + kvh * DV + dv[None, :],
+                 mask=lm, other=0.0).to(tl.float32)
+    return do, v2
 
 
 @triton.jit
@@ -61,8 +65,7 @@ def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G
     kvh = tl.program_id(1) % HKV
     tile = tl.program_id(2)
     M: tl.constexpr = GH * W2P
-    _, _, rows, valid, hq, _, _ = _load_rows(Q, K2, V2, Q, b, i, kvh, tile, S, HKV, G, W2, DK, DV, DKP, DVP,
-                                             W2P, GH, SCALE, False)
+    _, _, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
     rows = rows.to(K1.dtype.element_ty)
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
@@ -123,8 +126,8 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr
     j_first = i - W1 + 1
     n_lo = (-j_first * (j_first < 0)) // BJ
     for tile in range(0, tl.cdiv(G, GH)):
-        q, k2, rows, valid, hq, do, v2 = _load_rows(Q, K2, V2, DO, b, i, kvh, tile, S, HKV, G, W2, DK, DV,
-                                                    DKP, DVP, W2P, GH, SCALE, True)
+        q, k2, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
+        do, v2 = _load_do_rows(DO, V2, b, i, kvh, hq, valid, S, HKV, G, W2, DV, DVP, W2P, GH)
         rows = rows.to(K1.dtype.element_ty)
         e = (do * v2).to(K1.dtype.element_ty)
         hoff = (b * S + i).to(tl.int64) * (HKV * G) + hq
@@ -183,8 +186,8 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
     for i in range(jb * BJ, i_end):
         cvalid = (jpos <= i) & (jpos > i - W1) & in_seq
         for tile in range(t_lo, t_hi):
-            q, k2, rows, valid, hq, do, v2 = _load_rows(Q, K2, V2, DO, b, i, kvh, tile, S, HKV, G, W2, DK, DV,
-                                                        DKP, DVP, W2P, GH, SCALE, True)
+            q, k2, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
+            do, v2 = _load_do_rows(DO, V2, b, i, kvh, hq, valid, S, HKV, G, W2, DV, DVP, W2P, GH)
             rows = rows.to(K1.dtype.element_ty)
             e = (do * v2).to(K1.dtype.element_ty)
             hoff = (b * S + i).to(tl.int64) * (HKV * G) + hq
