@@ -119,6 +119,11 @@ class DecoderConfig:
     init_std: float = 0.02
     scale_out_init: bool = True
     z_loss_weight: float = 0.0
+    # Config sections of the plugin layer kinds (set by recipes that use them; None when unused):
+    # models.simplicial.SimplicialConfig, models.moe.MoEConfig, models.ssm.Mamba2Config.
+    simplicial: Any = None
+    moe: Any = None
+    ssm: Any = None
 
     @property
     def period(self) -> int:
@@ -148,6 +153,10 @@ class DecoderConfig:
             lookup("mixer", name)
         for name in self.ffn_pattern:
             lookup("ffn", name)
+        for section, kinds in (("simplicial", self.layer_pattern), ("moe", self.ffn_pattern), ("ssm", self.layer_pattern)):
+            used = any(k == section or k.startswith(section) or (section == "ssm" and k == "mamba2") for k in kinds)
+            require(not used or getattr(self, section) is not None, section,
+                    f"the layer pattern uses {section!r} layers but model.{section} is not set (the recipe must set it)")
         require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
         remat_policy(self.remat_policy)
         require(
@@ -313,18 +322,22 @@ class Decoder(nn.Module):
 
 
 # --- converting between scanned and unscanned layouts ----------------------------------------------------
-def _find_stack(tree: dict) -> tuple[list[str], dict]:
-    """Path to the DecoderStack's subtree (the dict holding 'final_norm')."""
-    if "final_norm" in tree:
+def _find_stack(tree: dict, marker) -> tuple[list[str], dict]:
+    """Path to the first dict (depth-first) for which marker(dict) holds: the DecoderStack's subtree."""
+    if marker(tree):
         return [], tree
     for k, v in tree.items():
         if isinstance(v, dict):
             try:
-                path, sub = _find_stack(v)
+                path, sub = _find_stack(v, marker)
                 return [k] + path, sub
             except KeyError:
                 pass
-    raise KeyError("no DecoderStack (a dict with 'final_norm') in this tree")
+    raise KeyError("no DecoderStack layers in this tree")
+
+
+_UNSCANNED = lambda d: any(k.startswith("layer_") for k in d)
+_SCANNED = lambda d: isinstance(d.get("layers"), dict) and any(k.startswith("block_") for k in d["layers"])
 
 
 def _replace_at(tree: dict, path: list[str], new: dict) -> dict:
@@ -335,14 +348,16 @@ def _replace_at(tree: dict, path: list[str], new: dict) -> dict:
 
 def stack_layer_params(tree: dict, cfg: DecoderConfig, axis: int = 0) -> dict:
     """Unscanned collection (unboxed, e.g. params) -> the scanned layout: layer r*period+j -> block_j[r]."""
-    path, stack = _find_stack(tree)
+    try:
+        path, stack = _find_stack(tree, _UNSCANNED)
+    except KeyError:
+        return tree  # e.g. a collection no layer of the stack owns
     n_rep = cfg.num_layers // cfg.period
-    blocks = {
-        f"block_{j}": jax.tree.map(
-            lambda *xs: jnp.stack(xs, axis=axis), *[stack[f"layer_{r * cfg.period + j}"] for r in range(n_rep)]
-        )
-        for j in range(cfg.period)
-    }
+    blocks = {}
+    for j in range(cfg.period):  # a collection (e.g. stats) may exist for some layer kinds only
+        names = [f"layer_{r * cfg.period + j}" for r in range(n_rep)]
+        if any(n in stack for n in names):
+            blocks[f"block_{j}"] = jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *[stack[n] for n in names])
     new = {k: v for k, v in stack.items() if not k.startswith("layer_")}
     new["layers"] = blocks
     return _replace_at(tree, path, new)
@@ -350,10 +365,15 @@ def stack_layer_params(tree: dict, cfg: DecoderConfig, axis: int = 0) -> dict:
 
 def unstack_layer_params(tree: dict, cfg: DecoderConfig, axis: int = 0) -> dict:
     """Inverse of stack_layer_params."""
-    path, stack = _find_stack(tree)
+    try:
+        path, stack = _find_stack(tree, _SCANNED)
+    except KeyError:
+        return tree
     n_rep = cfg.num_layers // cfg.period
     new = {k: v for k, v in stack.items() if k != "layers"}
     for j in range(cfg.period):
+        if f"block_{j}" not in stack["layers"]:
+            continue
         for r in range(n_rep):
             new[f"layer_{r * cfg.period + j}"] = jax.tree.map(
                 lambda x: jnp.take(x, r, axis=axis), stack["layers"][f"block_{j}"]
