@@ -425,6 +425,10 @@ class MoE(nn.Module):
             "expert_load": counts / (t * k),
             "maxvio_batch": (jnp.max(counts) - mean_load) / mean_load,
             "dropped_fraction": 1.0 - jnp.mean(keep.astype(jnp.float32)),
+            # devices (routing groups without expert parallelism) one token is sent to, at most
+            "max_devices_per_token": jnp.max(
+                jnp.sum(jnp.max(jax.nn.one_hot(ids // (e // num_dev), num_dev, dtype=jnp.int32), axis=-2), axis=-1)
+            ),
         }
         metrics.update({f"aux_{n}": v for n, v in losses.items()})
         self.sow("intermediates", "metrics", metrics)
