@@ -49,12 +49,68 @@ def timeit(f, args, reps=30, warmup=3):
     return statistics.median(ts) * 1e3, (max(ts) - min(ts)) * 1e3
 
 
+SWEEP = {
+    "chunk_scan": [dict(scan_bm=bm, scan_bk=bk, scan_warps=w, scan_stages=st) for bm, bk, w, st in
+                   [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 4, 2),
+                    (128, 128, 8, 2)]],
+    "chunk_state": [dict(state_warps=w, state_stages=st) for w, st in [(4, 2), (4, 3), (8, 2)]],
+    "state_passing": [dict(pass_block=b) for b in (1024, 256, 2048)],
+    "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs) for b, w, st, hs in
+            [(64, 8, 2, 4), (64, 4, 2, 4), (64, 8, 3, 4), (64, 8, 2, 8), (64, 8, 2, 2), (64, 8, 2, 1),
+             (32, 4, 2, 8), (64, 4, 3, 8)]],
+}
+
+
+def sweep_triton(args, Q, reps):
+    """Times each Triton stage alone under each launch variant; leaves triton_gpu.CONFIG at the best ones."""
+    from kernels.ssd import api, triton_gpu as tg
+
+    x, dt, A, B, C, D = args
+    b, L, h, P = x.shape
+    xc, dtc, cs, Bc, Cc = jax.jit(api._chunked, static_argnums=0)(Q, x, dt, A, B, C)
+    init = jnp.zeros((b, h, P, B.shape[-1]), jnp.float32)
+    w = dtc * jnp.exp(cs[..., -1:] - cs)
+    decay = jnp.exp(cs[..., -1])
+    dyc = jax.random.normal(jax.random.key(5), xc.shape, xc.dtype)
+    st = jax.jit(tg.chunk_state)(xc, Bc, w)
+    states = jax.jit(tg.state_passing)(st, decay, init)
+    dstates, _ = jax.jit(lambda *a: tg.state_passing(*a, reverse=True, fwd_states=states))(st, decay, init)
+    calls = {
+        "chunk_state": [(tg.chunk_state, (xc, Bc, w))],
+        "state_passing": [(tg.state_passing, (st, decay, init)),
+                          (lambda *a: tg.state_passing(*a[:3], reverse=True, fwd_states=a[3]),
+                           (st, decay, init, states))],
+        "chunk_scan": [(tg.chunk_scan, (xc, dtc, cs, Bc, Cc, states, D))],
+        "bwd": [(tg.chunk_bwd_dx_dB, (xc, dtc, cs, Bc, Cc, dyc, dstates, D)),
+                (tg.chunk_bwd_dC, (xc, dtc, cs, Bc, Cc, dyc, states))],
+    }
+    log = []
+    for group, variants in SWEEP.items():
+        best = None
+        for v in variants:
+            tg.CONFIG.update(v)
+            try:
+                ms = sum(timeit(jax.jit(lambda *a, f=f: f(*a)), a_, reps)[0] for f, a_ in calls[group])
+            except Exception as e:
+                print(f"sweep {group} {v} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            print(f"sweep {group} {v}: {ms:.3f} ms", flush=True)
+            log.append({"group": group, "config": dict(v), "ms": ms})
+            if best is None or ms < best[0]:
+                best = (ms, v)
+        if best is not None:
+            tg.CONFIG.update(best[1])
+    print("best triton CONFIG:", tg.CONFIG, flush=True)
+    return log, dict(tg.CONFIG)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shape", default="8,8192,32,64,1,128,256", help="b,L,h,P,g,N,chunk")
     p.add_argument("--impls", default=None, help="comma list; default: all that run here")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None)
+    p.add_argument("--sweep", action="store_true", help="sweep Triton launch parameters first (GPU)")
     a = p.parse_args(argv)
     b, L, h, P, g, N, Q = (int(v) for v in a.shape.split(","))
     impls = a.impls.split(",") if a.impls else (["triton", "xla"] if backend() == "gpu" else ["xla"])
@@ -62,6 +118,12 @@ def main(argv=None):
     fl = ssd_flops(b, L, h, P, g, N, Q)
     w = jax.random.normal(jax.random.key(9), (b, L, h, P), jnp.float32)
     rows, outs = [], {}
+    sweep_log, best_cfg = ([], None)
+    if a.sweep and "triton" in impls:
+        try:
+            sweep_log, best_cfg = sweep_triton(args, Q, max(5, a.reps // 3))
+        except Exception as e:  # the sweep is optional; the table below still runs
+            print(f"sweep failed: {type(e).__name__}: {str(e)[:1000]}", flush=True)
     for impl in impls:
         fwd = jax.jit(lambda x, dt, A, B, C, D, impl=impl: ssd(x, dt, A, B, C, D=D, chunk_size=Q,
                                                                 implementation=impl))
@@ -110,7 +172,8 @@ def main(argv=None):
                   ", ".join(f"{e:.1e}" for e in r["rel_err_vs_xla(y,dx,ddt,dA,dB,dC,dD)"]))
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"device": dev, "shape": a.shape, "rows": rows, "anchor": ANCHOR}, f, indent=1)
+            json.dump({"device": dev, "shape": a.shape, "rows": rows, "anchor": ANCHOR, "sweep": sweep_log,
+                       "triton_config": best_cfg}, f, indent=1)
 
 
 if __name__ == "__main__":

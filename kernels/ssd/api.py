@@ -155,10 +155,10 @@ def _ssd_bwd(chunk_size, impl, res, cts):
     xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
     dyc = _chunked(chunk_size, dy, dt, A, B, C)[0]
     decay = jnp.exp(cs[..., -1])
-    dstates = st.state_passing(st.chunk_state(dyc, Cc, jnp.exp(cs)), decay, dfinal.astype(F32), reverse=True)
+    dstates, carried = st.state_passing(st.chunk_state(dyc, Cc, jnp.exp(cs)), decay, dfinal.astype(F32),
+                                        reverse=True, fwd_states=states)
     dx, dB, ddt_direct, dD_part = st.chunk_bwd_dx_dB(xc, dtc, cs, Bc, Cc, dyc, dstates, D)
     dC, CdC = st.chunk_bwd_dC(xc, dtc, cs, Bc, Cc, dyc, states)
-    carried = jnp.moveaxis(jnp.sum(dstates[:, 1:] * states[:, 1:], axis=(-1, -2)), 1, 2)  # [b, h, c]
     dcs = (CdC - dtc * ddt_direct).at[..., -1].add(carried)
     da = jnp.flip(jnp.cumsum(jnp.flip(dcs, -1), -1), -1)
     ddt = ddt_direct + A.astype(F32)[None, :, None, None] * da

@@ -101,11 +101,13 @@ def chunk_state(x, Bm, w):
     return out.reshape(b, c, g * r, P, N)
 
 
-def state_passing(chunk_states, chunk_decay, init, reverse=False):
+def state_passing(chunk_states, chunk_decay, init, reverse=False, fwd_states=None):
     """Inter-chunk recurrence. Forward: S_0 = init, S_{c+1} = decay_c S_c + st_c; returns [b, c+1, h, P, N]
     with S_0..S_c (the last is the final state). reverse=True runs the adjoint: G_c = chunk_states[c],
     out[c_last+1] = init (the final-state cotangent), out[c] = decay_c out[c+1] + G_c.
-    chunk_states [b, c, h, P, N] f32, chunk_decay [b, h, c] f32, init [b, h, P, N] f32."""
+    chunk_states [b, c, h, P, N] f32, chunk_decay [b, h, c] f32, init [b, h, P, N] f32.
+    With reverse=True and fwd_states (the forward's output) also returns <out[c+1], fwd_states[c+1]> [b, h, c],
+    the carried term of the cumsum cotangent."""
     st = jnp.moveaxis(chunk_states, 1, 0)
     dec = jnp.moveaxis(chunk_decay, 2, 0)[..., None, None]
 
@@ -118,7 +120,10 @@ def state_passing(chunk_states, chunk_decay, init, reverse=False):
         allst = jnp.concatenate([last[None], outs], axis=0)
     else:
         allst = jnp.concatenate([outs, last[None]], axis=0)
-    return jnp.moveaxis(allst, 0, 1)
+    allst = jnp.moveaxis(allst, 0, 1)
+    if reverse and fwd_states is not None:
+        return allst, jnp.moveaxis(jnp.sum(allst[:, 1:] * fwd_states[:, 1:], axis=(-1, -2)), 1, 2)
+    return allst
 
 
 def chunk_scan(x, dt, cs, Bm, Cm, states, D):

@@ -47,10 +47,12 @@ def _chunk_state_kernel(x_ptr, b_ptr, w_ptr, out_ptr, L: tl.constexpr, H: tl.con
 
 
 @triton.jit
-def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, out_ptr, H: tl.constexpr, PN: tl.constexpr,
-                          NC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr, H: tl.constexpr,
+                          PN: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     """Forward: out[0] = init, out[c+1] = decay_c out[c] + st[c]. Reverse (adjoint): out[NC] = init,
-    out[c] = decay_c out[c+1] + st[c]. One program owns BLOCK elements of one (b, h) state."""
+    out[c] = decay_c out[c+1] + st[c], and dot[b, h, blk, c] = <out[c+1], fwd[c+1]> over this program's
+    elements (fwd = forward states; the cumsum cotangent's carried term). One program owns BLOCK elements of
+    one (b, h) state."""
     pid = tl.program_id(0)
     nblk = tl.cdiv(PN, BLOCK)
     blk = pid % nblk
@@ -64,6 +66,8 @@ def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, out_ptr, H: tl.constexpr,
         tl.store(out_ptr + ((bb * (NC + 1) + NC) * H + h) * PN + offs, s, mask=mask)
         for k in range(NC):
             c = NC - 1 - k
+            f = tl.load(fwd_ptr + ((bb * (NC + 1) + c + 1) * H + h) * PN + offs, mask=mask, other=0.0)
+            tl.store(dot_ptr + (bh * nblk + blk) * NC + c, tl.sum(s * f, axis=0))
             d = tl.load(decay_ptr + bh * NC + c)
             s = d * s + tl.load(st_ptr + ((bb * NC + c) * H + h) * PN + offs, mask=mask, other=0.0)
             tl.store(out_ptr + ((bb * (NC + 1) + c) * H + h) * PN + offs, s, mask=mask)
@@ -120,17 +124,20 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, st_ptr, d_ptr, y_ptr
 
 @triton.jit
 def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, dst_ptr, d_ptr,
-                      dx_ptr, db_ptr, ddt_ptr, dd_ptr, L: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
-                      P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, NC: tl.constexpr, BP: tl.constexpr,
-                      BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
-    """Source-side cotangents for BS positions s of one chunk, all heads of group g (see reference)."""
+                      dx_ptr, db_ptr, ddt_ptr, dd_ptr, B_: tl.constexpr, L: tl.constexpr, H: tl.constexpr,
+                      G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, NC: tl.constexpr,
+                      BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, HS: tl.constexpr,
+                      PREC: tl.constexpr):
+    """Source-side cotangents for BS positions s of one chunk, heads [hs*R/HS, (hs+1)*R/HS) of group g
+    (see reference); dB partial sums over those heads go to slice hs of db [HS, b, c, Q, g, N]."""
     pid = tl.program_id(0)
     NS: tl.constexpr = Q // BS
-    R: tl.constexpr = H // G
+    R: tl.constexpr = H // G // HS
     sb = pid % NS
     g = (pid // NS) % G
-    c = (pid // (NS * G)) % NC
-    bb = (pid // (NS * G * NC)).to(tl.int64)
+    hs = (pid // (NS * G)) % HS
+    c = (pid // (NS * G * HS)) % NC
+    bb = (pid // (NS * G * HS * NC)).to(tl.int64)
     dtype = x_ptr.dtype.element_ty
     op = tl.arange(0, BP)
     on = tl.arange(0, BN)
@@ -142,7 +149,7 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, dst_ptr, d_pt
     bs = tl.load(b_ptr + bcoff + ts[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
     db_acc = tl.zeros([BS, BN], dtype=tl.float32)
     for i in range(R):
-        h = g * R + i
+        h = (g * HS + hs) * R + i
         sbase = bb * H * L + h * L
         xyoff = bb * L * H * P + h * P
         cs_s = tl.load(cs_ptr + sbase + ts)
@@ -174,22 +181,24 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, dst_ptr, d_pt
         tl.store(ddt_ptr + sbase + ts, tl.sum(xsf * w_acc, axis=1))
         tl.store(dd_ptr + sbase + ts, tl.sum(xsf * dysf, axis=1))
         db_acc += dt_s[:, None] * dbh
-    tl.store(db_ptr + bcoff + ts[:, None] * (G * N) + on[None, :], db_acc, mask=mask_n)
+    tl.store(db_ptr + hs * (B_ * L * G * N) + bcoff + ts[:, None] * (G * N) + on[None, :], db_acc, mask=mask_n)
 
 
 @triton.jit
-def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, cdc_ptr, L: tl.constexpr,
-                   H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
-                   NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr,
-                   PREC: tl.constexpr):
-    """Query-side cotangents dC (summed over the group's heads) and C_t.dC_t^h for BT positions t."""
+def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, cdc_ptr, B_: tl.constexpr,
+                   L: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
+                   Q: tl.constexpr, NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+                   BT: tl.constexpr, HS: tl.constexpr, PREC: tl.constexpr):
+    """Query-side cotangents dC (partial sums over R/HS heads of the group, slice hs of dc [HS, ...]) and
+    C_t.dC_t^h for BT positions t."""
     pid = tl.program_id(0)
     NT: tl.constexpr = Q // BT
-    R: tl.constexpr = H // G
+    R: tl.constexpr = H // G // HS
     tb = pid % NT
     g = (pid // NT) % G
-    c = (pid // (NT * G)) % NC
-    bb = (pid // (NT * G * NC)).to(tl.int64)
+    hs = (pid // (NT * G)) % HS
+    c = (pid // (NT * G * HS)) % NC
+    bb = (pid // (NT * G * HS * NC)).to(tl.int64)
     dtype = x_ptr.dtype.element_ty
     op = tl.arange(0, BP)
     on = tl.arange(0, BN)
@@ -201,7 +210,7 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
     ct = tl.load(c_ptr + bcoff + tt[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
     dc_acc = tl.zeros([BT, BN], dtype=tl.float32)
     for i in range(R):
-        h = g * R + i
+        h = (g * HS + hs) * R + i
         sbase = bb * H * L + h * L
         xyoff = bb * L * H * P + h * P
         cs_t = tl.load(cs_ptr + sbase + tt)
@@ -222,12 +231,17 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
             dch += tl.dot(dyx.to(dtype), bs, input_precision=PREC)
         tl.store(cdc_ptr + sbase + tt, tl.sum(ct.to(tl.float32) * dch, axis=1))
         dc_acc += dch
-    tl.store(dc_ptr + bcoff + tt[:, None] * (G * N) + on[None, :], dc_acc, mask=mask_n)
+    tl.store(dc_ptr + hs * (B_ * L * G * N) + bcoff + tt[:, None] * (G * N) + on[None, :], dc_acc, mask=mask_n)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # jax wrappers (one per stage; signatures match reference.py)
 # ----------------------------------------------------------------------------------------------------------
+
+# Launch parameters; tools/bench_ssd.py sweeps them on the GPU (docs/notes/ssd.md has the measurements).
+CONFIG = dict(state_warps=4, state_stages=2, pass_block=1024, scan_bm=64, scan_bk=64, scan_warps=4,
+              scan_stages=2, bwd_blk=64, bwd_warps=8, bwd_stages=2, head_split=4)
+
 
 def _triton_call(*args, **kwargs):
     import jax_triton
@@ -248,8 +262,12 @@ def _dims(x, Bm):
     return dict(L=nc * Q, H=h, G=g, P=P, N=N, Q=Q, NC=nc, BP=_pow2(P), BN=_pow2(N), PREC=prec)
 
 
-def _blk(Q):
-    return 64 if Q % 64 == 0 else (32 if Q % 32 == 0 else 16)
+def _blk(Q, want):
+    """Largest tile <= want (a power of two >= 16) that divides Q."""
+    blk = want
+    while Q % blk:
+        blk //= 2
+    return blk
 
 
 def _sds(shape, dtype):
@@ -261,46 +279,62 @@ def chunk_state(x, Bm, w):
     b = x.shape[0]
     out = _sds((b, d["NC"], d["H"], d["P"], d["N"]), F32)
     return _triton_call(x, Bm.astype(x.dtype), w.astype(F32), kernel=_chunk_state_kernel, out_shape=out,
-                        grid=(b * d["NC"] * d["H"],), num_warps=4, num_stages=2, BK=_blk(d["Q"]), **d)
+                        grid=(b * d["NC"] * d["H"],), num_warps=CONFIG["state_warps"],
+                        num_stages=CONFIG["state_stages"], BK=_blk(d["Q"], 64), **d)
 
 
-def state_passing(chunk_states, chunk_decay, init, reverse=False):
+def state_passing(chunk_states, chunk_decay, init, reverse=False, fwd_states=None):
+    """reference.state_passing; with reverse=True and fwd_states also returns <out[c+1], fwd_states[c+1]>
+    [b, h, c] (fused here so the backward reads the two state arrays once)."""
     b, nc, h, P, N = chunk_states.shape
     PN = P * N
-    block = min(1024, int(triton.next_power_of_2(PN)))
-    out = _sds((b, nc + 1, h, P, N), F32)
-    return _triton_call(chunk_states, chunk_decay.astype(F32), init.astype(F32), kernel=_state_passing_kernel,
-                        out_shape=out, grid=(b * h * triton.cdiv(PN, block),), num_warps=4, num_stages=1,
-                        H=h, PN=PN, NC=nc, BLOCK=block, REVERSE=bool(reverse))
+    block = min(CONFIG["pass_block"], int(triton.next_power_of_2(PN)))
+    nblk = triton.cdiv(PN, block)
+    want_dot = reverse and fwd_states is not None
+    outs = [_sds((b, nc + 1, h, P, N), F32), _sds((b, h, nblk, nc), F32)]
+    fwd = fwd_states if want_dot else init.astype(F32)  # unused pointer when not reversing
+    out, dot = _triton_call(chunk_states, chunk_decay.astype(F32), init.astype(F32), fwd,
+                            kernel=_state_passing_kernel, out_shape=outs, grid=(b * h * nblk,), num_warps=4,
+                            num_stages=1, H=h, PN=PN, NC=nc, BLOCK=block, REVERSE=bool(reverse))
+    return (out, dot.sum(2)) if want_dot else out
 
 
 def chunk_scan(x, dt, cs, Bm, Cm, states, D):
     d = _dims(x, Bm)
-    blk = _blk(d["Q"])
-    grid = (x.shape[0] * d["NC"] * d["H"] * (d["Q"] // blk),)
+    bm, bk = _blk(d["Q"], CONFIG["scan_bm"]), _blk(d["Q"], CONFIG["scan_bk"])
+    bk = min(bk, bm)  # the causal loop steps whole BK tiles up to the end of the BM rows
+    grid = (x.shape[0] * d["NC"] * d["H"] * (d["Q"] // bm),)
     return _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), states, D.astype(F32),
-                        kernel=_chunk_scan_kernel, out_shape=_sds(x.shape, x.dtype), grid=grid, num_warps=4,
-                        num_stages=2, BM=blk, BK=blk, **d)
+                        kernel=_chunk_scan_kernel, out_shape=_sds(x.shape, x.dtype), grid=grid,
+                        num_warps=CONFIG["scan_warps"], num_stages=CONFIG["scan_stages"], BM=bm, BK=bk, **d)
+
+
+def _bwd_launch(x, Bm):
+    d = _dims(x, Bm)
+    blk = _blk(d["Q"], CONFIG["bwd_blk"])
+    R = d["H"] // d["G"]
+    hs = max(k for k in (1, 2, 4, 8, 16, 32) if R % k == 0 and k <= CONFIG["head_split"])
+    grid = (x.shape[0] * d["NC"] * d["G"] * hs * (d["Q"] // blk),)
+    meta = dict(num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"], BS=blk, BT=blk, HS=hs,
+                B_=x.shape[0], **d)
+    return grid, hs, meta
 
 
 def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D):
-    d = _dims(x, Bm)
-    blk = _blk(d["Q"])
-    grid = (x.shape[0] * d["NC"] * d["G"] * (d["Q"] // blk),)
-    outs = [_sds(x.shape, x.dtype), _sds(Bm.shape, F32), _sds(cs.shape, F32), _sds(cs.shape, F32)]
-    return tuple(_triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype), dstates,
-                              D.astype(F32), kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid, num_warps=8,
-                              num_stages=2, BS=blk, BT=blk, **d))
+    grid, hs, meta = _bwd_launch(x, Bm)
+    outs = [_sds(x.shape, x.dtype), _sds((hs,) + Bm.shape, F32), _sds(cs.shape, F32), _sds(cs.shape, F32)]
+    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype),
+                                   dstates, D.astype(F32), kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid,
+                                   **meta)
+    return dx, dB.sum(0), ddt, dD
 
 
 def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states):
-    d = _dims(x, Bm)
-    blk = _blk(d["Q"])
-    grid = (x.shape[0] * d["NC"] * d["G"] * (d["Q"] // blk),)
-    outs = [_sds(Cm.shape, F32), _sds(cs.shape, F32)]
-    return tuple(_triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype), states,
-                              kernel=_bwd_dC_kernel, out_shape=outs, grid=grid, num_warps=8, num_stages=2,
-                              BS=blk, BT=blk, **d))
+    grid, hs, meta = _bwd_launch(x, Bm)
+    outs = [_sds((hs,) + Cm.shape, F32), _sds(cs.shape, F32)]
+    dC, CdC = _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype), states,
+                           kernel=_bwd_dC_kernel, out_shape=outs, grid=grid, **meta)
+    return dC.sum(0), CdC
 
 
 class _Stages:

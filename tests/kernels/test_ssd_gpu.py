@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kernels.common import backend
-from tests.kernels.test_ssd import make_inputs, np_ssd, np_ssd_grads, run_ssd
+from tests.kernels.test_ssd import make_inputs, np_ssd, np_ssd_grads, run_ssd, ssd_and_grads
 from tests.oracle import assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(backend() != "gpu", reason="needs a CUDA GPU")]
@@ -24,22 +24,19 @@ def test_triton_forward_backward_vs_float64(dtype, shape):
     b, L, h, P, g, N, chunk = shape
     rng = np.random.default_rng()
     inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
-    y, final = jax.jit(run_ssd, static_argnums=(0, 1))("triton", chunk, *inputs)
     y_ref, final_ref = np_ssd(*inputs)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
+    y, final, grads = ssd_and_grads("triton", chunk, dy, dfinal, *inputs)
     dt = np.dtype(dtype)
     assert_close(y, y_ref, dt, "y")
     assert_close(final, final_ref, dt, "final_state")
-    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
-    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
-
-    def loss(*args):
-        yy, ff = run_ssd("triton", chunk, *args)
-        return jnp.sum(yy.astype(jnp.float32) * dy) + jnp.sum(ff * dfinal)
-
-    grads = jax.jit(jax.grad(loss, argnums=tuple(range(7))))(*inputs)
     refs = np_ssd_grads(*inputs, dy, dfinal)
+    # dA sums dt * (reverse cumsum of the cumsum cotangent) over every token: large terms that cancel, so the
+    # bf16 rounding of matmul operands (1/256 each) shows up amplified; measured ~0.03-0.12 (docs/notes/ssd.md).
+    loose = {"A": 10.0, "dt": 3.0} if dt != np.float32 else {}
     for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs):
-        assert_close(got, want, dt, f"d{name}", factor=2.0)
+        assert_close(got, want, dt, f"d{name}", factor=loose.get(name, 2.0))
 
 
 def test_default_implementation_on_gpu_is_triton_and_matches_xla():
