@@ -238,9 +238,10 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
 # jax wrappers (one per stage; signatures match reference.py)
 # ----------------------------------------------------------------------------------------------------------
 
-# Launch parameters; tools/bench_ssd.py sweeps them on the GPU (docs/notes/ssd.md has the measurements).
-CONFIG = dict(state_warps=4, state_stages=2, pass_block=1024, scan_bm=64, scan_bk=64, scan_warps=4,
-              scan_stages=2, bwd_blk=64, bwd_warps=8, bwd_stages=2, head_split=4)
+# Launch parameters: the best of `python -m tools.bench_ssd --sweep` on one H200, 2026-11-29 (b8 L8192 h32 P64
+# N128 Q256 bf16; docs/notes/ssd.md has every variant's time).
+CONFIG = dict(state_warps=4, state_stages=2, pass_block=256, scan_bm=128, scan_bk=64, scan_warps=4,
+              scan_stages=2, bwd_blk=64, bwd_warps=4, bwd_stages=2, head_split=4)
 
 
 def _triton_call(*args, **kwargs):
