@@ -36,17 +36,17 @@ class AttentionConfig:
     qk_norm: bool = False
 
     def validate(self) -> None:
-        require(self.num_heads >= 1 and self.num_kv_heads >= 1, "attention.num_heads", "head counts must be >= 1")
+        require(self.num_heads >= 1 and self.num_kv_heads >= 1, "num_heads", "head counts must be >= 1")
         require(
             self.num_heads % self.num_kv_heads == 0,
-            "attention.num_kv_heads",
+            "num_kv_heads",
             f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
         )
-        require(self.head_dim >= 2 and self.head_dim % 2 == 0, "attention.head_dim", f"must be even for RoPE, got {self.head_dim}")
-        require(self.rope_theta > 0, "attention.rope_theta", f"must be > 0, got {self.rope_theta}")
+        require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+        require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         require(
             self.implementation in (None, *IMPLEMENTATIONS),
-            "attention.implementation",
+            "implementation",
             f"{self.implementation!r} is not one of None, {', '.join(map(repr, IMPLEMENTATIONS))}",
         )
 

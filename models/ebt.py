@@ -1,0 +1,495 @@
+"""Energy-Based Transformers (Gladstone et al. 2025, arXiv 2507.02092): autoregressive text EBT.
+
+The model is an energy E_theta(x_{0..i}, p_i) -> R per position: observed tokens x [B,S] and a candidate
+next-token distribution p [B,S,V] give one scalar energy per position [B,S]. The candidate is embedded by
+a bias-free Linear(V, D) of p ("candidate_proj"); the foundation's DecoderStack (its Blocks: RMSNorm,
+mixer, SwiGLU MLP; scan/remat as configured) reads the stream [observed ; predicted] of length 2S with
+the "ebt_attention" mixer registered here, and a Linear(D, 1) ("energy_head") on the predicted half gives
+the energies.
+
+System-2 attention (paper Sec. 3 / App.): observed token i attends causally to observed 0..i; prediction i
+(the candidate for token i+1) attends to observed 0..i and to itself, with the SAME Q/K/V/O weights. The
+default "efficient" form computes the observed stream with ordinary causal attention and the predicted
+stream as one softmax over S+1 logits per query (S causal observed keys + its own key): S x (S+1) scores,
+about half the FLOPs of the equivalent dense 2S x 2S masked form (`attention_form="dense"`, kept as the
+test reference). RoPE positions: observed token i at i, prediction i at i+1 (the position it predicts).
+Changing any token after i never changes the energy (or the thinking result) at i.
+
+Thinking (System-2 inference, the inner loop). From y_0 ~ N(0, init_logit_std^2) logits, for k < K:
+    p_k     = softmax(y_k + eps_k),   eps_k ~ N(0, langevin_std^2) (training only)
+    y_{k+1} = p_k - alpha_k * dE(x, p_k)/dp_k                                     (1)
+with the gradient taken w.r.t. the PROBABILITIES p_k, as in the reference code (the paper's pseudocode
+writes it on the logits); note y_{k+1} starts from p_k, not y_k, so the new logits live on the
+probability scale plus the gradient step and alpha learns the scale. alpha_k = max(alpha, 1e-4) times a
+per-(batch, position) factor drawn from U[1/s, s] when step_size_spread s > 1 (i.e. U[alpha/s, s*alpha]).
+Because E_i depends on p_i only, d(sum E)/dp gives every position its own gradient in one backward.
+Training loss: CE(softmax(y_K), next token) ("last", the paper's S2 setting) or the mean over k=1..K of
+CE(softmax(y_k)) ("all", S1); earlier steps stay attached (detach_earlier=False), so the gradient flows
+through every inner gradient, i.e. second-order backprop (jax.grad inside the loss). K is drawn per step
+from U{think_steps, ..., think_steps + think_steps_random} when training.
+
+Replay buffer: the final logits of earlier training batches (a ring of replay_size rows in the `stats`
+collection, checkpointed with the train state) restart round(replay_fraction * B) rows of each batch.
+
+Inference: `EBT.think(...)` runs any number of steps and self-verification (G candidates from different
+random starts; per position keep the candidate of lowest final energy); `EBT.generate` samples with it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from axlearn_like.config import config_class, require
+from axlearn_like.params import param_init, unbox_values
+from models.attention import AttentionConfig, dot_product_attention, segment_mask
+from models.decoder import MIXER_FLOPS, MIXERS, DecoderConfig, DecoderStack, default_positions
+from models.layers import Dense, DenseGeneral, Embed, RMSNorm, apply_rope
+from models.lm import cross_entropy
+
+ALPHA_MIN = 1e-4
+ATTENTION_FORMS = ("efficient", "dense")
+Batch = dict[str, jax.Array]
+
+
+# --- attention -----------------------------------------------------------------------------------------
+class ProjectedAttention(nn.Module):
+    """Q/K/V/O projections + RoPE exactly as models.attention.Attention (same parameter names and axes), with
+    the attention core left to subclasses: `core(q, k, v, positions, segment_ids) -> ctx [B,L,H,D]`.
+
+    (models.attention.Attention fixes its core to causal attention; a core hook there would remove this
+    small duplication of its projection code.)
+    """
+
+    cfg: AttentionConfig
+    dtype: Any = jnp.bfloat16
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    norm_eps: float = 1e-6
+
+    def core(self, q, k, v, segment_ids):
+        raise NotImplementedError
+
+    def rope_positions(self, positions: jax.Array) -> jax.Array:
+        return positions
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None, train: bool = False) -> jax.Array:
+        del train
+        c = self.cfg
+        init = nn.initializers.normal(self.init_std)
+        dense = lambda n, heads, axis: DenseGeneral(
+            (n, c.head_dim), ("embed", axis, "head_dim"), dtype=self.dtype, kernel_init=init, name=heads
+        )
+        q = dense(c.num_heads, "query", "heads")(x)
+        k = dense(c.num_kv_heads, "key", "kv_heads")(x)
+        v = dense(c.num_kv_heads, "value", "kv_heads")(x)
+        if c.qk_norm:
+            q = RMSNorm(self.norm_eps, self.dtype, name="query_norm")(q)
+            k = RMSNorm(self.norm_eps, self.dtype, name="key_norm")(k)
+        pos = self.rope_positions(positions)
+        q = apply_rope(q, pos, c.rope_theta)
+        k = apply_rope(k, pos, c.rope_theta)
+        q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
+        ctx = checkpoint_name(self.core(q, k, v, segment_ids), "attn_context")
+        out = DenseGeneral(
+            x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
+            kernel_init=nn.initializers.normal(self.out_init_std), name="out",
+        )(ctx)
+        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return checkpoint_name(out, "attn_out")
+
+
+def system2_attention(q, k, v, segment_ids=None):
+    """Efficient System-2 attention over the stream [observed ; predicted].
+
+    q: [B, 2S, H, D]; k, v: [B, 2S, K, D] (GQA, H % K == 0); segment_ids: int [B, S] or None -> [B, 2S, H, D].
+    Observed half: causal attention among observed tokens. Predicted row i: one softmax over the S+1 logits
+    {q_i . k_obs_j, j <= i (same segment)} U {q_i . k_pred_i}, i.e. an S x (S+1) score matrix.
+    """
+    b, s2, h, d = q.shape
+    s = s2 // 2
+    kv = k.shape[2]
+    g = h // kv
+    q_o, q_p = q[:, :s], q[:, s:]
+    k_o, k_p = k[:, :s], k[:, s:]
+    v_o, v_p = v[:, :s], v[:, s:]
+    ctx_o = dot_product_attention(q_o, k_o, v_o, segment_ids)
+    qg = q_p.reshape(b, s, kv, g, d).astype(jnp.float32)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    logits_obs = jnp.einsum("bskgd,btkd->bkgst", qg, k_o.astype(jnp.float32)) * scale  # [B,K,G,S,S]
+    logits_self = jnp.einsum("bskgd,bskd->bkgs", qg, k_p.astype(jnp.float32)) * scale  # [B,K,G,S]
+    allowed = jnp.tril(jnp.ones((s, s), bool))[None, None, None]
+    if segment_ids is not None:
+        allowed = allowed & segment_mask(segment_ids)[:, :, None]
+    logits_obs = jnp.where(allowed, logits_obs, -jnp.inf)
+    m = jnp.maximum(jnp.max(logits_obs, axis=-1), logits_self)  # finite: the self term is always present
+    w_obs = jnp.exp(logits_obs - m[..., None])
+    w_self = jnp.exp(logits_self - m)
+    denom = jnp.sum(w_obs, axis=-1) + w_self
+    out = jnp.einsum("bkgst,btkd->bskgd", w_obs, v_o.astype(jnp.float32))
+    out = out + jnp.einsum("bkgs,bskd->bskgd", w_self, v_p.astype(jnp.float32))
+    out = out / jnp.einsum("bkgs->bskg", denom)[..., None]
+    ctx_p = out.reshape(b, s, h, d).astype(q.dtype)
+    return jnp.concatenate([ctx_o, ctx_p], axis=1)
+
+
+def system2_mask(s: int) -> jax.Array:
+    """bool [2S, 2S]: True where query (row) may attend key (column) in the stream [observed ; predicted]."""
+    i = jnp.arange(2 * s)[:, None]
+    j = jnp.arange(2 * s)[None, :]
+    obs_q, obs_k = i < s, j < s
+    qi = jnp.where(obs_q, i, i - s)
+    return (obs_k & (j <= qi)) | (~obs_q & (j == i))
+
+
+def system2_attention_dense(q, k, v, segment_ids=None):
+    """The test reference: full 2S x 2S attention with the generalized causal mask `system2_mask`."""
+    s = q.shape[1] // 2
+    mask = system2_mask(s)[None, None]
+    if segment_ids is not None:
+        seg2 = jnp.concatenate([segment_ids, segment_ids], axis=1)
+        mask = mask & segment_mask(seg2)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+class System2Attention(ProjectedAttention):
+    """The "ebt_attention" mixer: [B, 2S, D] (observed ; predicted) -> [B, 2S, D]. Positions [B, 2S] come
+    from the model (observed i -> i, prediction i -> i + 1); segment_ids [B, 2S] repeat the observed ids."""
+
+    form: str = "efficient"
+
+    def core(self, q, k, v, segment_ids):
+        seg = None if segment_ids is None else segment_ids[:, : q.shape[1] // 2]
+        fn = system2_attention if self.form == "efficient" else system2_attention_dense
+        return fn(q, k, v, seg)
+
+
+def _ebt_attention_factory(cfg, layer_index: int, name: str) -> nn.Module:
+    del layer_index
+    return System2Attention(cfg.attention, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, cfg.norm_eps,
+                            form=getattr(cfg, "attention_form", "efficient"), name=name)
+
+
+def _ebt_attention_flops(cfg, seq_len: int) -> float:
+    # per stream token: observed causal S^2/2 + predicted S^2/2 + S self terms, over 2S stream tokens.
+    return 12.0 * seq_len * cfg.attention.num_heads * cfg.attention.head_dim / 2
+
+
+MIXERS["ebt_attention"] = _ebt_attention_factory
+MIXER_FLOPS["ebt_attention"] = _ebt_attention_flops
+
+
+# --- config ----------------------------------------------------------------------------------------------
+@config_class
+class EBTConfig(DecoderConfig):
+    """Autoregressive EBT: the DecoderConfig transformer fields plus the thinking settings (module doc).
+
+    alpha_init / alpha_lr_scale: the learnable step size (clamped >= 1e-4) and its learning-rate multiplier.
+    think_steps (+ U{0..think_steps_random} extra when training), step_size_spread s (U[alpha/s, s*alpha]
+    per batch row and position; 1 = off), langevin_std (noise on the logits before each softmax, training
+    only), loss_steps "last" (S2) | "all" (S1), detach_earlier (stop gradients between steps: only the last
+    step is differentiated), replay_size rows / replay_fraction of each batch, init_logit_std of y_0.
+    eval_think_steps: steps used by the eval loss (None = think_steps).
+    """
+
+    layer_pattern: tuple[str, ...] = ("ebt_attention",)
+    attention_form: str = "efficient"
+    alpha_init: float = 10.0
+    alpha_lr_scale: float = 30.0
+    think_steps: int = 2
+    think_steps_random: int = 0
+    step_size_spread: float = 1.0
+    langevin_std: float = 0.0
+    loss_steps: str = "last"
+    detach_earlier: bool = False
+    replay_size: int = 0
+    replay_fraction: float = 0.0
+    init_logit_std: float = 1.0
+    eval_think_steps: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        require(all(k == "ebt_attention" for k in self.layer_pattern), "layer_pattern",
+                f"an EBT needs System-2 attention in every layer (ebt_attention), got {self.layer_pattern}")
+        require(self.attention_form in ATTENTION_FORMS, "attention_form", f"{self.attention_form!r} is not one of {ATTENTION_FORMS}")
+        require(self.alpha_init >= ALPHA_MIN, "alpha_init", f"must be >= {ALPHA_MIN}, got {self.alpha_init}")
+        require(self.alpha_lr_scale > 0, "alpha_lr_scale", "must be > 0")
+        require(self.think_steps >= 1, "think_steps", f"must be >= 1, got {self.think_steps}")
+        require(self.think_steps_random >= 0, "think_steps_random", "must be >= 0")
+        require(self.step_size_spread >= 1.0, "step_size_spread", f"must be >= 1 (1 = fixed step), got {self.step_size_spread}")
+        require(self.langevin_std >= 0, "langevin_std", "must be >= 0")
+        require(self.loss_steps in ("last", "all"), "loss_steps", f"{self.loss_steps!r} is not 'last' (S2) or 'all' (S1)")
+        require(self.replay_size >= 0, "replay_size", "must be >= 0")
+        require(0.0 <= self.replay_fraction <= 1.0, "replay_fraction", "must be in [0, 1]")
+        require(self.replay_fraction == 0 or self.replay_size > 0, "replay_size",
+                "replay_fraction > 0 needs replay_size > 0 (rows kept in the buffer)")
+        require(self.init_logit_std > 0, "init_logit_std", "must be > 0")
+        require(self.eval_think_steps is None or self.eval_think_steps >= 1, "eval_think_steps", "must be >= 1 or None")
+
+    def build(self) -> "EBT":
+        return EBT(self)
+
+
+# --- the energy model ----------------------------------------------------------------------------------
+class EnergyTransformer(nn.Module):
+    """(tokens int [B,S], probs float [B,S,V]) -> energy float32 [B,S]. Owns the learnable `alpha` param."""
+
+    cfg: EBTConfig
+
+    @nn.compact
+    def __call__(self, tokens, probs, *, positions=None, segment_ids=None, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        if probs.shape != tokens.shape + (cfg.vocab_size,):
+            raise ValueError(f"EBT: probs must be [B, S, vocab_size={cfg.vocab_size}] matching tokens {tokens.shape}, "
+                             f"got {probs.shape}")
+        self.param("alpha", param_init(nn.initializers.constant(cfg.alpha_init), (), weight_decay=False,
+                                       lr_scale=cfg.alpha_lr_scale), (), jnp.float32)
+        if positions is None:
+            positions = default_positions(tokens)
+        s = tokens.shape[1]
+        obs = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.init_std, name="embed")(tokens)
+        pred = Dense(cfg.d_model, ("vocab", "embed"), dtype=cfg.compute_dtype,
+                     kernel_init=nn.initializers.normal(cfg.init_std), name="candidate_proj")(probs)
+        x = jnp.concatenate([obs, pred.astype(obs.dtype)], axis=1)
+        pos2 = jnp.concatenate([positions, positions + 1], axis=1)
+        seg2 = None if segment_ids is None else jnp.concatenate([segment_ids, segment_ids], axis=1)
+        h = DecoderStack(cfg, name="stack")(x, positions=pos2, segment_ids=seg2, train=train)
+        e = Dense(1, ("embed", None), dtype=cfg.compute_dtype, out_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(cfg.init_std), name="energy_head")(h[:, s:])
+        return e[..., 0]
+
+
+def alpha_value(params) -> jax.Array:
+    """The clamped step size max(alpha, 1e-4) (float32 scalar)."""
+    return jnp.maximum(params["alpha"], ALPHA_MIN)
+
+
+@dataclasses.dataclass
+class ThinkResult:
+    logits: jax.Array  # [K, B, S, V]: y_1 .. y_K (after each step; inactive steps repeat the last active one)
+    energies: jax.Array  # [K(+1), B, S]: E(p_0) .. E(p_{K-1}) (+ E(softmax(y_K)) when final_energy)
+
+
+def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax.Array, num_steps: int, *,
+          active_steps: jax.Array | None = None, step_scale: jax.Array | None = None, langevin_std: float = 0.0,
+          rng: jax.Array | None = None, detach_earlier: bool = False, final_energy: bool = False) -> ThinkResult:
+    """Runs eq. (1) num_steps times from logits y0 [B,S,V]. energy_fn(p [B,S,V]) -> [B,S].
+
+    active_steps (traced int <= num_steps): later steps leave y unchanged (random step counts under jit).
+    step_scale [B,S]: multiplies alpha per position. Differentiable (to second order) in everything.
+    """
+    y = y0.astype(jnp.float32)
+    a = alpha if step_scale is None else alpha * step_scale[..., None]
+    ys, es = [], []
+    for k in range(num_steps):
+        if detach_earlier and k < num_steps - 1:
+            y = jax.lax.stop_gradient(y)
+        z = y
+        if langevin_std > 0:
+            z = z + langevin_std * jax.random.normal(jax.random.fold_in(rng, k), y.shape, jnp.float32)
+        p = jax.nn.softmax(z, axis=-1)
+        e_pos, vjp = jax.vjp(energy_fn, p)
+        (g,) = vjp(jnp.ones_like(e_pos))
+        y_new = p - a * g
+        y = y_new if active_steps is None else jnp.where(k < active_steps, y_new, y)
+        ys.append(y)
+        es.append(e_pos)
+    if final_energy:
+        es.append(energy_fn(jax.nn.softmax(y, axis=-1)))
+    return ThinkResult(jnp.stack(ys), jnp.stack(es))
+
+
+# --- the Task ------------------------------------------------------------------------------------------
+def _inputs(batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
+    return batch["inputs"], {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
+
+
+class EBT:
+    """axlearn_like Task for the autoregressive EBT (batch keys as models.lm.LanguageModel).
+
+    Variables: 'params' (transformer, candidate_proj, energy_head, alpha) and 'stats' {"replay": {"logits"
+    float32 [replay_size, S, V], "count" int32}} when replay_size > 0 (checkpointed with the train state).
+    """
+
+    def __init__(self, cfg: EBTConfig):
+        self.cfg = cfg
+        self.module = EnergyTransformer(cfg)
+
+    # -- setup --
+    def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]:
+        tokens, kw = _inputs(batch)
+        probs = jnp.zeros(tokens.shape + (self.cfg.vocab_size,), jnp.float32)
+        variables = self.module.init({"params": rng}, tokens, probs, **kw)
+        stats = {}
+        if self.cfg.replay_size:
+            stats["replay"] = {
+                "logits": jnp.zeros((self.cfg.replay_size, tokens.shape[1], self.cfg.vocab_size), jnp.float32),
+                "count": jnp.zeros((), jnp.int32),
+            }
+        return {"params": variables["params"], "stats": stats, "carry": {}}
+
+    def energy(self, params, tokens, probs, *, positions=None, segment_ids=None) -> jax.Array:
+        """E(x, p): tokens [B,S], probs [B,S,V] -> float32 [B,S]."""
+        return self.module.apply({"params": params}, tokens, probs, positions=positions, segment_ids=segment_ids)
+
+    def _energy_fn(self, params, tokens, kw):
+        return lambda p: self.energy(params, tokens, p, **kw)
+
+    def initial_logits(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return self.cfg.init_logit_std * jax.random.normal(rng, shape + (self.cfg.vocab_size,), jnp.float32)
+
+    # -- training --
+    def loss(self, variables: dict[str, Any], batch: Batch, rng: jax.Array, *, train: bool):
+        cfg = self.cfg
+        params = variables["params"]
+        stats = variables.get("stats", {}) or {}
+        tokens, kw = _inputs(batch)
+        b, s = tokens.shape
+        r_init, r_noise, r_scale, r_steps, r_replay = jax.random.split(rng, 5)
+        y0 = self.initial_logits(r_init, (b, s))
+        alpha = alpha_value(params)
+        metrics: dict[str, jax.Array] = {}
+        if train:
+            max_steps = cfg.think_steps + cfg.think_steps_random
+            active = None
+            if cfg.think_steps_random:
+                active = jax.random.randint(r_steps, (), cfg.think_steps, max_steps + 1)
+            spread = cfg.step_size_spread
+            scale = None
+            if spread > 1.0:
+                scale = jax.random.uniform(r_scale, (b, s), jnp.float32, 1.0 / spread, spread)
+            noise = cfg.langevin_std
+            n_re = int(round(cfg.replay_fraction * b)) if "replay" in stats else 0
+            if n_re:
+                buf = stats["replay"]
+                filled = jnp.minimum(buf["count"], cfg.replay_size)
+                idx = jax.random.randint(r_replay, (n_re,), 0, jnp.maximum(filled, 1))
+                rows = jnp.where(filled > 0, buf["logits"][idx], y0[:n_re])
+                y0 = y0.at[:n_re].set(rows)
+                metrics["replay_rows"] = jnp.where(filled > 0, n_re, 0).astype(jnp.float32)
+        else:
+            max_steps, active, scale, noise = cfg.eval_think_steps or cfg.think_steps, None, None, 0.0
+        res = think(self._energy_fn(params, tokens, kw), y0, alpha, max_steps, active_steps=active, step_scale=scale,
+                    langevin_std=noise, rng=r_noise, detach_earlier=cfg.detach_earlier)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        tokens_n = jnp.sum(mask)
+        denom = jnp.maximum(tokens_n, 1.0)
+        ce_steps = jnp.stack([jnp.sum(cross_entropy(y, batch["targets"])[0] * mask) / denom for y in res.logits])
+        if cfg.loss_steps == "last" or not train:
+            total = ce_steps[-1]
+        else:
+            k = jnp.arange(max_steps)
+            n_active = max_steps if active is None else active
+            total = jnp.sum(jnp.where(k < n_active, ce_steps, 0.0)) / n_active
+        final = res.logits[-1]
+        correct = (jnp.argmax(final, axis=-1) == batch["targets"]).astype(jnp.float32)
+        metrics.update({
+            "loss": ce_steps[-1], "total_loss": total, "tokens": tokens_n, "accuracy": jnp.sum(correct * mask) / denom,
+            "alpha": alpha, "ce_step1": ce_steps[0],
+            "energy_first": jnp.sum(res.energies[0] * mask) / denom,
+            "energy_last_step": jnp.sum(res.energies[-1] * mask) / denom,
+        })
+        new_stats = stats
+        if train and "replay" in stats:
+            buf = stats["replay"]
+            m = min(b, cfg.replay_size)
+            idx = (buf["count"] + jnp.arange(m)) % cfg.replay_size
+            new_stats = {**stats, "replay": {
+                "logits": buf["logits"].at[idx].set(jax.lax.stop_gradient(final[:m])),
+                "count": buf["count"] + m,
+            }}
+        return total, metrics, {"stats": new_stats, "carry": variables.get("carry", {})}
+
+    def param_count(self, seq_len: int = 8) -> int:
+        z = jnp.zeros((1, seq_len), jnp.int32)
+        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), {"inputs": z}))
+        return int(sum(x.size for x in jax.tree.leaves(unbox_values(shapes["params"]))))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Estimate: each inner step is a forward over 2 stream tokens per position (2 x 2N) plus the input
+        gradient (~1 forward); the outer second-order backward costs ~2x that graph: 3 x 2 x 4N = 24N per
+        step, times the mean number of steps, plus the attention score terms the same way."""
+        cfg = self.cfg
+        n = self.param_count(seq_len) - cfg.vocab_size * cfg.d_model  # the embedding lookup is a gather
+        steps = cfg.think_steps + cfg.think_steps_random / 2
+        attn = cfg.num_layers * _ebt_attention_flops(cfg, seq_len) / 3 * 2  # forward, both streams
+        return steps * 3 * 2 * (4.0 * n + attn)
+
+    # -- inference --
+    def think(self, variables, tokens, rng, *, steps: int | None = None, num_candidates: int = 1,
+              positions=None, segment_ids=None, langevin_std: float = 0.0) -> dict[str, jax.Array]:
+        """Thinking with `steps` (default: eval_think_steps or think_steps) and self-verification over
+        `num_candidates` random starts. tokens int [B,S] ->
+          logits [B,S,V] (chosen candidate's final logits), energy [B,S] (its final energy),
+          energies [steps+1, B, S] (its energy before each step and after the last), candidate int [B,S],
+          candidate_energy [G, B, S] (final energy of every candidate).
+        """
+        steps = steps or self.cfg.eval_think_steps or self.cfg.think_steps
+        if steps < 1 or num_candidates < 1:
+            raise ValueError(f"think: steps and num_candidates must be >= 1, got {steps}, {num_candidates}")
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"think: tokens must be int [B, S], got shape {tokens.shape}")
+        params = variables["params"]
+        return _think_jit(self, params, tokens, rng, positions, segment_ids, int(steps), int(num_candidates),
+                          float(langevin_std))
+
+    def generate(self, variables, prompt_tokens, num_new: int, rng, temperature: float = 1.0,
+                 top_k: int | None = None, *, steps: int | None = None, num_candidates: int = 1) -> jax.Array:
+        """Samples num_new tokens after prompt_tokens [B,P] -> [B, P+num_new]: each new token thinks on the
+        whole buffer (full recompute; causality makes the unwritten tail irrelevant) and samples from
+        softmax(final logits / T) at the last written position (greedy for T <= 0)."""
+        if num_new < 0:
+            raise ValueError(f"generate: num_new must be >= 0, got {num_new}")
+        prompt = jnp.asarray(prompt_tokens, jnp.int32)
+        if prompt.ndim != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"generate: prompt_tokens must be int [B, P] with P >= 1, got shape {prompt.shape}")
+        steps = steps or self.cfg.eval_think_steps or self.cfg.think_steps
+        return _generate_jit(self, variables["params"], prompt, rng, num_new, float(temperature), top_k,
+                             int(steps), int(num_candidates))
+
+
+def _think_impl(task: EBT, params, tokens, rng, positions, segment_ids, steps, g, langevin_std):
+    b, s = tokens.shape
+    rep = lambda x: None if x is None else jnp.tile(x, (g, 1))
+    tok_g = rep(tokens)
+    kw = {"positions": rep(positions), "segment_ids": rep(segment_ids)}
+    r_init, r_noise = jax.random.split(rng)
+    y0 = task.initial_logits(r_init, (g * b, s))
+    res = think(task._energy_fn(params, tok_g, kw), y0, alpha_value(params), steps, langevin_std=langevin_std,
+                rng=r_noise, final_energy=True)
+    final = res.logits[-1].reshape(g, b, s, -1)
+    energies = res.energies.reshape(steps + 1, g, b, s)
+    best = jnp.argmin(energies[-1], axis=0)  # [B,S]
+    chosen = jnp.take_along_axis(final, best[None, :, :, None], axis=0)[0]
+    chosen_e = jnp.take_along_axis(energies, best[None, None], axis=1)[:, 0]
+    return {"logits": chosen, "energy": chosen_e[-1], "energies": chosen_e, "candidate": best,
+            "candidate_energy": energies[-1]}
+
+
+_think_jit = jax.jit(_think_impl, static_argnums=(0, 6, 7, 8))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+def _generate_jit(task: EBT, params, prompt, rng, num_new, temperature, top_k, steps, g):
+    from models.lm import sample_logits
+
+    b, p = prompt.shape
+    buf = jnp.zeros((b, p + num_new), jnp.int32).at[:, :p].set(prompt)
+
+    def step(i, state):
+        buf, rng = state
+        rng, r_think, r_sample = jax.random.split(rng, 3)
+        out = _think_impl(task, params, buf, r_think, None, None, steps, g, 0.0)
+        last = jax.lax.dynamic_index_in_dim(out["logits"], p + i - 1, axis=1, keepdims=False)
+        tok = sample_logits(last, r_sample, temperature, top_k)
+        return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, p + i)), rng
+
+    buf, _ = jax.lax.fori_loop(0, num_new, step, (buf, rng))
+    return buf

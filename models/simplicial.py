@@ -1,0 +1,191 @@
+"""2-simplicial attention mixer (Roy et al. 2025, "Fast and Simplex", arXiv 2507.02754), layer kind "simplicial".
+
+Projections Q = x W_Q, K = x W_K, V = x W_V, K' = x W_K', V' = x W_V' (GQA: num_heads query heads share
+num_kv_heads K/V/K'/V' heads), then the op of kernels.simplicial with causal sliding windows (w1 for K/V,
+w2 for K'/V'):
+    A_ijk = scale <q_i, k_j * k'_k>  (Eq. 5; or the determinant form, Eq. 8-9)
+    o_i   = sum_jk softmax_jk(A_ijk) (v_j * v'_k)  (Eq. 6-7)
+and an output projection back to d_model.
+
+RoPE (the paper does not say): `rope="none"` (default) uses no position encoding in this layer; the
+windows are causal and local, and the global-attention layers around it carry RoPE. `rope="q_k1"`
+rotates q and k (the first key, window w1) with RoPE at each token's position, leaving k' unrotated; with
+a pair-isotropic k' this makes the q-k interaction depend on i - j only, as in dot-product attention, but
+in general the trilinear form is not relative-position invariant (a rotation does not commute with the
+Hadamard product by k'), and it breaks the determinant variant's rotation invariance. See
+docs/notes/simplicial_model.md.
+
+Packed documents: the op has no segment argument, so a query whose window reaches back into another
+segment would mix across documents. The layer instead zeroes its output for exactly those queries (the
+first max(w1, w2) - 1 tokens of every document that does not start its row): no information crosses a
+document boundary, queries whose windows lie inside their own document are exact, and the residual
+stream and the other layers carry the gated ones. Recipes train on unpacked rows (data.packing=false),
+where nothing is gated.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from axlearn_like.config import config_class, require
+from kernels.simplicial import two_simplicial_attention
+from models.decoder import MIXER_FLOPS, MIXERS
+from models.layers import DenseGeneral, apply_rope
+
+_VARIANTS = ("trilinear", "determinant")
+_ROPE = ("none", "q_k1")
+_IMPLEMENTATIONS = (None, "xla", "pallas", "triton")
+
+
+@config_class
+class SimplicialConfig:
+    """Config section `model.simplicial` of the "simplicial" mixer.
+
+    num_heads query heads and num_kv_heads shared K/V/K'/V' heads of size head_dim (the paper's kernel
+    uses 64 query heads per K/V head). w1, w2: causal windows of (K, V) and (K', V'); the paper uses
+    (512, 32). variant: "trilinear" or "determinant" (head_dim % 3 == 0). implementation: passed to
+    kernels.simplicial.two_simplicial_attention (None = best for the backend). rope: "none" | "q_k1"
+    (module docstring). scale: logit scale, None = 1/sqrt(head_dim).
+    """
+
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 64
+    w1: int = 512
+    w2: int = 32
+    variant: str = "trilinear"
+    implementation: str | None = None
+    rope: str = "none"
+    rope_theta: float = 10000.0
+    scale: float | None = None
+
+    def validate(self) -> None:
+        require(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
+        require(self.num_kv_heads >= 1, "num_kv_heads", f"must be >= 1, got {self.num_kv_heads}")
+        require(
+            self.num_heads % self.num_kv_heads == 0,
+            "num_kv_heads",
+            f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
+        )
+        require(self.head_dim >= 1, "head_dim", f"must be >= 1, got {self.head_dim}")
+        require(self.w1 >= 1, "w1", f"window must be >= 1, got {self.w1}")
+        require(self.w2 >= 1, "w2", f"window must be >= 1, got {self.w2}")
+        require(self.variant in _VARIANTS, "variant", f"unknown variant {self.variant!r}; choose one of {list(_VARIANTS)}")
+        require(
+            self.variant != "determinant" or self.head_dim % 3 == 0,
+            "head_dim",
+            f"variant='determinant' splits head_dim into 3-dim chunks; head_dim={self.head_dim} is not a multiple of 3",
+        )
+        require(self.rope in _ROPE, "rope", f"unknown rope {self.rope!r}; choose one of {list(_ROPE)}")
+        require(
+            self.rope == "none" or self.head_dim % 2 == 0,
+            "head_dim",
+            f"rope={self.rope!r} needs an even head_dim, got {self.head_dim}",
+        )
+        require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        require(
+            self.implementation in _IMPLEMENTATIONS,
+            "implementation",
+            f"{self.implementation!r} is not one of {list(_IMPLEMENTATIONS)}",
+        )
+        require(self.scale is None or self.scale > 0, "scale", f"must be None or > 0, got {self.scale}")
+
+
+def crossing_queries(segment_ids: jax.Array, window: int) -> jax.Array:
+    """int [B, S] -> bool [B, S]: True where positions max(0, i-window+1)..i hold more than one segment run.
+
+    A run is a maximal stretch of equal ids; t_i (the start of i's run) is a running max of run starts,
+    and query i's window crosses a boundary iff t_i > max(0, i - window + 1).
+    """
+    s = segment_ids.shape[1]
+    pos = jnp.arange(s, dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    run_start = jax.lax.cummax(jnp.where(starts, pos[None, :], 0), axis=1)
+    return run_start > jnp.maximum(pos - window + 1, 0)[None, :]
+
+
+class SimplicialAttention(nn.Module):
+    """The "simplicial" mixer: x [B, S, D] -> [B, S, D] in `dtype`.
+
+    Named checkpoints (shared with the "attention" mixer so remat policies apply to both): "qkv_proj"
+    (q, k, v, k', v' after RoPE), "attn_context" (per-head output), "attn_out".
+    """
+
+    cfg: SimplicialConfig
+    dtype: Any = jnp.bfloat16
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None = None, train: bool = False
+    ) -> jax.Array:
+        del train
+        c = self.cfg
+        init = nn.initializers.normal(self.init_std)
+
+        def proj(name: str, heads: int, axis: str) -> jax.Array:
+            y = DenseGeneral((heads, c.head_dim), ("embed", axis, "head_dim"), dtype=self.dtype, kernel_init=init, name=name)(x)
+            return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
+
+        q = proj("query", c.num_heads, "heads")
+        k1, v1 = proj("key", c.num_kv_heads, "kv_heads"), proj("value", c.num_kv_heads, "kv_heads")
+        k2, v2 = proj("key2", c.num_kv_heads, "kv_heads"), proj("value2", c.num_kv_heads, "kv_heads")
+        if c.rope == "q_k1":
+            q = apply_rope(q, positions, c.rope_theta)
+            k1 = apply_rope(k1, positions, c.rope_theta)
+        q, k1, v1, k2, v2 = (checkpoint_name(t, "qkv_proj") for t in (q, k1, v1, k2, v2))
+        ctx = two_simplicial_attention(
+            q, k1, v1, k2, v2, w1=c.w1, w2=c.w2, variant=c.variant, scale=c.scale, implementation=c.implementation
+        )
+        if segment_ids is not None:
+            # Exact isolation without a segment argument in the op: drop queries whose windows cross.
+            cross = crossing_queries(segment_ids, min(max(c.w1, c.w2), x.shape[1]))
+            ctx = jnp.where(cross[:, :, None, None], jnp.zeros((), ctx.dtype), ctx)
+        ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "head_dim"))
+        ctx = checkpoint_name(ctx, "attn_context")
+        out = DenseGeneral(
+            x.shape[-1],
+            ("heads", "head_dim", "embed"),
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(self.out_init_std),
+            name="out",
+        )(ctx)
+        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
+        return checkpoint_name(out, "attn_out")
+
+
+def mean_window_pairs(seq_len: int, w1: int, w2: int) -> float:
+    """Mean over queries i < seq_len of the allowed (j, k) pairs, min(w1, i+1) * min(w2, i+1) (causal ramp)."""
+    i = np.arange(1, seq_len + 1, dtype=np.float64)
+    return float(np.mean(np.minimum(w1, i) * np.minimum(w2, i)))
+
+
+def simplicial_flops(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of one simplicial layer beyond 6 x its parameters.
+
+    Forward per query head: the logits matmul 2 * Dk * pairs (Dk = head_dim, 2 * head_dim for the
+    determinant form) and the value matmul 2 * head_dim * pairs, pairs = mean allowed (j, k) per query
+    (O(w1 * w2)); training = 3 x forward (backward ~ 2 x forward), as for "attention".
+    """
+    s = cfg.simplicial
+    dk = 2 * s.head_dim if s.variant == "determinant" else s.head_dim
+    forward = 2.0 * (dk + s.head_dim) * mean_window_pairs(seq_len, s.w1, s.w2) * s.num_heads
+    return 3.0 * forward
+
+
+def _simplicial_factory(cfg, layer_index: int, name: str) -> nn.Module:
+    del layer_index
+    return SimplicialAttention(cfg.simplicial, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, name=name)
+
+
+MIXERS["simplicial"] = _simplicial_factory
+MIXER_FLOPS["simplicial"] = simplicial_flops

@@ -1,0 +1,390 @@
+"""Mamba-2 mixer (Dao & Gu 2024) with length-generalization initial states (Buitrago & Gu, arXiv 2507.02782).
+
+Block (REFERENCES.md section 4), d_inner = expand * d_model, H = d_inner / head_dim heads, G groups, N = d_state:
+    [z, xBC, dt_raw] = in_proj(u)                         z, x: [B,L,H*P]; B, C: [B,L,G*N]; dt_raw: [B,L,H]
+    xBC = silu(causal_depthwise_conv1d(xBC))              width d_conv, per channel, with bias
+    dt  = softplus(dt_raw + dt_bias);  A = -exp(A_log)
+    y   = SSD(x, dt, A, B, C, D; h_{-1})                  H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T, y_t = H_t C_t + D x_t
+    out = out_proj(RMSNorm_per_group(y * silu(z)))
+
+The initial state h_{-1} of a *training* apply is chosen by `Mamba2Config.initial_state`:
+  zeros          h_{-1} = 0 (the standard recipe).
+  random_noise   h_{-1} ~ N(0, noise_std^2) i.i.d.
+  fitted_noise   h_{-1} ~ N(mean, std^2), elementwise per layer/head/(P, N) entry, from running moments of the
+                 final states recorded during training in the `stats` collection (fs_count, fs_mean, fs_sq).
+  state_passing  h_{-1} = the (gradient-stopped) final state of this batch row in the previous step, kept in
+                 the `carry` collection.
+  tbtt           like state_passing (plus the conv window), for data.mode="tbtt" where row r of step t+1 continues
+                 row r of step t; a row whose first token starts a document (positions[:, 0] == 0) starts from 0.
+Evaluation (train=False) always starts from zeros and never changes `stats` or `carry`.
+
+With `track_states` (default) the moments and the last final states are recorded in every mode, so a
+post-training stage can switch `initial_state` and resume the same run directory (same train-state tree).
+
+Recurrent inference: when the caller makes the `cache` collection mutable, each mixer continues from its
+cached conv window and SSM state and writes them back, so a sequence can be fed in pieces of any length
+(chunked evaluation) or one token at a time (decode); see `decode_step`, `generate`, `chunked_logits`.
+Packed documents within a row share the recurrent state (the SSD op has no document reset), like the conv.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from axlearn_like.config import ConfigError, config_class, require
+from axlearn_like.params import param_init
+from kernels.ssd import ssd, ssd_step
+from models.decoder import MIXER_FLOPS, MIXERS, Decoder, DecoderConfig, unstack_layer_params
+from models.layers import Dense
+from models.lm import sample_logits
+
+F32 = jnp.float32
+INITIAL_STATES = ("zeros", "random_noise", "fitted_noise", "state_passing", "tbtt")
+
+
+@config_class
+class Mamba2Config:
+    """Hyper-parameters of the "mamba2" mixer (DecoderConfig.ssm).
+
+    d_state N, head_dim P, expand (d_inner = expand * d_model), d_conv (conv width), ngroups (B/C groups),
+    chunk_size (SSD chunk), dt init: dt ~ exp(U[log dt_min, log dt_max]) clamped >= dt_init_floor and
+    dt_bias = softplus^-1(dt); A ~ U[A_init_range], A_log = log A. implementation: kernels.ssd implementation
+    (None = per backend). initial_state / noise_std / stats_momentum / track_states: see the module doc
+    (stats_momentum: EMA momentum of the fitted-noise moments; the first 1/(1-momentum) updates are a plain
+    running mean so early statistics are unbiased).
+    """
+
+    d_state: int = 128
+    head_dim: int = 64
+    expand: int = 2
+    d_conv: int = 4
+    ngroups: int = 1
+    chunk_size: int = 256
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    implementation: str | None = None
+    initial_state: str = "zeros"
+    noise_std: float = 1.0
+    stats_momentum: float = 0.99
+    track_states: bool = True
+
+    def validate(self) -> None:
+        for key in ("d_state", "head_dim", "expand", "d_conv", "ngroups", "chunk_size"):
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(0 < self.dt_min <= self.dt_max, "dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        require(self.dt_init_floor > 0, "dt_init_floor", f"must be > 0, got {self.dt_init_floor}")
+        lo, hi = self.A_init_range
+        require(0 < lo <= hi, "A_init_range", f"need 0 < low <= high, got {self.A_init_range}")
+        require(self.initial_state in INITIAL_STATES, "initial_state",
+                f"{self.initial_state!r} is not one of {list(INITIAL_STATES)}")
+        require(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
+        require(0 <= self.stats_momentum < 1, "stats_momentum", f"must be in [0, 1), got {self.stats_momentum}")
+        require(self.implementation in (None, "xla", "pallas", "triton"), "implementation",
+                f"{self.implementation!r} is not one of None, 'xla', 'pallas', 'triton'")
+
+    def dims(self, d_model: int) -> tuple[int, int]:
+        """-> (d_inner, num_heads); ConfigError when d_model does not fit head_dim / ngroups."""
+        d_inner = self.expand * d_model
+        if d_inner % self.head_dim:
+            raise ConfigError(f"ssm.head_dim: expand * d_model = {d_inner} is not a multiple of head_dim={self.head_dim}")
+        heads = d_inner // self.head_dim
+        if heads % self.ngroups:
+            raise ConfigError(f"ssm.ngroups: {heads} heads are not a multiple of ngroups={self.ngroups}")
+        return d_inner, heads
+
+
+# --------------------------------------------------------------------------------------------- init
+def dt_bias_init(cfg: Mamba2Config):
+    """dt = exp(U[log dt_min, log dt_max]) >= floor; returns softplus^-1(dt) = dt + log(-expm1(-dt))."""
+
+    def init(key, shape, dtype=F32):
+        u = jax.random.uniform(key, shape, F32)
+        dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = jnp.maximum(dt, cfg.dt_init_floor)
+        return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+    return init
+
+
+def a_log_init(cfg: Mamba2Config):
+    def init(key, shape, dtype=F32):
+        lo, hi = cfg.A_init_range
+        return jnp.log(jax.random.uniform(key, shape, F32, lo, hi)).astype(dtype)
+
+    return init
+
+
+def _uniform(bound: float):
+    return lambda key, shape, dtype=F32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# ------------------------------------------------------------------------------------ fitted-noise stats
+def update_moments(count, mean, sq, batch_states, momentum: float):
+    """Running first/second moments of final states [b, H, P, N] (stop-gradient), elementwise over [H, P, N].
+
+    w = max(1 / (count + 1), 1 - momentum): a plain running mean until 1/(1-momentum) updates, then an EMA.
+    """
+    s = jax.lax.stop_gradient(batch_states.astype(F32))
+    w = jnp.maximum(1.0 / (count + 1.0), 1.0 - momentum)
+    mean = (1 - w) * mean + w * jnp.mean(s, axis=0)
+    sq = (1 - w) * sq + w * jnp.mean(jnp.square(s), axis=0)
+    return count + 1.0, mean, sq
+
+
+# ------------------------------------------------------------------------------------------- the mixer
+def causal_conv(x, w, bias, state=None):
+    """Depthwise causal conv: x [b, L, c], w [K, c], bias [c], state [b, K-1, c] (the K-1 previous inputs, 0 if
+    None) -> (silu-free output [b, L, c] f32, new state = last K-1 inputs of concat(state, x))."""
+    K = w.shape[0]
+    b, L, c = x.shape
+    if state is None:
+        state = jnp.zeros((b, K - 1, c), x.dtype)
+    xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [b, L+K-1, c]
+    out = bias.astype(F32)[None, None, :]
+    for k in range(K):  # K is 4: K shifted multiply-adds beat a general conv on every backend
+        out = out + xp[:, k:k + L].astype(F32) * w[k].astype(F32)
+    return out, xp[:, L:]
+
+
+class Mamba2(nn.Module):
+    """The "mamba2" mixer: [B, L, D] -> [B, L, D] (see module doc). Variables:
+    params  in_proj, conv_kernel [K, conv_dim], conv_bias, dt_bias [H], A_log [H], D [H], norm [d_inner], out_proj
+    stats   fs_count [], fs_mean / fs_sq [H, P, N]  (fitted_noise or track_states)
+    carry   ssm_state [B, H, P, N] (+ conv_state [B, K-1, conv_dim] for tbtt)  (state modes or track_states)
+    cache   conv_state, ssm_state (only when the caller makes 'cache' mutable: recurrent inference)
+    """
+
+    cfg: Mamba2Config
+    dtype: Any = jnp.bfloat16
+    init_std: float = 0.02
+    out_init_std: float = 0.02
+    norm_eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, u, *, positions=None, segment_ids=None, train: bool = False):
+        del segment_ids
+        c = self.cfg
+        b, L, d_model = u.shape
+        d_inner, H = c.dims(d_model)
+        P, G, N, K = c.head_dim, c.ngroups, c.d_state, c.d_conv
+        conv_dim = d_inner + 2 * G * N
+        mode = c.initial_state
+
+        zxbcdt = Dense(2 * d_inner + 2 * G * N + H, ("embed", "mlp"), dtype=self.dtype,
+                       kernel_init=nn.initializers.normal(self.init_std), name="in_proj")(u)
+        z, xBC, dt_raw = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=-1)
+        bound = 1.0 / math.sqrt(K)  # PyTorch's default for a depthwise conv (fan_in = K)
+        conv_w = self.param("conv_kernel", param_init(_uniform(bound), ("conv", "mlp")), (K, conv_dim), F32)
+        conv_b = self.param("conv_bias", param_init(_uniform(bound), ("mlp",), weight_decay=False), (conv_dim,), F32)
+        dt_bias = self.param("dt_bias", param_init(dt_bias_init(c), ("ssm_heads",), weight_decay=False), (H,), F32)
+        A_log = self.param("A_log", param_init(a_log_init(c), ("ssm_heads",), weight_decay=False), (H,), F32)
+        D = self.param("D", param_init(nn.initializers.ones, ("ssm_heads",), weight_decay=False), (H,), F32)
+
+        decoding = self.is_mutable_collection("cache")
+        if decoding and train:
+            raise ValueError("Mamba2: the 'cache' collection is for inference; call with train=False")
+        init_state = conv_state = None
+        if decoding:
+            cache_conv = self.variable("cache", "conv_state", jnp.zeros, (b, K - 1, conv_dim), self.dtype)
+            cache_ssm = self.variable("cache", "ssm_state", jnp.zeros, (b, H, P, N), F32)
+            conv_state, init_state = cache_conv.value, cache_ssm.value
+
+        # Training-state buffers exist in every mode when track_states, so stage 2 can switch modes on resume.
+        want_stats = mode == "fitted_noise" or c.track_states
+        want_carry = mode in ("state_passing", "tbtt") or c.track_states
+        touch = train or self.is_initializing()
+        stats = carry = carry_conv = None
+        if touch and want_stats:
+            stats = (self.variable("stats", "fs_count", jnp.zeros, (), F32),
+                     self.variable("stats", "fs_mean", jnp.zeros, (H, P, N), F32),
+                     self.variable("stats", "fs_sq", jnp.zeros, (H, P, N), F32))
+        if touch and want_carry:
+            carry = self.variable("carry", "ssm_state", jnp.zeros, (b, H, P, N), F32)
+            if mode == "tbtt":
+                carry_conv = self.variable("carry", "conv_state", jnp.zeros, (b, K - 1, conv_dim), F32)
+
+        if train:
+            init_state, conv_state = self._training_initial_state(mode, (b, H, P, N), stats, carry, carry_conv, positions)
+
+        xBC_conv, new_conv_state = causal_conv(xBC, conv_w, conv_b, conv_state)
+        xBC_act = nn.silu(xBC_conv).astype(self.dtype)
+        x, Bm, Cm = jnp.split(xBC_act, [d_inner, d_inner + G * N], axis=-1)
+        x = nn.with_logical_constraint(x.reshape(b, L, H, P), ("batch", "length", "ssm_heads", "head_dim"))
+        Bm, Cm = Bm.reshape(b, L, G, N), Cm.reshape(b, L, G, N)
+        dt = jax.nn.softplus(dt_raw.astype(F32) + dt_bias)  # [b, L, H]
+        A = -jnp.exp(A_log)
+        if decoding and L == 1:
+            y, final = ssd_step(init_state, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D)
+            y = y[:, None]
+        else:
+            y, final = ssd(x, dt, A, Bm, Cm, chunk_size=min(c.chunk_size, max(L, 1)), D=D,
+                           initial_state=init_state, return_final_state=True, implementation=c.implementation)
+
+        if decoding:
+            cache_conv.value = new_conv_state.astype(self.dtype)
+            cache_ssm.value = final
+        if train and stats is not None:
+            cnt, mean, sq = update_moments(stats[0].value, stats[1].value, stats[2].value, final, c.stats_momentum)
+            stats[0].value, stats[1].value, stats[2].value = cnt, mean, sq
+        if train and carry is not None:
+            carry.value = jax.lax.stop_gradient(final)
+            if carry_conv is not None:
+                carry_conv.value = jax.lax.stop_gradient(new_conv_state.astype(F32))
+
+        y = y.reshape(b, L, d_inner).astype(F32) * nn.silu(z.astype(F32))
+        yg = y.reshape(b, L, G, d_inner // G)  # gated RMSNorm per group (norm_before_gate=False)
+        yg = yg * jax.lax.rsqrt(jnp.mean(jnp.square(yg), axis=-1, keepdims=True) + self.norm_eps)
+        norm_w = self.param("norm", param_init(nn.initializers.ones, ("mlp",), weight_decay=False), (d_inner,), F32)
+        y = (yg.reshape(b, L, d_inner) * norm_w).astype(self.dtype)
+        y = nn.with_logical_constraint(y, ("batch", "length", "mlp"))
+        out = Dense(d_model, ("mlp", "embed"), dtype=self.dtype,
+                    kernel_init=nn.initializers.normal(self.out_init_std), name="out_proj")(y)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _training_initial_state(self, mode, shape, stats, carry, carry_conv, positions):
+        """-> (h_{-1} [b, H, P, N] f32 or None, conv window or None) for a training apply (stop-gradient)."""
+        c = self.cfg
+        if mode == "zeros":
+            return None, None
+        if mode == "random_noise":
+            return c.noise_std * jax.random.normal(self.make_rng("dropout"), shape, F32), None
+        if mode == "fitted_noise":
+            cnt, mean, sq = (v.value for v in stats)
+            std = jnp.sqrt(jnp.maximum(sq - jnp.square(mean), 0.0))
+            noise = mean + std * jax.random.normal(self.make_rng("dropout"), shape, F32)
+            return jax.lax.stop_gradient(jnp.where(cnt > 0, noise, 0.0)), None
+        h0 = jax.lax.stop_gradient(carry.value)
+        if mode == "state_passing":
+            return h0, None
+        # tbtt: a row whose first token opens a document (or a new epoch's stream) starts from zero.
+        keep = jnp.ones((shape[0],), F32) if positions is None else (positions[:, 0] != 0).astype(F32)
+        conv = jax.lax.stop_gradient(carry_conv.value) * keep[:, None, None]
+        return h0 * keep[:, None, None, None], conv.astype(self.dtype)
+
+
+def _mamba2_factory(cfg: DecoderConfig, layer_index: int, name: str) -> nn.Module:
+    del layer_index
+    if cfg.ssm is None:
+        raise ConfigError("ssm: the layer pattern uses 'mamba2' layers but model.ssm is not set (the recipe must set it)")
+    return Mamba2(cfg.ssm, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, cfg.norm_eps, name=name)
+
+
+def _mamba2_flops(cfg: DecoderConfig, seq_len: int) -> float:
+    """Training FLOPs/token of the SSD beyond its parameters' 6N (chunked form, chunk Q = min(chunk, seq)):
+    forward per token 2*G*Q*N/2 (C.B^T, causal) + 2*H*Q*P/2 (scores x X) + 2*H*P*N (chunk state) + 2*H*P*N
+    (state output); x3 with backward."""
+    c = cfg.ssm
+    d_inner, H = c.dims(cfg.d_model)
+    Q = min(c.chunk_size, seq_len)
+    fwd = c.ngroups * Q * c.d_state + H * Q * c.head_dim + 4 * H * c.head_dim * c.d_state
+    return 3.0 * fwd
+
+
+MIXERS["mamba2"] = _mamba2_factory
+MIXER_FLOPS["mamba2"] = _mamba2_flops
+
+
+# ------------------------------------------------------------------------------- recurrent inference API
+def supports_recurrent_decode(cfg: DecoderConfig) -> bool:
+    """True when every mixer carries its context in a fixed-size state (pure Mamba-2 stacks)."""
+    return all(k == "mamba2" for k in cfg.layer_pattern)
+
+
+def _unscanned(lm, variables: dict) -> tuple[nn.Module, dict]:
+    """(Decoder module, {'params', 'stats'}) in the unscanned layout (the cache needs per-layer variables)."""
+    cfg = lm.cfg
+    if not supports_recurrent_decode(cfg):
+        raise ValueError(f"recurrent decode needs a pure 'mamba2' layer_pattern, got {cfg.layer_pattern}; "
+                         f"use LanguageModel.generate (full recompute) for models with attention")
+    keep = {k: variables[k] for k in ("params", "stats") if k in variables}
+    if not cfg.scan_layers:
+        return lm.module, keep
+    flat = dataclasses.replace(cfg, scan_layers=False)
+    return Decoder(flat), {k: unstack_layer_params(v, cfg) for k, v in keep.items()}
+
+
+def decode_step(lm, variables: dict, tokens: jax.Array, cache: dict | None = None):
+    """Feeds tokens int32 [B, S] (S >= 1) continuing from `cache` (None: an empty context) through a pure
+    Mamba-2 LanguageModel (`lm = cfg.build()`). Returns (float32 logits [B, S, V], new cache).
+
+    S == 1 runs the one-token recurrence (kernels.ssd.ssd_step); S > 1 runs the parallel SSD from the cached
+    state, so prefill, chunked evaluation and decode are the same call. Jit it with `lm` static.
+    """
+    module, variables = _unscanned(lm, variables)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if cache is not None:
+        variables = {**variables, "cache": cache}
+    logits, mutated = module.apply(variables, tokens, train=False, mutable=["cache"])
+    return logits, mutated["cache"]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode_jit(lm, variables, tokens, cache):
+    return decode_step(lm, variables, tokens, cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill_jit(lm, variables, tokens):
+    return decode_step(lm, variables, tokens, None)
+
+
+def chunked_logits(lm, variables: dict, tokens, chunk: int, callback=None) -> np.ndarray:
+    """float32 logits [B, T, V] of tokens [B, T] computed `chunk` tokens at a time with the carried recurrent
+    state (memory independent of T); callback(logits_chunk [B, c, V], start) may consume each piece instead
+    (then nothing is kept and None is returned). Models with attention fall back to one full forward."""
+    tokens = np.asarray(tokens, np.int32)
+    T = tokens.shape[1]
+    if not supports_recurrent_decode(lm.cfg):
+        logits = np.asarray(jax.jit(lambda v, t: lm.module.apply(v, t, train=False, mutable=["intermediates"])[0])(
+            {k: variables[k] for k in ("params", "stats") if k in variables}, tokens))
+        if callback is None:
+            return logits
+        callback(logits, 0)
+        return None
+    pieces, cache = [], None
+    for start in range(0, T, chunk):
+        piece = tokens[:, start:start + chunk]
+        logits, cache = (_prefill_jit(lm, variables, piece) if cache is None
+                         else _decode_jit(lm, variables, piece, cache))
+        if callback is None:
+            pieces.append(np.asarray(logits))
+        else:
+            callback(np.asarray(logits), start)
+    return np.concatenate(pieces, axis=1) if callback is None else None
+
+
+def generate(lm, variables: dict, prompt_tokens, num_new: int, rng, temperature: float = 1.0,
+             top_k: int | None = None) -> jax.Array:
+    """Recurrent sampling: prefill the prompt int32 [B, P] once, then one `decode_step` per new token.
+    Returns int32 [B, P + num_new]. Same sampling rule as LanguageModel.generate (temperature <= 0: greedy)."""
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"generate: prompt_tokens must be int [B, P] with P >= 1, got shape {prompt.shape}")
+    if num_new < 0:
+        raise ValueError(f"generate: num_new must be >= 0, got {num_new}")
+    variables = {k: variables[k] for k in ("params", "stats") if k in variables}
+    return _generate(lm, variables, prompt, rng, int(num_new), float(temperature), top_k)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
+def _generate(lm, variables, prompt, rng, num_new, temperature, top_k):
+    logits, cache = decode_step(lm, variables, prompt, None)
+
+    def step(carry, _):
+        last, cache, rng = carry
+        rng, sub = jax.random.split(rng)
+        tok = sample_logits(last, sub, temperature, top_k)
+        logits, cache = decode_step(lm, variables, tok[:, None], cache)
+        return (logits[:, 0], cache, rng), tok
+
+    _, toks = jax.lax.scan(step, (logits[:, -1], cache, rng), None, length=num_new)
+    return jnp.concatenate([prompt, jnp.moveaxis(toks, 0, 1).reshape(prompt.shape[0], num_new)], axis=1)
