@@ -97,6 +97,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
     """
     _check(x, dt, A, B, C, D, initial_state, chunk_size)
     impl = resolve_implementation("ssd", implementation, supported=SUPPORTED, preferred=PREFERRED)
+    if implementation is None and impl == "triton":
+        from kernels.common import has_jax_triton
+
+        impl = impl if has_jax_triton() else "xla"  # auto never fails for a missing optional package
     b, L, h, P = x.shape
     N = B.shape[3]
     if D is None:
