@@ -26,34 +26,40 @@ def _next_pow2(x: int) -> int:
 def _load_rows(Q, K2, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, W2: tl.constexpr,
                DK: tl.constexpr, DKP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, SCALE: tl.constexpr):
     """Rows r = (h, kk), h = tile*GH + r // W2P, k2 position i - W2 + 1 + r % W2P.
-    Returns q rows, k2 rows (float32), b rows = scale*q*k2, valid [M], query-head index [M]."""
+    Loads q [GH, D] and k2 [W2P, D] compactly and broadcasts them in registers (gathered [M, D] loads
+    get multi-buffered in shared memory by the pipeliner). Returns q rows, k2 rows (float32),
+    b rows = scale*q*k2, valid [M], query-head index [M]."""
     r = tl.arange(0, GH * W2P)
-    h = tile * GH + r // W2P
-    kk = r % W2P
-    kpos = i - W2 + 1 + kk
-    valid = (kk < W2) & (kpos >= 0) & (h < G)
+    valid = (r % W2P < W2) & (i - W2 + 1 + r % W2P >= 0) & (tile * GH + r // W2P < G)
+    hq = kvh * G + tile * GH + r // W2P
     dk = tl.arange(0, DKP)
-    hq = kvh * G + h
-    lm = valid[:, None] & (dk[None, :] < DK)
-    q = tl.load(Q + (b * S + i).to(tl.int64) * (HKV * G * DK) + hq[:, None] * DK + dk[None, :],
-                mask=lm, other=0.0).to(tl.float32)
+    h = tile * GH + tl.arange(0, GH)
+    q = tl.load(Q + (b * S + i).to(tl.int64) * (HKV * G * DK) + (kvh * G + h)[:, None] * DK + dk[None, :],
+                mask=(h[:, None] < G) & (dk[None, :] < DK), other=0.0).to(tl.float32)
+    kk = tl.arange(0, W2P)
+    kpos = i - W2 + 1 + kk
     k2 = tl.load(K2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DK) + kvh * DK + dk[None, :],
-                 mask=lm, other=0.0).to(tl.float32)
-    return q, k2, q * SCALE * k2, valid, hq
+                 mask=((kk < W2) & (kpos >= 0))[:, None] & (dk[None, :] < DK), other=0.0).to(tl.float32)
+    q_rows = tl.reshape(tl.broadcast_to(q[:, None, :], (GH, W2P, DKP)), (GH * W2P, DKP))
+    k2_rows = tl.reshape(tl.broadcast_to(k2[None, :, :], (GH, W2P, DKP)), (GH * W2P, DKP))
+    return q_rows, k2_rows, q_rows * SCALE * k2_rows, valid, hq
 
 
 @triton.jit
-def _load_do_rows(DO, V2, b, i, kvh, hq, valid, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+def _load_do_rows(DO, V2, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                   W2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr):
-    """dO rows (dO of the row's head) and v2 rows, float32 [M, DVP]."""
-    kpos = i - W2 + 1 + tl.arange(0, GH * W2P) % W2P
+    """dO rows (dO of the row's head) and v2 rows, float32 [M, DVP], loaded compactly like _load_rows."""
     dv = tl.arange(0, DVP)
-    lm = valid[:, None] & (dv[None, :] < DV)
-    do = tl.load(DO + (b * S + i).to(tl.int64) * (HKV * G * DV) + hq[:, None] * DV + dv[None, :],
-                 mask=lm, other=0.0).to(tl.float32)
+    h = tile * GH + tl.arange(0, GH)
+    do = tl.load(DO + (b * S + i).to(tl.int64) * (HKV * G * DV) + (kvh * G + h)[:, None] * DV + dv[None, :],
+                 mask=(h[:, None] < G) & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    kk = tl.arange(0, W2P)
+    kpos = i - W2 + 1 + kk
     v2 = tl.load(V2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DV) + kvh * DV + dv[None, :],
-                 mask=lm, other=0.0).to(tl.float32)
-    return do, v2
+                 mask=((kk < W2) & (kpos >= 0))[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    do_rows = tl.reshape(tl.broadcast_to(do[:, None, :], (GH, W2P, DVP)), (GH * W2P, DVP))
+    v2_rows = tl.reshape(tl.broadcast_to(v2[None, :, :], (GH, W2P, DVP)), (GH * W2P, DVP))
+    return do_rows, v2_rows
 
 
 @triton.jit
@@ -127,7 +133,7 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr
     n_lo = (-j_first * (j_first < 0)) // BJ
     for tile in range(0, tl.cdiv(G, GH)):
         q, k2, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
-        do, v2 = _load_do_rows(DO, V2, b, i, kvh, hq, valid, S, HKV, G, W2, DV, DVP, W2P, GH)
+        do, v2 = _load_do_rows(DO, V2, b, i, kvh, tile, S, HKV, G, W2, DV, DVP, W2P, GH)
         rows = rows.to(K1.dtype.element_ty)
         e = (do * v2).to(K1.dtype.element_ty)
         hoff = (b * S + i).to(tl.int64) * (HKV * G) + hq
@@ -187,7 +193,7 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
         cvalid = (jpos <= i) & (jpos > i - W1) & in_seq
         for tile in range(t_lo, t_hi):
             q, k2, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
-            do, v2 = _load_do_rows(DO, V2, b, i, kvh, hq, valid, S, HKV, G, W2, DV, DVP, W2P, GH)
+            do, v2 = _load_do_rows(DO, V2, b, i, kvh, tile, S, HKV, G, W2, DV, DVP, W2P, GH)
             rows = rows.to(K1.dtype.element_ty)
             e = (do * v2).to(K1.dtype.element_ty)
             hoff = (b * S + i).to(tl.int64) * (HKV * G) + hq
@@ -218,8 +224,8 @@ def _params(q, k1, v1, cfg):
 
 # Launch settings; tools/bench_simplicial.py sweeps them on the H200 and the best measured are the defaults.
 FWD_LAUNCH = dict(BJ=64, num_warps=8, num_stages=2)
-BWD_Q_LAUNCH = dict(BJ=64, num_warps=8, num_stages=2)
-BWD_K_LAUNCH = dict(BJ=64, num_warps=8, num_stages=2)
+BWD_Q_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
+BWD_K_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
 
 
 def _split(launch):
