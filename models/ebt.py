@@ -284,25 +284,25 @@ def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax
     active_steps (traced int <= num_steps): later steps leave y unchanged (random step counts under jit).
     step_scale [B,S]: multiplies alpha per position. Differentiable (to second order) in everything.
     """
-    y = y0.astype(jnp.float32)
     a = alpha if step_scale is None else alpha * step_scale[..., None]
-    ys, es = [], []
-    for k in range(num_steps):
-        if detach_earlier and k < num_steps - 1:
-            y = jax.lax.stop_gradient(y)
+
+    def step(y, k):  # a lax.scan body: one compiled inner step whatever num_steps is
+        if detach_earlier:
+            y = jnp.where(k < num_steps - 1, jax.lax.stop_gradient(y), y)
         z = y
         if langevin_std > 0:
             z = z + langevin_std * jax.random.normal(jax.random.fold_in(rng, k), y.shape, jnp.float32)
         p = jax.nn.softmax(z, axis=-1)
-        e_pos, vjp = jax.vjp(energy_fn, p)
-        (g,) = vjp(jnp.ones_like(e_pos))
+        e, vjp = jax.vjp(energy_fn, p)
+        (g,) = vjp(jnp.ones_like(e))
         y_new = p - a * g
         y = y_new if active_steps is None else jnp.where(k < active_steps, y_new, y)
-        ys.append(y)
-        es.append(e_pos)
+        return y, (y, e)
+
+    y, (ys, es) = jax.lax.scan(step, y0.astype(jnp.float32), jnp.arange(num_steps))
     if final_energy:
-        es.append(energy_fn(jax.nn.softmax(y, axis=-1)))
-    return ThinkResult(jnp.stack(ys), jnp.stack(es))
+        es = jnp.concatenate([es, energy_fn(jax.nn.softmax(y, axis=-1))[None]], axis=0)
+    return ThinkResult(ys, es)
 
 
 # --- the Task ------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ class EBT:
         mask = batch["loss_mask"].astype(jnp.float32)
         tokens_n = jnp.sum(mask)
         denom = jnp.maximum(tokens_n, 1.0)
-        ce_steps = jnp.stack([jnp.sum(cross_entropy(y, batch["targets"])[0] * mask) / denom for y in res.logits])
+        ce_steps = jnp.sum(cross_entropy(res.logits, batch["targets"][None])[0] * mask, axis=(1, 2)) / denom
         if cfg.loss_steps == "last" or not train:
             total = ce_steps[-1]
         else:
