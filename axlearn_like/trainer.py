@@ -45,7 +45,7 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 8
+    eval_batches: int = 8  # 0 = no evaluation
     nan_policy: str = "stop"  # "stop": raise and save nothing; "skip": drop the update and continue
     seed: int = 0
     progress: bool = True
@@ -423,7 +423,7 @@ def run(cfg: ExperimentConfig) -> dict:
                     if bar is not None:
                         bar.set_postfix(loss=f"{float(host.get('loss', host['objective'])):.3f}", lr=f"{float(host['lr']):.1e}")
                     result["last_train"] = row
-                if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                if tcfg.eval_batches > 0 and (step % tcfg.eval_every == 0 or step == tcfg.steps):
                     ev = evaluate(cfg, state, eval_step, batch_sh)
                     writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
                     result["eval"] = ev

@@ -35,7 +35,9 @@ def inspect(path: str, step: int | None = None, out=sys.stdout) -> dict:
     print(f"checkpoint dir: {directory}", file=out)
     print(f"steps: {steps}  (showing {step})", file=out)
     sdir = os.path.join(directory, str(step))
-    meta = ocp.StandardCheckpointHandler().metadata(os.path.join(sdir, "state"))
+    from etils import epath
+
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(sdir) / "state")
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
     rows = []

@@ -11,7 +11,7 @@ import pytest
 from tests.core import helpers
 
 N = 16
-EXTRA = ["trainer.steps=16", "checkpoint.every_steps=4", "trainer.log_every=1", "trainer.eval_every=100"]
+EXTRA = ["trainer.steps=16", "checkpoint.every_steps=4", "trainer.log_every=1", "trainer.eval_batches=0"]
 
 
 def _complete_steps(run_dir):
@@ -71,14 +71,14 @@ def test_kill_and_resume_is_bitwise_exact(reference_run, tmp_path, sig):
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     run_dir = tmp_path / "run_c"
-    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=8", "checkpoint.every_steps=4", "trainer.eval_every=100"]))
+    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=8", "checkpoint.every_steps=4", "trainer.eval_batches=0"]))
     assert r.returncode == 0, r.stderr[-3000:]
     state_dir = os.path.join(run_dir, "checkpoints", "8", "state")
     files = [os.path.join(dp, f) for dp, _, fs in os.walk(state_dir) for f in fs]
     biggest = max(files, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 3)
-    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=10", "checkpoint.every_steps=4", "trainer.eval_every=100"]))
+    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=10", "checkpoint.every_steps=4", "trainer.eval_batches=0"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "falling back" in r.stdout
     assert "Resuming from checkpoint at step 4" in r.stdout
@@ -88,7 +88,7 @@ def test_restore_on_other_mesh_continues(tmp_path):
     """Saved on 8 devices (fsdp=8), restored on 4 (fsdp=4) and 1: the next losses agree to float tolerance."""
     import shutil
 
-    base = ["checkpoint.every_steps=4", "trainer.log_every=1", "trainer.eval_every=100", "checkpoint.async_save=false"]
+    base = ["checkpoint.every_steps=4", "trainer.log_every=1", "trainer.eval_batches=0", "checkpoint.async_save=false"]
     src = tmp_path / "src"
     r = helpers.run(helpers.recipe_cmd(src, base + ["trainer.steps=4", "mesh.data=1", "mesh.fsdp=-1"]), devices=8)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -130,4 +130,24 @@ def test_load_for_research(reference_run):
     b = jax.tree.leaves(saved["params"])
     assert len(a) == len(b)
     for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_safetensors_round_trip(reference_run, tmp_path):
+    from safetensors.numpy import load_file
+
+    from axlearn_like import checkpoint
+    from tools import export_safetensors, import_safetensors
+
+    out = tmp_path / "st"
+    export_safetensors.export(str(reference_run), str(out))
+    flat = load_file(str(out / "model.safetensors"))
+    _, variables, _ = checkpoint.load(str(reference_run))
+    want = export_safetensors.flatten(jax.tree.map(np.asarray, variables["params"]))
+    assert sorted(flat) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(flat[k], want[k])
+    import_safetensors.import_(str(out), str(tmp_path / "imported"), step=0)
+    _, back, _ = checkpoint.load(str(tmp_path / "imported"))
+    for x, y in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(back["params"])):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

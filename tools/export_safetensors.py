@@ -1,0 +1,75 @@
+"""`python -m tools.export_safetensors RUN_DIR OUT_DIR [--step N]`: writes the parameters of a checkpoint as
+`model.safetensors` (flat names like `stack.block_0.mixer.q_proj.kernel`, float32) plus `config.json` (the
+resolved axlearn_like config) and `axes.json` (each tensor's logical sharding axes), loadable with
+`safetensors.torch.load_file` / HF tooling. `tools.import_safetensors` reverses it."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+SEP = "."
+
+
+def flatten(tree, prefix=()) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        path = prefix + (str(k),)
+        if isinstance(v, dict):
+            out.update(flatten(v, path))
+        else:
+            out[SEP.join(path)] = np.asarray(v)
+    return out
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, v in flat.items():
+        node = tree
+        parts = name.split(SEP)
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return tree
+
+
+def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
+    import jax
+    from safetensors.numpy import save_file
+
+    from axlearn_like import checkpoint, config as config_lib
+
+    task, variables, cfg = checkpoint.load(run_dir, step)
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables["params"])
+    flat = flatten(params)
+    for name in flat:
+        if SEP in name.split(SEP)[-1]:
+            raise ValueError(f"parameter name {name!r} contains {SEP!r}; cannot export unambiguously")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "model.safetensors")
+    save_file(flat, path, metadata={"format": "axlearn_like", "name": cfg.name})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        f.write(config_lib.to_json(cfg))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.export_safetensors")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--step", type=int, default=None)
+    a = p.parse_args(argv)
+    try:
+        path = export(a.run_dir, a.out_dir, a.step)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} and {os.path.join(a.out_dir, 'config.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
