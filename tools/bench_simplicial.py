@@ -80,9 +80,9 @@ def main():
 
     # Launch sweep (fwd, bwd kernels separately through fwd+bwd), best becomes the reported number.
     sweep = []
-    fwd_opts = [dict(BJ=64, num_warps=8, num_stages=2)]
+    fwd_opts = [dict(BJ=64, num_warps=8, num_stages=3)]
     if not a.quick:
-        fwd_opts += [dict(BJ=64, num_warps=8, num_stages=3), dict(BJ=128, num_warps=8, num_stages=2),
+        fwd_opts += [dict(BJ=64, num_warps=8, num_stages=2), dict(BJ=128, num_warps=8, num_stages=2),
                      dict(BJ=64, num_warps=4, num_stages=2)]
     best = None
     for opt in fwd_opts:
