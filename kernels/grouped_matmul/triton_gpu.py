@@ -101,10 +101,11 @@ def tile_group_range(group_sizes, m: int, bm: int):
     return first, xp.minimum(last, group_sizes.shape[0]).astype(xp.int32)
 
 
-def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling = GMM_TILING):
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | None = None):
     """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype)."""
     import jax_triton as jt
 
+    tiling = tiling or GMM_TILING
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     first, last = tile_group_range(group_sizes, m, tiling.bm)
@@ -119,10 +120,11 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling = 
     )
 
 
-def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = TGMM_TILING):
+def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None):
     """out[g] = lhs_g^T @ dout_g: lhs [m, k], dout [m, n] -> [G, k, n] (lhs dtype); empty groups give 0."""
     import jax_triton as jt
 
+    tiling = tiling or TGMM_TILING
     m, k = lhs.shape
     n = dout.shape[1]
     g = group_sizes.shape[0]

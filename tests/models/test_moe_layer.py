@@ -194,3 +194,24 @@ def test_aux_free_balancing_lowers_maxvio():
     print(f"MaxVio_batch first/last: gamma=0 {start_free:.3f}/{end_free:.3f}, gamma=0.02 {start_bal:.3f}/{end_bal:.3f}")
     assert start_free > 1.0, "the task must start imbalanced for this test to mean anything"
     assert end_bal < 0.5 * end_free, (end_bal, end_free)
+
+
+@pytest.mark.gpu
+def test_layer_triton_matches_dense_gpu():
+    cfg = dataclasses.replace(CFG, num_experts=16, top_k=4, expert_dim=64, implementation="triton")
+    x = _x(6, (4, 64, D))
+    v = _init(cfg, x)
+
+    def run(c):
+        def loss(p, x):
+            y = MoE(c, D, jnp.bfloat16).apply({**v, "params": p}, x, train=False)
+            return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(v["params"], x)
+
+    (_, yt), (gt, gxt) = run(cfg)
+    (_, yd), (gd, gxd) = run(dataclasses.replace(cfg, dispatch="dense"))
+    assert_close(yt, yd, jnp.bfloat16, "y")
+    assert_close(gxt, gxd, jnp.bfloat16, "dx")
+    for name in ("w_gate", "w_up", "w_down", "gate"):
+        assert_close(gt[name], gd[name], jnp.bfloat16, f"d{name}")
