@@ -104,8 +104,13 @@ def test_oracle_gradient_matches_finite_differences():
                 np.testing.assert_allclose(grads[n][idx], fd, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", list(CASES))
+# The determinant variant is an input transform shared by all implementations (its kernel is the trilinear
+# one), so its gradients are checked on "xla" only; "pallas" meets it in the rotation test. Keeps the file
+# under its 90 s budget on 2 cores.
+_PAIRS = [(i, c) for i in IMPLS for c in CASES if not (i == "pallas" and c == "determinant_f32")]
+
+
+@pytest.mark.parametrize("impl,case", _PAIRS)
 def test_forward_and_gradients_match_oracle(impl, case):
     b, s, hq, hkv, d, w1, w2, dtype, variant = CASES[case]
     rng = np.random.default_rng()  # fresh inputs on every run
