@@ -440,6 +440,11 @@ def run(cfg: ExperimentConfig) -> dict:
                     break
         if bar is not None:
             bar.close()
+        if start_step >= tcfg.steps and is_main:
+            print(f"Already trained to step {start_step} (trainer.steps={tcfg.steps}); "
+                  f"pass --set trainer.steps=N with N > {start_step} to train further", flush=True)
+        if "eval" not in result and tcfg.eval_batches > 0 and not sigterm.set:
+            result["eval"] = evaluate(cfg, state, eval_step, batch_sh)
         if ckpt is not None:
             ckpt.close()
         writer.close()
