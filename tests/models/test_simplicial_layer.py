@@ -1,0 +1,252 @@
+"""2-simplicial mixer: shape/dtype, equality with a direct op call, causality, packed-document isolation,
+RoPE choice, boundary gating vs brute force, FLOP count, the hybrid stack (scan == unscanned, training),
+config errors and the recipe."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from axlearn_like.config import ConfigError, apply_overrides
+from kernels.simplicial import two_simplicial_attention
+from models.decoder import MIXER_FLOPS, Decoder, stack_layer_params
+from models.layers import apply_rope
+from models.simplicial import SimplicialAttention, SimplicialConfig, crossing_queries, simplicial_flops
+from tests.models.model_helpers import fake_init, make_batch, randn, small_cfg
+
+D = 16
+CFG = SimplicialConfig(num_heads=4, num_kv_heads=2, head_dim=6, w1=5, w2=3)
+
+
+def _layer(cfg=CFG, dtype=jnp.float32):
+    return SimplicialAttention(cfg, dtype)
+
+
+def _params(cfg=CFG, s=11, seed=0):
+    x = jnp.zeros((1, s, D))
+    pos = jnp.zeros((1, s), jnp.int32)
+    return nn.unbox(fake_init(lambda: _layer(cfg).init(jax.random.key(0), x, positions=pos), seed, std=0.4))["params"]
+
+
+def _pos(b, s, offset=0):
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) + offset, (b, s))
+
+
+def _apply(cfg=CFG, dtype=jnp.float32):
+    return jax.jit(lambda p, x, pos, seg: _layer(cfg, dtype).apply({"params": p}, x, positions=pos, segment_ids=seg))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shape_dtype_and_params(dtype):
+    p = _params()
+    x = randn(1, (2, 11, D), dtype=dtype)
+    y = _apply(dtype=dtype)(p, x, _pos(2, 11), None)
+    assert y.shape == (2, 11, D) and y.dtype == dtype and bool(jnp.all(jnp.isfinite(y)))
+    assert p["query"]["kernel"].shape == (D, 4, 6) and p["key2"]["kernel"].shape == (D, 2, 6)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(p))
+    boxed = jax.eval_shape(lambda: _layer().init(jax.random.key(0), x, positions=_pos(2, 11)))["params"]
+    names = {k: v["kernel"].names for k, v in boxed.items()}
+    assert names["query"] == ("embed", "heads", "head_dim") and names["value2"] == ("embed", "kv_heads", "head_dim")
+    assert names["out"] == ("heads", "head_dim", "embed")
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [CFG, dataclasses.replace(CFG, rope="q_k1", num_kv_heads=1, w2=7), dataclasses.replace(CFG, variant="determinant", scale=0.3)],
+    ids=["trilinear", "rope_q_k1", "determinant"],
+)
+def test_layer_equals_direct_op_call(cfg):
+    p = _params(cfg, seed=3)
+    x = randn(4, (2, 9, D))
+    pos = _pos(2, 9, offset=3)
+    proj = lambda n: jnp.einsum("bsd,dhk->bshk", x, p[n]["kernel"])
+    q, k1, v1, k2, v2 = (proj(n) for n in ("query", "key", "value", "key2", "value2"))
+    if cfg.rope == "q_k1":
+        q, k1 = apply_rope(q, pos), apply_rope(k1, pos)
+    ctx = two_simplicial_attention(
+        q, k1, v1, k2, v2, w1=cfg.w1, w2=cfg.w2, variant=cfg.variant, scale=cfg.scale, implementation="xla"
+    )
+    want = np.asarray(jnp.einsum("bshk,hkd->bsd", ctx, p["out"]["kernel"]))
+    got = np.asarray(_apply(cfg)(p, x, pos, None))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # and the same with a segment_ids row of one document (nothing gated)
+    got_seg = np.asarray(_apply(cfg)(p, x, pos, jnp.ones((2, 9), jnp.int32)))
+    np.testing.assert_allclose(got_seg, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rope", ["none", "q_k1"])
+def test_causality(rope):
+    cfg = dataclasses.replace(CFG, rope=rope)
+    p = _params(cfg, seed=5)
+    x = randn(6, (2, 12, D))
+    t = 6
+    x2 = x.at[:, t + 1 :].add(randn(7, (2, 12 - t - 1, D)))
+    f = _apply(cfg)
+    a, b = np.asarray(f(p, x, _pos(2, 12), None)), np.asarray(f(p, x2, _pos(2, 12), None))
+    np.testing.assert_array_equal(a[:, : t + 1], b[:, : t + 1])
+    assert np.abs(a[:, t + 1 :] - b[:, t + 1 :]).max() > 1e-3
+
+
+def test_rope_choice():
+    """rope='none': the layer ignores positions; 'q_k1': it does not."""
+    x = randn(8, (1, 10, D))
+    for rope, depends in (("none", False), ("q_k1", True)):
+        cfg = dataclasses.replace(CFG, rope=rope)
+        p = _params(cfg, seed=9)
+        a = np.asarray(_apply(cfg)(p, x, _pos(1, 10), None))
+        b = np.asarray(_apply(cfg)(p, x, _pos(1, 10, offset=17), None))
+        assert (np.abs(a - b).max() > 1e-3) == depends, rope
+
+
+def _np_crossing(seg, window):
+    b, s = seg.shape
+    out = np.zeros((b, s), bool)
+    for r in range(b):
+        for i in range(s):
+            lo = max(0, i - window + 1)
+            # a window reaching before the start of i's run crosses, even if an earlier run has the same id
+            j = i
+            while j > 0 and seg[r, j - 1] == seg[r, i]:
+                j -= 1
+            out[r, i] = j > lo
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 3, 6, 40])
+def test_crossing_queries_vs_brute_force(window):
+    rng = np.random.default_rng(window)
+    seg = np.cumsum(rng.uniform(size=(3, 23)) < 0.25, axis=1).astype(np.int32)
+    seg[1, 15:] = 0  # padding tail
+    seg[2] = np.array([1, 1, 2, 2, 1, 1, 1] + [3] * 16)  # a repeated id after another run still crosses
+    got = np.asarray(crossing_queries(jnp.asarray(seg), window))
+    np.testing.assert_array_equal(got, _np_crossing(seg, window))
+
+
+@pytest.mark.parametrize("rope", ["none", "q_k1"])
+def test_packed_documents_are_isolated(rope):
+    """Doc A = tokens 0..4, doc B = 5..13 (positions restart). Nothing of A reaches B; B's queries whose
+    windows lie inside B equal B alone; B's first max(w1, w2) - 1 queries are gated to zero."""
+    cfg = dataclasses.replace(CFG, rope=rope)
+    w = max(cfg.w1, cfg.w2)
+    p = _params(cfg, seed=11)
+    f = _apply(cfg)
+    x = randn(12, (1, 14, D))
+    seg = jnp.array([[1] * 5 + [2] * 9], jnp.int32)
+    pos = jnp.array([list(range(5)) + list(range(9))], jnp.int32)
+    packed = np.asarray(f(p, x, pos, seg))
+    # perturbing A leaves B bit-identical
+    xa = x.at[:, :5].add(randn(13, (1, 5, D)))
+    np.testing.assert_array_equal(np.asarray(f(p, xa, pos, seg))[:, 5:], packed[:, 5:])
+    # each document alone at the start of a row
+    alone_a = np.asarray(f(p, x[:, :5], pos[:, :5], None))
+    alone_b = np.asarray(f(p, x[:, 5:], pos[:, 5:], None))
+    np.testing.assert_allclose(packed[:, :5], alone_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(packed[:, 5 + w - 1 :], alone_b[:, w - 1 :], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(packed[:, 5 : 5 + w - 1], 0.0)
+    # without segment ids B does see A (the gating is what isolates)
+    leaky = np.asarray(f(p, xa, pos, None))
+    assert np.abs(leaky[:, 5 : 5 + w - 1] - alone_b[:, : w - 1]).max() > 1e-3
+
+
+def test_flops_count_window_pairs():
+    cfg = small_cfg(layer_pattern=("attention", "simplicial"), simplicial=SimplicialConfig(num_heads=3, head_dim=6, w1=4, w2=2))
+    pairs = np.mean([min(4, i) * min(2, i) for i in range(1, 11)])  # 1 + 4 + 6 + 7 * 8 = 67 over 10 queries
+    assert pairs == 6.7
+    assert MIXER_FLOPS["simplicial"](cfg, 10) == pytest.approx(3 * 2 * (6 + 6) * 6.7 * 3)
+    det = dataclasses.replace(cfg, simplicial=dataclasses.replace(cfg.simplicial, variant="determinant"))
+    assert simplicial_flops(det, 10) == pytest.approx(3 * 2 * (12 + 6) * 6.7 * 3)
+    # long sequences: O(w1 * w2) per token, independent of seq_len
+    assert simplicial_flops(cfg, 10_000) == pytest.approx(3 * 2 * 12 * 3 * 8, rel=1e-3)
+
+
+def _hybrid(**kw):
+    base = dict(
+        num_layers=4,
+        layer_pattern=("attention", "attention", "attention", "simplicial"),
+        simplicial=SimplicialConfig(num_heads=4, num_kv_heads=1, head_dim=6, w1=5, w2=3),
+    )
+    base.update(kw)
+    return small_cfg(**base)
+
+
+def test_hybrid_scan_equals_unscanned():
+    cfg, cfg_scan = _hybrid(remat_policy="save_attn"), _hybrid(remat_policy="save_attn", scan_layers=True)
+    b = make_batch(2, 9, seed=3)
+    init = lambda c: nn.unbox(fake_init(lambda: Decoder(c).init(jax.random.key(0), b["inputs"]), 1))["params"]
+    params = init(cfg)
+    assert "key2" in params["stack"]["layer_3"]["mixer"] and "key2" not in params["stack"]["layer_2"]["mixer"]
+    stacked = stack_layer_params(params, cfg)
+    assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(jnp.shape, init(cfg_scan))
+    fn = lambda c: jax.jit(lambda p, x: Decoder(c).apply({"params": p}, x, segment_ids=b["segment_ids"]))
+    ref = np.asarray(fn(cfg)(params, b["inputs"]))
+    np.testing.assert_allclose(np.asarray(fn(cfg_scan)(stacked, b["inputs"])), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_trains():
+    cfg = _hybrid()
+    b = make_batch(4, 16, seed=4)
+    params = nn.unbox(fake_init(lambda: Decoder(cfg).init(jax.random.key(0), b["inputs"]), 2, std=0.05))["params"]
+    opt = optax.adam(1e-2)
+
+    def loss_fn(p):
+        logits = Decoder(cfg).apply({"params": p}, b["inputs"], segment_ids=b["segment_ids"], train=True)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"]))
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        # the simplicial layer gets gradient
+        gnorm = optax.global_norm(g["stack"]["layer_3"]["mixer"])
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss, gnorm
+
+    state = opt.init(params)
+    losses = []
+    for _ in range(6):
+        params, state, loss, gnorm = step(params, state)
+        losses.append(float(loss))
+        assert float(gnorm) > 0
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.simplicial.num_kv_heads=4"], "model.simplicial.num_kv_heads"),
+        (["model.simplicial.variant=determinant"], "model.simplicial.head_dim"),
+        (["model.simplicial.variant=quadrilinear"], "model.simplicial.variant"),
+        (["model.simplicial.rope=alibi"], "model.simplicial.rope"),
+        (["model.simplicial.w2=0"], "model.simplicial.w2"),
+        (["model.simplicial.implementation=cuda"], "model.simplicial.implementation"),
+    ],
+)
+def test_config_errors_are_one_line(overrides, key):
+    from recipes import simplicial
+
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(simplicial.config(), overrides)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(key + ":"), msg
+
+
+def test_recipe_configs():
+    from recipes import simplicial
+
+    cfg = apply_overrides(simplicial.config(), [])
+    assert cfg.model.layer_pattern[3] == "simplicial" and len(cfg.model.layer_pattern) == 4
+    assert cfg.data.packing is False
+    twin = simplicial.dense_twin(cfg)
+    assert twin.model.layer_pattern == ("attention",) and twin.model.simplicial is None
+    apply_overrides(twin, [])
+    # everything but the mixers is the dense baseline preset's
+    base = simplicial.dense()
+    assert dataclasses.replace(twin, name=base.name) == base
+    ok = apply_overrides(simplicial.config(), ["model.simplicial.variant=determinant", "model.simplicial.head_dim=30"])
+    assert ok.model.simplicial.head_dim == 30
+    from recipes import dense_lm
+
+    with pytest.raises(ConfigError, match=r"^model\.simplicial: .*not set"):
+        apply_overrides(dense_lm.config(), ["model.layer_pattern=attention,simplicial"])
