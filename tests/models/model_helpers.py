@@ -2,6 +2,7 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from axlearn_like.config import validate_tree
 from axlearn_like.params import param_init
@@ -26,12 +27,37 @@ def small_cfg(**kw) -> DecoderConfig:
     return cfg
 
 
+# Inputs and parameters come from NumPy: compiling jax.random's threefry graphs costs ~1 s per call site on
+# this 2-core CPU, more than the model itself. One test (test_models_lm.py) checks the real init.
+
+
+def fake_init(init_fn, seed: int = 0, std: float = 0.2):
+    """Variables with exactly the structure and metadata `init_fn()` returns (via eval_shape), filled from
+    NumPy: params ~ N(0, std^2) (norm scales ~ 1 + N(0, 0.1^2)), every other collection zeros."""
+    shapes = jax.eval_shape(init_fn)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = jax.tree_util.keystr(path)
+        if not name.startswith("['params']"):
+            return jnp.zeros(s.shape, s.dtype)
+        if "scale" in name:
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(s.shape), s.dtype)
+        return jnp.asarray(std * rng.standard_normal(s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def randn(seed: int, shape, scale: float = 1.0, dtype=jnp.float32):
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32).astype(dtype)
+
+
 def make_batch(b: int, s: int, seed: int = 0, vocab: int = VOCAB) -> dict:
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    rng = np.random.default_rng(seed)
     return {
-        "inputs": jax.random.randint(k1, (b, s), 0, vocab, jnp.int32),
-        "targets": jax.random.randint(k2, (b, s), 0, vocab, jnp.int32),
-        "loss_mask": (jax.random.uniform(k3, (b, s)) > 0.3).astype(jnp.float32),
+        "inputs": jnp.asarray(rng.integers(0, vocab, (b, s)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(0, vocab, (b, s)), jnp.int32),
+        "loss_mask": jnp.asarray(rng.uniform(size=(b, s)) > 0.3, jnp.float32),
         "positions": jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
         "segment_ids": jnp.ones((b, s), jnp.int32),
     }

@@ -8,6 +8,7 @@ import pytest
 from axlearn_like.config import ConfigError, apply_overrides
 from models.attention import Attention, AttentionConfig, choose_implementation
 from models.attention import dot_product_attention as _dpa
+from tests.models.model_helpers import fake_init, randn
 from tests.oracle import assert_close
 
 # jitted: eager dispatch of the many small ops costs seconds on CPU
@@ -31,10 +32,9 @@ def np_attention(q, k, v, seg):
 
 
 def _qkv(b, s, h, kv, d, dtype, seed=0):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(ks[0], (b, s, h, d)).astype(dtype)
-    k = jax.random.normal(ks[1], (b, s, kv, d)).astype(dtype)
-    v = jax.random.normal(ks[2], (b, s, kv, d)).astype(dtype)
+    q = randn(seed, (b, s, h, d), dtype=dtype)
+    k = randn(seed + 1, (b, s, kv, d), dtype=dtype)
+    v = randn(seed + 2, (b, s, kv, d), dtype=dtype)
     return q, k, v
 
 
@@ -64,10 +64,10 @@ def test_gqa_equals_mha_with_repeated_kv():
 
 def test_attention_module_grad_and_qk_norm():
     cfg = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6, qk_norm=True)
-    x = jax.random.normal(jax.random.key(0), (2, 7, 12))
+    x = randn(0, (2, 7, 12))
     pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
     mod = Attention(cfg, dtype=jnp.float32)
-    boxed = mod.init(jax.random.key(1), x, positions=pos, segment_ids=None)
+    boxed = fake_init(lambda: mod.init(jax.random.key(1), x, positions=pos, segment_ids=None))
     assert set(boxed["params"]) == {"query", "key", "value", "out", "query_norm", "key_norm"}
     assert boxed["params"]["key"]["kernel"].names == ("embed", "kv_heads", "head_dim")
     p = nn.unbox(boxed)["params"]
