@@ -1,7 +1,7 @@
 """Hybrid byte-level LM with 2-simplicial attention every 4th layer (Roy et al. 2025), the rest global attention.
 
 Default: the tiny CPU model of recipes.dense_lm (4 layers, d_model 192) with layer 3 a sliding-window
-2-simplicial mixer (w1=32, w2=8 at seq 128), on unpacked stdlib rows (data.packing=false, so no
+2-simplicial mixer (4 query heads on 1 K/V head, w1=32, w2=4 at seq 128), on unpacked stdlib rows (data.packing=false, so no
 simplicial query ever has its window gated at a document boundary; see models/simplicial.py).
 
     python -m recipes.simplicial                     # the hybrid alone (~1-2 min on 2 CPU cores)
@@ -30,10 +30,10 @@ PATTERN = ("attention", "attention", "attention", "simplicial")
 def _dense() -> "dense_lm.ExperimentConfig":
     cfg = dense_lm.config()
     cfg.data.packing = False
-    cfg.trainer.steps = 200
-    cfg.trainer.eval_every = 200
+    cfg.trainer.steps = 150
+    cfg.trainer.eval_every = 150
     cfg.trainer.sample_tokens = 0
-    cfg.checkpoint.every_steps = 200
+    cfg.checkpoint.every_steps = 150
     return cfg
 
 
@@ -41,7 +41,7 @@ def config():
     cfg = _dense()
     cfg.name = "simplicial"
     cfg.model.layer_pattern = PATTERN
-    cfg.model.simplicial = SimplicialConfig(num_heads=6, num_kv_heads=2, head_dim=32, w1=32, w2=8)
+    cfg.model.simplicial = SimplicialConfig(num_heads=4, num_kv_heads=1, head_dim=32, w1=32, w2=4)
     return cfg
 
 
