@@ -225,3 +225,29 @@ def test_config_errors_are_one_line(overrides, key):
 def test_unscannable_layer_count_allowed_without_scan():
     cfg = apply_overrides(DecoderConfig(), ["layer_pattern=attention,attention", "num_layers=3"])
     assert [cfg.layer_kinds(i) for i in range(3)] == [("attention", "mlp")] * 3
+
+
+def test_sharded_forward_matches_single_device():
+    """Logical names resolve through axlearn_like.sharding rules on a (data 2, fsdp 2, tensor 2) CPU mesh."""
+    from jax.sharding import NamedSharding
+
+    from axlearn_like.sharding import DEFAULT_RULES, MeshConfig, logical_rules, logical_to_spec, make_mesh
+
+    cfg = small_cfg(vocab_size=40, scan_layers=True, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6))
+    b = make_batch(4, 8, seed=9, vocab=40)
+    boxed = _init(cfg, b["inputs"])["params"]
+    known = {k for k, _ in DEFAULT_RULES}
+    assert all(set(a) <= known for a in jax.tree.leaves(logical_axes(boxed), is_leaf=lambda x: isinstance(x, tuple)))
+    params = nn.unbox(boxed)
+    fn = lambda p, t: Decoder(cfg).apply({"params": p}, t, segment_ids=jnp.ones_like(t))
+    ref = np.asarray(jax.jit(fn)(params, b["inputs"]))
+    mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2)
+    mesh, rules = make_mesh(mesh_cfg), logical_rules(mesh_cfg)
+    shard = jax.tree.map(
+        lambda x: NamedSharding(mesh, logical_to_spec(x.names, rules, mesh)), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+    assert shard["embed"]["embedding"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    tokens = jax.device_put(b["inputs"], NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh)))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = jax.jit(fn)(jax.device_put(params, shard), tokens)
+    np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
