@@ -51,6 +51,10 @@ def main(config_fn: Callable, argv=None, presets: Mapping[str, Callable] | None 
 
     try:
         launch.initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:  # bad --coordinator/--num-processes/--process-id
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         (run_fn or trainer.run)(cfg)
     except (ConfigError, trainer.UserError, FileNotFoundError, PermissionError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
