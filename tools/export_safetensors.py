@@ -1,7 +1,8 @@
 """`python -m tools.export_safetensors RUN_DIR OUT_DIR [--step N]`: writes the parameters of a checkpoint as
-`model.safetensors` (flat names like `stack.block_0.mixer.q_proj.kernel`, float32) plus `config.json` (the
-resolved axlearn_like config) and `axes.json` (each tensor's logical sharding axes), loadable with
-`safetensors.torch.load_file` / HF tooling. `tools.import_safetensors` reverses it."""
+`model.safetensors` (flat names like `stack.block_0.mixer.q_proj.kernel`, float32, JAX layout: a Dense kernel
+is [in, out], the transpose of torch.nn.Linear.weight) plus `config.json` (the resolved axlearn_like config),
+loadable with `safetensors.torch.load_file` / HF tooling. `tools.import_safetensors` reverses it. Works on a
+checkpoint written by any number of processes (it is read in one process)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,8 @@ SEP = "."
 def flatten(tree, prefix=()) -> dict[str, np.ndarray]:
     out = {}
     for k, v in tree.items():
+        if SEP in str(k):  # the flat name could not be split back into the same tree
+            raise ValueError(f"parameter name {SEP.join(prefix + (str(k),))!r}: key {str(k)!r} contains {SEP!r}; cannot export unambiguously")
         path = prefix + (str(k),)
         if isinstance(v, dict):
             out.update(flatten(v, path))
@@ -45,9 +48,6 @@ def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
     task, variables, cfg = checkpoint.load(run_dir, step)
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables["params"])
     flat = flatten(params)
-    for name in flat:
-        if SEP in name.split(SEP)[-1]:
-            raise ValueError(f"parameter name {name!r} contains {SEP!r}; cannot export unambiguously")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "model.safetensors")
     save_file(flat, path, metadata={"format": "axlearn_like", "name": cfg.name})

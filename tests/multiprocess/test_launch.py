@@ -88,3 +88,15 @@ def test_iterator_state_is_process_count_independent_and_seekable():
     checkpoint.seek_to_step(fresh, 3)
     want = next(one)["inputs"][2:4]  # process 1 of 4 holds rows [2, 4)
     assert (next(fresh)["inputs"] == want).all()
+
+
+def test_safetensors_names_round_trip_and_reject_dotted_keys():
+    from tools.export_safetensors import flatten, unflatten
+
+    tree = {"stack": {"block_0": {"kernel": np.arange(6.0).reshape(2, 3)}, "block_1": {"bias": np.ones(3)}}}
+    flat = flatten(tree)
+    assert sorted(flat) == ["stack.block_0.kernel", "stack.block_1.bias"]
+    back = unflatten(flat)
+    np.testing.assert_array_equal(back["stack"]["block_0"]["kernel"], tree["stack"]["block_0"]["kernel"])
+    with pytest.raises(ValueError, match="contains '.'"):
+        flatten({"stack": {"w.1": np.ones(1)}})
