@@ -1,0 +1,234 @@
+"""Mamba-2 mixer: float64 NumPy oracle of the whole block, init, weight decay, recurrent decode and chunked
+evaluation, and the length-generalization initial states (stats / carry semantics)."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from axlearn_like.config import ConfigError
+from axlearn_like.params import weight_decay_mask
+from models.decoder import DecoderConfig
+from models.ssm import Mamba2, Mamba2Config, chunked_logits, decode_step, generate
+from tests.oracle import assert_close
+
+SSM = Mamba2Config(d_state=8, head_dim=8, expand=2, ngroups=2, chunk_size=8)
+
+
+def _layer_oracle(p, u, cfg: Mamba2Config, eps, h0=None):
+    """float64 NumPy Mamba-2 block, token by token (REFERENCES.md section 4)."""
+    f = lambda a: np.asarray(a, np.float64)
+    u = f(u)
+    b, L, d = u.shape
+    d_inner, H = cfg.expand * d, cfg.expand * d // cfg.head_dim
+    G, N, P, K = cfg.ngroups, cfg.d_state, cfg.head_dim, cfg.d_conv
+    zxbcdt = u @ f(p["in_proj"]["kernel"])
+    z, xBC, dtr = zxbcdt[..., :d_inner], zxbcdt[..., d_inner:2 * d_inner + 2 * G * N], zxbcdt[..., -H:]
+    xp = np.concatenate([np.zeros((b, K - 1, xBC.shape[-1])), xBC], 1)
+    conv = f(p["conv_bias"]) + sum(xp[:, k:k + L] * f(p["conv_kernel"])[k] for k in range(K))
+    act = conv / (1 + np.exp(-conv))
+    x = act[..., :d_inner].reshape(b, L, H, P)
+    Bm = act[..., d_inner:d_inner + G * N].reshape(b, L, G, N)
+    Cm = act[..., d_inner + G * N:].reshape(b, L, G, N)
+    dt = np.log1p(np.exp(dtr + f(p["dt_bias"])))
+    A = -np.exp(f(p["A_log"]))
+    state = np.zeros((b, H, P, N)) if h0 is None else f(h0)
+    ys = np.zeros((b, L, H, P))
+    g_of = np.arange(H) // (H // G)
+    for t in range(L):
+        state = np.exp(dt[:, t, :, None, None] * A[None, :, None, None]) * state + \
+            dt[:, t, :, None, None] * x[:, t, :, :, None] * Bm[:, t, g_of, None, :]
+        ys[:, t] = np.einsum("bhpn,bhn->bhp", state, Cm[:, t, g_of]) + f(p["D"])[None, :, None] * x[:, t]
+    y = ys.reshape(b, L, d_inner) * (z / (1 + np.exp(-z)))
+    yg = y.reshape(b, L, G, d_inner // G)
+    yg = yg / np.sqrt(np.mean(yg ** 2, -1, keepdims=True) + eps)
+    y = yg.reshape(b, L, d_inner) * f(p["norm"])
+    return y @ f(p["out_proj"]["kernel"]), state
+
+
+def _init_layer(cfg, u, dtype=jnp.float32):
+    layer = Mamba2(cfg, dtype)
+    v = nn.meta.unbox(layer.init({"params": jax.random.key(0)}, u))
+    return layer, v
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_matches_float64_oracle(dtype):
+    """Odd seq (13, not a multiple of chunk 8), groups = 2, both dtypes; output shape/dtype and values."""
+    u = jax.random.normal(jax.random.key(1), (2, 13, 16), jnp.float32)
+    layer, v = _init_layer(SSM, u.astype(dtype), dtype)
+    out = layer.apply(v, u.astype(dtype))
+    assert out.shape == u.shape and out.dtype == dtype
+    ref, _ = _layer_oracle(v["params"], u, SSM, 1e-6)
+    assert_close(out, ref, dtype, "mamba2 layer", factor=2.0)
+
+
+def test_init_and_no_weight_decay():
+    cfg = dataclasses.replace(SSM, dt_min=0.01, dt_max=0.05)
+    u = jnp.zeros((1, 4, 32))
+    layer = Mamba2(cfg, jnp.float32)
+    boxed = layer.init({"params": jax.random.key(3)}, u)["params"]
+    mask = weight_decay_mask(boxed)
+    for name in ("dt_bias", "A_log", "D", "norm", "conv_bias"):
+        assert mask[name] is False, name
+    assert mask["in_proj"]["kernel"] and mask["out_proj"]["kernel"] and mask["conv_kernel"]
+    p = nn.meta.unbox(boxed)
+    dt = np.log1p(np.exp(np.asarray(p["dt_bias"], np.float64)))  # softplus(dt_bias) recovers dt
+    assert np.all(dt >= 0.01 - 1e-6) and np.all(dt <= 0.05 + 1e-6) and np.ptp(dt) > 0
+    A = np.exp(np.asarray(p["A_log"]))
+    assert np.all(A >= 1 - 1e-5) and np.all(A <= 16 + 1e-4) and np.ptp(A) > 0
+    np.testing.assert_array_equal(np.asarray(p["D"]), 1.0)
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="head_dim"):
+        Mamba2Config(head_dim=48).dims(40)
+    with pytest.raises(ConfigError, match="initial_state"):
+        Mamba2Config(initial_state="noise").validate()
+    with pytest.raises(ConfigError, match="ngroups"):
+        Mamba2Config(head_dim=8, ngroups=3).dims(16)
+
+
+# ---------------------------------------------------------------------------------------------- model level
+def _model(initial_state="zeros", scan=False, layers=2, **ssm_kw):
+    ssm = dataclasses.replace(SSM, initial_state=initial_state, **ssm_kw)
+    cfg = DecoderConfig(vocab_size=40, d_model=16, num_layers=layers, layer_pattern=("mamba2",), mlp_dim=32,
+                        dtype="float32", scan_layers=scan, ssm=ssm)
+    return cfg.build()
+
+
+def _batch(b=4, s=19, seed=0, positions=None):
+    tok = jax.random.randint(jax.random.key(seed), (b, s + 1), 0, 40)
+    out = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": jnp.ones((b, s))}
+    if positions is not None:
+        out["positions"] = positions
+    return out
+
+
+def _vars(lm, batch, seed=0):
+    return nn.meta.unbox(lm.init(jax.random.key(seed), batch))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_and_chunked_match_parallel_forward(scan):
+    lm = _model(scan=scan)
+    batch = _batch(3, 21)
+    v = _vars(lm, batch)
+    full = np.asarray(lm.apply(v, batch)[0])
+    tok = batch["inputs"]
+    logits, cache = decode_step(lm, v, tok[:, :6])  # prefill, then one token at a time
+    outs = [np.asarray(logits)]
+    step = jax.jit(lambda c, t: decode_step(lm, v, t, c))
+    for t in range(6, tok.shape[1]):
+        logits, cache = step(cache, tok[:, t:t + 1])
+        outs.append(np.asarray(logits))
+    assert_close(np.concatenate(outs, 1), full, jnp.float32, "decode vs parallel")
+    assert_close(chunked_logits(lm, v, tok, 5), full, jnp.float32, "chunked vs one forward")
+    # generate: greedy recurrent sampling == greedy argmax of the parallel forward on its own output
+    out = np.asarray(generate(lm, v, tok[:, :4], 3, jax.random.key(0), temperature=0.0))
+    re = np.asarray(lm.apply(v, {"inputs": jnp.asarray(out[:, :-1])})[0]).argmax(-1)
+    np.testing.assert_array_equal(out[:, 4:], re[:, 3:])
+
+
+def _leaves(tree, name):
+    return [x for path, x in jax.tree_util.tree_leaves_with_path(tree) if path[-1].key == name]
+
+
+def test_fitted_noise_stats_update_in_training_only():
+    lm = _model("fitted_noise")
+    batch = _batch()
+    v = _vars(lm, batch)
+    _, _, ev = lm.loss(v, batch, jax.random.key(1), train=False)
+    for a, b in zip(jax.tree.leaves(ev["stats"]), jax.tree.leaves(v["stats"])):
+        np.testing.assert_array_equal(a, b)
+    _, _, tr = lm.loss(v, batch, jax.random.key(1), train=True)
+    assert all(float(c) == 1.0 for c in _leaves(tr["stats"], "fs_count"))
+    # after one update the moments are the batch moments of the final states
+    means = _leaves(tr["stats"], "fs_mean")
+    assert all(float(jnp.abs(m).max()) > 0 for m in means)
+    sq = _leaves(tr["stats"], "fs_sq")
+    assert all(float(jnp.min(s - jnp.square(m))) >= -1e-6 for s, m in zip(sq, means))
+    # the noise drawn from the stats changes the training loss (and is deterministic in the rng)
+    v2 = {**v, "stats": tr["stats"]}
+    l_zero = lm.loss(v, batch, jax.random.key(2), train=True)[0]  # count 0: starts from zeros
+    l_a = lm.loss(v2, batch, jax.random.key(2), train=True)[0]
+    l_b = lm.loss(v2, batch, jax.random.key(2), train=True)[0]
+    assert float(l_a) == float(l_b) and abs(float(l_a) - float(l_zero)) > 1e-6
+    # eval ignores the stats: zero initial state
+    assert float(lm.loss(v2, batch, jax.random.key(2), train=False)[0]) == float(lm.loss(v, batch, jax.random.key(2), train=False)[0])
+
+
+def test_state_passing_carry_changes_and_stops_gradient():
+    lm = _model("state_passing")
+    b1, b2 = _batch(seed=0), _batch(seed=1)
+    v = _vars(lm, b1)
+    _, _, m1 = lm.loss(v, b1, jax.random.key(0), train=True)
+    _, _, m2 = lm.loss({**v, "carry": m1["carry"]}, b2, jax.random.key(0), train=True)
+    c0, c1, c2 = (_leaves(c, "ssm_state") for c in (v["carry"], m1["carry"], m2["carry"]))
+    assert all(float(jnp.abs(x).max()) == 0 for x in c0)
+    assert all(float(jnp.abs(x - y).max()) > 0 for x, y in zip(c1, c2))
+    # the carry is used (loss depends on it) but no gradient flows into it
+    logits = lambda carry: lm.apply({**v, "carry": carry}, b2, train=True)[0]
+    assert float(jnp.abs(logits(m1["carry"]) - logits(v["carry"])).max()) > 1e-5
+    f = lambda carry: lm.loss({**v, "carry": carry}, b2, jax.random.key(0), train=True)[0]
+    g = jax.grad(f)(m1["carry"])
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g))
+    # eval never writes the carry
+    _, _, ev = lm.loss({**v, "carry": m1["carry"]}, b2, jax.random.key(0), train=False)
+    for x, y in zip(_leaves(ev["carry"], "ssm_state"), c1):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_tbtt_resets_rows_that_start_a_document():
+    lm = _model("tbtt")
+    s = 19
+    pos_cont = jnp.broadcast_to(jnp.arange(s) + 7, (4, s))  # continuing a document
+    pos = pos_cont.at[1].set(jnp.arange(s))  # row 1 starts a new document
+    b1 = _batch(s=s, positions=pos_cont)
+    v = _vars(lm, b1)
+    _, _, m1 = lm.loss(v, b1, jax.random.key(0), train=True)
+    assert _leaves(m1["carry"], "conv_state"), "tbtt carries the conv window too"
+    b2 = _batch(s=s, seed=1, positions=pos)
+    _, _, m2 = lm.loss({**v, "carry": m1["carry"]}, b2, jax.random.key(0), train=True)
+    _, _, fresh = lm.loss(v, b2, jax.random.key(0), train=True)  # zero carry
+    for x, y in zip(_leaves(m2["carry"], "ssm_state"), _leaves(fresh["carry"], "ssm_state")):
+        np.testing.assert_allclose(x[1], y[1], rtol=1e-6, atol=1e-7)  # row 1 restarted from zero
+        assert float(jnp.abs(x[0] - y[0]).max()) > 1e-6  # row 0 continued
+    # tbtt continuation == one long forward (state and conv window both carried)
+    b_first = _batch(s=s, positions=pos_cont)
+    b_next = _batch(s=s, seed=1, positions=pos_cont + s)
+    _, _, n1 = lm.loss(v, b_first, jax.random.key(0), train=True)
+    logits2 = lm.apply({**v, "carry": n1["carry"]}, b_next, train=True)[0]
+    long = lm.apply(v, {"inputs": jnp.concatenate([b_first["inputs"], b_next["inputs"]], 1)})[0]
+    assert_close(logits2, long[:, s:], jnp.float32, "tbtt chunk vs long forward")
+
+
+def test_random_noise_only_in_training():
+    lm = _model("random_noise", noise_std=0.5, track_states=False)
+    batch = _batch()
+    v = _vars(lm, batch)
+    assert v["stats"] == {} and v["carry"] == {}
+    zero = _model("zeros", track_states=False)
+    l_noise = float(lm.loss(v, batch, jax.random.key(0), train=True)[0])
+    l_zero = float(zero.loss(v, batch, jax.random.key(0), train=True)[0])
+    assert abs(l_noise - l_zero) > 1e-6
+    assert float(lm.loss(v, batch, jax.random.key(0), train=False)[0]) == float(zero.loss(v, batch, jax.random.key(0), train=False)[0])
+
+
+def test_hybrid_pattern_and_flops():
+    from models.attention import AttentionConfig
+
+    cfg = DecoderConfig(vocab_size=40, d_model=16, num_layers=2, layer_pattern=("mamba2", "attention"), mlp_dim=32,
+                        dtype="float32", attention=AttentionConfig(num_heads=2, num_kv_heads=2, head_dim=8), ssm=SSM)
+    cfg.validate()
+    lm = cfg.build()
+    batch = _batch(2, 9)
+    v = _vars(lm, batch)
+    assert lm.apply(v, batch)[0].shape == (2, 9, 40)
+    with pytest.raises(ValueError, match="pure 'mamba2'"):
+        decode_step(lm, v, batch["inputs"])
+    assert_close(chunked_logits(lm, v, batch["inputs"], 4), lm.apply(v, batch)[0], jnp.float32, "fallback")
+    pure = _model()
+    assert pure.flops_per_token(64) > 6 * pure.param_count()  # the SSD term is counted
