@@ -24,7 +24,8 @@ class Tiling(NamedTuple):
     num_stages: int = 3
 
 
-GMM_TILING = Tiling()
+# Best of the sweep in tools/bench_moe.py on an H200 (2026-11-29; 64 groups, 32768 x 2048 x 1408 bf16).
+GMM_TILING = Tiling(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
 TGMM_TILING = Tiling(bm=64, bn=128, bk=128, num_warps=8, num_stages=3)
 
 

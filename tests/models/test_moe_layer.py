@@ -1,6 +1,7 @@
 """MoE layer: grouped dispatch vs dense reference and a float64 NumPy oracle, expert parallelism ==
 single device (outputs and gradients), token dropping, balance losses, aux-loss-free balancing."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -57,6 +58,8 @@ def test_grouped_matches_dense_and_numpy(dtype):
             y = MoE(dataclasses.replace(CFG, dispatch=disp), D, dtype).apply(v, x, train=False)
             return jnp.sum(y.astype(jnp.float32) ** 2), y
 
+        if dtype == jnp.bfloat16:  # forward only: the f32 case covers the gradients (and CPU time is scarce)
+            return (None, jax.jit(loss)(v, x)[1]), (None, None)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(v, x)
 
     (_, yg), (gg, gxg) = run("grouped")
@@ -65,6 +68,8 @@ def test_grouped_matches_dense_and_numpy(dtype):
     ref = _np_moe(x.astype(dtype).astype(jnp.float32), v["params"], np.asarray(v["stats"]["router"].bias), CFG)
     assert_close(yg.reshape(-1, D), ref, dtype, "grouped vs numpy")
     assert_close(yg, yd, dtype, "grouped vs dense")
+    if gg is None:
+        return
     assert_close(gxg, gxd, dtype, "dx")
     for name in ("gate", "w_gate", "w_up", "w_down", "shared_down"):
         assert_close(gg["params"][name], gd["params"][name], dtype, f"d{name}")
@@ -88,12 +93,20 @@ def _loss_and_grads(cfg, v, x, mesh=None, rules=None):
         return f(v["params"], x)
 
 
+_EP_CFG = dataclasses.replace(CFG, num_experts=16, top_k=3, expert_aux_alpha=0.01)
+
+
+@functools.cache
+def _single_device_ep_case():
+    x = _x(1, (8, 5, D))
+    v = _init(_EP_CFG, x)
+    return x, v, _loss_and_grads(_EP_CFG, v, x)
+
+
 @pytest.mark.parametrize("expert", [4, 8])
 def test_expert_parallel_equals_single_device(expert):
-    cfg = dataclasses.replace(CFG, num_experts=16, top_k=3, expert_aux_alpha=0.01)
-    x = _x(1, (8, 5, D))
-    v = _init(cfg, x)
-    (l1, (y1, load1)), (g1, gx1) = _loss_and_grads(cfg, v, x)
+    cfg = _EP_CFG
+    x, v, ((l1, (y1, load1)), (g1, gx1)) = _single_device_ep_case()
     (l2, (y2, load2)), (g2, gx2) = _loss_and_grads(cfg, v, x, *_mesh(expert))
     np.testing.assert_array_equal(load1, load2)
     assert_close(y2, y1, jnp.float32, "y")
