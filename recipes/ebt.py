@@ -1,0 +1,95 @@
+"""Autoregressive Energy-Based Transformer (models.ebt) on the generated Dyck task (default) or text.
+
+Tiny CPU default with S2-style settings (loss on the last thinking step, earlier steps attached, random
+extra step, randomized step size, small Langevin noise, replay buffer). Presets:
+  text            the same model on the interpreter's standard-library sources (byte-level)
+  decoder_dyck    same-size standard decoder (models.decoder) on the same Dyck data (the baseline)
+  decoder_text    same-size standard decoder on the same text
+  gpu             a larger EBT for tools.bench_ebt
+"""
+from __future__ import annotations
+
+import sys
+
+from axlearn_like.checkpoint import CheckpointConfig
+from axlearn_like.cli import main
+from axlearn_like.data import DataConfig
+from axlearn_like.optimizers import OptimizerConfig
+from axlearn_like.trainer import ExperimentConfig, TrainerConfig
+from models.attention import AttentionConfig
+from models.decoder import DecoderConfig
+from models.ebt import EBTConfig
+
+_DIMS = dict(vocab_size=258, d_model=96, num_layers=2, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=24),
+             mlp_dim=256, dtype="float32")
+
+
+def _dyck_data() -> DataConfig:
+    return DataConfig(source="task", task="dyck", task_kwargs={"num_types": 3, "max_depth": 6}, seq_len=48,
+                      global_batch_size=16)
+
+
+def _text_data() -> DataConfig:
+    return DataConfig(source="text", paths=("stdlib",), seq_len=64, global_batch_size=16, max_bytes=2_000_000)
+
+
+def config() -> ExperimentConfig:
+    return ExperimentConfig(
+        name="ebt",
+        model=EBTConfig(
+            **_DIMS,
+            think_steps=2,
+            think_steps_random=1,
+            step_size_spread=1.5,
+            langevin_std=0.1,
+            loss_steps="last",
+            alpha_init=10.0,
+            alpha_lr_scale=30.0,
+            replay_size=64,
+            replay_fraction=0.25,
+        ),
+        data=_dyck_data(),
+        optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=20, weight_decay=0.0),
+        trainer=TrainerConfig(steps=300, log_every=10, eval_every=100, eval_batches=4, sample_tokens=40,
+                              sample_prompt="([", sample_temperature=0.0),
+        checkpoint=CheckpointConfig(every_steps=100, max_to_keep=2),
+    )
+
+
+def text() -> ExperimentConfig:
+    cfg = config()
+    cfg.name = "ebt_text"
+    cfg.data = _text_data()
+    cfg.trainer.sample_prompt = "def "
+    return cfg
+
+
+def _decoder(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+    cfg.name = name
+    cfg.model = DecoderConfig(**_DIMS)
+    return cfg
+
+
+def decoder_dyck() -> ExperimentConfig:
+    return _decoder(config(), "ebt_baseline_dyck")
+
+
+def decoder_text() -> ExperimentConfig:
+    return _decoder(text(), "ebt_baseline_text")
+
+
+def gpu() -> ExperimentConfig:
+    cfg = text()
+    cfg.name = "ebt_gpu"
+    cfg.model = EBTConfig(vocab_size=258, d_model=512, num_layers=8, attention=AttentionConfig(num_heads=8, num_kv_heads=8, head_dim=64),
+                          mlp_dim=2048, dtype="bfloat16", think_steps=2, think_steps_random=0, langevin_std=0.1,
+                          replay_size=0, replay_fraction=0.0)
+    cfg.data.seq_len, cfg.data.global_batch_size = 512, 16
+    cfg.trainer.sample_tokens = 0
+    return cfg
+
+
+PRESETS = {"default": config, "text": text, "decoder_dyck": decoder_dyck, "decoder_text": decoder_text, "gpu": gpu}
+
+if __name__ == "__main__":
+    sys.exit(main(config, presets=PRESETS, prog="python -m recipes.ebt"))
