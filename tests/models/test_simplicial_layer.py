@@ -215,7 +215,7 @@ def test_hybrid_trains():
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["model.simplicial.num_kv_heads=4"], "model.simplicial.num_kv_heads"),
+        (["model.simplicial.num_kv_heads=3"], "model.simplicial.num_kv_heads"),
         (["model.simplicial.variant=determinant"], "model.simplicial.head_dim"),
         (["model.simplicial.variant=quadrilinear"], "model.simplicial.variant"),
         (["model.simplicial.rope=alibi"], "model.simplicial.rope"),
