@@ -29,6 +29,7 @@ from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init
 from axlearn_like.state import StepStatistic
 from kernels.grouped_matmul import grouped_matmul
+from models import decoder as _decoder
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
 _GROUP_SCORES = ("top2_sum", "max")
@@ -438,3 +439,20 @@ class MoE(nn.Module):
 def _shards(ep: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     return math.prod(int(mesh.shape[a]) for a in _token_axes(ep))
+
+
+# --- registration as a decoder FFN kind (config section DecoderConfig.moe) ----------------------------------
+def _moe_factory(cfg, layer_index: int, name: str) -> nn.Module:
+    del layer_index
+    return MoE(cfg.moe, d_model=cfg.d_model, dtype=cfg.compute_dtype, name=name)
+
+
+def _moe_flops(cfg, seq_len: int) -> float:
+    """6 x params counts every routed expert; a token runs only top_k of them (3 matrices of D x F each)."""
+    del seq_len
+    m = cfg.moe
+    return -6.0 * (m.num_experts - m.top_k) * 3 * cfg.d_model * m.expert_dim
+
+
+_decoder.FFNS["moe"] = _moe_factory
+_decoder.FFN_FLOPS["moe"] = _moe_flops
