@@ -43,8 +43,9 @@ class MeshConfig:
     """Mesh axis sizes; -1 on one axis means 'fill with the remaining devices'.
 
     `rules` overrides entries of DEFAULT_RULES: {"embed": null, "mlp": ["tensor", "fsdp"]}.
-    For multi-host / multi-slice: `dcn_*` sizes give the axis factors across hosts (hybrid mesh through
-    mesh_utils.create_hybrid_device_mesh); the in-host factors are the plain sizes.
+    For multi-host / multi-slice: `dcn_*` give how many granules (TPU slices; processes on GPU/CPU) the axis
+    spans, through mesh_utils.create_hybrid_device_mesh; the plain sizes stay the axis totals, so the
+    in-granule factor is size / dcn (e.g. 4 GPU nodes: data=-1, fsdp=8, dcn_data=4). Used only multi-process.
     """
 
     data: int = -1
@@ -93,8 +94,16 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     if jax.process_count() > 1 and math.prod(dcn) > 1:
         from jax.experimental import mesh_utils
 
+        # Granules (the units across the slow network): TPU slices where devices know them, else processes.
+        by_slice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+        granules = len({getattr(d, "slice_index" if by_slice else "process_index") for d in devices})
+        if math.prod(dcn) != granules or any(s % d for s, d in zip(shape, dcn)):
+            raise ConfigError(
+                f"mesh.dcn_data/mesh.dcn_fsdp: {cfg.dcn_data} x {cfg.dcn_fsdp} must multiply to the {granules} "
+                f"{'slices' if by_slice else 'processes'} and divide mesh.data={sizes['data']} / mesh.fsdp={sizes['fsdp']}"
+            )
         ici = tuple(s // d for s, d in zip(shape, dcn))
-        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices)
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, process_is_granule=not by_slice)
     elif len(devices) == jax.device_count() and devices == list(jax.devices()):
         from jax.experimental import mesh_utils
 
