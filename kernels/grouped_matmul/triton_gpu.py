@@ -28,6 +28,28 @@ class Tiling(NamedTuple):
 GMM_TILING = Tiling(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
 TGMM_TILING = Tiling(bm=64, bn=128, bk=128, num_warps=8, num_stages=3)
 
+# Hopper gives a block at most 227 KiB of shared memory; stay under it with some room for Triton's own use.
+SMEM_BUDGET = 160 * 1024
+
+
+def fit_shared_memory(tiling: Tiling, itemsize: int, a_tile: tuple[str, str], b_tile: tuple[str, str]) -> Tiling:
+    """Shrinks a tiling tuned for bf16 until its pipelined operand tiles fit in shared memory (float32 operands
+    double the bytes): first fewer pipeline stages, then halve the larger block dimension."""
+    def smem(t: Tiling) -> int:
+        dims = t._asdict()
+        return t.num_stages * itemsize * (dims[a_tile[0]] * dims[a_tile[1]] + dims[b_tile[0]] * dims[b_tile[1]])
+
+    while smem(tiling) > SMEM_BUDGET:
+        if tiling.num_stages > 2:
+            tiling = tiling._replace(num_stages=tiling.num_stages - 1)
+        elif tiling.bn >= tiling.bk and tiling.bn > 32:
+            tiling = tiling._replace(bn=tiling.bn // 2)
+        elif tiling.bk > 32:
+            tiling = tiling._replace(bk=tiling.bk // 2)
+        else:
+            break
+    return tiling
+
 
 @triton.jit
 def gmm_kernel(lhs_ptr, rhs_ptr, g_first_ptr, g_last_ptr, starts_ptr, ends_ptr, out_ptr,
@@ -106,7 +128,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | 
     """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype)."""
     import jax_triton as jt
 
-    tiling = tiling or GMM_TILING
+    tiling = fit_shared_memory(tiling or GMM_TILING, lhs.dtype.itemsize, ("bm", "bk"), ("bk", "bn"))
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     first, last = tile_group_range(group_sizes, m, tiling.bm)
@@ -125,7 +147,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None):
     """out[g] = lhs_g^T @ dout_g: lhs [m, k], dout [m, n] -> [G, k, n] (lhs dtype); empty groups give 0."""
     import jax_triton as jt
 
-    tiling = tiling or TGMM_TILING
+    tiling = fit_shared_memory(tiling or TGMM_TILING, lhs.dtype.itemsize, ("bm", "bk"), ("bm", "bn"))
     m, k = lhs.shape
     n = dout.shape[1]
     g = group_sizes.shape[0]
