@@ -1,0 +1,79 @@
+"""Train-step time of an EBT vs the same-size standard decoder: `python -m tools.bench_ebt [--out FILE]`.
+
+Both use the real trainer step (axlearn_like.trainer.make_train_step: forward, second-order backward for
+the EBT, AdamW) on random tokens at the recipes.ebt "gpu" preset sizes. Reports ms/step, the ratio, and
+the ratio per inner (thinking) step, for the efficient S x (S+1) System-2 attention and the dense 2S x 2S
+masked form. The paper reports ~3.3x per inner step for its implementation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_step(cfg, iters: int) -> float:
+    import flax.linen as nn
+
+    from axlearn_like.trainer import build_state_setup, make_train_step
+
+    setup = build_state_setup(cfg)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        step, batch_sh = make_train_step(setup, cfg)
+        state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
+        b, s = cfg.data.global_batch_size, cfg.data.seq_len
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (b, s + 1)).astype(np.int32)
+        batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((b, s), np.float32),
+                 "segment_ids": np.ones((b, s), np.int32), "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
+        batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+        for _ in range(2):
+            state, m = step(state, batch)
+        jax.block_until_ready(m["objective"])
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            state, m = step(state, batch)
+        jax.block_until_ready(m["objective"])
+        return (time.perf_counter() - t0) / iters
+
+
+def main(argv=None) -> int:
+    from axlearn_like import config as config_lib
+    from models.decoder import DecoderConfig
+    from recipes import ebt
+
+    p = argparse.ArgumentParser(prog="python -m tools.bench_ebt")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None)
+    p.add_argument("--set", action="append", default=[], help="overrides on the recipes.ebt gpu preset")
+    a = p.parse_args(argv)
+    cfg = config_lib.apply_overrides(ebt.gpu(), list(a.set) + ["checkpoint.enabled=false"])
+    m = cfg.model
+    dec = dataclasses.replace(cfg, model=DecoderConfig(**{f.name: getattr(m, f.name) for f in dataclasses.fields(DecoderConfig)} | {"layer_pattern": ("attention",)}))
+    rows = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": cfg.data.global_batch_size,
+            "seq_len": cfg.data.seq_len, "d_model": m.d_model, "layers": m.num_layers, "think_steps": m.think_steps}
+    rows["decoder_ms"] = 1e3 * time_step(dec, a.iters)
+    print(f"decoder: {rows['decoder_ms']:.2f} ms/step", flush=True)
+    for form in ("efficient", "dense"):
+        c = dataclasses.replace(cfg, model=dataclasses.replace(m, attention_form=form))
+        t = 1e3 * time_step(c, a.iters)
+        rows[f"ebt_{form}_ms"] = t
+        rows[f"ratio_{form}"] = t / rows["decoder_ms"]
+        rows[f"ratio_{form}_per_inner_step"] = t / rows["decoder_ms"] / m.think_steps
+        print(f"ebt ({form}): {t:.2f} ms/step = {t / rows['decoder_ms']:.2f}x the decoder, "
+              f"{t / rows['decoder_ms'] / m.think_steps:.2f}x per inner step", flush=True)
+    print(json.dumps(rows, indent=2))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
