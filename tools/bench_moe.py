@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import statistics
-import time
 
 import jax
+
+from tools import benchutil
 import jax.numpy as jnp
 import numpy as np
 
@@ -27,14 +26,7 @@ ANCHORS = {"ragged_dot_fwd_tflops": 11.0, "dense_bf16_jax_tflops": 608.0, "sourc
 
 
 def timeit(f, args, reps=20, warmup=3):
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3, (max(ts) - min(ts)) * 1e3
+    return benchutil.timeit(f, args, reps, warmup)
 
 
 def group_sizes(kind: str, m: int, g: int) -> np.ndarray:

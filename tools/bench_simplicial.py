@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
+
+from tools import benchutil
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,15 +27,8 @@ def simplicial_flops(b, s, hq, d, w1, w2):
 
 
 def bench(fn, *args, reps=10):
-    """Median ms of `reps` calls, each synchronised with block_until_ready, after two warm-up calls."""
-    for _ in range(2):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+    """Median ms of `reps` synchronised calls after two warm-up calls."""
+    return benchutil.timeit(fn, args, reps, warmup=2)[0]
 
 
 def inputs(key, b, s, hq, hkv, d, dtype):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
+
+from tools import benchutil
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,14 +39,7 @@ def make(b, L, h, P, g, N, dtype, seed=0):
 
 
 def timeit(f, args, reps=30, warmup=3):
-    for _ in range(warmup):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3, (max(ts) - min(ts)) * 1e3
+    return benchutil.timeit(f, args, reps, warmup)
 
 
 SWEEP = {
