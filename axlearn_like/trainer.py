@@ -5,7 +5,6 @@ It knows no model math: a model is a `Task` (axlearn_like.task) built from `cfg.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp

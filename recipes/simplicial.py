@@ -20,7 +20,6 @@ import os
 import sys
 
 from axlearn_like.cli import main
-from models.decoder import DecoderConfig
 from models.simplicial import SimplicialConfig
 from recipes import dense_lm
 

@@ -6,7 +6,6 @@ checkpoint written by any number of processes (it is read in one process)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -36,7 +36,7 @@ def ssd_scan(x, dt, A, B, C, D=None, initial_state=None):
     Returns (y [b, L, h, P] in x.dtype, final_state [b, h, P, N] float32).
     """
     b, L, h, P = x.shape
-    g, N = B.shape[2], B.shape[3]
+    N = B.shape[3]
     if initial_state is None:
         initial_state = jnp.zeros((b, h, P, N), F32)
 

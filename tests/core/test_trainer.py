@@ -1,6 +1,5 @@
 """In-process trainer tests on 8 simulated CPU devices: sharding follows the rules, a sharded run matches a
 1-device run, non-finite steps never reach the state, user errors are one line."""
-import math
 import os
 
 import flax.linen as nn

@@ -1,6 +1,4 @@
 """GPU checks of the Triton SSD kernels (run on the device machine: AXL_TEST_GPU=1 pytest -m gpu ...)."""
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest

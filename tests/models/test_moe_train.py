@@ -4,7 +4,6 @@ the mesh, and is checkpointed bit-exactly."""
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 
 from axlearn_like import config as config_lib, sharding as sharding_lib, trainer
 from axlearn_like.checkpoint import CheckpointConfig, Checkpointer
