@@ -78,6 +78,22 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
 
 
+def head_projection(x: jax.Array, name: str, heads: int, head_dim: int, axis: str, dtype: Any, init) -> jax.Array:
+    """x [B, S, D] -> [B, S, heads, head_dim] (param `name`: [D, heads, head_dim] with logical axes
+    ("embed", axis, "head_dim")). Call from inside a compact module: the Dense becomes its child."""
+    y = DenseGeneral((heads, head_dim), ("embed", axis, "head_dim"), dtype=dtype, kernel_init=init, name=name)(x)
+    return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
+
+
+def output_projection(ctx: jax.Array, d_model: int, dtype: Any, init_std: float, name: str = "out") -> jax.Array:
+    """Per-head context [B, S, H, Dh] -> [B, S, D], with the "attn_context"/"attn_out" checkpoint names that
+    every attention-like mixer shares (so one remat policy covers all of them)."""
+    ctx = checkpoint_name(nn.with_logical_constraint(ctx, ("batch", "length", "heads", "head_dim")), "attn_context")
+    out = DenseGeneral(d_model, ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=dtype,
+                       kernel_init=nn.initializers.normal(init_std), name=name)(ctx)
+    return checkpoint_name(nn.with_logical_constraint(out, ("batch", "length", "embed")), "attn_out")
+
+
 class Attention(nn.Module):
     """The "attention" mixer: [B, S, D] -> [B, S, D].
 
@@ -95,31 +111,14 @@ class Attention(nn.Module):
         del train
         c = self.cfg
         init = nn.initializers.normal(self.init_std)
-        dense = lambda n, heads, axis: DenseGeneral(
-            (n, c.head_dim), ("embed", axis, "head_dim"), dtype=self.dtype, kernel_init=init, name=heads
-        )
-        q = dense(c.num_heads, "query", "heads")(x)
-        k = dense(c.num_kv_heads, "key", "kv_heads")(x)
-        v = dense(c.num_kv_heads, "value", "kv_heads")(x)
+        q = head_projection(x, "query", c.num_heads, c.head_dim, "heads", self.dtype, init)
+        k = head_projection(x, "key", c.num_kv_heads, c.head_dim, "kv_heads", self.dtype, init)
+        v = head_projection(x, "value", c.num_kv_heads, c.head_dim, "kv_heads", self.dtype, init)
         if c.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="query_norm")(q)
             k = RMSNorm(self.norm_eps, self.dtype, name="key_norm")(k)
         q = apply_rope(q, positions, c.rope_theta)
         k = apply_rope(k, positions, c.rope_theta)
-        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
         ctx = dot_product_attention(q, k, v, segment_ids, implementation=c.implementation)
-        ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "head_dim"))
-        ctx = checkpoint_name(ctx, "attn_context")
-        out = DenseGeneral(
-            x.shape[-1],
-            ("heads", "head_dim", "embed"),
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=nn.initializers.normal(self.out_init_std),
-            name="out",
-        )(ctx)
-        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
-        return checkpoint_name(out, "attn_out")
+        return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)

@@ -35,7 +35,8 @@ from jax.ad_checkpoint import checkpoint_name
 from axlearn_like.config import config_class, require
 from kernels.simplicial import two_simplicial_attention
 from models.decoder import MIXER_FLOPS, MIXERS
-from models.layers import DenseGeneral, apply_rope
+from models.attention import head_projection, output_projection
+from models.layers import apply_rope
 
 _VARIANTS = ("trilinear", "determinant")
 _ROPE = ("none", "q_k1")
@@ -132,8 +133,7 @@ class SimplicialAttention(nn.Module):
         init = nn.initializers.normal(self.init_std)
 
         def proj(name: str, heads: int, axis: str) -> jax.Array:
-            y = DenseGeneral((heads, c.head_dim), ("embed", axis, "head_dim"), dtype=self.dtype, kernel_init=init, name=name)(x)
-            return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
+            return head_projection(x, name, heads, c.head_dim, axis, self.dtype, init)
 
         q = proj("query", c.num_heads, "heads")
         k1, v1 = proj("key", c.num_kv_heads, "kv_heads"), proj("value", c.num_kv_heads, "kv_heads")
@@ -149,18 +149,7 @@ class SimplicialAttention(nn.Module):
             # Exact isolation without a segment argument in the op: drop queries whose windows cross.
             cross = crossing_queries(segment_ids, min(max(c.w1, c.w2), x.shape[1]))
             ctx = jnp.where(cross[:, :, None, None], jnp.zeros((), ctx.dtype), ctx)
-        ctx = nn.with_logical_constraint(ctx, ("batch", "length", "heads", "head_dim"))
-        ctx = checkpoint_name(ctx, "attn_context")
-        out = DenseGeneral(
-            x.shape[-1],
-            ("heads", "head_dim", "embed"),
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=nn.initializers.normal(self.out_init_std),
-            name="out",
-        )(ctx)
-        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
-        return checkpoint_name(out, "attn_out")
+        return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
 
 
 def mean_window_pairs(seq_len: int, w1: int, w2: int) -> float:
