@@ -27,9 +27,13 @@ def _load(run_dir):
     return task, variables, cfg
 
 
-def _show(tok, ids):
-    s = tok.decode([int(i)]) if int(i) < 256 or not hasattr(tok, "eos_id") or int(i) not in (tok.eos_id, tok.pad_id) else ("<eos>" if int(i) == tok.eos_id else "<pad>")
-    return repr(s)[1:-1]
+def _show(tok, token_id) -> str:
+    t = int(token_id)
+    if t == getattr(tok, "eos_id", None):
+        return "<eos>"
+    if t == getattr(tok, "pad_id", None):
+        return "<pad>"
+    return repr(tok.decode([t]))[1:-1]
 
 
 def think_text(run_dir: str, text: str, steps: int, candidates: int, png: str | None, generate: int, seed: int = 0) -> dict:
