@@ -119,7 +119,9 @@ def system2_attention(q, k, v, segment_ids=None):
     q_o, q_p = q[:, :s], q[:, s:]
     k_o, k_p = k[:, :s], k[:, s:]
     v_o, v_p = v[:, :s], v[:, s:]
-    ctx_o = dot_product_attention(q_o, k_o, v_o, segment_ids)
+    # XLA, never cuDNN: the EBT loss differentiates through the inner energy gradient (second order), and
+    # cuDNN's fused attention has no differentiation rule for its own backward.
+    ctx_o = dot_product_attention(q_o, k_o, v_o, segment_ids, implementation="xla")
     qg = q_p.reshape(b, s, kv, g, d).astype(jnp.float32)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
     logits_obs = jnp.einsum("bskgd,btkd->bkgst", qg, k_o.astype(jnp.float32)) * scale  # [B,K,G,S,S]
