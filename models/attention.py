@@ -117,8 +117,17 @@ class Attention(nn.Module):
         if c.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="query_norm")(q)
             k = RMSNorm(self.norm_eps, self.dtype, name="key_norm")(k)
-        q = apply_rope(q, positions, c.rope_theta)
-        k = apply_rope(k, positions, c.rope_theta)
+        pos = self.rope_positions(positions)
+        q = apply_rope(q, pos, c.rope_theta)
+        k = apply_rope(k, pos, c.rope_theta)
         q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
-        ctx = dot_product_attention(q, k, v, segment_ids, implementation=c.implementation)
-        return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
+        return output_projection(self.core(q, k, v, segment_ids), x.shape[-1], self.dtype, self.out_init_std)
+
+    # Hooks for attention variants that keep these projections and parameter names (e.g. models.ebt's
+    # System-2 and bidirectional attention) but change the core or the rotary positions.
+    def core(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        """q [B,L,H,Dh], k/v [B,L,K,Dh] -> ctx [B,L,H,Dh]: causal GQA attention within segments."""
+        return dot_product_attention(q, k, v, segment_ids, implementation=self.cfg.implementation)
+
+    def rope_positions(self, positions: jax.Array) -> jax.Array:
+        return positions

@@ -43,13 +43,12 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init, unbox_values
-from models.attention import AttentionConfig, dot_product_attention, segment_mask
+from models.attention import Attention, dot_product_attention, segment_mask
 from models.decoder import MIXER_FLOPS, MIXERS, DecoderConfig, DecoderStack, default_positions
-from models.layers import Dense, DenseGeneral, Embed, RMSNorm, apply_rope
+from models.layers import Dense, Embed
 from models.lm import cross_entropy
 
 ALPHA_MIN = 1e-4
@@ -58,53 +57,6 @@ Batch = dict[str, jax.Array]
 
 
 # --- attention -----------------------------------------------------------------------------------------
-class ProjectedAttention(nn.Module):
-    """Q/K/V/O projections + RoPE exactly as models.attention.Attention (same parameter names and axes), with
-    the attention core left to subclasses: `core(q, k, v, positions, segment_ids) -> ctx [B,L,H,D]`.
-
-    (models.attention.Attention fixes its core to causal attention; a core hook there would remove this
-    small duplication of its projection code.)
-    """
-
-    cfg: AttentionConfig
-    dtype: Any = jnp.bfloat16
-    init_std: float = 0.02
-    out_init_std: float = 0.02
-    norm_eps: float = 1e-6
-
-    def core(self, q, k, v, segment_ids):
-        raise NotImplementedError
-
-    def rope_positions(self, positions: jax.Array) -> jax.Array:
-        return positions
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None, train: bool = False) -> jax.Array:
-        del train
-        c = self.cfg
-        init = nn.initializers.normal(self.init_std)
-        dense = lambda n, heads, axis: DenseGeneral(
-            (n, c.head_dim), ("embed", axis, "head_dim"), dtype=self.dtype, kernel_init=init, name=heads
-        )
-        q = dense(c.num_heads, "query", "heads")(x)
-        k = dense(c.num_kv_heads, "key", "kv_heads")(x)
-        v = dense(c.num_kv_heads, "value", "kv_heads")(x)
-        if c.qk_norm:
-            q = RMSNorm(self.norm_eps, self.dtype, name="query_norm")(q)
-            k = RMSNorm(self.norm_eps, self.dtype, name="key_norm")(k)
-        pos = self.rope_positions(positions)
-        q = apply_rope(q, pos, c.rope_theta)
-        k = apply_rope(k, pos, c.rope_theta)
-        q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
-        ctx = checkpoint_name(self.core(q, k, v, segment_ids), "attn_context")
-        out = DenseGeneral(
-            x.shape[-1], ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
-            kernel_init=nn.initializers.normal(self.out_init_std), name="out",
-        )(ctx)
-        out = nn.with_logical_constraint(out, ("batch", "length", "embed"))
-        return checkpoint_name(out, "attn_out")
-
-
 def system2_attention(q, k, v, segment_ids=None):
     """Efficient System-2 attention over the stream [observed ; predicted].
 
@@ -160,7 +112,7 @@ def system2_attention_dense(q, k, v, segment_ids=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-class System2Attention(ProjectedAttention):
+class System2Attention(Attention):
     """The "ebt_attention" mixer: [B, 2S, D] (observed ; predicted) -> [B, 2S, D]. Positions [B, 2S] come
     from the model (observed i -> i, prediction i -> i + 1); segment_ids [B, 2S] repeat the observed ids."""
 

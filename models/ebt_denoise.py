@@ -20,11 +20,12 @@ import jax.numpy as jnp
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init
 from models.decoder import MIXERS, DecoderConfig, DecoderStack
-from models.ebt import ALPHA_MIN, ProjectedAttention
+from models.attention import Attention
+from models.ebt import ALPHA_MIN
 from models.layers import Dense
 
 
-class BidirectionalAttention(ProjectedAttention):
+class BidirectionalAttention(Attention):
     """The "bidir_attention" mixer: full (non-causal) attention within each segment. [B,L,D] -> [B,L,D]."""
 
     def core(self, q, k, v, segment_ids):
