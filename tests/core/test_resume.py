@@ -85,7 +85,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
 
 
 def test_restore_on_other_mesh_continues(tmp_path):
-    """Saved on 8 devices (fsdp=8), restored on 4 (fsdp=4) and 1: the next losses agree to float tolerance."""
+    """Saved on 8 devices (fsdp=8), restored on 4 (fsdp=4): the next losses agree to float tolerance with a
+    continuation on 8. (Restoring onto 1 process from a 2-process save: tests/multiprocess.)"""
     import shutil
 
     base = ["checkpoint.every_steps=4", "trainer.log_every=1", "trainer.eval_batches=0", "checkpoint.async_save=false"]
@@ -93,14 +94,14 @@ def test_restore_on_other_mesh_continues(tmp_path):
     r = helpers.run(helpers.recipe_cmd(src, base + ["trainer.steps=4", "mesh.data=1", "mesh.fsdp=-1"]), devices=8)
     assert r.returncode == 0, r.stderr[-3000:]
     results = {}
-    for devices in (8, 4, 1):
+    for devices in (8, 4):
         d = tmp_path / f"on{devices}"
         shutil.copytree(src, d)
         r = helpers.run(helpers.recipe_cmd(d, base + ["trainer.steps=6", "mesh.data=1", "mesh.fsdp=-1"]), devices=devices)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "Resuming from checkpoint at step 4" in r.stdout
         results[devices] = helpers.losses(d)
-    for devices in (4, 1):
+    for devices in (4,):
         for s in (5, 6):
             np.testing.assert_allclose(results[devices][s], results[8][s], rtol=2e-5)
 

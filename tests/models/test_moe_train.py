@@ -4,6 +4,7 @@ the mesh, and is checkpointed bit-exactly."""
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from axlearn_like import config as config_lib, sharding as sharding_lib, trainer
 from axlearn_like.checkpoint import CheckpointConfig, Checkpointer
@@ -43,9 +44,13 @@ def _bias(state):
     return np.asarray(leaves[0].bias), np.asarray(leaves[0].load)
 
 
-def test_bias_is_a_step_statistic_updated_from_the_global_batch():
-    cfg = _cfg()
-    setup, state, biases, m = _run(cfg, jax.devices()[:1])
+@pytest.fixture(scope="module")
+def single_device_run():
+    return _run(_cfg(), jax.devices()[:1])
+
+
+def test_bias_is_a_step_statistic_updated_from_the_global_batch(single_device_run):
+    setup, state, biases, m = single_device_run
     assert not any("router" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0])
     for (b0, _), (b1, load1) in zip(biases[:-1], biases[1:]):
         delta = np.round((b1 - b0) / 0.01, 4)
@@ -58,10 +63,9 @@ def test_bias_is_a_step_statistic_updated_from_the_global_batch():
     assert np.isfinite(float(m["objective"]))
 
 
-def test_expert_parallel_trainer_matches_single_device_and_checkpoints_exactly(tmp_path):
-    cfg1 = _cfg()
+def test_expert_parallel_trainer_matches_single_device_and_checkpoints_exactly(single_device_run, tmp_path):
     cfg8 = _cfg(["mesh.data=2", "mesh.expert=4"])
-    _, s1, b1, m1 = _run(cfg1, jax.devices()[:1])
+    _, s1, b1, m1 = single_device_run
     setup8, s8, b8, m8 = _run(cfg8, jax.devices())
     np.testing.assert_allclose(float(m8["objective"]), float(m1["objective"]), rtol=1e-4)
     np.testing.assert_array_equal(b8[1][0], b1[1][0])

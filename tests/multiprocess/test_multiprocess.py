@@ -22,7 +22,7 @@ from tests.core import helpers
 pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
 
 N = 8
-EXTRA = ["trainer.steps=8", "checkpoint.every_steps=4", "trainer.log_every=1", "trainer.eval_every=100",
+EXTRA = ["trainer.steps=8", "checkpoint.every_steps=4", "trainer.log_every=1", "trainer.eval_batches=0",
          "checkpoint.max_to_keep=5"]
 TWO = ["mesh.dcn_data=2"]  # 2-process runs use the hybrid mesh: data spans the processes (granules)
 HEARTBEAT_S = 10
