@@ -483,6 +483,7 @@ def _print_sample(cfg: ExperimentConfig, setup: StateSetup, state: TrainState) -
     variables = {"params": state.params, "stats": state.stats, "carry": state.carry}
     out = setup.task.generate(variables, prompt, cfg.trainer.sample_tokens, jax.random.PRNGKey(cfg.trainer.seed),
                               temperature=cfg.trainer.sample_temperature)
-    text = tok.decode([int(t) for t in np.asarray(out)[0]])
+    new_tokens = np.asarray(out)[0][prompt.shape[1]:]  # generate returns prompt + continuation
+    text = tok.decode([int(t) for t in new_tokens])
     print("sample:\n" + cfg.trainer.sample_prompt + text, flush=True)
     return text
