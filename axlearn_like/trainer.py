@@ -198,7 +198,6 @@ def _join_micro(x):
 def make_train_step(setup: StateSetup, cfg: ExperimentConfig):
     task, optimizer = setup.task, setup.optimizer
     m = cfg.trainer.grad_accum
-    skip_nonfinite = True  # both policies keep the previous state on a non-finite step; "stop" then halts on the host
 
     def loss_fn(params, stats, carry, batch, rng):
         variables = {"params": params, "stats": stats, "carry": carry}
@@ -234,10 +233,10 @@ def make_train_step(setup: StateSetup, cfg: ExperimentConfig):
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats, carry=carry)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if skip_nonfinite:
-            # A non-finite step changes nothing but the step counter, so a NaN never reaches the state.
-            kept = state.replace(step=state.step + 1)
-            new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, kept)
+        # Under both nan policies a non-finite step changes nothing but the step counter, so a NaN never
+        # reaches the state (or a checkpoint); "stop" then halts on the host, "skip" carries on.
+        kept = state.replace(step=state.step + 1)
+        new_state = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_state, kept)
         metrics = dict(metrics)
         metrics.update(objective=loss, grad_norm=grad_norm, param_norm=optax.global_norm(params),
                        lr=setup.schedule(state.step), finite=finite)
