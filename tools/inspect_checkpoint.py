@@ -23,7 +23,7 @@ def _steps(directory: str) -> list[int]:
 def inspect(path: str, step: int | None = None, out=sys.stdout) -> dict:
     import orbax.checkpoint as ocp
 
-    directory = _ckpt_dir(path)
+    directory = os.path.abspath(_ckpt_dir(path))  # orbax wants absolute paths
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{path} is not a run dir or checkpoint dir (no such directory)")
     steps = _steps(directory)
@@ -47,15 +47,28 @@ def inspect(path: str, step: int | None = None, out=sys.stdout) -> dict:
         shape = tuple(getattr(leaf, "shape", ()) or ())
         dtype = str(getattr(leaf, "dtype", ""))
         sh = getattr(leaf, "sharding", None)
-        spec = getattr(sh, "spec", None) if sh is not None else None
+        spec = getattr(sh, "partition_spec", None) or getattr(sh, "spec", None)
+        if spec is not None:
+            axes = getattr(sh, "axis_names", None)
+            sizes = getattr(sh, "shape", None)
+            mesh = "" if axes is None else " mesh " + "x".join(f"{a}={int(n)}" for a, n in zip(axes, list(sizes)))
+            spec = f"{tuple(spec)}{mesh}"
         rows.append((name, shape, dtype, str(spec) if spec is not None else "-"))
 
     jax.tree_util.tree_map_with_path(visit, tree)
-    nparams = sum(int(np.prod(s)) for n, s, _, _ in rows if ".params" in n or "['params']" in n)
-    print(f"\nstate tree ({len(rows)} arrays; {nparams/1e6:.3f}M parameters):", file=out)
-    width = max(len(r[0]) for r in rows)
-    for name, shape, dtype, spec in rows:
+    params = [r for r in rows if r[0].startswith("['params']")]
+    others = [r for r in rows if not r[0].startswith("['params']") and not r[0].startswith("['opt_state']")]
+    opt = [r for r in rows if r[0].startswith("['opt_state']")]
+    nparams = sum(int(np.prod(s)) for _, s, _, _ in params)
+    width = max(len(r[0]) for r in params + others) if params or others else 10
+    print(f"\nparameters ({len(params)} arrays, {nparams/1e6:.3f}M values; sharding = saved partition spec and mesh):", file=out)
+    for name, shape, dtype, spec in params:
         print(f"  {name:<{width}}  {str(shape):<20} {dtype:<9} {spec}", file=out)
+    print("\nother state (step, rng, stats, carry):", file=out)
+    for name, shape, dtype, spec in others:
+        print(f"  {name:<{width}}  {str(shape):<20} {dtype:<9} {spec}", file=out)
+    nopt = sum(int(np.prod(s)) for _, s, _, _ in opt)
+    print(f"\noptimizer state: {len(opt)} arrays, {nopt/1e6:.3f}M values", file=out)
     cfg_path = os.path.join(sdir, "config", "metadata")
     cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
     print("\nconfig:", file=out)
@@ -64,6 +77,8 @@ def inspect(path: str, step: int | None = None, out=sys.stdout) -> dict:
     positions = {}
     if os.path.isdir(data_dir):
         for fname in sorted(os.listdir(data_dir)):
+            if not fname.endswith(".json"):
+                continue
             fpath = os.path.join(data_dir, fname)
             try:
                 positions[fname] = json.load(open(fpath))
