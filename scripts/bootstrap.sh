@@ -27,7 +27,7 @@ fi
 stamp="$VENV/.installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing axlearn_like and its pinned dependencies into $VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   "$VENV/bin/python" -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import jax, flax, optax, orbax.checkpoint, grain" || { echo "error: dependency install failed; see the pip output above" >&2; exit 1; }
   touch "$stamp"
