@@ -1,5 +1,5 @@
 """`python -m tools.export_safetensors RUN_DIR OUT_DIR [--step N]`: writes the parameters of a checkpoint as
-`model.safetensors` (flat names like `stack.block_0.mixer.q_proj.kernel`, float32, JAX layout: a Dense kernel
+`model.safetensors` (flat names like `stack.layer_0.mixer.query.kernel`, float32, JAX layout: a Dense kernel
 is [in, out], the transpose of torch.nn.Linear.weight) plus `config.json` (the resolved axlearn_like config),
 loadable with `safetensors.torch.load_file` / HF tooling. `tools.import_safetensors` reverses it. Works on a
 checkpoint written by any number of processes (it is read in one process)."""
