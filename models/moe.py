@@ -145,7 +145,8 @@ class RoutingBias(StepStatistic):
         gamma = jnp.float32(self.gamma)
         if self.gamma_zero_after_step is not None:
             gamma = jnp.where(step >= self.gamma_zero_after_step, 0.0, gamma)
-        delta = jnp.sign(jnp.mean(self.load) - self.load)
+        # Mean over experts only: under scan_layers the stats of all layers are stacked as [layers, E].
+        delta = jnp.sign(jnp.mean(self.load, axis=-1, keepdims=True) - self.load)
         return self.replace(bias=self.bias + gamma * delta, load=jnp.zeros_like(self.load))
 
 

@@ -76,3 +76,12 @@ def test_expert_parallel_trainer_matches_single_device_and_checkpoints_exactly(s
     for x, y in zip(jax.tree.leaves(s8.stats), jax.tree.leaves(restored.stats)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert _bias(restored)[0].tolist() == b8[-1][0].tolist()
+
+
+def test_stacked_bias_finalizes_per_layer():
+    """Under scan_layers the RoutingBias leaves are stacked [layers, E]; each layer balances its own load."""
+    load = np.asarray([[4.0, 0.0, 0.0, 0.0], [100.0, 100.0, 100.0, 104.0]], np.float32)
+    stat = RoutingBias(bias=np.zeros((2, 4), np.float32), load=load, gamma=0.5)
+    out = stat.finalize(np.int32(0))
+    np.testing.assert_array_equal(np.asarray(out.bias), [[-0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, -0.5]])
+    np.testing.assert_array_equal(np.asarray(out.load), 0.0)
