@@ -27,7 +27,9 @@ class StepStatistic(flax.struct.PyTreeNode):
     """Base for `stats` nodes that are finalized once per optimizer step (see module doc).
 
     Subclasses are flax.struct dataclasses: array fields are state (checkpointed); static fields
-    (`flax.struct.field(pytree_node=False)`) are configuration. `finalize` must be a pure jnp function.
+    (`flax.struct.field(pytree_node=False)`) are configuration. `finalize` must be a pure jnp function, and
+    must treat extra leading axes as independent copies: under `scan_layers` the node of every layer is
+    stacked into one node with a leading [layers] axis.
     """
 
     def finalize(self, step: jax.Array) -> "StepStatistic":
