@@ -1,4 +1,8 @@
-"""Benchmark the SSD op: `python -m tools.bench_ssd [--out bench.json]` (GPU; prints a table).
+"""Benchmark the SSD op: `python -m tools.bench_ssd [--sweep] [--set k=v ...] [--out bench.json]` (GPU).
+
+Prints the Triton per-stage breakdown (chunk_cb, chunk_state, state_passing, chunk_scan, backward stages), then
+a table of every implementation; --sweep first times each Triton stage group under launch variants (SWEEP) and
+keeps the best; --set overrides triton_gpu.CONFIG (e.g. cb=false bwd_cb=false pass_prefetch=0 = the v2 kernels).
 
 Times forward and forward+backward (gradients into x, dt, A, B, C, D) of every implementation that runs on the
 backend, for the Mamba-2 shape b8 L8192 h32 P64 N128 g1 chunk 256 in bf16. FLOPs (shared/GPU.md convention):
@@ -42,20 +46,28 @@ def timeit(f, args, reps=30, warmup=3):
     return benchutil.timeit(f, args, reps, warmup)
 
 
+# Each group is timed alone (the stage's kernels only) under each variant; the best of a group stays in
+# triton_gpu.CONFIG for the groups after it. chunk_scan variants include the chunk_cb kernel they need
+# (cb=False is the v2 kernel recomputing C B^T per head); bwd variants include chunk_cb when bwd_cb.
 SWEEP = {
-    "chunk_scan": [dict(scan_bm=bm, scan_bk=bk, scan_warps=w, scan_stages=st) for bm, bk, w, st in
-                   [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (128, 64, 8, 2), (128, 64, 4, 2),
-                    (128, 128, 8, 2)]],
-    "chunk_state": [dict(state_warps=w, state_stages=st) for w, st in [(4, 2), (4, 3), (8, 2)]],
-    "state_passing": [dict(pass_block=b) for b in (1024, 256, 2048)],
-    "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs) for b, w, st, hs in
-            [(64, 8, 2, 4), (64, 4, 2, 4), (64, 8, 3, 4), (64, 8, 2, 8), (64, 8, 2, 2), (64, 8, 2, 1),
-             (32, 4, 2, 8), (64, 4, 3, 8)]],
+    "cb": [dict(cb_bm=m, cb_bk=k, cb_warps=w) for m, k, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4),
+                                                              (128, 128, 8)]],
+    "chunk_scan": [dict(scan_bm=bm, scan_bk=bk, scan_warps=w, scan_stages=st, cb=cb, cb_dtype=dt)
+                   for bm, bk, w, st, cb, dt in
+                   [(128, 32, 4, 2, True, "float32"), (128, 32, 4, 3, True, "float32"),
+                    (128, 32, 4, 2, True, "bfloat16"), (128, 32, 4, 3, True, "bfloat16"),
+                    (128, 64, 4, 2, True, "float32"), (128, 64, 8, 2, True, "float32"),
+                    (128, 64, 8, 3, True, "float32"), (64, 32, 4, 2, True, "float32"),
+                    (64, 64, 4, 3, True, "float32"), (128, 64, 4, 2, False, "float32")]],
+    "state_passing": [dict(pass_block=b, pass_prefetch=pf, pass_warps=w) for b, pf, w in
+                      [(256, 0, 4), (256, 1, 4), (256, 2, 4), (512, 2, 4), (1024, 2, 4), (256, 2, 2)]],
+    "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs, bwd_cb=cb) for b, w, st, hs, cb in
+            [(64, 4, 2, 4, True), (64, 4, 2, 4, False), (64, 4, 3, 8, True), (64, 4, 2, 8, True)]],
 }
 
 
-def sweep_triton(args, Q, reps):
-    """Times each Triton stage alone under each launch variant; leaves triton_gpu.CONFIG at the best ones."""
+def _stage_inputs(args, Q):
+    """Chunked inputs and intermediate tensors of one forward+backward, for timing stages alone."""
     from kernels.ssd import api, triton_gpu as tg
 
     x, dt, A, B, C, D = args
@@ -68,17 +80,36 @@ def sweep_triton(args, Q, reps):
     st = jax.jit(tg.chunk_state)(xc, Bc, w)
     states = jax.jit(tg.state_passing)(st, decay, init)
     dstates, _ = jax.jit(lambda *a: tg.state_passing(*a, reverse=True, fwd_states=states))(st, decay, init)
-    calls = {
-        "chunk_state": [(tg.chunk_state, (xc, Bc, w))],
-        "state_passing": [(tg.state_passing, (st, decay, init)),
-                          (lambda *a: tg.state_passing(*a[:3], reverse=True, fwd_states=a[3]),
-                           (st, decay, init, states))],
-        "chunk_scan": [(tg.chunk_scan, (xc, dtc, cs, Bc, Cc, states, D))],
-        "bwd": [(tg.chunk_bwd_dx_dB, (xc, dtc, cs, Bc, Cc, dyc, dstates, D)),
-                (tg.chunk_bwd_dC, (xc, dtc, cs, Bc, Cc, dyc, states))],
+    return dict(xc=xc, dtc=dtc, cs=cs, Bc=Bc, Cc=Cc, init=init, w=w, decay=decay, dyc=dyc, st=st,
+                states=states, dstates=dstates, D=D)
+
+
+def _group_calls(v):
+    """Per sweep group: the (function, args) pairs whose summed time ranks its variants."""
+    from kernels.ssd import triton_gpu as tg
+
+    rev = lambda *a: tg.state_passing(*a[:3], reverse=True, fwd_states=a[3])
+    return {
+        "cb": [(tg.chunk_cb, (v["Bc"], v["Cc"]))],
+        "chunk_state": [(tg.chunk_state, (v["xc"], v["Bc"], v["w"]))],
+        "state_passing": [(tg.state_passing, (v["st"], v["decay"], v["init"])),
+                          (rev, (v["st"], v["decay"], v["init"], v["states"]))],
+        "chunk_scan": [(tg.chunk_scan, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["states"], v["D"]))],
+        "bwd": [(tg.chunk_bwd_dx_dB, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"], v["dstates"],
+                                      v["D"])),
+                (tg.chunk_bwd_dC, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"], v["states"]))],
     }
+
+
+def sweep_triton(args, Q, reps, groups=None):
+    """Times each Triton stage alone under each launch variant; leaves triton_gpu.CONFIG at the best ones."""
+    from kernels.ssd import triton_gpu as tg
+
+    calls = _group_calls(_stage_inputs(args, Q))
     log = []
     for group, variants in SWEEP.items():
+        if groups and group not in groups:
+            continue
         best = None
         for v in variants:
             tg.CONFIG.update(v)
@@ -93,8 +124,59 @@ def sweep_triton(args, Q, reps):
                 best = (ms, v)
         if best is not None:
             tg.CONFIG.update(best[1])
+            print(f"sweep {group} BEST {best[1]}: {best[0]:.3f} ms", flush=True)
     print("best triton CONFIG:", tg.CONFIG, flush=True)
     return log, dict(tg.CONFIG)
+
+
+def stage_breakdown(args, Q, reps):
+    """Each Triton stage alone at the current CONFIG (back-to-back timing, so launch overhead overlapped);
+    the XLA glue (cumsum, exp, reductions, reshapes) is the remainder of the end-to-end time."""
+    from kernels.ssd import triton_gpu as tg
+
+    v = _stage_inputs(args, Q)
+    use_cb = bool(tg.CONFIG["cb"])
+    cb = jax.jit(tg.chunk_cb)(v["Bc"], v["Cc"]) if (use_cb or tg.CONFIG["bwd_cb"]) else None
+    scan = lambda *a: tg.chunk_scan(*a[:7], cb=a[7] if use_cb else None)
+    dxdb = lambda *a: tg.chunk_bwd_dx_dB(*a[:8], cb=a[8] if tg.CONFIG["bwd_cb"] else None)
+    rev = lambda *a: tg.state_passing(*a[:3], reverse=True, fwd_states=a[3])
+    rows = [
+        ("fwd", "chunk_cb (C B^T per group)", tg.chunk_cb, (v["Bc"], v["Cc"])),
+        ("fwd", "chunk_state", tg.chunk_state, (v["xc"], v["Bc"], v["w"])),
+        ("fwd", "state_passing", tg.state_passing, (v["st"], v["decay"], v["init"])),
+        ("fwd", "chunk_scan (cb given)" if use_cb else "chunk_scan (C B^T per head)", scan,
+         (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["states"], v["D"], cb)),
+        ("bwd", "chunk_cb (recomputed)", tg.chunk_cb, (v["Bc"], v["Cc"])),
+        ("bwd", "chunk_state (dy, C)", tg.chunk_state, (v["dyc"], v["Cc"], v["w"])),
+        ("bwd", "state_passing reverse + <dS,S>", rev, (v["st"], v["decay"], v["init"], v["states"])),
+        ("bwd", "chunk_bwd_dx_dB", dxdb, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"], v["dstates"],
+                                           v["D"], cb)),
+        ("bwd", "chunk_bwd_dC", tg.chunk_bwd_dC, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"],
+                                                   v["states"])),
+    ]
+    if not use_cb:
+        rows.pop(0)
+    if not tg.CONFIG["bwd_cb"]:
+        rows = [r for r in rows if r[1] != "chunk_cb (recomputed)"]
+    out, tot = [], {"fwd": 0.0, "bwd": 0.0}
+    print(f"\nTriton stages alone (CONFIG {tg.CONFIG}):", flush=True)
+    for part, name, f, a_ in rows:
+        ms = timeit(jax.jit(lambda *a, f=f: f(*a)), a_, reps)[0]
+        tot[part] += ms
+        out.append({"part": part, "stage": name, "ms": ms})
+        print(f"  {part} {name:36s} {ms:.3f} ms", flush=True)
+    print(f"  sum fwd stages {tot['fwd']:.3f} ms; sum bwd stages {tot['bwd']:.3f} ms", flush=True)
+    return out
+
+
+def _parse_set(items):
+    """--set key=value overrides of triton_gpu.CONFIG (ints, true/false, or strings)."""
+    out = {}
+    for it in items:
+        k, _, val = it.partition("=")
+        low = val.lower()
+        out[k] = True if low == "true" else False if low == "false" else int(val) if val.lstrip("-").isdigit() else val
+    return out
 
 
 def main(argv=None):
@@ -104,6 +186,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--out", default=None)
     p.add_argument("--sweep", action="store_true", help="sweep Triton launch parameters first (GPU)")
+    p.add_argument("--groups", default=None, help=f"comma list of sweep groups (default all: {','.join(SWEEP)})")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override triton_gpu.CONFIG before everything, e.g. --set cb=false bwd_cb=false "
+                        "pass_prefetch=0 (the v2 kernels)")
+    p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown of the Triton path")
     a = p.parse_args(argv)
     b, L, h, P, g, N, Q = (int(v) for v in a.shape.split(","))
     impls = a.impls.split(",") if a.impls else (["triton", "xla"] if backend() == "gpu" else ["xla"])
@@ -111,12 +198,22 @@ def main(argv=None):
     fl = ssd_flops(b, L, h, P, g, N, Q)
     w = jax.random.normal(jax.random.key(9), (b, L, h, P), jnp.float32)
     rows, outs = [], {}
-    sweep_log, best_cfg = ([], None)
+    sweep_log, best_cfg, stages = ([], None, [])
+    if "triton" in impls and (a.set or a.sweep or not a.no_stages):
+        from kernels.ssd import triton_gpu as tg
+
+        tg.CONFIG.update(_parse_set(a.set))
     if a.sweep and "triton" in impls:
         try:
-            sweep_log, best_cfg = sweep_triton(args, Q, max(5, a.reps // 3))
+            groups = a.groups.split(",") if a.groups else None
+            sweep_log, best_cfg = sweep_triton(args, Q, max(5, a.reps // 3), groups)
         except Exception as e:  # the sweep is optional; the table below still runs
             print(f"sweep failed: {type(e).__name__}: {str(e)[:1000]}", flush=True)
+    if "triton" in impls and not a.no_stages:
+        try:
+            stages = stage_breakdown(args, Q, max(5, a.reps // 3))
+        except Exception as e:
+            print(f"stage breakdown failed: {type(e).__name__}: {str(e)[:1000]}", flush=True)
     for impl in impls:
         fwd = jax.jit(lambda x, dt, A, B, C, D, impl=impl: ssd(x, dt, A, B, C, D=D, chunk_size=Q,
                                                                 implementation=impl))
@@ -166,7 +263,7 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": dev, "shape": a.shape, "rows": rows, "anchor": ANCHOR, "sweep": sweep_log,
-                       "triton_config": best_cfg}, f, indent=1)
+                       "triton_config": best_cfg, "stages": stages}, f, indent=1)
 
 
 if __name__ == "__main__":

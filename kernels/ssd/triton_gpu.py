@@ -1,9 +1,11 @@
 """SSD stages as Triton kernels (called through jax-triton 0.3.1): the GPU path.
 
 Same stages and layouts as reference.py (x [b,c,Q,h,P], B/C [b,c,Q,g,N], dt/cs [b,h,c,Q] f32, states
-[b,c+1,h,P,N] f32). Every Q x Q interaction (C B^T with its decay mask, dy x^T) is formed in registers one
-(64 x 64) tile at a time and consumed by the next tensor-core product, so no per-chunk Q x Q matrix touches
-device memory. Matrix products take the input dtype (bf16) with float32 accumulation; decays, cumsums and
+[b,c+1,h,P,N] f32). C B^T is shared by the heads of a group: `chunk_cb` computes it once per
+(batch, chunk, group) into cb [b, c, g, Q, Q] (as mamba_ssm does; memory linear in seq), and chunk_scan and the
+dx/dB backward read its tiles (CONFIG cb / bwd_cb; off = recompute C B^T per head in registers, the v2 path).
+Every per-head Q x Q interaction (the decay mask, dt, dy x^T) is formed in registers one tile at a time and
+consumed by the next tensor-core product, so no per-head Q x Q matrix touches device memory. Matrix products take the input dtype (bf16) with float32 accumulation; decays, cumsums and
 states stay float32 (states are rounded to the input dtype only as a matmul operand, as in mamba_ssm).
 Backward kernels loop over the heads of a group inside one program so dB and dC (shared by the group's heads)
 are summed in registers instead of written per head.
@@ -46,12 +48,38 @@ def _chunk_state_kernel(x_ptr, b_ptr, w_ptr, out_ptr, L: tl.constexpr, H: tl.con
 
 
 @triton.jit
+def _cb_kernel(b_ptr, c_ptr, cb_ptr, L: tl.constexpr, G: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
+               NC: tl.constexpr, BN: tl.constexpr, CBM: tl.constexpr, CBK: tl.constexpr, PREC: tl.constexpr):
+    """cb[b,c,g,t,s] = C[b,t,g].B[b,s,g] for one CBM x CBK tile of a chunk (whole N contracted at once).
+    Tiles strictly above the diagonal are computed too (never read; 2x of a tiny kernel keeps it simple)."""
+    pid = tl.program_id(0)
+    NK: tl.constexpr = Q // CBK
+    NM: tl.constexpr = Q // CBM
+    kt = pid % NK
+    mt = (pid // NK) % NM
+    g = (pid // (NK * NM)) % G
+    c = (pid // (NK * NM * G)) % NC
+    bb = (pid // (NK * NM * G * NC)).to(tl.int64)
+    on = tl.arange(0, BN)
+    om = mt * CBM + tl.arange(0, CBM)
+    ok = kt * CBK + tl.arange(0, CBK)
+    bcoff = bb * L * G * N + g * N
+    cm = tl.load(c_ptr + bcoff + (c * Q + om)[:, None] * (G * N) + on[None, :], mask=on[None, :] < N, other=0.0)
+    bk = tl.load(b_ptr + bcoff + (c * Q + ok)[:, None] * (G * N) + on[None, :], mask=on[None, :] < N, other=0.0)
+    cb = tl.dot(cm, tl.trans(bk), input_precision=PREC)
+    base = ((bb * NC + c) * G + g) * (Q * Q)
+    tl.store(cb_ptr + base + om[:, None] * Q + ok[None, :], cb.to(cb_ptr.dtype.element_ty))
+
+
+@triton.jit
 def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr, H: tl.constexpr,
-                          PN: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+                          PN: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
+                          PF: tl.constexpr):
     """Forward: out[0] = init, out[c+1] = decay_c out[c] + st[c]. Reverse (adjoint): out[NC] = init,
     out[c] = decay_c out[c+1] + st[c], and dot[b, h, blk, c] = <out[c+1], fwd[c+1]> over this program's
     elements (fwd = forward states; the cumsum cotangent's carried term). One program owns BLOCK elements of
-    one (b, h) state."""
+    one (b, h) state. PF (0, 1, 2): loads issued PF chunks ahead of their use, so a program keeps PF + 1
+    chunk loads in flight instead of waiting one memory latency per chunk (the loop is latency-bound)."""
     pid = tl.program_id(0)
     nblk = tl.cdiv(PN, BLOCK)
     blk = pid % nblk
@@ -61,29 +89,75 @@ def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < PN
     s = tl.load(init_ptr + bh * PN + offs, mask=mask, other=0.0)
+    # chunk visited at step k: c(k) = NC-1-k (reverse) or k; st index c, fwd index c+1, decay index c
     if REVERSE:
+        c0 = NC - 1
+        dc = -1
         tl.store(out_ptr + ((bb * (NC + 1) + NC) * H + h) * PN + offs, s, mask=mask)
-        for k in range(NC):
-            c = NC - 1 - k
-            f = tl.load(fwd_ptr + ((bb * (NC + 1) + c + 1) * H + h) * PN + offs, mask=mask, other=0.0)
-            tl.store(dot_ptr + (bh * nblk + blk) * NC + c, tl.sum(s * f, axis=0))
-            d = tl.load(decay_ptr + bh * NC + c)
-            s = d * s + tl.load(st_ptr + ((bb * NC + c) * H + h) * PN + offs, mask=mask, other=0.0)
-            tl.store(out_ptr + ((bb * (NC + 1) + c) * H + h) * PN + offs, s, mask=mask)
     else:
-        for c in range(NC):
+        c0 = 0
+        dc = 1
+    st_row = st_ptr + (bb * NC * H + h) * PN + offs  # + c * H * PN
+    f_row = fwd_ptr + (bb * (NC + 1) * H + h) * PN + offs  # + (c + 1) * H * PN
+    d_row = decay_ptr + bh * NC
+    if PF >= 1:
+        st1 = tl.load(st_row + c0 * H * PN, mask=mask, other=0.0)
+        d1 = tl.load(d_row + c0)
+        if REVERSE:
+            f1 = tl.load(f_row + (c0 + 1) * H * PN, mask=mask, other=0.0)
+    if PF >= 2:
+        c1 = c0 + dc
+        ok1 = (c1 >= 0) & (c1 < NC)
+        st2 = tl.load(st_row + c1 * H * PN, mask=mask & ok1, other=0.0)
+        d2 = tl.load(d_row + c1, mask=ok1, other=0.0)
+        if REVERSE:
+            f2 = tl.load(f_row + (c1 + 1) * H * PN, mask=mask & ok1, other=0.0)
+    for k in range(NC):
+        c = c0 + dc * k
+        if PF == 0:
+            st_c = tl.load(st_row + c * H * PN, mask=mask, other=0.0)
+            d = tl.load(d_row + c)
+            if REVERSE:
+                f = tl.load(f_row + (c + 1) * H * PN, mask=mask, other=0.0)
+        else:
+            cn = c + PF * dc  # the chunk this step prefetches
+            okn = (cn >= 0) & (cn < NC)
+            st_c = st1
+            d = d1
+            if REVERSE:
+                f = f1
+            if PF == 1:
+                st1 = tl.load(st_row + cn * H * PN, mask=mask & okn, other=0.0)
+                d1 = tl.load(d_row + cn, mask=okn, other=0.0)
+                if REVERSE:
+                    f1 = tl.load(f_row + (cn + 1) * H * PN, mask=mask & okn, other=0.0)
+            else:
+                st1 = st2
+                d1 = d2
+                st2 = tl.load(st_row + cn * H * PN, mask=mask & okn, other=0.0)
+                d2 = tl.load(d_row + cn, mask=okn, other=0.0)
+                if REVERSE:
+                    f1 = f2
+                    f2 = tl.load(f_row + (cn + 1) * H * PN, mask=mask & okn, other=0.0)
+        if REVERSE:
+            tl.store(dot_ptr + (bh * nblk + blk) * NC + c, tl.sum(s * f, axis=0))
+            s = d * s + st_c
             tl.store(out_ptr + ((bb * (NC + 1) + c) * H + h) * PN + offs, s, mask=mask)
-            d = tl.load(decay_ptr + bh * NC + c)
-            s = d * s + tl.load(st_ptr + ((bb * NC + c) * H + h) * PN + offs, mask=mask, other=0.0)
+        else:
+            tl.store(out_ptr + ((bb * (NC + 1) + c) * H + h) * PN + offs, s, mask=mask)
+            s = d * s + st_c
+    if not REVERSE:
         tl.store(out_ptr + ((bb * (NC + 1) + NC) * H + h) * PN + offs, s, mask=mask)
 
 
 @triton.jit
-def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, st_ptr, d_ptr, y_ptr, L: tl.constexpr,
+def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, y_ptr, L: tl.constexpr,
                        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
                        NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                       PREC: tl.constexpr):
-    """y[t] = sum_{s<=t in chunk} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) S_c C_t + D x_t, BM rows."""
+                       CB_IN: tl.constexpr, PREC: tl.constexpr):
+    """y[t] = sum_{s<=t in chunk} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) S_c C_t + D x_t, BM rows.
+    CB_IN: C_t.B_s read from cb [b,c,g,Q,Q] (heads of one (b, c) are adjacent programs: the tile stays in L2);
+    else recomputed here from B (2 BM BK N extra FLOPs per tile)."""
     pid = tl.program_id(0)
     NM: tl.constexpr = Q // BM
     m = pid % NM
@@ -99,6 +173,7 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, st_ptr, d_ptr, y_ptr
     xbase = x_ptr + bb * L * H * P + h * P
     bcoff = bb * L * G * N + g * N
     sbase = bb * H * L + h * L
+    cbbase = ((bb * NC + c) * G + g) * (Q * Q)
     cs_m = tl.load(cs_ptr + sbase + tm)
     cm = tl.load(c_ptr + bcoff + tm[:, None] * (G * N) + on[None, :], mask=on[None, :] < N, other=0.0)
     st = tl.load(st_ptr + ((bb * (NC + 1) + c) * H + h) * (P * N) + on[:, None] + op[None, :] * N,
@@ -107,10 +182,13 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, st_ptr, d_ptr, y_ptr
     for k0 in range(0, (m + 1) * BM, BK):
         ok = k0 + tl.arange(0, BK)
         tk = c * Q + ok
-        bk = tl.load(b_ptr + bcoff + tk[:, None] * (G * N) + on[None, :], mask=on[None, :] < N, other=0.0)
         cs_k = tl.load(cs_ptr + sbase + tk)
         dt_k = tl.load(dt_ptr + sbase + tk)
-        cb = tl.dot(cm, tl.trans(bk), input_precision=PREC)
+        if CB_IN:
+            cb = tl.load(cb_ptr + cbbase + om[:, None] * Q + ok[None, :]).to(tl.float32)
+        else:
+            bk = tl.load(b_ptr + bcoff + tk[:, None] * (G * N) + on[None, :], mask=on[None, :] < N, other=0.0)
+            cb = tl.dot(cm, tl.trans(bk), input_precision=PREC)
         decay = tl.exp(tl.minimum(cs_m[:, None] - cs_k[None, :], 0.0)) * dt_k[None, :]
         cb = tl.where(om[:, None] >= ok[None, :], cb * decay, 0.0)
         xk = tl.load(xbase + tk[:, None] * (H * P) + op[None, :], mask=op[None, :] < P, other=0.0)
@@ -122,13 +200,14 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, st_ptr, d_ptr, y_ptr
 
 
 @triton.jit
-def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, dst_ptr, d_ptr,
+def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_ptr, d_ptr,
                       dx_ptr, db_ptr, ddt_ptr, dd_ptr, B_: tl.constexpr, L: tl.constexpr, H: tl.constexpr,
                       G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, NC: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, HS: tl.constexpr,
-                      PREC: tl.constexpr):
+                      CB_IN: tl.constexpr, PREC: tl.constexpr):
     """Source-side cotangents for BS positions s of one chunk, heads [hs*R/HS, (hs+1)*R/HS) of group g
-    (see reference); dB partial sums over those heads go to slice hs of db [HS, b, c, Q, g, N]."""
+    (see reference); dB partial sums over those heads go to slice hs of db [HS, b, c, Q, g, N].
+    CB_IN: B_s.C_t read (transposed) from cb [b,c,g,Q,Q] instead of recomputed per head."""
     pid = tl.program_id(0)
     NS: tl.constexpr = Q // BS
     R: tl.constexpr = H // G // HS
@@ -143,6 +222,7 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, dst_ptr, d_pt
     os_ = sb * BS + tl.arange(0, BS)
     ts = c * Q + os_
     bcoff = bb * L * G * N + g * N
+    cbbase = ((bb * NC + c) * G + g) * (Q * Q)
     mask_n = on[None, :] < N
     mask_p = op[None, :] < P
     bs = tl.load(b_ptr + bcoff + ts[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
@@ -169,7 +249,10 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, dst_ptr, d_pt
             cs_t = tl.load(cs_ptr + sbase + tt)
             decay = tl.where(ot[None, :] >= os_[:, None],
                              tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)  # [BS, BT]
-            bc = tl.dot(bs, tl.trans(ct), input_precision=PREC) * decay
+            if CB_IN:
+                bc = tl.load(cb_ptr + cbbase + ot[None, :] * Q + os_[:, None]).to(tl.float32) * decay
+            else:
+                bc = tl.dot(bs, tl.trans(ct), input_precision=PREC) * decay
             w_acc += tl.dot(bc.to(dtype), dyt, input_precision=PREC)
             xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC) * decay
             dbh += tl.dot(xdy.to(dtype), ct, input_precision=PREC)
@@ -238,9 +321,13 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
 # ----------------------------------------------------------------------------------------------------------
 
 # Launch parameters: the best of `python -m tools.bench_ssd --sweep` on one H200, 2026-11-29 (b8 L8192 h32 P64
-# N128 Q256 bf16; docs/notes/ssd.md has every variant's time).
-CONFIG = dict(state_warps=4, state_stages=2, pass_block=256, scan_bm=128, scan_bk=64, scan_warps=4,
-              scan_stages=2, bwd_blk=64, bwd_warps=4, bwd_stages=2, head_split=4)
+# N128 Q256 bf16; docs/notes/ssd.md has every variant's time). cb/bwd_cb: read C B^T from the per-group cb
+# tensor (True) or recompute it per head (False, the v2 kernels); cb_dtype: its storage ("float32" keeps the v2
+# numerics exactly; "bfloat16" halves its bytes and adds one rounding). pass_prefetch: state passing loads in
+# flight ahead of use (0 = v2).
+CONFIG = dict(state_warps=4, state_stages=2, pass_block=256, pass_prefetch=1, pass_warps=4, scan_bm=128,
+              scan_bk=64, scan_warps=4, scan_stages=2, cb=True, cb_dtype="float32", cb_bm=64, cb_bk=64,
+              cb_warps=4, bwd_cb=True, bwd_blk=64, bwd_warps=4, bwd_stages=2, head_split=4)
 
 
 def _triton_call(*args, **kwargs):
@@ -294,19 +381,37 @@ def state_passing(chunk_states, chunk_decay, init, reverse=False, fwd_states=Non
     outs = [_sds((b, nc + 1, h, P, N), F32), _sds((b, h, nblk, nc), F32)]
     fwd = fwd_states if want_dot else init.astype(F32)  # unused pointer when not reversing
     out, dot = _triton_call(chunk_states, chunk_decay.astype(F32), init.astype(F32), fwd,
-                            kernel=_state_passing_kernel, out_shape=outs, grid=(b * h * nblk,), num_warps=4,
-                            num_stages=1, H=h, PN=PN, NC=nc, BLOCK=block, REVERSE=bool(reverse))
+                            kernel=_state_passing_kernel, out_shape=outs, grid=(b * h * nblk,),
+                            num_warps=CONFIG["pass_warps"], num_stages=1, H=h, PN=PN, NC=nc, BLOCK=block,
+                            REVERSE=bool(reverse), PF=int(CONFIG["pass_prefetch"]))
     return (out, dot.sum(2)) if want_dot else out
 
 
-def chunk_scan(x, dt, cs, Bm, Cm, states, D):
+def chunk_cb(Bm, Cm):
+    """C B^T per (batch, chunk, group): Bm, Cm [b,c,Q,g,N] -> cb [b,c,g,Q(t),Q(s)] in CONFIG["cb_dtype"]."""
+    b, nc, Q, g, N = Bm.shape
+    dtype = Cm.dtype if Cm.dtype == jnp.float32 else jnp.dtype(CONFIG["cb_dtype"])
+    cbm, cbk = _blk(Q, CONFIG["cb_bm"]), _blk(Q, CONFIG["cb_bk"])
+    prec = "ieee" if Cm.dtype == jnp.float32 else "tf32"
+    return _triton_call(Bm, Cm.astype(Bm.dtype), kernel=_cb_kernel, out_shape=_sds((b, nc, g, Q, Q), dtype),
+                        grid=(b * nc * g * (Q // cbm) * (Q // cbk),), num_warps=CONFIG["cb_warps"], num_stages=1,
+                        L=nc * Q, G=g, N=N, Q=Q, NC=nc, BN=_pow2(N), CBM=cbm, CBK=cbk, PREC=prec)
+
+
+def chunk_scan(x, dt, cs, Bm, Cm, states, D, cb=None):
+    """reference.chunk_scan; cb (from chunk_cb) is computed here when CONFIG["cb"] and not given."""
+    Bm, Cm = Bm.astype(x.dtype), Cm.astype(x.dtype)
+    use_cb = bool(CONFIG["cb"]) or cb is not None
+    if use_cb and cb is None:
+        cb = chunk_cb(Bm, Cm)
     d = _dims(x, Bm)
     bm, bk = _blk(d["Q"], CONFIG["scan_bm"]), _blk(d["Q"], CONFIG["scan_bk"])
     bk = min(bk, bm)  # the causal loop steps whole BK tiles up to the end of the BM rows
     grid = (x.shape[0] * d["NC"] * d["H"] * (d["Q"] // bm),)
-    return _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), states, D.astype(F32),
+    return _triton_call(x, dt, cs, Bm, Cm, cb if use_cb else Cm, states, D.astype(F32),
                         kernel=_chunk_scan_kernel, out_shape=_sds(x.shape, x.dtype), grid=grid,
-                        num_warps=CONFIG["scan_warps"], num_stages=CONFIG["scan_stages"], BM=bm, BK=bk, **d)
+                        num_warps=CONFIG["scan_warps"], num_stages=CONFIG["scan_stages"], BM=bm, BK=bk,
+                        CB_IN=use_cb, **d)
 
 
 def _bwd_launch(x, Bm):
@@ -320,12 +425,18 @@ def _bwd_launch(x, Bm):
     return grid, hs, meta
 
 
-def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D):
+def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, cb=None):
+    """reference.chunk_bwd_dx_dB; with CONFIG["bwd_cb"] (or cb given) B_s.C_t comes from chunk_cb (recomputed
+    here: a few us, cheaper than keeping it as a residual)."""
     grid, hs, meta = _bwd_launch(x, Bm)
+    Bm, Cm = Bm.astype(x.dtype), Cm.astype(x.dtype)
+    use_cb = bool(CONFIG["bwd_cb"]) or cb is not None
+    if use_cb and cb is None:
+        cb = chunk_cb(Bm, Cm)
     outs = [_sds(x.shape, x.dtype), _sds((hs,) + Bm.shape, F32), _sds(cs.shape, F32), _sds(cs.shape, F32)]
-    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype),
-                                   dstates, D.astype(F32), kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid,
-                                   **meta)
+    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm, Cm, cb if use_cb else Cm, dy.astype(x.dtype), dstates,
+                                   D.astype(F32), kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid,
+                                   CB_IN=use_cb, **meta)
     return dx, dB.sum(0), ddt, dD
 
 

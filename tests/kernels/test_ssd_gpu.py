@@ -1,4 +1,5 @@
 """GPU checks of the Triton SSD kernels (run on the device machine: AXL_TEST_GPU=1 pytest -m gpu ...)."""
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
@@ -35,6 +36,43 @@ def test_triton_forward_backward_vs_float64(dtype, shape):
     loose = {"A": 10.0, "dt": 3.0} if dt != np.float32 else {}
     for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs):
         assert_close(got, want, dt, f"d{name}", factor=loose.get(name, 2.0))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(cb=False, bwd_cb=False, pass_prefetch=0),  # the v2 kernels (C B^T per head), kept for the bench
+        dict(cb_dtype="bfloat16", pass_prefetch=2, scan_bm=64, scan_bk=64, cb_bm=128, cb_bk=64),
+    ],
+    ids=["v2", "cb-bf16-prefetch2"],
+)
+def test_triton_config_variants_vs_float64(overrides):
+    """The launch variants the bench sweeps compute the same function (CONFIG is read at trace time, so the
+    jit caches are cleared around the override)."""
+    from kernels.ssd import triton_gpu
+
+    saved = dict(triton_gpu.CONFIG)
+    triton_gpu.CONFIG.update(overrides)
+    jax.clear_caches()
+    try:
+        dtype, (b, L, h, P, g, N, chunk) = ml_dtypes.bfloat16, (1, 600, 4, 64, 2, 128, 256)
+        rng = np.random.default_rng()
+        inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
+        y_ref, final_ref = np_ssd(*inputs)
+        dy = rng.standard_normal(y_ref.shape).astype(dtype)
+        dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
+        y, final, grads = ssd_and_grads("triton", chunk, dy, dfinal, *inputs)
+        dt = np.dtype(dtype)
+        assert_close(y, y_ref, dt, "y")
+        assert_close(final, final_ref, dt, "final_state")
+        loose = {"A": 10.0, "dt": 3.0}
+        refs = np_ssd_grads(*inputs, dy, dfinal)
+        for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs):
+            assert_close(got, want, dt, f"d{name}", factor=loose.get(name, 2.0))
+    finally:
+        triton_gpu.CONFIG.clear()
+        triton_gpu.CONFIG.update(saved)
+        jax.clear_caches()
 
 
 def test_default_implementation_on_gpu_is_triton_and_matches_xla():
