@@ -9,10 +9,19 @@ grouped matmul, `transposed_grouped_matmul`). Every implementation provides both
   pallas  kernels/grouped_matmul/pallas_tpu.py (TPU; interpret mode on CPU)
   triton  kernels/grouped_matmul/triton_gpu.py (jax-triton, GPU)
 Accumulation is float32; outputs take lhs's dtype.
+
+`swiglu_grouped_matmul` fuses the gate and up projections of SwiGLU experts (DeepSeekMoE Eq. 3 with
+FFN(u) = (silu(u Wg) * (u Wu)) Wd):  a = silu(lhs @ Wg[g]) * (lhs @ Wu[g]).  Triton runs it as one kernel
+(one pass over the rows, SwiGLU epilogue); xla and pallas compose it from their gmm launches. Its VJP
+keeps h = lhs Wg, u = lhs Wu from the forward (cheaper to store than to recompute) and computes
+  dh = da * u * silu'(h),  du = da * silu(h),  dlhs = dh Wg^T + du Wu^T (one two-term gmm),
+  dWg[g] = lhs_g^T dh_g,  dWu[g] = lhs_g^T du_g.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,25 +46,55 @@ def _xla_tgmm(lhs, dout, group_sizes):
     return out.astype(lhs.dtype)
 
 
+def _swiglu(h, u, dtype):
+    h = h.astype(jnp.float32)
+    return (h * jax.nn.sigmoid(h) * u.astype(jnp.float32)).astype(dtype)
+
+
+class _Launches(NamedTuple):
+    gmm: Callable  # (lhs, rhs, gs, transpose_rhs=False) -> [m, n]
+    tgmm: Callable  # (lhs, dout, gs) -> [G, k, n]
+    gmm2: Callable  # (lhs, rhs, lhs2, rhs2, gs, transpose_rhs) -> lhs @ rhs[g] + lhs2 @ rhs2[g]
+    swiglu: Callable  # (lhs, w_gate, w_up, gs, store_hu) -> a, or (a, h, u)
+
+
+def _composed(gmm, tgmm) -> _Launches:
+    """The two-term gmm and the SwiGLU pair from separate gmm launches (implementations without fused kernels)."""
+    def gmm2(l1, r1, l2, r2, gs, t):
+        return (gmm(l1, r1, gs, t).astype(jnp.float32) + gmm(l2, r2, gs, t).astype(jnp.float32)).astype(l1.dtype)
+
+    def swiglu(lhs, wg, wu, gs, store_hu):
+        h, u = gmm(lhs, wg, gs), gmm(lhs, wu, gs)
+        a = _swiglu(h, u, lhs.dtype)
+        return (a, h, u) if store_hu else a
+
+    return _Launches(gmm, tgmm, gmm2, swiglu)
+
+
 @functools.cache
-def _launches(name: str):
-    """(gmm(lhs, rhs, gs, transpose_rhs), tgmm(lhs, dout, gs)) of one implementation."""
+def _launches(name: str) -> _Launches:
+    """The launches of one implementation."""
     if name == "xla":
-        return _xla_gmm, _xla_tgmm
+        return _composed(_xla_gmm, _xla_tgmm)
     if name == "pallas":
         from kernels.grouped_matmul import pallas_tpu
 
-        return (lambda l, r, g, t=False: pallas_tpu.gmm(l, r, g, transpose_rhs=t)), pallas_tpu.tgmm
+        return _composed(lambda l, r, g, t=False: pallas_tpu.gmm(l, r, g, transpose_rhs=t), pallas_tpu.tgmm)
     if name == "triton":
-        from kernels.grouped_matmul import triton_gpu
+        from kernels.grouped_matmul import triton_gpu as tg
 
-        return (lambda l, r, g, t=False: triton_gpu.gmm(l, r, g, transpose_rhs=t)), triton_gpu.tgmm
+        return _Launches(
+            gmm=lambda l, r, g, t=False: tg.gmm(l, r, g, transpose_rhs=t),
+            tgmm=tg.tgmm,
+            gmm2=lambda l1, r1, l2, r2, g, t: tg.gmm(l1, r1, g, transpose_rhs=t, lhs2=l2, rhs2=r2),
+            swiglu=lambda l, wg, wu, g, store_hu: tg.gmm_swiglu(l, wg, wu, g, store_hu=store_hu),
+        )
     raise AssertionError(name)
 
 
 @functools.cache
 def _op(name: str):
-    gmm, tgmm = _launches(name)
+    gmm, tgmm = _launches(name)[:2]
 
     @jax.custom_vjp
     def op(lhs, rhs, group_sizes):
@@ -70,6 +109,34 @@ def _op(name: str):
         dlhs = gmm(dout, rhs.astype(lhs.dtype), group_sizes, True)
         drhs = tgmm(lhs, dout, group_sizes)
         return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None
+
+    op.defvjp(fwd, bwd)
+    return op
+
+
+@functools.cache
+def _swiglu_op(name: str):
+    launch = _launches(name)
+
+    @jax.custom_vjp
+    def op(lhs, w_gate, w_up, group_sizes):
+        return launch.swiglu(lhs, w_gate, w_up, group_sizes, False)
+
+    def fwd(lhs, w_gate, w_up, group_sizes):
+        a, h, u = launch.swiglu(lhs, w_gate, w_up, group_sizes, True)
+        return a, (lhs, w_gate, w_up, group_sizes, h, u)
+
+    def bwd(res, da):
+        lhs, w_gate, w_up, group_sizes, h, u = res
+        h, u, da = h.astype(jnp.float32), u.astype(jnp.float32), da.astype(jnp.float32)
+        sig = jax.nn.sigmoid(h)
+        # One XLA elementwise pass (reads da, h, u; writes dh, du); rows past the groups have h = u = 0.
+        dh = (da * u * sig * (1.0 + h * (1.0 - sig))).astype(lhs.dtype)
+        du = (da * h * sig).astype(lhs.dtype)
+        dlhs = launch.gmm2(dh, w_gate, du, w_up, group_sizes, True)
+        dwg = launch.tgmm(lhs, dh, group_sizes)
+        dwu = launch.tgmm(lhs, du, group_sizes)
+        return dlhs.astype(lhs.dtype), dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), None
 
     op.defvjp(fwd, bwd)
     return op
@@ -113,6 +180,26 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     lhs, rhs = _match_varying_axes(lhs, rhs), _match_varying_axes(rhs, lhs)
     group_sizes = _match_varying_axes(group_sizes.astype(jnp.int32), lhs)
     return _op(name)(lhs, rhs, group_sizes)
+
+
+def swiglu_grouped_matmul(lhs: jax.Array, w_gate: jax.Array, w_up: jax.Array, group_sizes: jax.Array, *,
+                          implementation: str | None = None) -> jax.Array:
+    """SwiGLU expert input projections: silu(lhs @ w_gate[g]) * (lhs @ w_up[g]) -> [m, n] (lhs dtype).
+
+    lhs [m, k] rows sorted by group, w_gate / w_up [G, k, n], group_sizes [G] int32; rows past
+    sum(group_sizes) are zero. Differentiable in lhs, w_gate, w_up (custom VJP, see the module docstring).
+    """
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"swiglu_{_OP}: w_gate {w_gate.shape} and w_up {w_up.shape} must have the same shape [G, k, n]")
+    _check(lhs, w_gate, group_sizes)
+    _check(lhs, w_up, group_sizes)
+    name = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=_PREFERRED)
+    if name == "triton" and not common.has_jax_triton():
+        raise ValueError(f"{_OP}: implementation='triton' needs jax-triton 0.3.1 (pip install jax-triton==0.3.1)")
+    w_gate, w_up = (_match_varying_axes(w.astype(lhs.dtype), lhs) for w in (w_gate, w_up))
+    lhs = _match_varying_axes(_match_varying_axes(lhs, w_gate), w_up)
+    group_sizes = _match_varying_axes(group_sizes.astype(jnp.int32), lhs)
+    return _swiglu_op(name)(lhs, w_gate, w_up, group_sizes)
 
 
 def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, implementation=None):

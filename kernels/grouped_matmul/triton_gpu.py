@@ -3,6 +3,12 @@
 gmm: one program per (row tile, column tile) of the output; it loops over the groups whose rows meet
 the tile (usually one; two or more at group boundaries), masks the other groups' rows out of the lhs
 loads and accumulates lhs_tile @ rhs[g] over k in float32. Row tiles past sum(group_sizes) store zeros.
+The 1-D grid is rastered column-fastest by default: the programs in flight share one lhs row tile and
+one or two groups' rhs, so both come from L2 (row-fastest re-reads every lhs tile from HBM per column
+tile: 6 x 134 MB at the bench shape). An optional second (lhs2, rhs2) pair accumulates into the same
+tile (the SwiGLU backward's dx = dh @ Wg^T + du @ Wu^T in one pass).
+gmm_swiglu: gate and up projections in one pass over the rows (two accumulators, one lhs load), epilogue
+silu(h) * u; optionally stores h and u for the backward.
 tgmm: one program per (group, k tile, n tile) of drhs; it walks the group's rows in steps of BM and
 accumulates lhs_rows^T @ dout_rows. Empty groups store zeros. No atomics, so results are deterministic.
 """
@@ -15,6 +21,8 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from kernels.grouped_matmul.tiles import group_bounds, work_items
+
 
 class Tiling(NamedTuple):
     bm: int = 128
@@ -22,22 +30,28 @@ class Tiling(NamedTuple):
     bk: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    raster_n: bool = True  # consecutive programs walk a row tile's column tiles (lhs tile and rhs[g] stay in L2)
 
 
-# Best of the sweep in tools/bench_moe.py on an H200 (2026-11-29; 64 groups, 32768 x 2048 x 1408 bf16).
+# Best of the sweep in tools/bench_moe.py on an H200 (2026-11-29; 64 groups, 32768 x 2048 x 1408 bf16); the
+# L2-friendly raster is new (not yet measured). `fit_columns` halves BN where N is not a multiple of it.
 GMM_TILING = Tiling(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
 TGMM_TILING = Tiling(bm=64, bn=128, bk=128, num_warps=8, num_stages=3)
+# gate+up fused: two f32 accumulators of BM x BN (the register footprint of one BM x 2BN tile).
+SWIGLU_TILING = Tiling(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)
 
 # Hopper gives a block at most 227 KiB of shared memory; stay under it with some room for Triton's own use.
-SMEM_BUDGET = 160 * 1024
+SMEM_BUDGET = 180 * 1024
 
 
-def fit_shared_memory(tiling: Tiling, itemsize: int, a_tile: tuple[str, str], b_tile: tuple[str, str]) -> Tiling:
+def fit_shared_memory(tiling: Tiling, itemsize: int, a_tile: tuple[str, str], b_tile: tuple[str, str],
+                      b_count: int = 1) -> Tiling:
     """Shrinks a tiling tuned for bf16 until its pipelined operand tiles fit in shared memory (float32 operands
-    double the bytes): first fewer pipeline stages, then halve the larger block dimension."""
+    double the bytes; `b_count` rhs tiles per step): first fewer pipeline stages, then halve a block dimension."""
     def smem(t: Tiling) -> int:
         dims = t._asdict()
-        return t.num_stages * itemsize * (dims[a_tile[0]] * dims[a_tile[1]] + dims[b_tile[0]] * dims[b_tile[1]])
+        a = dims[a_tile[0]] * dims[a_tile[1]]
+        return t.num_stages * itemsize * (a + b_count * dims[b_tile[0]] * dims[b_tile[1]])
 
     while smem(tiling) > SMEM_BUDGET:
         if tiling.num_stages > 2:
@@ -52,34 +66,84 @@ def fit_shared_memory(tiling: Tiling, itemsize: int, a_tile: tuple[str, str], b_
 
 
 @triton.jit
-def gmm_kernel(lhs_ptr, rhs_ptr, g_first_ptr, g_last_ptr, starts_ptr, ends_ptr, out_ptr,
-               M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
+def _work_item(item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS: tl.constexpr, N, BM: tl.constexpr, BN: tl.constexpr,
+               RASTER_N: tl.constexpr):
+    """(group or -1, first row, end row, column tile) of this program; 1-D grid of num_items * n_tiles."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BN)
+    if RASTER_N:  # a work item's column tiles are consecutive: one lhs tile, one group's rhs in flight
+        item = pid // n_tiles
+        pid_n = pid % n_tiles
+    else:
+        item = pid % NUM_ITEMS
+        pid_n = pid // NUM_ITEMS
+    return tl.load(item_group_ptr + item), tl.load(item_start_ptr + item), tl.load(item_end_ptr + item), pid_n
+
+
+@triton.jit
+def _group_dot(acc, lhs_ptr, rhs_g, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS: tl.constexpr, BK: tl.constexpr):
+    """acc += lhs[rows in row_ok, :k_end] @ rhs_g[:k_end] (rhs_g stored [K, N], or [N, K] if transposed)."""
+    rk = tl.arange(0, BK)
+    for k0 in range(0, k_end, BK):
+        kk = k0 + rk
+        a = tl.load(lhs_ptr + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+        if TRANSPOSE_RHS:
+            b = tl.load(rhs_g + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
+            acc += tl.dot(a, tl.trans(b))
+        else:
+            b = tl.load(rhs_g + kk[:, None] * N + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
+            acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
+def gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
+               NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, HAS2: tl.constexpr,
+               RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[rows of the item] = lhs @ rhs[g] (+ lhs2 @ rhs2[g] when HAS2); g = -1 items store zeros."""
+    g, r0, r1, pid_n = _work_item(item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BM, BN, RASTER_N)
+    rm = r0 + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    row_ok = rm < r1
+    k_end = tl.where(g >= 0, K, 0)  # zero-fill and padding items skip the product
+    off = tl.cast(tl.maximum(g, 0), tl.int64) * (K * N)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _group_dot(acc, lhs_ptr, rhs_ptr + off, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS, BK)
+    if HAS2:
+        acc = _group_dot(acc, lhs2_ptr, rhs2_ptr + off, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS, BK)
+    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def gmm_swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr, h_ptr, u_ptr,
+                      NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STORE_HU: tl.constexpr,
+                      RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """a = silu(lhs @ wg[g]) * (lhs @ wu[g]) on the item's rows; one lhs load feeds both products. With
+    STORE_HU the pre-activations h, u are stored too (the backward's residuals)."""
+    g, r0, r1, pid_n = _work_item(item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BM, BN, RASTER_N)
+    rm = r0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    g_first = tl.load(g_first_ptr + pid_m)
-    g_last = tl.load(g_last_ptr + pid_m)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for g in range(g_first, g_last):
-        start = tl.load(starts_ptr + g)
-        end = tl.load(ends_ptr + g)
-        if end > start:
-            row_ok = (rm >= start) & (rm < end)
-            rhs_g = rhs_ptr + tl.cast(g, tl.int64) * (K * N)
-            for k0 in range(0, K, BK):
-                kk = k0 + rk
-                a = tl.load(lhs_ptr + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-                if TRANSPOSE_RHS:  # rhs[g] stored [N, K]
-                    b = tl.load(rhs_g + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-                    acc += tl.dot(a, tl.trans(b))
-                else:  # rhs[g] stored [K, N]
-                    b = tl.load(rhs_g + kk[:, None] * N + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-                    acc += tl.dot(a, b)
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    row_ok = rm < r1
+    k_end = tl.where(g >= 0, K, 0)
+    off = tl.cast(tl.maximum(g, 0), tl.int64) * (K * N)
+    acc_h = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, k_end, BK):
+        kk = k0 + rk
+        x = tl.load(lhs_ptr + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+        b_mask = (kk[:, None] < K) & (rn[None, :] < N)
+        b_off = off + kk[:, None] * N + rn[None, :]
+        acc_h += tl.dot(x, tl.load(wg_ptr + b_off, mask=b_mask, other=0.0))
+        acc_u += tl.dot(x, tl.load(wu_ptr + b_off, mask=b_mask, other=0.0))
+    out_mask = row_ok[:, None] & (rn[None, :] < N)
+    out_off = rm[:, None] * N + rn[None, :]
+    act = acc_h * tl.sigmoid(acc_h) * acc_u
+    tl.store(a_ptr + out_off, act.to(a_ptr.dtype.element_ty), mask=out_mask)
+    if STORE_HU:
+        tl.store(h_ptr + out_off, acc_h.to(h_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(u_ptr + out_off, acc_u.to(u_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -104,43 +168,56 @@ def tgmm_kernel(lhs_ptr, dout_ptr, starts_ptr, ends_ptr, out_ptr,
              mask=(rk[:, None] < K) & (rn[None, :] < N))
 
 
-def group_bounds(group_sizes, m: int):
-    """starts, ends [G] int32 row bounds of each group (ends clipped to m). Works for jnp and np."""
-    xp = jnp if isinstance(group_sizes, jax.Array) else __import__("numpy")
-    ends = xp.minimum(xp.cumsum(group_sizes.astype(xp.int32)), m).astype(xp.int32)
-    starts = (ends - xp.minimum(group_sizes.astype(xp.int32), ends)).astype(xp.int32)
-    return starts, ends
+def fit_columns(tiling: Tiling, n: int) -> Tiling:
+    """Halves BN while that removes padded columns (n = 1408 = 11 x 128: BN 256 would compute 8% padding)."""
+    while n % tiling.bn and tiling.bn > 64 and n % (tiling.bn // 2) < n % tiling.bn:
+        tiling = tiling._replace(bn=tiling.bn // 2)
+    return tiling
 
 
-def tile_group_range(group_sizes, m: int, bm: int):
-    """[first, last) groups whose rows meet each row tile, [m_tiles] int32 each (empty range past the rows)."""
-    xp = jnp if isinstance(group_sizes, jax.Array) else __import__("numpy")
-    starts, ends = group_bounds(group_sizes, m)
-    total = ends[-1]
-    lo = xp.arange(-(-m // bm), dtype=xp.int32) * bm
-    hi = xp.minimum(lo + bm, total)
-    first = xp.searchsorted(ends, lo, side="right").astype(xp.int32)
-    last = xp.where(hi > lo, xp.searchsorted(ends, hi - 1, side="right") + 1, first).astype(xp.int32)
-    return first, xp.minimum(last, group_sizes.shape[0]).astype(xp.int32)
-
-
-def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | None = None):
-    """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype)."""
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | None = None, lhs2=None, rhs2=None):
+    """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype).
+    With lhs2/rhs2 (same shapes) the kernel returns lhs @ rhs[g] + lhs2 @ rhs2[g] in one pass."""
     import jax_triton as jt
 
-    tiling = fit_shared_memory(tiling or GMM_TILING, lhs.dtype.itemsize, ("bm", "bk"), ("bk", "bn"))
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    first, last = tile_group_range(group_sizes, m, tiling.bm)
-    starts, ends = group_bounds(group_sizes, m)
+    tiling = fit_columns(tiling or GMM_TILING, n)
+    tiling = fit_shared_memory(tiling, lhs.dtype.itemsize, ("bm", "bk"), ("bk", "bn"))
+    items = work_items(group_sizes, m, tiling.bm)
+    has2 = lhs2 is not None
     return jt.triton_call(
-        lhs, rhs, first, last, starts, ends,
+        lhs, rhs, lhs2 if has2 else lhs, rhs2 if has2 else rhs, *items,
         kernel=gmm_kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
-        grid=(first.shape[0], triton.cdiv(n, tiling.bn)),
+        grid=(items[0].shape[0] * triton.cdiv(n, tiling.bn),),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        M=m, K=k, N=n, TRANSPOSE_RHS=transpose_rhs, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
+        NUM_ITEMS=items[0].shape[0], K=k, N=n, TRANSPOSE_RHS=transpose_rhs, HAS2=has2, RASTER_N=tiling.raster_n,
+        BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
     )
+
+
+def gmm_swiglu(lhs, w_gate, w_up, group_sizes, *, store_hu: bool, tiling: Tiling | None = None):
+    """a = silu(lhs @ w_gate[g]) * (lhs @ w_up[g]) per row group: lhs [m, k], w_* [G, k, n] -> a [m, n], or
+    (a, h, u) with store_hu (h, u the two products, for the backward). Outputs in lhs dtype."""
+    import jax_triton as jt
+
+    m, k = lhs.shape
+    n = w_gate.shape[2]
+    tiling = fit_columns(tiling or SWIGLU_TILING, n)
+    tiling = fit_shared_memory(tiling, lhs.dtype.itemsize, ("bm", "bk"), ("bk", "bn"), b_count=2)
+    items = work_items(group_sizes, m, tiling.bm)
+    full = jax.ShapeDtypeStruct((m, n), lhs.dtype)
+    dummy = jax.ShapeDtypeStruct((1,), lhs.dtype)  # not written without store_hu
+    out = jt.triton_call(
+        lhs, w_gate, w_up, *items,
+        kernel=gmm_swiglu_kernel,
+        out_shape=(full, full if store_hu else dummy, full if store_hu else dummy),
+        grid=(items[0].shape[0] * triton.cdiv(n, tiling.bn),),
+        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
+        NUM_ITEMS=items[0].shape[0], K=k, N=n, STORE_HU=store_hu, RASTER_N=tiling.raster_n, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
+    )
+    return tuple(out) if store_hu else out[0]
 
 
 def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None):
@@ -158,5 +235,5 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None):
         out_shape=jax.ShapeDtypeStruct((g, k, n), lhs.dtype),
         grid=(triton.cdiv(k, tiling.bk) * triton.cdiv(n, tiling.bn), g),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        K=k, N=n, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
+        NUM_ITEMS=items[0].shape[0], K=k, N=n, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
     )

@@ -210,7 +210,11 @@ def test_aux_free_balancing_lowers_maxvio():
 
 
 @pytest.mark.gpu
-def test_layer_triton_matches_dense_gpu():
+@pytest.mark.parametrize("fused", [True, False])
+def test_layer_triton_matches_dense_gpu(fused, monkeypatch):
+    import models.moe
+
+    monkeypatch.setattr(models.moe, "FUSED_GATE_UP", fused)
     cfg = dataclasses.replace(CFG, num_experts=16, top_k=4, expert_dim=64, implementation="triton")
     x = _x(6, (4, 64, D))
     v = _init(cfg, x)
