@@ -45,6 +45,18 @@ def _row(rows, what, loads, pass_, ms, spread, flops, **extra):
     rows.append(dict(what=what, loads=loads, pass_=pass_, ms=ms, spread_ms=spread, tflops=flops / ms / 1e9, **extra))
 
 
+def _guarded(rows, what, fn):
+    """Runs one measurement; a failure becomes a row with the error, so one broken launch costs one row
+    (not the whole GPU call)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"  FAILED {what}: {msg}", flush=True)
+        rows.append(dict(what=f"FAILED {what}", loads="-", pass_="-", ms=float("nan"), spread_ms=0.0,
+                         tflops=float("nan"), error=msg))
+
+
 def sweep(lhs, rhs, rhs2, dout, gs, fl, reps, quick, rows):
     """Times candidate tilings per launch (uniform loads); sets the module defaults to the best of each."""
     from kernels.grouped_matmul import triton_gpu as tg
@@ -110,7 +122,8 @@ def bench_gmm(m, k, n, g, reps, args, rows):
         from kernels.grouped_matmul import triton_gpu as tg
 
         if args.sweep:
-            sweep(lhs, rhs, rhs2, dout, jnp.asarray(group_sizes("uniform", m, g)), fl, reps, args.quick, rows)
+            gs = jnp.asarray(group_sizes("uniform", m, g))
+            _guarded(rows, "sweep", lambda: sweep(lhs, rhs, rhs2, dout, gs, fl, reps, args.quick, rows))
         eff = lambda t: tuple(tg.fit_columns(t, n))
         rows.append(dict(what=f"tilings gmm={eff(tg.GMM_TILING)} swiglu={eff(tg.SWIGLU_TILING)} "
                               f"tgmm={tuple(tg.TGMM_TILING)} (at n={n})", loads="-", pass_="-", ms=0.0, spread_ms=0.0,
@@ -119,23 +132,27 @@ def bench_gmm(m, k, n, g, reps, args, rows):
     for loads in ("uniform", "skewed"):
         gs = jnp.asarray(group_sizes(loads, m, g))
         for impl in impls:
-            f = jax.jit(lambda a, b, s, impl=impl: grouped_matmul(a, b, s, implementation=impl))
-            err = _check(f(lhs, rhs, gs), lhs, rhs, np.asarray(gs))
-            ms, spread = timeit(f, (lhs, rhs, gs), reps)
-            _row(rows, f"grouped_matmul {impl}", loads, "fwd", ms, spread, fl, rel_err=err)
-            loss = lambda a, b, s, impl=impl: 0.5 * jnp.sum(
-                grouped_matmul(a, b, s, implementation=impl).astype(jnp.float32) ** 2)
-            ms, spread = timeit(jax.jit(jax.grad(loss, argnums=(0, 1))), (lhs, rhs, gs), reps)
-            _row(rows, f"grouped_matmul {impl}", loads, "fwd+bwd", ms, spread, 3 * fl)
-            if impl != "triton":
-                continue
-            f = jax.jit(lambda a, b, c, s: swiglu_grouped_matmul(a, b, c, s, implementation="triton"))
-            ms, spread = timeit(f, (lhs, rhs, rhs2, gs), reps)
-            _row(rows, "swiglu_grouped_matmul triton (gate+up)", loads, "fwd", ms, spread, 2 * fl)
-            loss = lambda a, b, c, s: 0.5 * jnp.sum(
-                swiglu_grouped_matmul(a, b, c, s, implementation="triton").astype(jnp.float32) ** 2)
-            ms, spread = timeit(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (lhs, rhs, rhs2, gs), reps)
-            _row(rows, "swiglu_grouped_matmul triton (gate+up)", loads, "fwd+bwd", ms, spread, 6 * fl)
+            _guarded(rows, f"grouped_matmul {impl} {loads}", lambda: _gmm_rows(impl, loads, lhs, rhs, rhs2, gs, fl, reps, rows))
+
+
+def _gmm_rows(impl, loads, lhs, rhs, rhs2, gs, fl, reps, rows):
+    f = jax.jit(lambda a, b, s, impl=impl: grouped_matmul(a, b, s, implementation=impl))
+    err = _check(f(lhs, rhs, gs), lhs, rhs, np.asarray(gs))
+    ms, spread = timeit(f, (lhs, rhs, gs), reps)
+    _row(rows, f"grouped_matmul {impl}", loads, "fwd", ms, spread, fl, rel_err=err)
+    loss = lambda a, b, s, impl=impl: 0.5 * jnp.sum(
+        grouped_matmul(a, b, s, implementation=impl).astype(jnp.float32) ** 2)
+    ms, spread = timeit(jax.jit(jax.grad(loss, argnums=(0, 1))), (lhs, rhs, gs), reps)
+    _row(rows, f"grouped_matmul {impl}", loads, "fwd+bwd", ms, spread, 3 * fl)
+    if impl != "triton":
+        return
+    f = jax.jit(lambda a, b, c, s: swiglu_grouped_matmul(a, b, c, s, implementation="triton"))
+    ms, spread = timeit(f, (lhs, rhs, rhs2, gs), reps)
+    _row(rows, "swiglu_grouped_matmul triton (gate+up)", loads, "fwd", ms, spread, 2 * fl)
+    loss = lambda a, b, c, s: 0.5 * jnp.sum(
+        swiglu_grouped_matmul(a, b, c, s, implementation="triton").astype(jnp.float32) ** 2)
+    ms, spread = timeit(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (lhs, rhs, rhs2, gs), reps)
+    _row(rows, "swiglu_grouped_matmul triton (gate+up)", loads, "fwd+bwd", ms, spread, 6 * fl)
 
 
 def _check(out, lhs, rhs, gs):
@@ -153,32 +170,45 @@ def _check(out, lhs, rhs, gs):
 
 def bench_layer(reps, rows, variants, small=False):
     """variants: (label, implementation, fused gate+up)."""
+    import models.moe as moe_mod
+
+    dims = (1, 256, 128, 16, 6, 64, 2) if small else (4, 2048, 2048, 64, 6, 1408, 2)
+    b, s, d, e, k, f, shared = dims
+    t = b * s
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(b, s, d)), jnp.bfloat16)
+    fwd_flops = t * (6.0 * d * f * (k + shared) + 2.0 * d * e)
+    for label, impl, fused in variants:
+        _guarded(rows, f"MoE layer ({label})", lambda: _layer_rows(label, impl, fused, x, reps, rows, fwd_flops, dims))
+    moe_mod.FUSED_GATE_UP = True
+    _dense_ffn_rows(x, reps, rows, dims)
+
+
+def _layer_rows(label, impl, fused, x, reps, rows, fwd_flops, dims):
     import flax.linen as nn
 
     import models.moe as moe_mod
     from models.moe import MoE, MoEConfig
 
-    b, s, d, e, k, f, shared = (1, 256, 128, 16, 6, 64, 2) if small else (4, 2048, 2048, 64, 6, 1408, 2)
+    b, s, d, e, k, f, shared = dims
+    moe_mod.FUSED_GATE_UP = fused  # read at trace time: each variant traces its own jitted functions
+    cfg = MoEConfig(num_experts=e, top_k=k, num_shared=shared, expert_dim=f, implementation=impl)
+    layer = MoE(cfg, d, jnp.bfloat16)
+    v = nn.meta.unbox(jax.jit(lambda key: layer.init(key, x[:1, :8], train=False))(jax.random.key(0)))
+
+    def loss(params, x):
+        y, _ = layer.apply({**v, "params": params}, x, train=True, mutable=["stats", "intermediates"])
+        return jnp.mean(y.astype(jnp.float32) ** 2)
+
+    ms, spread = timeit(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (v["params"], x), reps)
+    _row(rows, f"MoE layer ({label})", "routed", "fwd+bwd", ms, spread, 3 * fwd_flops)
+    fwd = jax.jit(lambda p, x: layer.apply({**v, "params": p}, x, train=False))
+    ms, spread = timeit(fwd, (v["params"], x), reps)
+    _row(rows, f"MoE layer ({label})", "routed", "fwd", ms, spread, fwd_flops)
+
+
+def _dense_ffn_rows(x, reps, rows, dims):
+    b, s, d, e, k, f, shared = dims
     t = b * s
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(b, s, d)), jnp.bfloat16)
-    fwd_flops = t * (6.0 * d * f * (k + shared) + 2.0 * d * e)
-    for label, impl, fused in variants:
-        moe_mod.FUSED_GATE_UP = fused  # read at trace time: each variant traces its own jitted functions
-        cfg = MoEConfig(num_experts=e, top_k=k, num_shared=shared, expert_dim=f, implementation=impl)
-        layer = MoE(cfg, d, jnp.bfloat16)
-        v = nn.meta.unbox(jax.jit(lambda key: layer.init(key, x[:1, :8], train=False))(jax.random.key(0)))
-
-        def loss(params, x):
-            y, _ = layer.apply({**v, "params": params}, x, train=True, mutable=["stats", "intermediates"])
-            return jnp.mean(y.astype(jnp.float32) ** 2)
-
-        ms, spread = timeit(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (v["params"], x), reps)
-        _row(rows, f"MoE layer ({label})", "routed", "fwd+bwd", ms, spread, 3 * fwd_flops)
-        fwd = jax.jit(lambda p, x: layer.apply({**v, "params": p}, x, train=False))
-        ms, spread = timeit(fwd, (v["params"], x), reps)
-        _row(rows, f"MoE layer ({label})", "routed", "fwd", ms, spread, fwd_flops)
-    moe_mod.FUSED_GATE_UP = True
-
     fa = (k + shared) * f
     r = np.random.default_rng(2)
     wd = {n: jnp.asarray(r.normal(size=sh) / np.sqrt(sh[0]), jnp.float32)
