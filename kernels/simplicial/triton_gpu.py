@@ -209,12 +209,93 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
     tl.store(DV1 + out[:, None] * DVP + dv[None, :], dv1, mask=in_seq[:, None])
 
 
-def _params(q, k1, v1, cfg):
+@triton.jit
+def _bwd_fused_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, DK2, DV2, DK1, DV1, S: tl.constexpr,
+                      HKV: tl.constexpr, G: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr,
+                      DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr,
+                      BJ: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr, TILES_PER_SPLIT: tl.constexpr):
+    """One pass over the logits (6 GEMM units: S, dP, dV1, dK1, dB = dS K1, C = P V1).
+
+    Program = (block of BJ k1 positions, batch*kv-head, split of head tiles); it keeps dk1/dv1 [BJ, D] in
+    registers while looping over every query whose w1 window covers the block, and sends the query-side
+    gradients as float32 atomic adds: dq_ih += scale * sum_k k2_k * dB_(h,k); dk2_k += scale * sum_h q_ih *
+    dB_(h,k); dv2_k += sum_h dO_ih * C_(h,k) (both summed over the program's head tiles first)."""
+    jb = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    split = tl.program_id(2)
+    M: tl.constexpr = GH * W2P
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    kk = tl.arange(0, W2P)
+    jpos = jb * BJ + tl.arange(0, BJ)
+    in_seq = jpos < S
+    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
+    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=in_seq[:, None] & (dk[None, :] < DK), other=0.0)
+    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
+    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=in_seq[:, None] & (dv[None, :] < DV), other=0.0)
+    dk1 = tl.zeros((BJ, DKP), tl.float32)
+    dv1 = tl.zeros((BJ, DVP), tl.float32)
+    t_lo = split * TILES_PER_SPLIT
+    i_end = jb * BJ + BJ - 1 + W1  # one past the last query that sees this block
+    i_end = i_end - (i_end - S) * (i_end > S)
+    for i in range(jb * BJ, i_end):
+        cvalid = (jpos <= i) & (jpos > i - W1) & in_seq
+        # Compact per-query operands; [M, D] row tensors exist only as the bf16 GEMM operands and the f32
+        # reductions run on [GH, W2P, D] views (register pressure: dk1/dv1 stay live across the loop).
+        kpos = i - W2 + 1 + kk
+        kvalid = (kk < W2) & (kpos >= 0)
+        kbase = (b * S + kpos).to(tl.int64) * HKV + kvh
+        k2 = tl.load(K2 + kbase[:, None] * DK + dk[None, :], mask=kvalid[:, None] & (dk[None, :] < DK),
+                     other=0.0).to(tl.float32)
+        v2 = tl.load(V2 + kbase[:, None] * DV + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
+                     other=0.0).to(tl.float32)
+        t2 = tl.zeros((W2P, DKP), tl.float32)
+        u2 = tl.zeros((W2P, DVP), tl.float32)
+        for tile in range(t_lo, t_lo + TILES_PER_SPLIT):
+            h = tile * GH + tl.arange(0, GH)
+            qbase = (b * S + i).to(tl.int64) * (HKV * G) + kvh * G + h
+            q = tl.load(Q + qbase[:, None] * DK + dk[None, :], mask=(h[:, None] < G) & (dk[None, :] < DK),
+                        other=0.0).to(tl.float32)
+            do = tl.load(DO + qbase[:, None] * DV + dv[None, :], mask=(h[:, None] < G) & (dv[None, :] < DV),
+                         other=0.0).to(tl.float32)
+            rows = tl.reshape(q[:, None, :] * (k2 * SCALE)[None, :, :], (M, DKP)).to(K1.dtype.element_ty)
+            e = tl.reshape(do[:, None, :] * v2[None, :, :], (M, DVP)).to(K1.dtype.element_ty)
+            valid = kvalid[None, :] & (h[:, None] < G)
+            hoff = tl.reshape(qbase[:, None] + 0 * kk[None, :], (M,))
+            rvalid = tl.reshape(valid, (M,))
+            lse = tl.load(LSE + hoff, mask=rvalid, other=_INF)
+            lse = tl.where(rvalid, lse, _INF)
+            delta = tl.load(DELTA + hoff, mask=rvalid, other=0.0)
+            p = tl.where(cvalid[None, :], tl.exp(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse[:, None]), 0.0)
+            ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
+            p16 = p.to(K1.dtype.element_ty)
+            ds16 = ds.to(K1.dtype.element_ty)
+            dv1 += tl.dot(tl.trans(p16), e, input_precision=PREC)
+            dk1 += tl.dot(tl.trans(ds16), rows, input_precision=PREC)
+            f = tl.reshape(tl.dot(ds16, k1, input_precision=PREC), (GH, W2P, DKP))
+            dq = tl.sum(f * k2[None, :, :], axis=1) * SCALE
+            tl.atomic_add(DQ + qbase[:, None] * DK + dk[None, :], dq, mask=(h[:, None] < G) & (dk[None, :] < DK),
+                          sem="relaxed")
+            t2 += tl.sum(f * q[:, None, :], axis=0) * SCALE
+            c = tl.reshape(tl.dot(p16, v1, input_precision=PREC), (GH, W2P, DVP))
+            u2 += tl.sum(c * do[:, None, :], axis=0)
+        tl.atomic_add(DK2 + kbase[:, None] * DK + dk[None, :], t2, mask=kvalid[:, None] & (dk[None, :] < DK),
+                      sem="relaxed")
+        tl.atomic_add(DV2 + kbase[:, None] * DV + dv[None, :], u2, mask=kvalid[:, None] & (dv[None, :] < DV),
+                      sem="relaxed")
+    out = (split * (tl.num_programs(1) * S) + (b * S + jpos) * HKV + kvh).to(tl.int64)
+    tl.store(DK1 + out[:, None] * DKP + dk[None, :], dk1, mask=in_seq[:, None])
+    tl.store(DV1 + out[:, None] * DVP + dv[None, :], dv1, mask=in_seq[:, None])
+
+
+def _params(q, k1, v1, cfg, rows=128):
+    """Kernel constexprs; `rows` is the target M = GH * W2P of a program's GEMMs (power of two >= 16)."""
     b, s, hq, dk = q.shape
     hkv, dv = k1.shape[2], v1.shape[-1]
     g = hq // hkv
     w2p = max(16, _next_pow2(cfg.w2))
-    gh = min(_next_pow2(g), max(1, 128 // w2p))
+    gh = min(_next_pow2(g), max(1, rows // w2p))
     if gh * w2p < 16:
         gh = 16 // w2p
     return dict(S=s, HKV=hkv, G=g, W1=cfg.w1, W2=cfg.w2, DK=dk, DV=dv, DKP=max(16, _next_pow2(dk)),
@@ -223,14 +304,26 @@ def _params(q, k1, v1, cfg):
 
 
 # Launch settings; tools/bench_simplicial.py sweeps them on the H200 and the best measured are the defaults.
+# GH (query heads per program tile, M = GH * W2P rows) may be overridden per launch.
 FWD_LAUNCH = dict(BJ=64, num_warps=8, num_stages=3)
 BWD_Q_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
 BWD_K_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
+# Backward: "fused" (one pass, 6 GEMM units, atomics for dq/dk2/dv2) or "two_kernel" (8 units, no atomics).
+BACKWARD = "fused"
+# SPLITS: programs per k1 block (the largest divisor of the head-tile count <= SPLITS; 0 = enough to fill the GPU).
+# ROWS: target GEMM M (= GH * W2P); 64 halves the per-step register tiles next to the live dk1/dv1.
+BWD_FUSED_LAUNCH = dict(BJ=64, ROWS=64, num_warps=8, num_stages=1, SPLITS=1)
 
 
 def _split(launch):
-    meta = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}
+    meta = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages", "SPLITS", "ROWS")}
     return meta, launch.get("num_warps", 8), launch.get("num_stages", 2)
+
+
+def _tile_splits(n_tiles, n_programs, want=0):
+    """Largest divisor of n_tiles <= want (want = 0: enough programs for 4 per SM on 132 SMs)."""
+    want = want or -(-4 * 132 // n_programs)
+    return max(x for x in range(1, n_tiles + 1) if n_tiles % x == 0 and x <= max(1, want))
 
 
 def forward(q, k1, v1, k2, v2, cfg):
@@ -249,7 +342,38 @@ def forward(q, k1, v1, k2, v2, cfg):
 
 
 def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
-    """Returns dq, dk1, dv1 and the per-query rows t2, u2 [B,S,Hkv,W2P,D] (float32)."""
+    """Returns dq, dk1, dv1 and dk2, dv2 (fused: [B,S,Hkv,D] float32) or the per-query rows t2, u2
+    [B,S,Hkv,W2P,D] float32 (two_kernel); api.py sums the rows along the w2 diagonal."""
+    if BACKWARD == "fused":
+        return _backward_fused(q, k1, v1, k2, v2, do, lse, delta, cfg)
+    if BACKWARD != "two_kernel":
+        raise ValueError(f"triton_gpu.BACKWARD must be 'fused' or 'two_kernel', got {BACKWARD!r}")
+    return _backward_two_kernel(q, k1, v1, k2, v2, do, lse, delta, cfg)
+
+
+def _backward_fused(q, k1, v1, k2, v2, do, lse, delta, cfg):
+    import jax_triton as jt
+
+    b, s, hq, dk = q.shape
+    meta, warps, stages = _split(BWD_FUSED_LAUNCH)
+    p = {**_params(q, k1, v1, cfg, BWD_FUSED_LAUNCH.get("ROWS", 128)), **meta}
+    hkv, dv = p["HKV"], p["DV"]
+    n_tiles = triton.cdiv(p["G"], p["GH"])
+    n_jb = triton.cdiv(s, p["BJ"])
+    splits = _tile_splits(n_tiles, n_jb * b * hkv, BWD_FUSED_LAUNCH.get("SPLITS", 1))
+    dq, dk2, dv2, dk1, dv1 = jt.triton_call(
+        q, k1, v1, k2, v2, do, lse, delta, kernel=_bwd_fused_kernel,
+        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                   jax.ShapeDtypeStruct((b, s, hkv, dk), jnp.float32),
+                   jax.ShapeDtypeStruct((b, s, hkv, dv), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, s, hkv, p["DKP"]), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, b, s, hkv, p["DVP"]), jnp.float32)],
+        zeroed_outputs=(0, 1, 2),  # atomic-add targets
+        grid=(n_jb, b * hkv, splits), num_warps=warps, num_stages=stages, TILES_PER_SPLIT=n_tiles // splits, **p)
+    return dq, dk1.sum(0)[..., :dk], dv1.sum(0)[..., :dv], dk2, dv2
+
+
+def _backward_two_kernel(q, k1, v1, k2, v2, do, lse, delta, cfg):
     import jax_triton as jt
 
     b, s, hq, dk = q.shape
@@ -267,8 +391,7 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
     n_tiles = triton.cdiv(p["G"], p["GH"])
     n_jb = triton.cdiv(s, p["BJ"])
     # Split the head tiles over programs until there are enough to fill the GPU (splits divide n_tiles).
-    want = -(-4 * 132 // (n_jb * b * hkv))
-    splits = max(x for x in range(1, n_tiles + 1) if n_tiles % x == 0 and x <= max(1, want))
+    splits = _tile_splits(n_tiles, n_jb * b * hkv)
     per_split = n_tiles // splits
     dk1, dv1 = jt.triton_call(
         q, k1, v1, k2, v2, do, lse, delta, kernel=_bwd_k_kernel,

@@ -192,3 +192,83 @@ def test_reference_chunking_matches_oracle():
     args, do = _inputs(rng, 2, 10, 4, 2, 8, jnp.float32)
     out = two_simplicial_reference(*args, w1=4, w2=3, scale=0.4, chunk=3)  # 4 chunks, last one ragged
     assert_close(out, oracle(*args, do, w1=4, w2=3, scale=0.4)[0], jnp.float32, "chunked reference")
+
+
+# --- Triton kernels on CPU through Triton's interpreter (float32: its bf16 dot is not exact) -------------------
+
+def _interpreter_errors():
+    """Runs in a TRITON_INTERPRET=1 subprocess: the Triton fwd and fused bwd kernels on NumPy buffers against
+    the oracle (the two-kernel bwd is covered on the GPU). Returns {case/grad: rel_err}."""
+    import triton
+    from triton.runtime import interpreter
+
+    from kernels.simplicial import triton_gpu as T
+    from kernels.simplicial.api import Config
+    from tests.oracle import rel_err
+
+    for name in dir(interpreter):  # let the interpreter take NumPy-backed pointers (no torch here)
+        obj = getattr(interpreter, name)
+        if isinstance(obj, type) and hasattr(obj, "_init_args_hst"):
+            obj._init_args_hst = lambda self, a, k: (a, k)
+            obj._restore_args_dev = lambda self, *a: None
+
+    class Ptr:
+        def __init__(self, a):
+            self.a = a  # must be C-contiguous and stay alive
+            self.dtype, self.shape = a.dtype, a.shape
+
+        def data_ptr(self):
+            return self.a.ctypes.data
+
+        def stride(self, *_):
+            return tuple(s // self.a.itemsize for s in self.a.strides)
+
+    errs = {}
+    # (batch, seq, q_heads, kv_heads, head_dim, w1, w2, rows, BJ, splits): odd seq, GQA, w2 > seq > w1,
+    # several k1 blocks; then two head tiles split over programs.
+    for case in [(1, 11, 2, 1, 8, 4, 13, 16, 8, 1), (2, 5, 4, 2, 8, 3, 2, 16, 16, 2)]:
+        b, s, hq, hkv, d, w1, w2, rows, bj, splits = case
+        rng = np.random.default_rng()
+        q, k1, v1, k2, v2, do = (rng.standard_normal((b, s, h, d)).astype(np.float32)
+                                 for h in (hq, hkv, hkv, hkv, hkv, hq))
+        cfg = Config(min(w1, s), min(w2, s), 1 / np.sqrt(d))
+        p = {**T._params(q, k1, v1, cfg, rows), "PREC": "ieee", "BJ": bj}
+        nt = triton.cdiv(p["G"], p["GH"])
+        splits = T._tile_splits(nt, 1, splits)
+        out, lse = np.zeros((b, s, hq, d), np.float32), np.zeros((b, s, hq), np.float32)
+        T._fwd_kernel[(s, b * hkv, nt)](*map(Ptr, (q, k1, v1, k2, v2, out, lse)), **p)
+        ref_o, ref_g = oracle(q, k1, v1, k2, v2, do, w1=cfg.w1, w2=cfg.w2, scale=cfg.scale)
+        errs[f"{case} out"] = rel_err(out, ref_o)
+        delta = np.sum(do * out, -1)
+        dq, dk2, dv2 = np.zeros_like(q), np.zeros_like(k1), np.zeros_like(k1)
+        dk1, dv1 = (np.zeros((splits, b, s, hkv, p["DKP"]), np.float32) for _ in range(2))
+        T._bwd_fused_kernel[(triton.cdiv(s, bj), b * hkv, splits)](
+            *map(Ptr, (q, k1, v1, k2, v2, do, lse, delta, dq, dk2, dv2, dk1, dv1)), TILES_PER_SPLIT=nt // splits, **p)
+        for n, g, r in zip(("dq", "dk1", "dv1", "dk2", "dv2"), (dq, dk1.sum(0)[..., :d], dv1.sum(0)[..., :d], dk2, dv2),
+                           ref_g):
+            errs[f"{case} fused {n}"] = rel_err(g, r)
+    return errs
+
+
+def test_triton_kernels_in_interpreter():
+    """Triton kernels (fwd, fused bwd) on CPU. Needs triton importable, or a directory holding
+    it in AXL_TRITON_SITE (e.g. `pip install --target DIR triton==3.6.0`, kept out of the project venv)."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    site = os.environ.get("AXL_TRITON_SITE", "")
+    if importlib.util.find_spec("triton") is None and not os.path.isdir(os.path.join(site, "triton")):
+        pytest.skip("triton not installed (set AXL_TRITON_SITE to a directory holding it)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(x for x in (root, site, os.environ.get("PYTHONPATH", "")) if x)}
+    code = "import json; from tests.kernels.test_simplicial import _interpreter_errors as f; print(json.dumps(f()))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    errs = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(errs) == 2 * 6
+    bad = {k: v for k, v in errs.items() if not v <= 2e-5}
+    assert not bad, bad
