@@ -1,10 +1,13 @@
-"""Benchmark of 2-simplicial attention on one GPU: `python -m tools.bench_simplicial [--quick]`.
+"""Benchmark of 2-simplicial attention on one GPU:
+`python -m tools.bench_simplicial [--variant fused|two_kernel|both] [--sweep] [--contrast]`.
 
 Paper setting (Roy et al. 2025): w1=512, w2=32, head_dim 128, 64 query heads per K/V head, B=2, S=8192,
 bf16. FLOPs count only the two tensor-core GEMMs (FBGEMM's convention): 4*D*w1*w2 per query head per
 token forward, the causal ramps (min(i+1, w1), min(i+1, w2)) counted exactly; fwd+bwd = 3.5x fwd.
-Contrast: the XLA reference (smaller S), and cuDNN causal dot-product attention at S = 3*w1*w2 = 49152.
-Also sweeps the Triton launch settings and keeps the best. Prints a table last.
+Times the forward and fwd+bwd under each backward path (fused one-pass kernel with atomics, two-kernel);
+--sweep tries the FWD_SWEEP / FUSED_SWEEP launch settings (~1-2 min with compiles) and reports the best.
+--contrast adds the XLA reference (smaller S) and cuDNN causal attention at S = 3*w1*w2 = 49152.
+Prints one line per setting as it goes and a table last.
 """
 from __future__ import annotations
 
@@ -44,82 +47,19 @@ def peak_gib():
     return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="no launch sweep")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    a = ap.parse_args()
-    from kernels.simplicial import triton_gpu  # needs triton: GPU machine only
-    b, s, hq, hkv, d, w1, w2 = 2, 8192, 64, 1, 128, 512, 32
-    dtype = jnp.bfloat16
-    args, do = inputs(jax.random.PRNGKey(0), b, s, hq, hkv, d, dtype)
-    flops = simplicial_flops(b, s, hq, d, w1, w2)
-    rows, log = [], {"flops_fwd": flops, "device": str(jax.devices()[0])}
+# Launch configurations tried by --sweep (the first of each list is the module default).
+# ROWS=256 puts 8 query heads in one program: k1/v1 re-reads from L2 per FLOP halve (no masked waste).
+FWD_SWEEP = [dict(BJ=64, ROWS=128, num_warps=8, num_stages=3), dict(BJ=64, ROWS=256, num_warps=16, num_stages=2),
+             dict(BJ=64, ROWS=256, num_warps=8, num_stages=2)]
+FUSED_SWEEP = [dict(BJ=64, ROWS=64, num_warps=8, num_stages=1, SPLITS=1),
+               dict(BJ=64, ROWS=128, num_warps=8, num_stages=1, SPLITS=1),
+               dict(BJ=64, ROWS=64, num_warps=8, num_stages=2, SPLITS=1),
+               dict(BJ=64, ROWS=64, num_warps=8, num_stages=1, SPLITS=2),
+               dict(BJ=128, ROWS=64, num_warps=8, num_stages=1, SPLITS=1)]
 
-    def make(impl):
-        f = lambda *x: two_simplicial_attention(*x, w1=w1, w2=w2, implementation=impl)
-        fwd = jax.jit(f)
-        fb = jax.jit(lambda *x: jax.vjp(f, *x)[1](do))
-        return fwd, fb
 
-    # Sanity at full size: the first 256 queries only see the first 256 positions (causal).
-    fwd, fb = make("triton")
-    out = fwd(*args)
-    pre = [x[:, :256] for x in args]
-    with jax.default_matmul_precision("highest"):
-        ref = two_simplicial_attention(*[x.astype(jnp.float32) for x in pre], w1=w1, w2=w2, implementation="xla")
-    err = float(jnp.linalg.norm(out[:, :256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-    log["prefix_rel_err"] = err
-    print(f"triton vs xla (first 256 queries at full size): rel err {err:.2e}; finite {bool(jnp.isfinite(out).all())}")
-
-    # Launch sweep (fwd, bwd kernels separately through fwd+bwd), best becomes the reported number.
-    sweep = []
-    fwd_opts = [dict(BJ=64, num_warps=8, num_stages=3)]
-    if not a.quick:
-        fwd_opts += [dict(BJ=64, num_warps=8, num_stages=2), dict(BJ=128, num_warps=8, num_stages=2),
-                     dict(BJ=64, num_warps=4, num_stages=2)]
-    best = None
-    for opt in fwd_opts:
-        triton_gpu.FWD_LAUNCH = opt
-        f, _ = make("triton")
-        try:
-            t = bench(f, *args)
-        except Exception as e:  # a setting that does not compile (shared memory) is skipped
-            print("fwd", opt, "failed:", str(e).splitlines()[0][:200])
-            continue
-        sweep.append(("fwd", opt, t))
-        print(f"fwd {opt}: {t:.2f} ms  {flops / t / 1e9:.0f} TFLOP/s", flush=True)
-        if best is None or t < best[1]:
-            best = (opt, t)
-    triton_gpu.FWD_LAUNCH = best[0]
-    t_fwd = best[1]
-    bwd_opts = [(dict(BJ=64, num_warps=8, num_stages=1), dict(BJ=64, num_warps=8, num_stages=1))]
-    if not a.quick:
-        bwd_opts += [(dict(BJ=32, num_warps=4, num_stages=1), dict(BJ=32, num_warps=4, num_stages=1)),
-                     (dict(BJ=64, num_warps=8, num_stages=2), dict(BJ=128, num_warps=8, num_stages=1))]
-    best = None
-    for oq, ok in bwd_opts:
-        triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH = oq, ok
-        _, g = make("triton")
-        try:
-            t = bench(g, *args, reps=5)
-        except Exception as e:
-            print("bwd", oq, ok, "failed:", str(e).splitlines()[0][:200])
-            continue
-        sweep.append(("fwd+bwd", (oq, ok), t))
-        print(f"fwd+bwd q{oq} k{ok}: {t:.2f} ms  {3.5 * flops / t / 1e9:.0f} TFLOP/s", flush=True)
-        if best is None or t < best[1]:
-            best = ((oq, ok), t)
-    triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH = best[0]
-    t_fb = best[1]
-    peak = peak_gib()
-    log.update(sweep=[(k, str(o), t) for k, o, t in sweep], best_fwd=str(triton_gpu.FWD_LAUNCH),
-               best_bwd=str(best[0]), peak_gib_after_triton=peak)
-    rows.append(("triton (this repo)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb,
-                 3.5 * flops / t_fb / 1e9))
-    rows.append(("FBGEMM Triton (anchor, GPU.md)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
-                 375.0, 3.5 * 8.47e12 / 375e-3 / 1e12))
-
+def _contrast(rows, b, hq, hkv, d, w1, w2, dtype):
+    """XLA reference at a smaller sequence; cuDNN causal attention at the FLOP-equivalent context 3*w1*w2."""
     # XLA reference at a smaller sequence.
     sx = 2048
     xargs, xdo = inputs(jax.random.PRNGKey(1), b, sx, hq, hkv, d, dtype)
@@ -146,6 +86,96 @@ def main():
                      3.5 * cf / t_cb / 1e9))
     except Exception as e:
         print("cudnn failed:", str(e).splitlines()[0][:200])
+
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variant", choices=("fused", "two_kernel", "both"), default="both",
+                    help="backward path(s) to time (triton_gpu.BACKWARD)")
+    ap.add_argument("--sweep", action="store_true", help="also time the FWD_SWEEP / FUSED_SWEEP launch settings")
+    ap.add_argument("--contrast", action="store_true", help="also time the XLA reference and cuDNN attention")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    from kernels.simplicial import triton_gpu  # needs triton: GPU machine only
+    b, s, hq, hkv, d, w1, w2 = 2, 8192, 64, 1, 128, 512, 32
+    dtype = jnp.bfloat16
+    args, do = inputs(jax.random.PRNGKey(0), b, s, hq, hkv, d, dtype)
+    flops = simplicial_flops(b, s, hq, d, w1, w2)
+    rows, log = [], {"flops_fwd": flops, "device": str(jax.devices()[0])}
+
+    def make(impl):
+        f = lambda *x: two_simplicial_attention(*x, w1=w1, w2=w2, implementation=impl)
+        fwd = jax.jit(f)
+        fb = jax.jit(lambda *x: jax.vjp(f, *x)[1](do))
+        return fwd, fb
+
+    # Sanity at full size: the first 256 queries only see the first 256 positions (causal).
+    fwd, fb = make("triton")
+    out = fwd(*args)
+    pre = [x[:, :256] for x in args]
+    with jax.default_matmul_precision("highest"):
+        ref = two_simplicial_attention(*[x.astype(jnp.float32) for x in pre], w1=w1, w2=w2, implementation="xla")
+    err = float(jnp.linalg.norm(out[:, :256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    log["prefix_rel_err"] = err
+    print(f"triton vs xla (first 256 queries at full size): rel err {err:.2e}; finite {bool(jnp.isfinite(out).all())}")
+
+    sweep = []
+
+    def timed(kind, settings, fn, reps):
+        try:
+            t = bench(fn, *args, reps=reps)
+        except Exception as e:  # a setting that does not compile (shared memory) is skipped
+            print(kind, settings, "failed:", str(e).splitlines()[0][:200], flush=True)
+            return None
+        rate = (1.0 if kind == "fwd" else 3.5) * flops / t / 1e9
+        sweep.append((kind, settings, t))
+        print(f"{kind:20s} {settings}: {t:.2f} ms  {rate:.0f} TFLOP/s", flush=True)
+        return t
+
+    best = None
+    for opt in FWD_SWEEP if a.sweep else [triton_gpu.FWD_LAUNCH]:
+        triton_gpu.FWD_LAUNCH = opt
+        t = timed("fwd", opt, make("triton")[0], 10)
+        if t is not None and (best is None or t < best[1]):
+            best = (opt, t)
+    triton_gpu.FWD_LAUNCH, t_fwd = best
+    # fwd+bwd per backward path; the fused one over its sweep.
+    paths = []
+    if a.variant in ("fused", "both"):
+        paths += [("fused", opt) for opt in (FUSED_SWEEP if a.sweep else [triton_gpu.BWD_FUSED_LAUNCH])]
+    if a.variant in ("two_kernel", "both"):
+        paths += [("two_kernel", (triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH))]
+    best, grads = {}, {}
+    for path, opt in paths:
+        triton_gpu.BACKWARD = path
+        if path == "fused":
+            triton_gpu.BWD_FUSED_LAUNCH = opt
+        fn = make("triton")[1]
+        t = timed(f"fwd+bwd {path}", opt, fn, 5)
+        if t is not None and (path not in best or t < best[path][1]):
+            best[path] = (opt, t)
+            grads[path] = fn(*args)
+    for path, (opt, t) in sorted(best.items(), key=lambda x: x[1][1]):
+        print(f"best fwd+bwd {path}: {t:.2f} ms with {opt}")
+    if len(grads) == 2:  # the two backward paths at full size (bf16 rounding differs, values must agree)
+        errs = {n: float(jnp.linalg.norm((x.astype(jnp.float32) - y.astype(jnp.float32)).ravel())
+                         / jnp.linalg.norm(y.astype(jnp.float32).ravel()))
+                for n, x, y in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads["fused"], grads["two_kernel"])}
+        log["fused_vs_two_kernel_rel_err"] = errs
+        print("fused vs two_kernel grads at full size, rel err:", {k: f"{v:.1e}" for k, v in errs.items()})
+    print(f"best fwd: {t_fwd:.2f} ms with {triton_gpu.FWD_LAUNCH}")
+    peak = peak_gib()
+    log.update(sweep=[(k, str(o), t) for k, o, t in sweep], best_fwd=str(triton_gpu.FWD_LAUNCH),
+               best_bwd={k: (str(o), t) for k, (o, t) in best.items()}, peak_gib_after_triton=peak)
+    for path, (opt, t_fb) in sorted(best.items(), key=lambda x: x[1][1]):
+        rows.append((f"triton, bwd {path}", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb,
+                     3.5 * flops / t_fb / 1e9))
+    rows.append(("FBGEMM Triton (anchor, GPU.md)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
+                 375.0, 3.5 * 8.47e12 / 375e-3 / 1e12))
+
+    if a.contrast:
+        _contrast(rows, b, hq, hkv, d, w1, w2, dtype)
 
     log["rows"] = rows
     with open(os.path.join(a.out, "bench_simplicial.json"), "w") as fh:

@@ -305,7 +305,7 @@ def _params(q, k1, v1, cfg, rows=128):
 
 # Launch settings; tools/bench_simplicial.py sweeps them on the H200 and the best measured are the defaults.
 # GH (query heads per program tile, M = GH * W2P rows) may be overridden per launch.
-FWD_LAUNCH = dict(BJ=64, num_warps=8, num_stages=3)
+FWD_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=3)
 BWD_Q_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
 BWD_K_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
 # Backward: "fused" (one pass, 6 GEMM units, atomics for dq/dk2/dv2) or "two_kernel" (8 units, no atomics).
@@ -332,7 +332,7 @@ def forward(q, k1, v1, k2, v2, cfg):
 
     b, s, hq, _ = q.shape
     meta, warps, stages = _split(FWD_LAUNCH)
-    p = {**_params(q, k1, v1, cfg), **meta}
+    p = {**_params(q, k1, v1, cfg, FWD_LAUNCH.get("ROWS", 128)), **meta}
     grid = (s, b * p["HKV"], triton.cdiv(p["G"], p["GH"]))
     out, lse = jt.triton_call(
         q, k1, v1, k2, v2, kernel=_fwd_kernel,
