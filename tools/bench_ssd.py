@@ -2,7 +2,8 @@
 
 Prints the Triton per-stage breakdown (chunk_cb, chunk_state, state_passing, chunk_scan, backward stages), then
 a table of every implementation; --sweep first times each Triton stage group under launch variants (SWEEP) and
-keeps the best; --set overrides triton_gpu.CONFIG (e.g. cb=false bwd_cb=false pass_prefetch=0 = the v2 kernels).
+keeps the best; --set overrides triton_gpu.CONFIG (cb=false bwd_cb=false bwd_one_acc=false pass_prefetch=0
+scan_bk=64 = the v2 kernels).
 
 Times forward and forward+backward (gradients into x, dt, A, B, C, D) of every implementation that runs on the
 backend, for the Mamba-2 shape b8 L8192 h32 P64 N128 g1 chunk 256 in bf16. FLOPs (shared/GPU.md convention):
@@ -48,7 +49,8 @@ def timeit(f, args, reps=30, warmup=3):
 
 # Each group is timed alone (the stage's kernels only) under each variant; the best of a group stays in
 # triton_gpu.CONFIG for the groups after it. chunk_scan variants include the chunk_cb kernel they need
-# (cb=False is the v2 kernel recomputing C B^T per head); bwd variants include chunk_cb when bwd_cb.
+# (cb=False is the v2 kernel recomputing C B^T per head); bwd variants include chunk_cb when bwd_cb; the last
+# bwd variant is the v2 backward.
 SWEEP = {
     "cb": [dict(cb_bm=m, cb_bk=k, cb_warps=w) for m, k, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4),
                                                               (128, 128, 8)]],
@@ -61,8 +63,10 @@ SWEEP = {
                     (64, 64, 4, 3, True, "float32"), (128, 64, 4, 2, False, "float32")]],
     "state_passing": [dict(pass_block=b, pass_prefetch=pf, pass_warps=w) for b, pf, w in
                       [(256, 0, 4), (256, 1, 4), (256, 2, 4), (512, 2, 4), (1024, 2, 4), (256, 2, 2)]],
-    "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs, bwd_cb=cb) for b, w, st, hs, cb in
-            [(64, 4, 2, 4, True), (64, 4, 2, 4, False), (64, 4, 3, 8, True), (64, 4, 2, 8, True)]],
+    "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs, bwd_cb=cb, bwd_one_acc=one)
+            for b, w, st, hs, cb, one in
+            [(64, 4, 2, 4, True, True), (64, 4, 1, 4, True, True), (64, 4, 3, 4, True, True),
+             (64, 4, 2, 8, True, True), (64, 4, 2, 4, True, False), (64, 4, 2, 4, False, False)]],
 }
 
 
@@ -189,7 +193,7 @@ def main(argv=None):
     p.add_argument("--groups", default=None, help=f"comma list of sweep groups (default all: {','.join(SWEEP)})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override triton_gpu.CONFIG before everything, e.g. --set cb=false bwd_cb=false "
-                        "pass_prefetch=0 (the v2 kernels)")
+                        "bwd_one_acc=false pass_prefetch=0 scan_bk=64 (the v2 kernels)")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown of the Triton path")
     a = p.parse_args(argv)
     b, L, h, P, g, N, Q = (int(v) for v in a.shape.split(","))

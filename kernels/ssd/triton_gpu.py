@@ -204,10 +204,11 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
                       dx_ptr, db_ptr, ddt_ptr, dd_ptr, B_: tl.constexpr, L: tl.constexpr, H: tl.constexpr,
                       G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, NC: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, HS: tl.constexpr,
-                      CB_IN: tl.constexpr, PREC: tl.constexpr):
+                      CB_IN: tl.constexpr, ONE_ACC: tl.constexpr, PREC: tl.constexpr):
     """Source-side cotangents for BS positions s of one chunk, heads [hs*R/HS, (hs+1)*R/HS) of group g
     (see reference); dB partial sums over those heads go to slice hs of db [HS, b, c, Q, g, N].
-    CB_IN: B_s.C_t read (transposed) from cb [b,c,g,Q,Q] instead of recomputed per head."""
+    CB_IN: B_s.C_t read (transposed) from cb [b,c,g,Q,Q] instead of recomputed per head. ONE_ACC: one
+    accumulator for dB over heads and positions (dt_s folded into the operands) instead of two."""
     pid = tl.program_id(0)
     NS: tl.constexpr = Q // BS
     R: tl.constexpr = H // G // HS
@@ -225,7 +226,8 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
     cbbase = ((bb * NC + c) * G + g) * (Q * Q)
     mask_n = on[None, :] < N
     mask_p = op[None, :] < P
-    bs = tl.load(b_ptr + bcoff + ts[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
+    bs_ptrs = b_ptr + bcoff + ts[:, None] * (G * N) + on[None, :]
+    bs = tl.load(bs_ptrs, mask=mask_n, other=0.0)
     db_acc = tl.zeros([BS, BN], dtype=tl.float32)
     for i in range(R):
         h = (g * HS + hs) * R + i
@@ -235,12 +237,17 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
         dt_s = tl.load(dt_ptr + sbase + ts)
         cs_last = tl.load(cs_ptr + sbase + c * Q + Q - 1)
         xs = tl.load(x_ptr + xyoff + ts[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0)
-        dys = tl.load(dy_ptr + xyoff + ts[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0)
         dsn = tl.load(dst_ptr + ((bb * (NC + 1) + c + 1) * H + h) * (P * N) + op[:, None] * N + on[None, :],
                       mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # dS_{c+1} [BP, BN]
         tail = tl.exp(cs_last - cs_s)
         w_acc = tl.dot(bs, tl.trans(dsn), input_precision=PREC) * tail[:, None]  # [BS, BP]
-        dbh = tl.dot(xs, dsn, input_precision=PREC) * tail[:, None]  # [BS, BN]
+        if ONE_ACC:
+            # dt_s (a per-row factor) folded into the left operands, so every head accumulates straight into
+            # db_acc (one [BS, BN] f32 accumulator live instead of two: fewer spills at 4 warps)
+            db_acc += tl.dot(xs, dsn, input_precision=PREC) * (tail * dt_s)[:, None]
+            dbh = db_acc
+        else:
+            dbh = tl.dot(xs, dsn, input_precision=PREC) * tail[:, None]  # [BS, BN]
         for k0 in range(sb * BS, Q, BT):
             ot = k0 + tl.arange(0, BT)
             tt = c * Q + ot
@@ -255,14 +262,19 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
                 bc = tl.dot(bs, tl.trans(ct), input_precision=PREC) * decay
             w_acc += tl.dot(bc.to(dtype), dyt, input_precision=PREC)
             xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC) * decay
-            dbh += tl.dot(xdy.to(dtype), ct, input_precision=PREC)
+            if ONE_ACC:
+                xdy = xdy * dt_s[:, None]
+            dbh = tl.dot(xdy.to(dtype), ct, dbh, input_precision=PREC)
+        if ONE_ACC:
+            db_acc = dbh
+        else:
+            db_acc += dt_s[:, None] * dbh
         xsf = xs.to(tl.float32)
-        dysf = dys.to(tl.float32)
+        dysf = tl.load(dy_ptr + xyoff + ts[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0).to(tl.float32)
         dx = dt_s[:, None] * w_acc + tl.load(d_ptr + h) * dysf
         tl.store(dx_ptr + xyoff + ts[:, None] * (H * P) + op[None, :], dx.to(dtype), mask=mask_p)
         tl.store(ddt_ptr + sbase + ts, tl.sum(xsf * w_acc, axis=1))
         tl.store(dd_ptr + sbase + ts, tl.sum(xsf * dysf, axis=1))
-        db_acc += dt_s[:, None] * dbh
     tl.store(db_ptr + hs * (B_ * L * G * N) + bcoff + ts[:, None] * (G * N) + on[None, :], db_acc, mask=mask_n)
 
 
@@ -270,9 +282,9 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
 def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, cdc_ptr, B_: tl.constexpr,
                    L: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                    Q: tl.constexpr, NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-                   BT: tl.constexpr, HS: tl.constexpr, PREC: tl.constexpr):
+                   BT: tl.constexpr, HS: tl.constexpr, ONE_ACC: tl.constexpr, PREC: tl.constexpr):
     """Query-side cotangents dC (partial sums over R/HS heads of the group, slice hs of dc [HS, ...]) and
-    C_t.dC_t^h for BT positions t."""
+    C_t.dC_t^h for BT positions t. ONE_ACC: one accumulator for the head sum (see below) instead of two."""
     pid = tl.program_id(0)
     NT: tl.constexpr = Q // BT
     R: tl.constexpr = H // G // HS
@@ -291,6 +303,7 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
     mask_p = op[None, :] < P
     ct = tl.load(c_ptr + bcoff + tt[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
     dc_acc = tl.zeros([BT, BN], dtype=tl.float32)
+    r_prev = tl.zeros([BT], dtype=tl.float32)
     for i in range(R):
         h = (g * HS + hs) * R + i
         sbase = bb * H * L + h * L
@@ -300,6 +313,8 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
         st = tl.load(st_ptr + ((bb * (NC + 1) + c) * H + h) * (P * N) + op[:, None] * N + on[None, :],
                      mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # S_c [BP, BN]
         dch = tl.dot(dyt, st, input_precision=PREC) * tl.exp(cs_t)[:, None]
+        if ONE_ACC:
+            dch += dc_acc  # carry the running head sum in the product's accumulator (no second [BT, BN] f32)
         for k0 in range(0, (tb + 1) * BT, BS):
             os_ = k0 + tl.arange(0, BS)
             ts = c * Q + os_
@@ -310,9 +325,17 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
             w = tl.where(ot[:, None] >= os_[None, :],
                          tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :], 0.0)
             dyx = tl.dot(dyt, tl.trans(xs), input_precision=PREC) * w
-            dch += tl.dot(dyx.to(dtype), bs, input_precision=PREC)
-        tl.store(cdc_ptr + sbase + tt, tl.sum(ct.to(tl.float32) * dch, axis=1))
-        dc_acc += dch
+            dch = tl.dot(dyx.to(dtype), bs, dch, input_precision=PREC)
+        if ONE_ACC:
+            # C_t.dC_t^h as a difference of running sums C_t.(sum over heads so far): f32 cancellation error
+            # ~1e-7 of the group sum, far below the bf16 operand rounding
+            r = tl.sum(ct.to(tl.float32) * dch, axis=1)
+            tl.store(cdc_ptr + sbase + tt, r - r_prev)
+            r_prev = r
+            dc_acc = dch
+        else:
+            tl.store(cdc_ptr + sbase + tt, tl.sum(ct.to(tl.float32) * dch, axis=1))
+            dc_acc += dch
     tl.store(dc_ptr + hs * (B_ * L * G * N) + bcoff + tt[:, None] * (G * N) + on[None, :], dc_acc, mask=mask_n)
 
 
@@ -324,10 +347,10 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
 # N128 Q256 bf16; docs/notes/ssd.md has every variant's time). cb/bwd_cb: read C B^T from the per-group cb
 # tensor (True) or recompute it per head (False, the v2 kernels); cb_dtype: its storage ("float32" keeps the v2
 # numerics exactly; "bfloat16" halves its bytes and adds one rounding). pass_prefetch: state passing loads in
-# flight ahead of use (0 = v2).
+# flight ahead of use (0 = v2); bwd_one_acc: one register accumulator for the head sums of dB / dC (False = v2).
 CONFIG = dict(state_warps=4, state_stages=2, pass_block=256, pass_prefetch=1, pass_warps=4, scan_bm=128,
-              scan_bk=64, scan_warps=4, scan_stages=2, cb=True, cb_dtype="float32", cb_bm=64, cb_bk=64,
-              cb_warps=4, bwd_cb=True, bwd_blk=64, bwd_warps=4, bwd_stages=2, head_split=4)
+              scan_bk=32, scan_warps=4, scan_stages=2, cb=True, cb_dtype="float32", cb_bm=64, cb_bk=64,
+              cb_warps=4, bwd_cb=True, bwd_one_acc=True, bwd_blk=64, bwd_warps=4, bwd_stages=2, head_split=4)
 
 
 def _triton_call(*args, **kwargs):
@@ -421,7 +444,7 @@ def _bwd_launch(x, Bm):
     hs = max(k for k in (1, 2, 4, 8, 16, 32) if R % k == 0 and k <= CONFIG["head_split"])
     grid = (x.shape[0] * d["NC"] * d["G"] * hs * (d["Q"] // blk),)
     meta = dict(num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"], BS=blk, BT=blk, HS=hs,
-                B_=x.shape[0], **d)
+                ONE_ACC=bool(CONFIG["bwd_one_acc"]), B_=x.shape[0], **d)
     return grid, hs, meta
 
 

@@ -41,7 +41,7 @@ def test_triton_forward_backward_vs_float64(dtype, shape):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(cb=False, bwd_cb=False, pass_prefetch=0),  # the v2 kernels (C B^T per head), kept for the bench
+        dict(cb=False, bwd_cb=False, bwd_one_acc=False, pass_prefetch=0, scan_bk=64),  # v2 (C B^T per head)
         dict(cb_dtype="bfloat16", pass_prefetch=2, scan_bm=64, scan_bk=64, cb_bm=128, cb_bk=64),
     ],
     ids=["v2", "cb-bf16-prefetch2"],
