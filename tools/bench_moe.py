@@ -5,7 +5,8 @@
    same FLOPs. FLOPs: fwd 2mkn; fwd+bwd 3 x fwd (loss 0.5 * sum(out^2), so the forward product is kept).
    Rows: dense fwd / fwd+bwd; Triton gmm fwd / fwd+bwd and the fused SwiGLU gate+up (2 x 2mkn) fwd / fwd+bwd
    for the chosen tilings; `--xla` adds lax.ragged_dot (slow: ~16 ms fwd). `--sweep` first times candidate
-   tilings of each launch on uniform loads (one line each, best last) and keeps the best for the rest.
+   tilings of each launch on uniform loads (one line each, then the best of each) and keeps the best for the
+   rest. Tiling = (BM, BN, BK, warps, stages, column-fastest raster, persistent programs or 0); H200: 132 SMs.
 2. MoE layer (E=64, top-6, 2 shared, F=1408, d_model 2048, 8192 tokens, bf16) fwd+bwd and fwd, with the fused
    gate+up (default) and the previous two-gmm path, vs a dense SwiGLU FFN of equal active width (6 + 2) x 1408.
    FLOPs per token fwd: 6 * d_model * F_active (three matrices) + 2 * d_model * E (gate); fwd+bwd 3 x fwd.
@@ -64,10 +65,11 @@ def sweep(lhs, rhs, rhs2, dout, gs, fl, reps, quick, rows):
     T = tg.Tiling
     cands = {
         "gmm": [T(128, 256, 64, 8, 3), T(128, 256, 64, 8, 3, False), T(128, 128, 64, 8, 3), T(128, 128, 64, 8, 4),
-                T(256, 128, 64, 8, 3), T(128, 128, 64, 8, 3, False), T(64, 256, 64, 8, 4)],
+                T(256, 128, 64, 8, 3), T(128, 128, 64, 8, 3, False), T(128, 256, 64, 8, 3, True, 132),
+                T(128, 128, 64, 8, 3, True, 264)],
         "gmm_T": [T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4), T(256, 128, 64, 8, 3)],
         "swiglu": [T(128, 128, 64, 8, 3), T(128, 128, 64, 8, 4), T(64, 128, 64, 4, 4), T(128, 64, 64, 4, 4),
-                   T(256, 64, 64, 8, 3), T(128, 128, 32, 8, 5), T(128, 128, 64, 8, 3, False)],
+                   T(256, 64, 64, 8, 3), T(128, 128, 64, 8, 3, False), T(128, 128, 64, 8, 3, True, 132)],
         "tgmm": [T(64, 128, 128, 8, 3), T(64, 256, 128, 8, 3), T(128, 128, 64, 8, 3)],
     }
     launches = {  # name -> (fn(tiling), args, flops)

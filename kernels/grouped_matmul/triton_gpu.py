@@ -31,6 +31,7 @@ class Tiling(NamedTuple):
     num_warps: int = 8
     num_stages: int = 3
     raster_n: bool = True  # consecutive programs walk a row tile's column tiles (lhs tile and rhs[g] stay in L2)
+    programs: int = 0  # 0: one program per output tile; P > 0: persistent, P programs stride over the tiles
 
 
 # Best of the sweep in tools/bench_moe.py on an H200 (2026-11-29; 64 groups, 32768 x 2048 x 1408 bf16); the
@@ -66,10 +67,9 @@ def fit_shared_memory(tiling: Tiling, itemsize: int, a_tile: tuple[str, str], b_
 
 
 @triton.jit
-def _work_item(item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS: tl.constexpr, N, BM: tl.constexpr, BN: tl.constexpr,
+def _work_item(pid, item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS: tl.constexpr, N, BN: tl.constexpr,
                RASTER_N: tl.constexpr):
-    """(group or -1, first row, end row, column tile) of this program; 1-D grid of num_items * n_tiles."""
-    pid = tl.program_id(0)
+    """(group or -1, first row, end row, column tile) of output tile `pid` of num_items * n_tiles."""
     n_tiles = tl.cdiv(N, BN)
     if RASTER_N:  # a work item's column tiles are consecutive: one lhs tile, one group's rhs in flight
         item = pid // n_tiles
@@ -97,11 +97,10 @@ def _group_dot(acc, lhs_ptr, rhs_g, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS: 
 
 
 @triton.jit
-def gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
-               NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, HAS2: tl.constexpr,
-               RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[rows of the item] = lhs @ rhs[g] (+ lhs2 @ rhs2[g] when HAS2); g = -1 items store zeros."""
-    g, r0, r1, pid_n = _work_item(item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BM, BN, RASTER_N)
+def _gmm_tile(tile, lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
+              NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr,
+              HAS2: tl.constexpr, RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    g, r0, r1, pid_n = _work_item(tile, item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BN, RASTER_N)
     rm = r0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     row_ok = rm < r1
@@ -116,12 +115,24 @@ def gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_
 
 
 @triton.jit
-def gmm_swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr, h_ptr, u_ptr,
-                      NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STORE_HU: tl.constexpr,
-                      RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """a = silu(lhs @ wg[g]) * (lhs @ wu[g]) on the item's rows; one lhs load feeds both products. With
-    STORE_HU the pre-activations h, u are stored too (the backward's residuals)."""
-    g, r0, r1, pid_n = _work_item(item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BM, BN, RASTER_N)
+def gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
+               NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, HAS2: tl.constexpr,
+               RASTER_N: tl.constexpr, PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[rows of the item] = lhs @ rhs[g] (+ lhs2 @ rhs2[g] when HAS2); g = -1 items store zeros."""
+    if PROGRAMS == 0:
+        _gmm_tile(tl.program_id(0), lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr,
+                  out_ptr, NUM_ITEMS, K, N, TRANSPOSE_RHS, HAS2, RASTER_N, BM, BN, BK)
+    else:
+        for tile in range(tl.program_id(0), NUM_ITEMS * tl.cdiv(N, BN), PROGRAMS):
+            _gmm_tile(tile, lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr,
+                      out_ptr, NUM_ITEMS, K, N, TRANSPOSE_RHS, HAS2, RASTER_N, BM, BN, BK)
+
+
+@triton.jit
+def _swiglu_tile(tile, lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr, h_ptr, u_ptr,
+                 NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STORE_HU: tl.constexpr,
+                 RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    g, r0, r1, pid_n = _work_item(tile, item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BN, RASTER_N)
     rm = r0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -144,6 +155,22 @@ def gmm_swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, i
     if STORE_HU:
         tl.store(h_ptr + out_off, acc_h.to(h_ptr.dtype.element_ty), mask=out_mask)
         tl.store(u_ptr + out_off, acc_u.to(u_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def gmm_swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr, h_ptr, u_ptr,
+                      NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STORE_HU: tl.constexpr,
+                      RASTER_N: tl.constexpr, PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr):
+    """a = silu(lhs @ wg[g]) * (lhs @ wu[g]) on the item's rows; one lhs load feeds both products. With
+    STORE_HU the pre-activations h, u are stored too (the backward's residuals)."""
+    if PROGRAMS == 0:
+        _swiglu_tile(tl.program_id(0), lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr,
+                     h_ptr, u_ptr, NUM_ITEMS, K, N, STORE_HU, RASTER_N, BM, BN, BK)
+    else:
+        for tile in range(tl.program_id(0), NUM_ITEMS * tl.cdiv(N, BN), PROGRAMS):
+            _swiglu_tile(tile, lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr,
+                         h_ptr, u_ptr, NUM_ITEMS, K, N, STORE_HU, RASTER_N, BM, BN, BK)
 
 
 @triton.jit
@@ -175,6 +202,15 @@ def fit_columns(tiling: Tiling, n: int) -> Tiling:
     return tiling
 
 
+def _programs(tiles: int, tiling: Tiling) -> int:
+    """Persistent program count (0 = one program per tile)."""
+    return min(tiling.programs, tiles) if tiling.programs else 0
+
+
+def _grid(tiles: int, tiling: Tiling) -> tuple[int]:
+    return (_programs(tiles, tiling) or tiles,)
+
+
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | None = None, lhs2=None, rhs2=None):
     """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype).
     With lhs2/rhs2 (same shapes) the kernel returns lhs @ rhs[g] + lhs2 @ rhs2[g] in one pass."""
@@ -190,9 +226,10 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | 
         lhs, rhs, lhs2 if has2 else lhs, rhs2 if has2 else rhs, *items,
         kernel=gmm_kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
-        grid=(items[0].shape[0] * triton.cdiv(n, tiling.bn),),
+        grid=_grid(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         NUM_ITEMS=items[0].shape[0], K=k, N=n, TRANSPOSE_RHS=transpose_rhs, HAS2=has2, RASTER_N=tiling.raster_n,
+        PROGRAMS=_programs(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
         BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
     )
 
@@ -213,9 +250,11 @@ def gmm_swiglu(lhs, w_gate, w_up, group_sizes, *, store_hu: bool, tiling: Tiling
         lhs, w_gate, w_up, *items,
         kernel=gmm_swiglu_kernel,
         out_shape=(full, full if store_hu else dummy, full if store_hu else dummy),
-        grid=(items[0].shape[0] * triton.cdiv(n, tiling.bn),),
+        grid=_grid(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        NUM_ITEMS=items[0].shape[0], K=k, N=n, STORE_HU=store_hu, RASTER_N=tiling.raster_n, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
+        NUM_ITEMS=items[0].shape[0], K=k, N=n, STORE_HU=store_hu, RASTER_N=tiling.raster_n,
+        PROGRAMS=_programs(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
+        BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
     )
     return tuple(out) if store_hu else out[0]
 
