@@ -263,7 +263,7 @@ class DecoderStack(nn.Module):
                 )
             scanned = nn.scan(
                 _PatternRepeat,
-                variable_axes={"params": 0, "stats": 0, "intermediates": 0, "carry": 1},
+                variable_axes={"params": 0, "stats": 0, "intermediates": 0, "carry": 1, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=cfg.num_layers // cfg.period,

@@ -12,7 +12,9 @@ System-2 attention (paper Sec. 3 / App.): observed token i attends causally to o
 default "efficient" form computes the observed stream with ordinary causal attention and the predicted
 stream as one softmax over S+1 logits per query (S causal observed keys + its own key): S x (S+1) scores,
 about half the FLOPs of the equivalent dense 2S x 2S masked form (`attention_form="dense"`, kept as the
-test reference). RoPE positions: observed token i at i, prediction i at i+1 (the position it predicts).
+test reference). The observed stream never depends on the candidate, so the efficient form runs it once
+per batch (phase "observe", keys/values kept in the `cache` collection) and every thinking step only the
+predicted stream (phase "predict"). RoPE positions: observed token i at i, prediction i at i+1 (the position it predicts).
 Changing any token after i never changes the energy (or the thinking result) at i.
 
 Thinking (System-2 inference, the inner loop). From y_0 ~ N(0, init_logit_std^2) logits, for k < K:
@@ -57,39 +59,46 @@ Batch = dict[str, jax.Array]
 
 
 # --- attention -----------------------------------------------------------------------------------------
-def system2_attention(q, k, v, segment_ids=None):
-    """Efficient System-2 attention over the stream [observed ; predicted].
+def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None):
+    """The predicted half of System-2 attention: one softmax per prediction over S+1 logits.
 
-    q: [B, 2S, H, D]; k, v: [B, 2S, K, D] (GQA, H % K == 0); segment_ids: int [B, S] or None -> [B, 2S, H, D].
-    Observed half: causal attention among observed tokens. Predicted row i: one softmax over the S+1 logits
-    {q_i . k_obs_j, j <= i (same segment)} U {q_i . k_pred_i}, i.e. an S x (S+1) score matrix.
+    q_p: [B, S, H, D] (predictions); k_p, v_p: [B, S, K, D] (their own keys/values); k_o, v_o: [B, S, K, D]
+    (the observed stream's keys/values); segment_ids int [B, S] or None -> [B, S, H, D].
+    Prediction i attends to {observed j <= i (same segment)} U {itself}: an S x (S+1) score matrix.
+    Written in jnp (no fused kernel) because the EBT loss differentiates through its backward (second
+    order); operands stay in their dtype with float32 accumulation and a float32 softmax.
     """
-    b, s2, h, d = q.shape
-    s = s2 // 2
-    kv = k.shape[2]
+    b, s, h, d = q_p.shape
+    kv = k_o.shape[2]
     g = h // kv
-    q_o, q_p = q[:, :s], q[:, s:]
-    k_o, k_p = k[:, :s], k[:, s:]
-    v_o, v_p = v[:, :s], v[:, s:]
-    # XLA, never cuDNN: the EBT loss differentiates through the inner energy gradient (second order), and
-    # cuDNN's fused attention has no differentiation rule for its own backward.
-    ctx_o = dot_product_attention(q_o, k_o, v_o, segment_ids, implementation="xla")
-    qg = q_p.reshape(b, s, kv, g, d).astype(jnp.float32)
+    f32 = jnp.float32
+    qg = q_p.reshape(b, s, kv, g, d)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
-    logits_obs = jnp.einsum("bskgd,btkd->bkgst", qg, k_o.astype(jnp.float32)) * scale  # [B,K,G,S,S]
-    logits_self = jnp.einsum("bskgd,bskd->bkgs", qg, k_p.astype(jnp.float32)) * scale  # [B,K,G,S]
+    logits_obs = jnp.einsum("bskgd,btkd->bkgst", qg, k_o, preferred_element_type=f32) * scale  # [B,K,G,S,S]
+    logits_self = jnp.einsum("bskgd,bskd->bkgs", qg, k_p, preferred_element_type=f32) * scale  # [B,K,G,S]
     allowed = jnp.tril(jnp.ones((s, s), bool))[None, None, None]
     if segment_ids is not None:
         allowed = allowed & segment_mask(segment_ids)[:, :, None]
     logits_obs = jnp.where(allowed, logits_obs, -jnp.inf)
-    m = jnp.maximum(jnp.max(logits_obs, axis=-1), logits_self)  # finite: the self term is always present
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits_obs, axis=-1), logits_self))  # finite: self is present
     w_obs = jnp.exp(logits_obs - m[..., None])
     w_self = jnp.exp(logits_self - m)
-    denom = jnp.sum(w_obs, axis=-1) + w_self
-    out = jnp.einsum("bkgst,btkd->bskgd", w_obs, v_o.astype(jnp.float32))
-    out = out + jnp.einsum("bkgs,bskd->bskgd", w_self, v_p.astype(jnp.float32))
-    out = out / jnp.einsum("bkgs->bskg", denom)[..., None]
-    ctx_p = out.reshape(b, s, h, d).astype(q.dtype)
+    inv = 1.0 / (jnp.sum(w_obs, axis=-1) + w_self)
+    out = jnp.einsum("bkgst,btkd->bskgd", (w_obs * inv[..., None]).astype(v_o.dtype), v_o, preferred_element_type=f32)
+    out = out + jnp.einsum("bkgs,bskd->bskgd", w_self * inv, v_p.astype(f32))
+    return out.reshape(b, s, h, d).astype(q_p.dtype)
+
+
+def system2_attention(q, k, v, segment_ids=None):
+    """Efficient System-2 attention over the joint stream [observed ; predicted].
+
+    q: [B, 2S, H, D]; k, v: [B, 2S, K, D] (GQA, H % K == 0); segment_ids: int [B, S] or None -> [B, 2S, H, D].
+    Observed half: causal attention among observed tokens; predicted half: `predicted_attention`.
+    The model runs the two halves as separate passes (observed once per batch, predicted per thinking step).
+    """
+    s = q.shape[1] // 2
+    ctx_o = dot_product_attention(q[:, :s], k[:, :s], v[:, :s], segment_ids, implementation="xla")
+    ctx_p = predicted_attention(q[:, s:], k[:, s:], v[:, s:], k[:, :s], v[:, :s], segment_ids)
     return jnp.concatenate([ctx_o, ctx_p], axis=1)
 
 
@@ -113,15 +122,32 @@ def system2_attention_dense(q, k, v, segment_ids=None):
 
 
 class System2Attention(Attention):
-    """The "ebt_attention" mixer: [B, 2S, D] (observed ; predicted) -> [B, 2S, D]. Positions [B, 2S] come
-    from the model (observed i -> i, prediction i -> i + 1); segment_ids [B, 2S] repeat the observed ids."""
+    """The "ebt_attention" mixer. Positions come from the model (observed i -> i, prediction i -> i + 1).
+
+    form "dense": [B, 2S, D] joint stream (observed ; predicted), segment_ids [B, 2S] -> [B, 2S, D].
+    form "efficient": two passes over [B, S, D] with segment_ids [B, S]. The observe pass (the `cache`
+    collection mutable and empty) runs ordinary causal attention (cuDNN on GPU: it is differentiated only
+    once) and stores this layer's observed keys/values as cache {"obs_key", "obs_value"} [B, S, K, Dh]; the
+    predict pass reads them (`predicted_attention`). The observed stream does not depend on the candidate,
+    so every thinking step runs only the predict pass: half the stream of the joint form.
+    """
 
     form: str = "efficient"
 
     def core(self, q, k, v, segment_ids):
-        seg = None if segment_ids is None else segment_ids[:, : q.shape[1] // 2]
-        fn = system2_attention if self.form == "efficient" else system2_attention_dense
-        return fn(q, k, v, seg)
+        if self.form == "dense":
+            seg = None if segment_ids is None else segment_ids[:, : q.shape[1] // 2]
+            return system2_attention_dense(q, k, v, seg)
+        if not self.has_variable("cache", "obs_key"):
+            if not self.is_mutable_collection("cache"):
+                raise ValueError("EBT: the predict pass needs the observed keys/values: apply with "
+                                 "mutable=['cache'] (phase='observe' or 'both') first, or use EBT.energy")
+            self.variable("cache", "obs_key", lambda: k)
+            self.variable("cache", "obs_value", lambda: v)
+            return dot_product_attention(q, k, v, segment_ids, implementation=self.cfg.implementation)
+        k_o = self.get_variable("cache", "obs_key")
+        v_o = self.get_variable("cache", "obs_value")
+        return predicted_attention(q, k, v, k_o, v_o, segment_ids)
 
 
 def _ebt_attention_factory(cfg, layer_index: int, name: str) -> nn.Module:
@@ -197,9 +223,15 @@ class EnergyTransformer(nn.Module):
     cfg: EBTConfig
 
     @nn.compact
-    def __call__(self, tokens, probs, *, positions=None, segment_ids=None, train: bool = False) -> jax.Array:
+    def __call__(self, tokens, probs, *, positions=None, segment_ids=None, train: bool = False,
+                 phase: str = "both") -> jax.Array | None:
+        """phase "both" (default), or for the efficient form "observe" (fills the `cache` collection from
+        the tokens; returns None; probs unused) then "predict" (energies from the cache and probs)."""
         cfg = self.cfg
-        if probs.shape != tokens.shape + (cfg.vocab_size,):
+        if phase not in ("both", "observe", "predict") or (phase != "both" and cfg.attention_form == "dense"):
+            raise ValueError(f"EBT: phase must be 'both', 'observe' or 'predict' (the last two only for "
+                             f"attention_form='efficient'), got {phase!r} with {cfg.attention_form!r}")
+        if phase != "observe" and probs.shape != tokens.shape + (cfg.vocab_size,):
             raise ValueError(f"EBT: probs must be [B, S, vocab_size={cfg.vocab_size}] matching tokens {tokens.shape}, "
                              f"got {probs.shape}")
         self.param("alpha", param_init(nn.initializers.constant(cfg.alpha_init), (), weight_decay=False,
@@ -207,15 +239,23 @@ class EnergyTransformer(nn.Module):
         if positions is None:
             positions = default_positions(tokens)
         s = tokens.shape[1]
-        obs = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.init_std, name="embed")(tokens)
-        pred = Dense(cfg.d_model, ("vocab", "embed"), dtype=cfg.compute_dtype,
-                     kernel_init=nn.initializers.normal(cfg.init_std), name="candidate_proj")(probs)
-        x = jnp.concatenate([obs, pred.astype(obs.dtype)], axis=1)
-        pos2 = jnp.concatenate([positions, positions + 1], axis=1)
-        seg2 = None if segment_ids is None else jnp.concatenate([segment_ids, segment_ids], axis=1)
-        h = DecoderStack(cfg, name="stack")(x, positions=pos2, segment_ids=seg2, train=train)
+        embed = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.init_std, name="embed")
+        candidate_proj = Dense(cfg.d_model, ("vocab", "embed"), dtype=cfg.compute_dtype,
+                               kernel_init=nn.initializers.normal(cfg.init_std), name="candidate_proj")
+        stack = DecoderStack(cfg, name="stack")
+        if cfg.attention_form == "dense":
+            x = jnp.concatenate([embed(tokens), candidate_proj(probs).astype(cfg.compute_dtype)], axis=1)
+            pos2 = jnp.concatenate([positions, positions + 1], axis=1)
+            seg2 = None if segment_ids is None else jnp.concatenate([segment_ids, segment_ids], axis=1)
+            h = stack(x, positions=pos2, segment_ids=seg2, train=train)[:, s:]
+        else:
+            if phase != "predict":
+                stack(embed(tokens), positions=positions, segment_ids=segment_ids, train=train)
+            if phase == "observe":
+                return None
+            h = stack(candidate_proj(probs), positions=positions + 1, segment_ids=segment_ids, train=train)
         e = Dense(1, ("embed", None), dtype=cfg.compute_dtype, out_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(cfg.init_std), name="energy_head")(h[:, s:])
+                  kernel_init=nn.initializers.normal(cfg.init_std), name="energy_head")(h)
         return e[..., 0]
 
 
@@ -290,10 +330,18 @@ class EBT:
 
     def energy(self, params, tokens, probs, *, positions=None, segment_ids=None) -> jax.Array:
         """E(x, p): tokens [B,S], probs [B,S,V] -> float32 [B,S]."""
-        return self.module.apply({"params": params}, tokens, probs, positions=positions, segment_ids=segment_ids)
+        e, _ = self.module.apply({"params": params}, tokens, probs, positions=positions, segment_ids=segment_ids,
+                                 mutable=["cache"])
+        return e
 
-    def _energy_fn(self, params, tokens, kw):
-        return lambda p: self.energy(params, tokens, p, **kw)
+    def _energy_fn(self, params, tokens, kw) -> Callable[[jax.Array], jax.Array]:
+        """p [B,S,V] -> E [B,S] for fixed tokens. The efficient form runs the observed stream here, once,
+        and each call (each thinking step) only the predicted stream against its cached keys/values."""
+        if self.cfg.attention_form == "dense":
+            return lambda p: self.energy(params, tokens, p, **kw)
+        _, v = self.module.apply({"params": params}, tokens, None, phase="observe", mutable=["cache"], **kw)
+        cache = v["cache"]
+        return lambda p: self.module.apply({"params": params, "cache": cache}, tokens, p, phase="predict", **kw)
 
     def initial_logits(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return self.cfg.init_logit_std * jax.random.normal(rng, shape + (self.cfg.vocab_size,), jnp.float32)
@@ -366,14 +414,17 @@ class EBT:
         return int(sum(x.size for x in jax.tree.leaves(unbox_values(shapes["params"]))))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Estimate: each inner step is a forward over 2 stream tokens per position (2 x 2N) plus the input
-        gradient (~1 forward); the outer second-order backward costs ~2x that graph: 3 x 2 x 4N = 24N per
-        step, times the mean number of steps, plus the attention score terms the same way."""
+        """Estimate. Efficient form: the observed stream once (forward + backward, 6N per token) plus per
+        inner step a predicted-stream forward (2N) and its input gradient (~2N), differentiated again by the
+        outer backward (~2x that graph): 6N + 12N per step. Dense form: both streams every step, 24N per
+        step. Attention score terms are counted the same way."""
         cfg = self.cfg
         n = self.param_count(seq_len) - cfg.vocab_size * cfg.d_model  # the embedding lookup is a gather
         steps = cfg.think_steps + cfg.think_steps_random / 2
-        attn = cfg.num_layers * _ebt_attention_flops(cfg, seq_len) / 3 * 2  # forward, both streams
-        return steps * 3 * 2 * (4.0 * n + attn)
+        attn = cfg.num_layers * _ebt_attention_flops(cfg, seq_len) / 3  # forward, per stream
+        if cfg.attention_form == "dense":
+            return steps * 3 * 2 * (4.0 * n + 2 * attn)
+        return 3 * (2.0 * n + attn) + steps * 3 * 2 * (2.0 * n + attn)
 
     # -- inference --
     def think(self, variables, tokens, rng, *, steps: int | None = None, num_candidates: int = 1,

@@ -33,6 +33,8 @@ def time_step(cfg, iters: int) -> float:
         batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((b, s), np.float32),
                  "segment_ids": np.ones((b, s), np.int32), "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
         batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+        mem = step.lower(state, batch).compile().memory_analysis()
+        temp_gib = getattr(mem, "temp_size_in_bytes", 0) / 2**30
         for _ in range(2):
             state, m = step(state, batch)
         jax.block_until_ready(m["objective"])
@@ -40,7 +42,7 @@ def time_step(cfg, iters: int) -> float:
         for _ in range(iters):
             state, m = step(state, batch)
         jax.block_until_ready(m["objective"])
-        return (time.perf_counter() - t0) / iters
+        return (time.perf_counter() - t0) / iters, temp_gib
 
 
 def main(argv=None) -> int:
@@ -58,16 +60,19 @@ def main(argv=None) -> int:
     dec = dataclasses.replace(cfg, model=DecoderConfig(**{f.name: getattr(m, f.name) for f in dataclasses.fields(DecoderConfig)} | {"layer_pattern": ("attention",)}))
     rows = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": cfg.data.global_batch_size,
             "seq_len": cfg.data.seq_len, "d_model": m.d_model, "layers": m.num_layers, "think_steps": m.think_steps}
-    rows["decoder_ms"] = 1e3 * time_step(dec, a.iters)
-    print(f"decoder: {rows['decoder_ms']:.2f} ms/step", flush=True)
+    t, rows["decoder_temp_gib"] = time_step(dec, a.iters)
+    rows["decoder_ms"] = 1e3 * t
+    print(f"decoder: {rows['decoder_ms']:.2f} ms/step, XLA temp {rows['decoder_temp_gib']:.2f} GiB", flush=True)
     for form in ("efficient", "dense"):
         c = dataclasses.replace(cfg, model=dataclasses.replace(m, attention_form=form))
-        t = 1e3 * time_step(c, a.iters)
+        t, rows[f"ebt_{form}_temp_gib"] = time_step(c, a.iters)
+        t *= 1e3
         rows[f"ebt_{form}_ms"] = t
         rows[f"ratio_{form}"] = t / rows["decoder_ms"]
         rows[f"ratio_{form}_per_inner_step"] = t / rows["decoder_ms"] / m.think_steps
         print(f"ebt ({form}): {t:.2f} ms/step = {t / rows['decoder_ms']:.2f}x the decoder, "
-              f"{t / rows['decoder_ms'] / m.think_steps:.2f}x per inner step", flush=True)
+              f"{t / rows['decoder_ms'] / m.think_steps:.2f}x per inner step, XLA temp {rows[f'ebt_{form}_temp_gib']:.2f} GiB",
+              flush=True)
     print(json.dumps(rows, indent=2))
     if a.out:
         with open(a.out, "w") as f:
