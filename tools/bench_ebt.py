@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_ebt")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None)
+    p.add_argument("--forms", default="efficient,dense", help="attention forms to time (comma list)")
     p.add_argument("--set", action="append", default=[], help="overrides on the recipes.ebt gpu preset")
     a = p.parse_args(argv)
     cfg = config_lib.apply_overrides(ebt.gpu(), list(a.set) + ["checkpoint.enabled=false"])
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     t, rows["decoder_temp_gib"] = time_step(dec, a.iters)
     rows["decoder_ms"] = 1e3 * t
     print(f"decoder: {rows['decoder_ms']:.2f} ms/step, XLA temp {rows['decoder_temp_gib']:.2f} GiB", flush=True)
-    for form in ("efficient", "dense"):
+    for form in a.forms.split(","):
         c = dataclasses.replace(cfg, model=dataclasses.replace(m, attention_form=form))
         t, rows[f"ebt_{form}_temp_gib"] = time_step(c, a.iters)
         t *= 1e3
