@@ -6,6 +6,8 @@ W2P (>= w2) keys of the k2 window, so M = GH * W2P rows (128 for w2 = 32) meet b
 window in two dense tensor-core GEMMs per block (logits, then P @ V1), flash-attention style, with a
 per-row online softmax merged per head in the epilogue. No element-wise work scales with w1 * w2 beyond
 the softmax itself. Inputs are the public [B, S, H, D] layout, contiguous; offsets use int64 bases.
+Backward: `BACKWARD = "fused"` (one pass over the logits per block of k1 positions, 6 GEMM units, float32
+atomics for dq/dk2/dv2) or "two_kernel" (per-query + per-k1-block kernels, 8 units, no atomics).
 """
 from __future__ import annotations
 
