@@ -274,5 +274,5 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None):
         out_shape=jax.ShapeDtypeStruct((g, k, n), lhs.dtype),
         grid=(triton.cdiv(k, tiling.bk) * triton.cdiv(n, tiling.bn), g),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        NUM_ITEMS=items[0].shape[0], K=k, N=n, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
+        K=k, N=n, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
     )
