@@ -31,7 +31,9 @@ def work_items(group_sizes, m: int, bm: int):
     total = ends[-1]
     n_tail = (m - total + bm - 1) // bm
     v = xp.arange(-(-m // bm) + g + 1, dtype=xp.int32)
-    gi = xp.minimum(xp.searchsorted(cum, v, side="right"), g - 1)
+    # compare_all: one small fused compare-and-count on GPU instead of a while loop of launches
+    kw = {"method": "compare_all"} if xp is jnp else {}
+    gi = xp.minimum(xp.searchsorted(cum, v, side="right", **kw), g - 1)
     r0_group = starts[gi] + (v - (cum[gi] - per[gi])) * bm
     r0_tail = total + (v - n_group_items) * bm
     in_group = v < n_group_items
