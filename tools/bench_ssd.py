@@ -3,7 +3,7 @@
 Prints the Triton per-stage breakdown (chunk_cb, chunk_state, state_passing, chunk_scan, backward stages), then
 a table of every implementation; --sweep first times each Triton stage group under launch variants (SWEEP) and
 keeps the best; --set overrides triton_gpu.CONFIG (cb=false bwd_cb=false bwd_one_acc=false pass_prefetch=0
-scan_bk=64 = the v2 kernels).
+scan_bk=64 fused_state=false = the v2 kernels).
 
 Times forward and forward+backward (gradients into x, dt, A, B, C, D) of every implementation that runs on the
 backend, for the Mamba-2 shape b8 L8192 h32 P64 N128 g1 chunk 256 in bf16. FLOPs (shared/GPU.md convention):
@@ -50,7 +50,8 @@ def timeit(f, args, reps=30, warmup=3):
 # Each group is timed alone (the stage's kernels only) under each variant; the best of a group stays in
 # triton_gpu.CONFIG for the groups after it. chunk_scan variants include the chunk_cb kernel they need
 # (cb=False is the v2 kernel recomputing C B^T per head); bwd variants include chunk_cb when bwd_cb; the last
-# bwd variant is the v2 backward.
+# bwd variant is the v2 backward. "state" compares chunk_state + state_passing fused into one kernel (forward and
+# reverse) with the two separate kernels at their best configs (fused_state=False, the v2 path).
 SWEEP = {
     "cb": [dict(cb_bm=m, cb_bk=k, cb_warps=w) for m, k, w in [(64, 64, 4), (128, 64, 4), (64, 128, 4),
                                                               (128, 128, 8)]],
@@ -63,6 +64,9 @@ SWEEP = {
                     (64, 64, 4, 3, True, "float32"), (128, 64, 4, 2, False, "float32")]],
     "state_passing": [dict(pass_block=b, pass_prefetch=pf, pass_warps=w) for b, pf, w in
                       [(256, 0, 4), (256, 1, 4), (256, 2, 4), (512, 2, 4), (1024, 2, 4), (256, 2, 2)]],
+    "state": [dict(fused_state=True, fused_bp=64, fused_bn=bn, fused_bk=bk, fused_warps=w, fused_stages=st)
+              for bn, bk, w, st in [(64, 32, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2), (32, 64, 4, 3),
+                                    (128, 32, 8, 2), (64, 64, 4, 2)]] + [dict(fused_state=False)],
     "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs, bwd_cb=cb, bwd_one_acc=one)
             for b, w, st, hs, cb, one in
             [(64, 4, 2, 4, True, True), (64, 4, 1, 4, True, True), (64, 4, 3, 4, True, True),
@@ -98,6 +102,9 @@ def _group_calls(v):
         "chunk_state": [(tg.chunk_state, (v["xc"], v["Bc"], v["w"]))],
         "state_passing": [(tg.state_passing, (v["st"], v["decay"], v["init"])),
                           (rev, (v["st"], v["decay"], v["init"], v["states"]))],
+        "state": [(tg.chunk_state_passing, (v["xc"], v["Bc"], v["w"], v["decay"], v["init"])),
+                  (lambda *a: tg.chunk_state_passing(*a[:5], reverse=True, fwd_states=a[5]),
+                   (v["dyc"], v["Cc"], v["w"], v["decay"], v["init"], v["states"]))],
         "chunk_scan": [(tg.chunk_scan, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["states"], v["D"]))],
         "bwd": [(tg.chunk_bwd_dx_dB, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"], v["dstates"],
                                       v["D"])),
@@ -144,15 +151,27 @@ def stage_breakdown(args, Q, reps):
     scan = lambda *a: tg.chunk_scan(*a[:7], cb=a[7] if use_cb else None)
     dxdb = lambda *a: tg.chunk_bwd_dx_dB(*a[:8], cb=a[8] if tg.CONFIG["bwd_cb"] else None)
     rev = lambda *a: tg.state_passing(*a[:3], reverse=True, fwd_states=a[3])
-    rows = [
-        ("fwd", "chunk_cb (C B^T per group)", tg.chunk_cb, (v["Bc"], v["Cc"])),
-        ("fwd", "chunk_state", tg.chunk_state, (v["xc"], v["Bc"], v["w"])),
-        ("fwd", "state_passing", tg.state_passing, (v["st"], v["decay"], v["init"])),
+    fused = bool(tg.CONFIG["fused_state"])
+    frev = lambda *a: tg.chunk_state_passing(*a[:5], reverse=True, fwd_states=a[5])
+    rows = [("fwd", "chunk_cb (C B^T per group)", tg.chunk_cb, (v["Bc"], v["Cc"]))]
+    if fused:
+        rows.append(("fwd", "chunk_state+state_passing (fused)", tg.chunk_state_passing,
+                     (v["xc"], v["Bc"], v["w"], v["decay"], v["init"])))
+    else:
+        rows += [("fwd", "chunk_state", tg.chunk_state, (v["xc"], v["Bc"], v["w"])),
+                 ("fwd", "state_passing", tg.state_passing, (v["st"], v["decay"], v["init"]))]
+    rows += [
         ("fwd", "chunk_scan (cb given)" if use_cb else "chunk_scan (C B^T per head)", scan,
          (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["states"], v["D"], cb)),
         ("bwd", "chunk_cb (recomputed)", tg.chunk_cb, (v["Bc"], v["Cc"])),
-        ("bwd", "chunk_state (dy, C)", tg.chunk_state, (v["dyc"], v["Cc"], v["w"])),
-        ("bwd", "state_passing reverse + <dS,S>", rev, (v["st"], v["decay"], v["init"], v["states"])),
+    ]
+    if fused:
+        rows.append(("bwd", "chunk_state+state_passing reverse (fused)", frev,
+                     (v["dyc"], v["Cc"], v["w"], v["decay"], v["init"], v["states"])))
+    else:
+        rows += [("bwd", "chunk_state (dy, C)", tg.chunk_state, (v["dyc"], v["Cc"], v["w"])),
+                 ("bwd", "state_passing reverse + <dS,S>", rev, (v["st"], v["decay"], v["init"], v["states"]))]
+    rows += [
         ("bwd", "chunk_bwd_dx_dB", dxdb, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"], v["dstates"],
                                            v["D"], cb)),
         ("bwd", "chunk_bwd_dC", tg.chunk_bwd_dC, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"],
@@ -168,7 +187,7 @@ def stage_breakdown(args, Q, reps):
         ms = timeit(jax.jit(lambda *a, f=f: f(*a)), a_, reps)[0]
         tot[part] += ms
         out.append({"part": part, "stage": name, "ms": ms})
-        print(f"  {part} {name:36s} {ms:.3f} ms", flush=True)
+        print(f"  {part} {name:42s} {ms:.3f} ms", flush=True)
     print(f"  sum fwd stages {tot['fwd']:.3f} ms; sum bwd stages {tot['bwd']:.3f} ms", flush=True)
     return out
 
@@ -193,7 +212,7 @@ def main(argv=None):
     p.add_argument("--groups", default=None, help=f"comma list of sweep groups (default all: {','.join(SWEEP)})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override triton_gpu.CONFIG before everything, e.g. --set cb=false bwd_cb=false "
-                        "bwd_one_acc=false pass_prefetch=0 scan_bk=64 (the v2 kernels)")
+                        "bwd_one_acc=false pass_prefetch=0 scan_bk=64 fused_state=false (the v2 kernels)")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown of the Triton path")
     a = p.parse_args(argv)
     b, L, h, P, g, N, Q = (int(v) for v in a.shape.split(","))
