@@ -1,11 +1,12 @@
 """Triton grouped matmul for GPUs (launched through jax-triton 0.3.1).
 
-gmm: one program per (row tile, column tile) of the output; it loops over the groups whose rows meet
-the tile (usually one; two or more at group boundaries), masks the other groups' rows out of the lhs
-loads and accumulates lhs_tile @ rhs[g] over k in float32. Row tiles past sum(group_sizes) store zeros.
-The 1-D grid is rastered column-fastest by default: the programs in flight share one lhs row tile and
-one or two groups' rhs, so both come from L2 (row-fastest re-reads every lhs tile from HBM per column
-tile: 6 x 134 MB at the bench shape). An optional second (lhs2, rhs2) pair accumulates into the same
+gmm: one program per (work item, column tile) of the output. Work items come from a tile table
+(tiles.work_items): each group's rows cut into BM tiles from the group's first row, group-major, then
+zero-fill tiles past sum(group_sizes); items never share a row, so a program runs one K loop with
+the other rows masked and stores only its own rows (no atomics). The 1-D grid is rastered
+column-fastest by default: the programs in flight share one lhs row tile and one or two groups' rhs,
+so both come from L2 (row-fastest re-reads every lhs tile from HBM per column tile: 6 x 134 MB at the
+bench shape). `Tiling.programs` > 0 makes the launch persistent (programs stride over the tiles). An optional second (lhs2, rhs2) pair accumulates into the same
 tile (the SwiGLU backward's dx = dh @ Wg^T + du @ Wu^T in one pass).
 gmm_swiglu: gate and up projections in one pass over the rows (two accumulators, one lhs load), epilogue
 silu(h) * u; optionally stores h and u for the backward.
