@@ -66,7 +66,8 @@ def test_triton_config_variants_vs_float64(overrides):
         dt = np.dtype(dtype)
         assert_close(y, y_ref, dt, "y")
         assert_close(final, final_ref, dt, "final_state")
-        loose = {"A": 10.0, "dt": 3.0}
+        # a bf16 cb adds one rounding to B_s.C_t, which reaches dA through ddt_direct (the notes' dA sensitivity)
+        loose = {"A": 15.0 if overrides.get("cb_dtype") == "bfloat16" else 10.0, "dt": 3.0}
         refs = np_ssd_grads(*inputs, dy, dfinal)
         for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs):
             assert_close(got, want, dt, f"d{name}", factor=loose.get(name, 2.0))
