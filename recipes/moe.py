@@ -8,6 +8,8 @@ Presets reproduce Wang et al.'s comparison in miniature (compare `train/.../maxv
   aux_free      bias balancing only (gamma 1e-3 x steps scale)
   aux_free_seq  bias balancing + V3 sequence-wise loss (alpha 1e-4)   [default]
 Scale out: `--set mesh.expert=4 --set model.moe.device_limited_m=2` (device-limited routing over the expert axis).
+Preset `gpu_0p8b`: a DeepSeek-V3-like ~0.8B-parameter model (64 routed experts top-6 + 1 shared, bf16, seq 2048)
+for one or several H200s (used by tools.bench_scaling moe).
 """
 from __future__ import annotations
 
@@ -71,8 +73,29 @@ def no_balance() -> ExperimentConfig:
     return _base(_moe(gamma=0.0, seq_aux_alpha=0.0), "moe_no_balance")
 
 
+def gpu_0p8b() -> ExperimentConfig:
+    """~0.82B total / ~0.16B active parameters: 8 layers (first dense, 7 MoE), d_model 1024, 64 routed experts
+    of width 512 (top-6, sigmoid gate, aux-loss-free bias + sequence loss) + 1 shared, vocab 32768, seq 2048."""
+    cfg = _base(_moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5), "moe_0p8b")
+    cfg.model = DecoderConfig(
+        vocab_size=32768,
+        d_model=1024,
+        num_layers=8,
+        ffn_pattern=("mlp",) + ("moe",) * 7,
+        attention=AttentionConfig(num_heads=8, num_kv_heads=4, head_dim=128),
+        mlp_dim=4096,
+        tie_embeddings=False,
+        dtype="bfloat16",
+        moe=cfg.model.moe,
+    )
+    cfg.data = DataConfig(source="text", paths=("stdlib",), seq_len=2048, global_batch_size=16, max_bytes=40_000_000)
+    cfg.optimizer = OptimizerConfig(learning_rate=3e-4, warmup_steps=100)
+    cfg.trainer = TrainerConfig(steps=1000, log_every=10, eval_every=500, eval_batches=2, sample_tokens=0)
+    return cfg
+
+
 PRESETS = {"default": config, "aux_free_seq": aux_free_seq, "aux_free": aux_free, "aux_loss": aux_loss,
-           "no_balance": no_balance}
+           "no_balance": no_balance, "gpu_0p8b": gpu_0p8b}
 
 if __name__ == "__main__":
     sys.exit(main(config, presets=PRESETS, prog="python -m recipes.moe"))
