@@ -74,7 +74,7 @@ def no_balance() -> ExperimentConfig:
 
 
 def gpu_0p8b() -> ExperimentConfig:
-    """~0.82B total / ~0.16B active parameters: 8 layers (first dense, 7 MoE), d_model 1024, 64 routed experts
+    """~0.82B total / ~0.18B active parameters: 8 layers (first dense, 7 MoE), d_model 1024, 64 routed experts
     of width 512 (top-6, sigmoid gate, aux-loss-free bias + sequence loss) + 1 shared, vocab 32768, seq 2048."""
     cfg = _base(_moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5), "moe_0p8b")
     cfg.model = DecoderConfig(

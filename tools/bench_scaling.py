@@ -99,12 +99,16 @@ def _bench(out_dir, tag, n, gpus, recipe, preset, sets, a, profile_steps=0):
         cmd += ["--set", s]
     print(f"[{tag}] {n} device(s): running ...", flush=True)
     r = _run(cmd, child_env(n, gpus), a.timeout, os.path.join(out_dir, f"{tag}.log"))
-    if r.returncode != 0 or not os.path.exists(path):
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        print(f"[{tag}] FAILED (rc {r.returncode}): {tail[0][:300]}", flush=True)
-        return {"error": f"rc {r.returncode}: {tail[0][:300]}"}
+    tail = ((r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"])[0][:300]
+    if not os.path.exists(path):
+        print(f"[{tag}] FAILED (rc {r.returncode}): {tail}", flush=True)
+        return {"error": f"rc {r.returncode}: {tail}"}
     with open(path) as f:
-        return json.load(f)
+        res = json.load(f)
+    if r.returncode != 0:  # bench_train writes its JSON before profiling: a profiler crash keeps the timings
+        print(f"[{tag}] child failed after timing (rc {r.returncode}): {tail}", flush=True)
+        res["profile_error"] = f"child rc {r.returncode} while profiling: {tail}"
+    return res
 
 
 def _batch_per_device(recipe, preset, sets, given):
@@ -149,11 +153,18 @@ def weak(a, gpus) -> dict:
         r = _bench(a.out, f"weak_{n}", n, gpus, a.recipe, a.preset, sets, a, a.profile_steps)
         rows.append(dict(devices=n, **r))
     base = next((r for r in rows if r["devices"] == 1 and "error" not in r), None)
+    if base is None and a.baseline:  # a 1-device row from an earlier run (weak.json or a bench_train JSON)
+        with open(a.baseline) as f:
+            old = json.load(f)
+        base = next((r for r in old.get("rows", [dict(old, devices=old.get("num_devices"))])
+                     if r.get("devices") == 1 and "error" not in r), None)
+        if base is None:
+            print(f"--baseline {a.baseline}: no 1-device row; relative throughput stays n/a", flush=True)
     for r in rows:
         if "error" not in r and base:
             r["relative_per_device"] = r["tokens_per_s_per_device"] / base["tokens_per_s_per_device"]
     head = ["GPUs" if gpus else "devices", "global batch", "step ms", "tokens/s", "tokens/s per device", "MFU",
-            "per-device vs 1", "all-gather", "reduce-scatter", "peak mem GiB"]
+            "per-device vs 1", "all-gather", "reduce-scatter", "all-reduce", "peak mem GiB"]
     body = []
     for r in rows:
         if "error" in r:
@@ -167,10 +178,12 @@ def weak(a, gpus) -> dict:
                      _fmt(100 * r["relative_per_device"], ".1f") + "%" if "relative_per_device" in r else "n/a",
                      _fmt(100 * cs["all-gather"], ".1f") + "%" if cs else "n/a",
                      _fmt(100 * cs["reduce-scatter"], ".1f") + "%" if cs else "n/a",
+                     _fmt(100 * cs["all-reduce"], ".1f") + "%" if cs else "n/a",
                      _fmt(mem / 2**30, ".1f") if mem else "n/a"])
     md = (f"weak scaling {a.recipe}:{a.preset}, FSDP, {b} sequences per device, median of {a.steps} steps\n\n"
           + _table(head, body))
-    result = {"mode": "weak", "recipe": a.recipe, "preset": a.preset, "per_device_batch": b, "rows": rows}
+    result = {"mode": "weak", "recipe": a.recipe, "preset": a.preset, "per_device_batch": b, "rows": rows,
+              "baseline": None if base is None else {k: base[k] for k in ("devices", "step_s", "tokens_per_s_per_device")}}
     _emit(a.out, "weak", result, md)
     return result
 
@@ -193,8 +206,9 @@ def moe(a, gpus) -> dict:
         tag = f"moe_{n}_{'all' if m is None else f'm{m}'}"
         r = _bench(a.out, tag, n, gpus, a.recipe, a.preset, sets, a, a.profile_steps)
         rows.append(dict(routing=name, devices=n, **r))
+    steps_done = next((r["final_step"] for r in rows if "final_step" in r), a.warmup + a.steps + 1)
     head = ["routing", "devices", "step ms", "tokens/s", "tokens/s per device", "MaxVio (mean / max layer)",
-            f"loss after {a.warmup + a.steps + 1 + a.profile_steps} steps", "all-to-all share"]
+            f"loss after {steps_done} steps", "all-to-all share"]
     body = []
     for r in rows:
         if "error" in r:
@@ -313,6 +327,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default=None)
     p.add_argument("--set", action="append", default=[], help="override for every child, k=v")
     p.add_argument("--per-device-batch", type=int, default=None, help="sequences per device (default: the preset's batch)")
+    p.add_argument("--baseline", default=None, help="weak: weak.json of an earlier run whose 1-device row is the reference "
+                   "when --devices has no 1")
     p.add_argument("--limited-m", type=int, default=None, help="moe: device_limited_m for the limited row")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)

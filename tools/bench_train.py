@@ -86,6 +86,12 @@ def collective_seconds(trace_dir: str) -> tuple[dict[str, float], int]:
     return out, len(device_pids)
 
 
+def _write_json(path: str, res: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_train")
     p.add_argument("--recipe", default="dense_lm")
@@ -150,23 +156,6 @@ def main(argv=None) -> int:
                     slowdowns.append(max(0.0, time.perf_counter() - t - step_s))
                     ck.wait()
                 ck.close()
-        shares, profile_error = {}, None
-        if a.profile_steps > 0:
-            try:
-                with tempfile.TemporaryDirectory() as d:
-                    jax.profiler.start_trace(d, create_perfetto_trace=True)
-                    try:
-                        for i in range(a.profile_steps):
-                            state, m = step_fn(state, batches[i % 4])
-                            jax.block_until_ready(m)
-                    finally:
-                        jax.profiler.stop_trace()
-                    secs, ndev_seen = collective_seconds(d)
-                # per-device seconds in each kind over the traced steps, as a share of their median step time
-                per = ndev_seen or jax.device_count()
-                shares = {k: v / per / (a.profile_steps * step_s) for k, v in secs.items()}
-            except Exception as e:  # a profiler failure must not lose the timing results
-                profile_error = f"{type(e).__name__}: {e}"
         host_metrics = {k: np.asarray(jax.device_get(v)) for k, v in m.items()}
     block_s, next_step_s = blocks[-1], step_s + slowdowns[-1]
     stall_s = block_s + max(0.0, next_step_s - step_s)
@@ -200,10 +189,7 @@ def main(argv=None) -> int:
         print(f"| checkpoint stall at a save every {a.save_every} steps (warm save) | {100*stall_s/(a.save_every*step_s):.2f}% of step time |")
     if mem:
         print(f"| peak device memory | {mem/2**30:.1f} GiB |")
-    for k, v in shares.items():
-        print(f"| {k} share of step time (profiled, {a.profile_steps} steps) | {100*v:.1f}% |")
-    if profile_error:
-        print(f"| collective shares | n/a ({profile_error}) |")
+    res = None
     if a.json:
         maxvio = [float(v) for k, v in host_metrics.items() if k.endswith("maxvio_batch") and v.ndim == 0]
         res = {
@@ -221,11 +207,35 @@ def main(argv=None) -> int:
             "final_step": int(jax.device_get(state.step)),
             "maxvio_batch_mean": float(np.mean(maxvio)) if maxvio else None,
             "maxvio_batch_max": float(np.max(maxvio)) if maxvio else None,
-            "collective_share": shares or None, "profile_steps": a.profile_steps, "profile_error": profile_error,
+            "collective_share": None, "profile_steps": a.profile_steps,
+            "profile_error": "profiling did not finish" if a.profile_steps > 0 else "not profiled",
         }
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+        _write_json(a.json, res)  # written before profiling, so a profiler crash keeps the timings
+    if a.profile_steps > 0:
+        # Traced after the timings, so the trace cannot slow the timed steps.
+        shares, profile_error = {}, None
+        try:
+            with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), tempfile.TemporaryDirectory() as d:
+                jax.profiler.start_trace(d, create_perfetto_trace=True)
+                try:
+                    for i in range(a.profile_steps):
+                        state, m = step_fn(state, batches[i % 4])
+                        jax.block_until_ready(m)
+                finally:
+                    jax.profiler.stop_trace()
+                secs, ndev_seen = collective_seconds(d)
+            # per-device seconds in each kind over the traced steps, as a share of their median step time
+            per = ndev_seen or jax.device_count()
+            shares = {k: v / per / (a.profile_steps * step_s) for k, v in secs.items()}
+        except Exception as e:  # a profiler failure must not lose the timing results
+            profile_error = f"{type(e).__name__}: {e}"
+        for k, v in shares.items():
+            print(f"| {k} share of step time (profiled, {a.profile_steps} steps) | {100*v:.1f}% |")
+        if profile_error:
+            print(f"| collective shares | n/a ({profile_error}) |")
+        if res is not None:
+            res.update(collective_share=shares or None, profile_error=profile_error)
+            _write_json(a.json, res)
     return 0
 
 
