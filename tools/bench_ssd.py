@@ -2,8 +2,7 @@
 
 Prints the Triton per-stage breakdown (chunk_cb, chunk_state, state_passing, chunk_scan, backward stages), then
 a table of every implementation; --sweep first times each Triton stage group under launch variants (SWEEP) and
-keeps the best; --set overrides triton_gpu.CONFIG (cb=false bwd_cb=false bwd_one_acc=false pass_prefetch=0
-scan_bk=64 fused_state=false = the v2 kernels).
+keeps the best; --set overrides triton_gpu.CONFIG (tile sizes, warps, stages), e.g. --set scan_bm=128.
 
 Times forward and forward+backward (gradients into x, dt, A, B, C, D) of every implementation that runs on the
 backend, for the Mamba-2 shape b8 L8192 h32 P64 N128 g1 chunk 256 in bf16. FLOPs (shared/GPU.md convention):
@@ -48,25 +47,16 @@ def timeit(f, args, reps=30, warmup=3):
 
 
 # Each group is timed alone (the stage's kernels only) under each variant; the best of a group stays in
-# triton_gpu.CONFIG for the groups after it. chunk_scan variants include the chunk_cb kernel they need
-# (cb=False is the v2 kernel recomputing C B^T per head); bwd variants include chunk_cb when bwd_cb; the last
-# bwd variant is the v2 backward. "state" compares chunk_state + state_passing fused into one kernel (forward and
-# reverse) with the two separate kernels at their best configs (fused_state=False, the v2 path).
+# triton_gpu.CONFIG for the groups after it. The first variant of each group is the current default (the best
+# of the 2026-11-29 sweep, docs/notes/ssd.md); chunk_scan and bwd times include the chunk_cb kernel they call.
 SWEEP = {
-    "cb": [dict(cb_bm=m, cb_bk=k, cb_warps=w) for m, k, w in [(64, 64, 4), (128, 64, 4)]],
-    "chunk_scan": [dict(scan_bm=bm, scan_bk=bk, scan_warps=w, scan_stages=st, cb=cb, cb_dtype=dt)
-                   for bm, bk, w, st, cb, dt in
-                   [(128, 32, 4, 2, True, "float32"), (128, 32, 4, 3, True, "float32"),
-                    (128, 32, 4, 2, True, "bfloat16"), (128, 64, 8, 2, True, "float32"),
-                    (64, 32, 4, 2, True, "float32"), (128, 64, 4, 2, False, "float32")]],
-    "state_passing": [dict(pass_block=b, pass_prefetch=pf, pass_warps=w) for b, pf, w in
-                      [(256, 0, 4), (256, 1, 4), (256, 2, 4)]],
-    "state": [dict(fused_state=True, fused_bp=64, fused_bn=bn, fused_bk=bk, fused_warps=w, fused_stages=st)
-              for bn, bk, w, st in [(64, 32, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]] + [dict(fused_state=False)],
-    "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs, bwd_cb=cb, bwd_one_acc=one)
-            for b, w, st, hs, cb, one in
-            [(64, 4, 2, 4, True, True), (64, 4, 1, 4, True, True), (64, 4, 2, 8, True, True),
-             (64, 4, 2, 4, False, False)]],
+    "cb": [dict(cb_bm=m, cb_bk=k, cb_warps=w) for m, k, w in [(128, 64, 4), (64, 64, 4)]],
+    "chunk_state": [dict(state_warps=w, state_stages=st) for w, st in [(4, 2), (4, 3)]],
+    "state_passing": [dict(pass_block=b, pass_warps=w) for b, w in [(256, 4), (128, 4), (512, 4)]],
+    "chunk_scan": [dict(scan_bm=bm, scan_bk=bk, scan_warps=w, scan_stages=st) for bm, bk, w, st in
+                   [(64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 4, 3)]],
+    "bwd": [dict(bwd_blk=b, bwd_warps=w, bwd_stages=st, head_split=hs) for b, w, st, hs in
+            [(64, 4, 1, 4), (64, 4, 2, 4), (64, 4, 1, 2)]],
 }
 
 
@@ -98,9 +88,6 @@ def _group_calls(v):
         "chunk_state": [(tg.chunk_state, (v["xc"], v["Bc"], v["w"]))],
         "state_passing": [(tg.state_passing, (v["st"], v["decay"], v["init"])),
                           (rev, (v["st"], v["decay"], v["init"], v["states"]))],
-        "state": [(tg.chunk_state_passing, (v["xc"], v["Bc"], v["w"], v["decay"], v["init"])),
-                  (lambda *a: tg.chunk_state_passing(*a[:5], reverse=True, fwd_states=a[5]),
-                   (v["dyc"], v["Cc"], v["w"], v["decay"], v["init"], v["states"]))],
         "chunk_scan": [(tg.chunk_scan, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["states"], v["D"]))],
         "bwd": [(tg.chunk_bwd_dx_dB, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"], v["dstates"],
                                       v["D"])),
@@ -142,41 +129,23 @@ def stage_breakdown(args, Q, reps):
     from kernels.ssd import triton_gpu as tg
 
     v = _stage_inputs(args, Q)
-    use_cb = bool(tg.CONFIG["cb"])
-    cb = jax.jit(tg.chunk_cb)(v["Bc"], v["Cc"]) if (use_cb or tg.CONFIG["bwd_cb"]) else None
-    scan = lambda *a: tg.chunk_scan(*a[:7], cb=a[7] if use_cb else None)
-    dxdb = lambda *a: tg.chunk_bwd_dx_dB(*a[:8], cb=a[8] if tg.CONFIG["bwd_cb"] else None)
+    cb = jax.jit(tg.chunk_cb)(v["Bc"], v["Cc"])
+    scan = lambda *a: tg.chunk_scan(*a[:7], cb=a[7])
+    dxdb = lambda *a: tg.chunk_bwd_dx_dB(*a[:8], cb=a[8])
     rev = lambda *a: tg.state_passing(*a[:3], reverse=True, fwd_states=a[3])
-    fused = bool(tg.CONFIG["fused_state"])
-    frev = lambda *a: tg.chunk_state_passing(*a[:5], reverse=True, fwd_states=a[5])
-    rows = [("fwd", "chunk_cb (C B^T per group)", tg.chunk_cb, (v["Bc"], v["Cc"]))]
-    if fused:
-        rows.append(("fwd", "chunk_state+state_passing (fused)", tg.chunk_state_passing,
-                     (v["xc"], v["Bc"], v["w"], v["decay"], v["init"])))
-    else:
-        rows += [("fwd", "chunk_state", tg.chunk_state, (v["xc"], v["Bc"], v["w"])),
-                 ("fwd", "state_passing", tg.state_passing, (v["st"], v["decay"], v["init"]))]
-    rows += [
-        ("fwd", "chunk_scan (cb given)" if use_cb else "chunk_scan (C B^T per head)", scan,
-         (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["states"], v["D"], cb)),
+    rows = [
+        ("fwd", "chunk_cb (C B^T per group)", tg.chunk_cb, (v["Bc"], v["Cc"])),
+        ("fwd", "chunk_state", tg.chunk_state, (v["xc"], v["Bc"], v["w"])),
+        ("fwd", "state_passing", tg.state_passing, (v["st"], v["decay"], v["init"])),
+        ("fwd", "chunk_scan (cb given)", scan, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["states"], v["D"], cb)),
         ("bwd", "chunk_cb (recomputed)", tg.chunk_cb, (v["Bc"], v["Cc"])),
-    ]
-    if fused:
-        rows.append(("bwd", "chunk_state+state_passing reverse (fused)", frev,
-                     (v["dyc"], v["Cc"], v["w"], v["decay"], v["init"], v["states"])))
-    else:
-        rows += [("bwd", "chunk_state (dy, C)", tg.chunk_state, (v["dyc"], v["Cc"], v["w"])),
-                 ("bwd", "state_passing reverse + <dS,S>", rev, (v["st"], v["decay"], v["init"], v["states"]))]
-    rows += [
-        ("bwd", "chunk_bwd_dx_dB", dxdb, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"], v["dstates"],
-                                           v["D"], cb)),
+        ("bwd", "chunk_state (dy, C)", tg.chunk_state, (v["dyc"], v["Cc"], v["w"])),
+        ("bwd", "state_passing reverse + <dS,S>", rev, (v["st"], v["decay"], v["init"], v["states"])),
+        ("bwd", "chunk_bwd_dx_dB (cb given)", dxdb, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"],
+                                                     v["dstates"], v["D"], cb)),
         ("bwd", "chunk_bwd_dC", tg.chunk_bwd_dC, (v["xc"], v["dtc"], v["cs"], v["Bc"], v["Cc"], v["dyc"],
                                                    v["states"])),
     ]
-    if not use_cb:
-        rows.pop(0)
-    if not tg.CONFIG["bwd_cb"]:
-        rows = [r for r in rows if r[1] != "chunk_cb (recomputed)"]
     out, tot = [], {"fwd": 0.0, "bwd": 0.0}
     print(f"\nTriton stages alone (CONFIG {tg.CONFIG}):", flush=True)
     for part, name, f, a_ in rows:
@@ -207,8 +176,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="sweep Triton launch parameters first (GPU)")
     p.add_argument("--groups", default=None, help=f"comma list of sweep groups (default all: {','.join(SWEEP)})")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override triton_gpu.CONFIG before everything, e.g. --set cb=false bwd_cb=false "
-                        "bwd_one_acc=false pass_prefetch=0 scan_bk=64 fused_state=false (the v2 kernels)")
+                   help="override triton_gpu.CONFIG before everything, e.g. --set scan_bm=128 bwd_stages=2")
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown of the Triton path")
     a = p.parse_args(argv)
     b, L, h, P, g, N, Q = (int(v) for v in a.shape.split(","))

@@ -2,7 +2,7 @@
 
 All implementations share the chunked algorithm in this file (pad, cumsum of dt*A per chunk, stages, and the
 closed-form backward); an implementation only supplies the five heavy stages (see reference.py for their
-meaning), and optionally `chunk_state_passing` (chunk_state and state_passing fused, same result). The backward needs no Q x Q matrix from the forward: residuals are the inputs plus the chunk-boundary
+meaning). The backward needs no Q x Q matrix from the forward: residuals are the inputs plus the chunk-boundary
 states [b, c+1, h, P, N] float32 (memory linear in sequence length).
 
 Backward (derived for this repo, checked against a float64 NumPy recurrence in tests): with dS the reverse
@@ -131,19 +131,11 @@ def _unchunk(v, L):
     return v.reshape(b, c * Q, *v.shape[3:])[:, :L]
 
 
-def _states(st, x, Bm, w, decay, init, **kw):
-    """state_passing(chunk_state(...)), or the implementation's fused stage when it has one."""
-    fused = getattr(st, "chunk_state_passing", None)
-    if fused is not None:
-        return fused(x, Bm, w, decay, init, **kw)
-    return st.state_passing(st.chunk_state(x, Bm, w), decay, init, **kw)
-
-
 def _forward(chunk_size, impl, x, dt, A, B, C, D, init):
     st = _stages(impl)
     xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
     w = dtc * jnp.exp(cs[..., -1:] - cs)
-    states = _states(st, xc, Bc, w, jnp.exp(cs[..., -1]), init.astype(F32))
+    states = st.state_passing(st.chunk_state(xc, Bc, w), jnp.exp(cs[..., -1]), init.astype(F32))
     y = st.chunk_scan(xc, dtc, cs, Bc, Cc, states, D)
     return _unchunk(y, x.shape[1]).astype(x.dtype), states
 
@@ -167,8 +159,8 @@ def _ssd_bwd(chunk_size, impl, res, cts):
     xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
     dyc = _chunked(chunk_size, dy, dt, A, B, C)[0]
     decay = jnp.exp(cs[..., -1])
-    dstates, carried = _states(st, dyc, Cc, jnp.exp(cs), decay, dfinal.astype(F32), reverse=True,
-                               fwd_states=states)
+    dstates, carried = st.state_passing(st.chunk_state(dyc, Cc, jnp.exp(cs)), decay, dfinal.astype(F32),
+                                        reverse=True, fwd_states=states)
     dx, dB, ddt_direct, dD_part = st.chunk_bwd_dx_dB(xc, dtc, cs, Bc, Cc, dyc, dstates, D)
     dC, CdC = st.chunk_bwd_dC(xc, dtc, cs, Bc, Cc, dyc, states)
     dcs = (CdC - dtc * ddt_direct).at[..., -1].add(carried)

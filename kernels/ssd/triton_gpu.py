@@ -2,10 +2,10 @@
 
 Same stages and layouts as reference.py (x [b,c,Q,h,P], B/C [b,c,Q,g,N], dt/cs [b,h,c,Q] f32, states
 [b,c+1,h,P,N] f32). C B^T is shared by the heads of a group: `chunk_cb` computes it once per
-(batch, chunk, group) into cb [b, c, g, Q, Q] (as mamba_ssm does; memory linear in seq), and chunk_scan and the
-dx/dB backward read its tiles (CONFIG cb / bwd_cb; off = recompute C B^T per head in registers, the v2 path).
-Every per-head Q x Q interaction (the decay mask, dt, dy x^T) is formed in registers one tile at a time and
-consumed by the next tensor-core product, so no per-head Q x Q matrix touches device memory. Matrix products take the input dtype (bf16) with float32 accumulation; decays, cumsums and
+(batch, chunk, group) into cb [b, c, g, Q, Q] f32 (as mamba_ssm does; memory linear in seq), and chunk_scan and
+the dx/dB backward read its tiles. Every per-head Q x Q interaction (the decay mask, dt, dy x^T) is formed in
+registers one tile at a time and consumed by the next tensor-core product, so no per-head Q x Q matrix touches
+device memory. Matrix products take the input dtype (bf16) with float32 accumulation; decays, cumsums and
 states stay float32 (states are rounded to the input dtype only as a matmul operand, as in mamba_ssm).
 Backward kernels loop over the heads of a group inside one program so dB and dC (shared by the group's heads)
 are summed in registers instead of written per head.
@@ -73,13 +73,13 @@ def _cb_kernel(b_ptr, c_ptr, cb_ptr, L: tl.constexpr, G: tl.constexpr, N: tl.con
 
 @triton.jit
 def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr, H: tl.constexpr,
-                          PN: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr,
-                          PF: tl.constexpr):
+                          PN: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     """Forward: out[0] = init, out[c+1] = decay_c out[c] + st[c]. Reverse (adjoint): out[NC] = init,
     out[c] = decay_c out[c+1] + st[c], and dot[b, h, blk, c] = <out[c+1], fwd[c+1]> over this program's
     elements (fwd = forward states; the cumsum cotangent's carried term). One program owns BLOCK elements of
-    one (b, h) state. PF (0, 1, 2): loads issued PF chunks ahead of their use, so a program keeps PF + 1
-    chunk loads in flight instead of waiting one memory latency per chunk (the loop is latency-bound)."""
+    one (b, h) state. The loop is latency-bound (one dependent step per chunk), so each step issues the next
+    chunk's loads before using the current ones: two loads in flight instead of one memory latency per chunk
+    (measured 0.686 -> 0.514 ms for forward + reverse; two chunks ahead 0.532)."""
     pid = tl.program_id(0)
     nblk = tl.cdiv(PN, BLOCK)
     blk = pid % nblk
@@ -100,46 +100,21 @@ def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr
     st_row = st_ptr + (bb * NC * H + h) * PN + offs  # + c * H * PN
     f_row = fwd_ptr + (bb * (NC + 1) * H + h) * PN + offs  # + (c + 1) * H * PN
     d_row = decay_ptr + bh * NC
-    if PF >= 1:
-        st1 = tl.load(st_row + c0 * H * PN, mask=mask, other=0.0)
-        d1 = tl.load(d_row + c0)
-        if REVERSE:
-            f1 = tl.load(f_row + (c0 + 1) * H * PN, mask=mask, other=0.0)
-    if PF >= 2:
-        c1 = c0 + dc
-        ok1 = (c1 >= 0) & (c1 < NC)
-        st2 = tl.load(st_row + c1 * H * PN, mask=mask & ok1, other=0.0)
-        d2 = tl.load(d_row + c1, mask=ok1, other=0.0)
-        if REVERSE:
-            f2 = tl.load(f_row + (c1 + 1) * H * PN, mask=mask & ok1, other=0.0)
+    st1 = tl.load(st_row + c0 * H * PN, mask=mask, other=0.0)
+    d1 = tl.load(d_row + c0)
+    if REVERSE:
+        f1 = tl.load(f_row + (c0 + 1) * H * PN, mask=mask, other=0.0)
     for k in range(NC):
         c = c0 + dc * k
-        if PF == 0:
-            st_c = tl.load(st_row + c * H * PN, mask=mask, other=0.0)
-            d = tl.load(d_row + c)
-            if REVERSE:
-                f = tl.load(f_row + (c + 1) * H * PN, mask=mask, other=0.0)
-        else:
-            cn = c + PF * dc  # the chunk this step prefetches
-            okn = (cn >= 0) & (cn < NC)
-            st_c = st1
-            d = d1
-            if REVERSE:
-                f = f1
-            if PF == 1:
-                st1 = tl.load(st_row + cn * H * PN, mask=mask & okn, other=0.0)
-                d1 = tl.load(d_row + cn, mask=okn, other=0.0)
-                if REVERSE:
-                    f1 = tl.load(f_row + (cn + 1) * H * PN, mask=mask & okn, other=0.0)
-            else:
-                st1 = st2
-                d1 = d2
-                st2 = tl.load(st_row + cn * H * PN, mask=mask & okn, other=0.0)
-                d2 = tl.load(d_row + cn, mask=okn, other=0.0)
-                if REVERSE:
-                    f1 = f2
-                    f2 = tl.load(f_row + (cn + 1) * H * PN, mask=mask & okn, other=0.0)
+        cn = c + dc  # the chunk this step prefetches
+        okn = (cn >= 0) & (cn < NC)
+        st_c = st1
+        d = d1
+        st1 = tl.load(st_row + cn * H * PN, mask=mask & okn, other=0.0)
+        d1 = tl.load(d_row + cn, mask=okn, other=0.0)
         if REVERSE:
+            f = f1
+            f1 = tl.load(f_row + (cn + 1) * H * PN, mask=mask & okn, other=0.0)
             tl.store(dot_ptr + (bh * nblk + blk) * NC + c, tl.sum(s * f, axis=0))
             s = d * s + st_c
             tl.store(out_ptr + ((bb * (NC + 1) + c) * H + h) * PN + offs, s, mask=mask)
@@ -151,69 +126,12 @@ def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr
 
 
 @triton.jit
-def _state_fused_kernel(x_ptr, b_ptr, w_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr, L: tl.constexpr,
-                        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
-                        NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        REVERSE: tl.constexpr, PREC: tl.constexpr):
-    """chunk_state and state_passing in one sequential-over-chunks program per (b, h, BP x BN block): the
-    chunk contribution sum_t w_t x_t^T B_t is formed in registers and folded into the carried state at once,
-    so the [b, c, h, P, N] f32 chunk-state tensor never touches memory (-0.54 GB per pass at the bench shape).
-    Same outputs as _state_passing_kernel (dot: this program's part of <out[c+1], fwd[c+1]>)."""
-    pid = tl.program_id(0)
-    NPB: tl.constexpr = (P + BP - 1) // BP
-    NNB: tl.constexpr = (N + BN - 1) // BN
-    blk = pid % (NPB * NNB)
-    nb = blk % NNB
-    pb = blk // NNB
-    bh = (pid // (NPB * NNB)).to(tl.int64)
-    h = bh % H
-    bb = bh // H
-    g = h // (H // G)
-    dtype = x_ptr.dtype.element_ty
-    op = pb * BP + tl.arange(0, BP)
-    on = nb * BN + tl.arange(0, BN)
-    ok = tl.arange(0, BK)
-    PN: tl.constexpr = P * N
-    mask = (op[:, None] < P) & (on[None, :] < N)
-    pn = op[:, None] * N + on[None, :]
-    s = tl.load(init_ptr + bh * PN + pn, mask=mask, other=0.0)
-    if REVERSE:
-        tl.store(out_ptr + ((bb * (NC + 1) + NC) * H + h) * PN + pn, s, mask=mask)
-    xbase = x_ptr + bb * L * H * P + h * P + op[:, None]
-    bbase = b_ptr + bb * L * G * N + g * N + on[None, :]
-    for k in range(NC):
-        if REVERSE:
-            c = NC - 1 - k
-        else:
-            c = k
-        acc = tl.zeros([BP, BN], dtype=tl.float32)
-        for k0 in range(0, Q, BK):
-            t = c * Q + k0 + ok
-            xt = tl.load(xbase + t[None, :] * (H * P), mask=op[:, None] < P, other=0.0)  # [BP, BK]
-            bm = tl.load(bbase + t[:, None] * (G * N), mask=on[None, :] < N, other=0.0)  # [BK, BN]
-            w = tl.load(w_ptr + bh * L + t)
-            acc += tl.dot(xt, (bm.to(tl.float32) * w[:, None]).to(dtype), input_precision=PREC)
-        d = tl.load(decay_ptr + bh * NC + c)
-        if REVERSE:
-            f = tl.load(fwd_ptr + ((bb * (NC + 1) + c + 1) * H + h) * PN + pn, mask=mask, other=0.0)
-            tl.store(dot_ptr + (bh * (NPB * NNB) + blk) * NC + c, tl.sum(tl.sum(s * f, axis=1), axis=0))
-            s = d * s + acc
-            tl.store(out_ptr + ((bb * (NC + 1) + c) * H + h) * PN + pn, s, mask=mask)
-        else:
-            tl.store(out_ptr + ((bb * (NC + 1) + c) * H + h) * PN + pn, s, mask=mask)
-            s = d * s + acc
-    if not REVERSE:
-        tl.store(out_ptr + ((bb * (NC + 1) + NC) * H + h) * PN + pn, s, mask=mask)
-
-
-@triton.jit
-def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, y_ptr, L: tl.constexpr,
+def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, y_ptr, L: tl.constexpr,
                        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
                        NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                       CB_IN: tl.constexpr, PREC: tl.constexpr):
+                       PREC: tl.constexpr):
     """y[t] = sum_{s<=t in chunk} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) S_c C_t + D x_t, BM rows.
-    CB_IN: C_t.B_s read from cb [b,c,g,Q,Q] (heads of one (b, c) are adjacent programs: the tile stays in L2);
-    else recomputed here from B (2 BM BK N extra FLOPs per tile)."""
+    C_t.B_s is read from cb [b,c,g,Q,Q] (heads of one (b, c) are adjacent programs: the tile stays in L2)."""
     pid = tl.program_id(0)
     NM: tl.constexpr = Q // BM
     m = pid % NM
@@ -240,11 +158,7 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, st_ptr, d_pt
         tk = c * Q + ok
         cs_k = tl.load(cs_ptr + sbase + tk)
         dt_k = tl.load(dt_ptr + sbase + tk)
-        if CB_IN:
-            cb = tl.load(cb_ptr + cbbase + om[:, None] * Q + ok[None, :]).to(tl.float32)
-        else:
-            bk = tl.load(b_ptr + bcoff + tk[:, None] * (G * N) + on[None, :], mask=on[None, :] < N, other=0.0)
-            cb = tl.dot(cm, tl.trans(bk), input_precision=PREC)
+        cb = tl.load(cb_ptr + cbbase + om[:, None] * Q + ok[None, :])
         decay = tl.exp(tl.minimum(cs_m[:, None] - cs_k[None, :], 0.0)) * dt_k[None, :]
         cb = tl.where(om[:, None] >= ok[None, :], cb * decay, 0.0)
         xk = tl.load(xbase + tk[:, None] * (H * P) + op[None, :], mask=op[None, :] < P, other=0.0)
@@ -260,11 +174,11 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
                       dx_ptr, db_ptr, ddt_ptr, dd_ptr, B_: tl.constexpr, L: tl.constexpr, H: tl.constexpr,
                       G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, NC: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, HS: tl.constexpr,
-                      CB_IN: tl.constexpr, ONE_ACC: tl.constexpr, PREC: tl.constexpr):
+                      PREC: tl.constexpr):
     """Source-side cotangents for BS positions s of one chunk, heads [hs*R/HS, (hs+1)*R/HS) of group g
     (see reference); dB partial sums over those heads go to slice hs of db [HS, b, c, Q, g, N].
-    CB_IN: B_s.C_t read (transposed) from cb [b,c,g,Q,Q] instead of recomputed per head. ONE_ACC: one
-    accumulator for dB over heads and positions (dt_s folded into the operands) instead of two."""
+    B_s.C_t is read (transposed) from cb [b,c,g,Q,Q]; dB has one accumulator over heads and positions (dt_s
+    folded into the operands)."""
     pid = tl.program_id(0)
     NS: tl.constexpr = Q // BS
     R: tl.constexpr = H // G // HS
@@ -297,13 +211,9 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
                       mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # dS_{c+1} [BP, BN]
         tail = tl.exp(cs_last - cs_s)
         w_acc = tl.dot(bs, tl.trans(dsn), input_precision=PREC) * tail[:, None]  # [BS, BP]
-        if ONE_ACC:
-            # dt_s (a per-row factor) folded into the left operands, so every head accumulates straight into
-            # db_acc (one [BS, BN] f32 accumulator live instead of two: fewer spills at 4 warps)
-            db_acc += tl.dot(xs, dsn, input_precision=PREC) * (tail * dt_s)[:, None]
-            dbh = db_acc
-        else:
-            dbh = tl.dot(xs, dsn, input_precision=PREC) * tail[:, None]  # [BS, BN]
+        # dt_s (a per-row factor) folded into the left operands, so every head accumulates straight into
+        # db_acc (one [BS, BN] f32 accumulator live instead of a per-head one too: fewer spills at 4 warps)
+        db_acc += tl.dot(xs, dsn, input_precision=PREC) * (tail * dt_s)[:, None]
         for k0 in range(sb * BS, Q, BT):
             ot = k0 + tl.arange(0, BT)
             tt = c * Q + ot
@@ -312,19 +222,10 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
             cs_t = tl.load(cs_ptr + sbase + tt)
             decay = tl.where(ot[None, :] >= os_[:, None],
                              tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)  # [BS, BT]
-            if CB_IN:
-                bc = tl.load(cb_ptr + cbbase + ot[None, :] * Q + os_[:, None]).to(tl.float32) * decay
-            else:
-                bc = tl.dot(bs, tl.trans(ct), input_precision=PREC) * decay
+            bc = tl.load(cb_ptr + cbbase + ot[None, :] * Q + os_[:, None]) * decay
             w_acc += tl.dot(bc.to(dtype), dyt, input_precision=PREC)
-            xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC) * decay
-            if ONE_ACC:
-                xdy = xdy * dt_s[:, None]
-            dbh = tl.dot(xdy.to(dtype), ct, dbh, input_precision=PREC)
-        if ONE_ACC:
-            db_acc = dbh
-        else:
-            db_acc += dt_s[:, None] * dbh
+            xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC) * decay * dt_s[:, None]
+            db_acc = tl.dot(xdy.to(dtype), ct, db_acc, input_precision=PREC)
         xsf = xs.to(tl.float32)
         dysf = tl.load(dy_ptr + xyoff + ts[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0).to(tl.float32)
         dx = dt_s[:, None] * w_acc + tl.load(d_ptr + h) * dysf
@@ -338,9 +239,9 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
 def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, cdc_ptr, B_: tl.constexpr,
                    L: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                    Q: tl.constexpr, NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-                   BT: tl.constexpr, HS: tl.constexpr, ONE_ACC: tl.constexpr, PREC: tl.constexpr):
+                   BT: tl.constexpr, HS: tl.constexpr, PREC: tl.constexpr):
     """Query-side cotangents dC (partial sums over R/HS heads of the group, slice hs of dc [HS, ...]) and
-    C_t.dC_t^h for BT positions t. ONE_ACC: one accumulator for the head sum (see below) instead of two."""
+    C_t.dC_t^h for BT positions t. One accumulator carries the head sum (see below)."""
     pid = tl.program_id(0)
     NT: tl.constexpr = Q // BT
     R: tl.constexpr = H // G // HS
@@ -368,9 +269,8 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
         dyt = tl.load(dy_ptr + xyoff + tt[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0)
         st = tl.load(st_ptr + ((bb * (NC + 1) + c) * H + h) * (P * N) + op[:, None] * N + on[None, :],
                      mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # S_c [BP, BN]
-        dch = tl.dot(dyt, st, input_precision=PREC) * tl.exp(cs_t)[:, None]
-        if ONE_ACC:
-            dch += dc_acc  # carry the running head sum in the product's accumulator (no second [BT, BN] f32)
+        # carry the running head sum in the product's accumulator (no second [BT, BN] f32 live)
+        dch = tl.dot(dyt, st, input_precision=PREC) * tl.exp(cs_t)[:, None] + dc_acc
         for k0 in range(0, (tb + 1) * BT, BS):
             os_ = k0 + tl.arange(0, BS)
             ts = c * Q + os_
@@ -382,16 +282,12 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
                          tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :], 0.0)
             dyx = tl.dot(dyt, tl.trans(xs), input_precision=PREC) * w
             dch = tl.dot(dyx.to(dtype), bs, dch, input_precision=PREC)
-        if ONE_ACC:
-            # C_t.dC_t^h as a difference of running sums C_t.(sum over heads so far): f32 cancellation error
-            # ~1e-7 of the group sum, far below the bf16 operand rounding
-            r = tl.sum(ct.to(tl.float32) * dch, axis=1)
-            tl.store(cdc_ptr + sbase + tt, r - r_prev)
-            r_prev = r
-            dc_acc = dch
-        else:
-            tl.store(cdc_ptr + sbase + tt, tl.sum(ct.to(tl.float32) * dch, axis=1))
-            dc_acc += dch
+        # C_t.dC_t^h as a difference of running sums C_t.(sum over heads so far): f32 cancellation error
+        # ~1e-7 of the group sum, far below the bf16 operand rounding
+        r = tl.sum(ct.to(tl.float32) * dch, axis=1)
+        tl.store(cdc_ptr + sbase + tt, r - r_prev)
+        r_prev = r
+        dc_acc = dch
     tl.store(dc_ptr + hs * (B_ * L * G * N) + bcoff + tt[:, None] * (G * N) + on[None, :], dc_acc, mask=mask_n)
 
 
@@ -400,15 +296,10 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
 # ----------------------------------------------------------------------------------------------------------
 
 # Launch parameters: the best of `python -m tools.bench_ssd --sweep` on one H200, 2026-11-29 (b8 L8192 h32 P64
-# N128 Q256 bf16; docs/notes/ssd.md has every variant's time). cb/bwd_cb: read C B^T from the per-group cb
-# tensor (True) or recompute it per head (False, the v2 kernels); cb_dtype: its storage ("float32" keeps the v2
-# numerics exactly; "bfloat16" halves its bytes and adds one rounding). pass_prefetch: state passing loads in
-# flight ahead of use (0 = v2); fused_state: chunk_state + state_passing as one kernel (False = two, v2);
-# bwd_one_acc: one register accumulator for the head sums of dB / dC (False = v2).
-CONFIG = dict(state_warps=4, state_stages=2, pass_block=256, pass_prefetch=1, pass_warps=4, scan_bm=128,
-              scan_bk=32, scan_warps=4, scan_stages=2, cb=True, cb_dtype="float32", cb_bm=64, cb_bk=64,
-              cb_warps=4, fused_state=True, fused_bp=64, fused_bn=64, fused_bk=32, fused_warps=4,
-              fused_stages=2, bwd_cb=True, bwd_one_acc=True, bwd_blk=64, bwd_warps=4, bwd_stages=2, head_split=4)
+# N128 Q256 bf16; docs/notes/ssd.md has every variant's time). Only tile sizes, warps and pipeline stages: every
+# setting computes the same function (tests/kernels/test_ssd_gpu.py checks two non-default ones).
+CONFIG = dict(state_warps=4, state_stages=2, pass_block=256, pass_warps=4, scan_bm=64, scan_bk=32, scan_warps=4,
+              scan_stages=2, cb_bm=128, cb_bk=64, cb_warps=4, bwd_blk=64, bwd_warps=4, bwd_stages=1, head_split=4)
 
 
 def _triton_call(*args, **kwargs):
@@ -464,55 +355,33 @@ def state_passing(chunk_states, chunk_decay, init, reverse=False, fwd_states=Non
     out, dot = _triton_call(chunk_states, chunk_decay.astype(F32), init.astype(F32), fwd,
                             kernel=_state_passing_kernel, out_shape=outs, grid=(b * h * nblk,),
                             num_warps=CONFIG["pass_warps"], num_stages=1, H=h, PN=PN, NC=nc, BLOCK=block,
-                            REVERSE=bool(reverse), PF=int(CONFIG["pass_prefetch"]))
-    return (out, dot.sum(2)) if want_dot else out
-
-
-def chunk_state_passing(x, Bm, w, chunk_decay, init, reverse=False, fwd_states=None):
-    """state_passing(chunk_state(x, Bm, w), chunk_decay, init, reverse, fwd_states), fused into one kernel
-    when CONFIG["fused_state"] (else the two v2 kernels)."""
-    if not CONFIG["fused_state"]:
-        return state_passing(chunk_state(x, Bm, w), chunk_decay, init, reverse=reverse, fwd_states=fwd_states)
-    d = _dims(x, Bm)
-    b, h, P, N = x.shape[0], d["H"], d["P"], d["N"]
-    bp, bn = min(CONFIG["fused_bp"], d["BP"]), min(CONFIG["fused_bn"], d["BN"])
-    nblk = triton.cdiv(P, bp) * triton.cdiv(N, bn)
-    want_dot = reverse and fwd_states is not None
-    outs = [_sds((b, d["NC"] + 1, h, P, N), F32), _sds((b, h, nblk, d["NC"]), F32)]
-    fwd = fwd_states if want_dot else init.astype(F32)  # unused pointer when not reversing
-    out, dot = _triton_call(x, Bm.astype(x.dtype), w.astype(F32), chunk_decay.astype(F32), init.astype(F32), fwd,
-                            kernel=_state_fused_kernel, out_shape=outs, grid=(b * h * nblk,),
-                            num_warps=CONFIG["fused_warps"], num_stages=CONFIG["fused_stages"], BK=_blk(d["Q"],
-                            CONFIG["fused_bk"]), REVERSE=bool(reverse),
-                            **{k: v for k, v in d.items() if k not in ("BP", "BN")}, BP=bp, BN=bn)
+                            REVERSE=bool(reverse))
     return (out, dot.sum(2)) if want_dot else out
 
 
 def chunk_cb(Bm, Cm):
-    """C B^T per (batch, chunk, group): Bm, Cm [b,c,Q,g,N] -> cb [b,c,g,Q(t),Q(s)] in CONFIG["cb_dtype"]."""
+    """C B^T per (batch, chunk, group): Bm, Cm [b,c,Q,g,N] -> cb [b,c,g,Q(t),Q(s)] float32 (a bf16 cb was
+    measured slower and adds one rounding)."""
     b, nc, Q, g, N = Bm.shape
-    dtype = Cm.dtype if Cm.dtype == jnp.float32 else jnp.dtype(CONFIG["cb_dtype"])
     cbm, cbk = _blk(Q, CONFIG["cb_bm"]), _blk(Q, CONFIG["cb_bk"])
     prec = "ieee" if Cm.dtype == jnp.float32 else "tf32"
-    return _triton_call(Bm, Cm.astype(Bm.dtype), kernel=_cb_kernel, out_shape=_sds((b, nc, g, Q, Q), dtype),
+    return _triton_call(Bm, Cm.astype(Bm.dtype), kernel=_cb_kernel, out_shape=_sds((b, nc, g, Q, Q), F32),
                         grid=(b * nc * g * (Q // cbm) * (Q // cbk),), num_warps=CONFIG["cb_warps"], num_stages=1,
                         L=nc * Q, G=g, N=N, Q=Q, NC=nc, BN=_pow2(N), CBM=cbm, CBK=cbk, PREC=prec)
 
 
 def chunk_scan(x, dt, cs, Bm, Cm, states, D, cb=None):
-    """reference.chunk_scan; cb (from chunk_cb) is computed here when CONFIG["cb"] and not given."""
+    """reference.chunk_scan; cb = chunk_cb(Bm, Cm), computed here when not given."""
     Bm, Cm = Bm.astype(x.dtype), Cm.astype(x.dtype)
-    use_cb = bool(CONFIG["cb"]) or cb is not None
-    if use_cb and cb is None:
+    if cb is None:
         cb = chunk_cb(Bm, Cm)
     d = _dims(x, Bm)
     bm, bk = _blk(d["Q"], CONFIG["scan_bm"]), _blk(d["Q"], CONFIG["scan_bk"])
     bk = min(bk, bm)  # the causal loop steps whole BK tiles up to the end of the BM rows
     grid = (x.shape[0] * d["NC"] * d["H"] * (d["Q"] // bm),)
-    return _triton_call(x, dt, cs, Bm, Cm, cb if use_cb else Cm, states, D.astype(F32),
-                        kernel=_chunk_scan_kernel, out_shape=_sds(x.shape, x.dtype), grid=grid,
-                        num_warps=CONFIG["scan_warps"], num_stages=CONFIG["scan_stages"], BM=bm, BK=bk,
-                        CB_IN=use_cb, **d)
+    return _triton_call(x, dt, cs, Cm, cb, states, D.astype(F32), kernel=_chunk_scan_kernel,
+                        out_shape=_sds(x.shape, x.dtype), grid=grid, num_warps=CONFIG["scan_warps"],
+                        num_stages=CONFIG["scan_stages"], BM=bm, BK=bk, **d)
 
 
 def _bwd_launch(x, Bm):
@@ -522,22 +391,20 @@ def _bwd_launch(x, Bm):
     hs = max(k for k in (1, 2, 4, 8, 16, 32) if R % k == 0 and k <= CONFIG["head_split"])
     grid = (x.shape[0] * d["NC"] * d["G"] * hs * (d["Q"] // blk),)
     meta = dict(num_warps=CONFIG["bwd_warps"], num_stages=CONFIG["bwd_stages"], BS=blk, BT=blk, HS=hs,
-                ONE_ACC=bool(CONFIG["bwd_one_acc"]), B_=x.shape[0], **d)
+                B_=x.shape[0], **d)
     return grid, hs, meta
 
 
 def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, cb=None):
-    """reference.chunk_bwd_dx_dB; with CONFIG["bwd_cb"] (or cb given) B_s.C_t comes from chunk_cb (recomputed
-    here: a few us, cheaper than keeping it as a residual)."""
+    """reference.chunk_bwd_dx_dB; B_s.C_t comes from cb = chunk_cb(Bm, Cm), recomputed here when not given
+    (cheaper than keeping the forward's cb as a residual)."""
     grid, hs, meta = _bwd_launch(x, Bm)
     Bm, Cm = Bm.astype(x.dtype), Cm.astype(x.dtype)
-    use_cb = bool(CONFIG["bwd_cb"]) or cb is not None
-    if use_cb and cb is None:
+    if cb is None:
         cb = chunk_cb(Bm, Cm)
     outs = [_sds(x.shape, x.dtype), _sds((hs,) + Bm.shape, F32), _sds(cs.shape, F32), _sds(cs.shape, F32)]
-    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm, Cm, cb if use_cb else Cm, dy.astype(x.dtype), dstates,
-                                   D.astype(F32), kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid,
-                                   CB_IN=use_cb, **meta)
+    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm, Cm, cb, dy.astype(x.dtype), dstates, D.astype(F32),
+                                   kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid, **meta)
     return dx, dB.sum(0), ddt, dD
 
 
@@ -550,7 +417,6 @@ def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states):
 
 
 class _Stages:
-    chunk_state_passing = staticmethod(chunk_state_passing)
     chunk_state = staticmethod(chunk_state)
     state_passing = staticmethod(state_passing)
     chunk_scan = staticmethod(chunk_scan)
