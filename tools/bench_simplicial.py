@@ -1,11 +1,11 @@
 """Benchmark of 2-simplicial attention on one GPU:
-`python -m tools.bench_simplicial [--variant fused|two_kernel|both] [--sweep] [--contrast]`.
+`python -m tools.bench_simplicial [--sweep] [--contrast]`.
 
 Paper setting (Roy et al. 2025): w1=512, w2=32, head_dim 128, 64 query heads per K/V head, B=2, S=8192,
 bf16. FLOPs count only the two tensor-core GEMMs (FBGEMM's convention): 4*D*w1*w2 per query head per
 token forward, the causal ramps (min(i+1, w1), min(i+1, w2)) counted exactly; fwd+bwd = 3.5x fwd.
-Times the forward and fwd+bwd under each backward path (fused one-pass kernel with atomics, two-kernel);
---sweep tries the FWD_SWEEP / FUSED_SWEEP launch settings (~1-2 min with compiles) and reports the best.
+Times the forward and fwd+bwd (two-kernel backward); --sweep tries the FWD_SWEEP / BWD_SWEEP launch settings
+(~1.5 min with compiles) and reports the best of each.
 --contrast adds the XLA reference (smaller S) and cuDNN causal attention at S = 3*w1*w2 = 49152.
 Prints one line per setting as it goes and a table last.
 """
@@ -47,15 +47,17 @@ def peak_gib():
     return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
-# Launch configurations tried by --sweep (the first of each list is the module default).
-# ROWS=256 puts 8 query heads in one program: k1/v1 re-reads from L2 per FLOP halve (no masked waste).
-FWD_SWEEP = [dict(BJ=64, ROWS=128, num_warps=8, num_stages=3), dict(BJ=64, ROWS=256, num_warps=16, num_stages=2),
-             dict(BJ=64, ROWS=256, num_warps=8, num_stages=2)]
-FUSED_SWEEP = [dict(BJ=64, ROWS=64, num_warps=8, num_stages=1, SPLITS=1),
-               dict(BJ=64, ROWS=128, num_warps=8, num_stages=1, SPLITS=1),
-               dict(BJ=64, ROWS=64, num_warps=8, num_stages=2, SPLITS=1),
-               dict(BJ=64, ROWS=64, num_warps=8, num_stages=1, SPLITS=2),
-               dict(BJ=128, ROWS=64, num_warps=8, num_stages=1, SPLITS=1)]
+# Launch configurations tried by --sweep (the first of each list is the module default). Forward: deeper
+# k1/v1 pipelining (stages 4: 128 KB smem), BJ 128 (fewer online-softmax rescales), 4 warps (spills 128 B).
+FWD_SWEEP = [dict(BJ=64, ROWS=128, num_warps=8, num_stages=3), dict(BJ=64, ROWS=128, num_warps=8, num_stages=4),
+             dict(BJ=128, ROWS=128, num_warps=8, num_stages=2), dict(BJ=128, ROWS=128, num_warps=8, num_stages=3),
+             dict(BJ=64, ROWS=128, num_warps=4, num_stages=3)]
+# Backward (per-query kernel launch, per-k1-block kernel launch): pipelining, and M = 64 rows (halves the
+# per-step register tiles; both kernels spill at M = 128).
+BWD_SWEEP = [(dict(BJ=64, ROWS=128, num_warps=8, num_stages=1), dict(BJ=64, ROWS=128, num_warps=8, num_stages=1)),
+             (dict(BJ=64, ROWS=128, num_warps=8, num_stages=2), dict(BJ=64, ROWS=128, num_warps=8, num_stages=2)),
+             (dict(BJ=64, ROWS=64, num_warps=8, num_stages=2), dict(BJ=64, ROWS=64, num_warps=8, num_stages=2)),
+             (dict(BJ=64, ROWS=64, num_warps=8, num_stages=1), dict(BJ=64, ROWS=128, num_warps=8, num_stages=1))]
 
 
 def _contrast(rows, b, hq, hkv, d, w1, w2, dtype):
@@ -91,9 +93,7 @@ def _contrast(rows, b, hq, hkv, d, w1, w2, dtype):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--variant", choices=("fused", "two_kernel", "both"), default="both",
-                    help="backward path(s) to time (triton_gpu.BACKWARD)")
-    ap.add_argument("--sweep", action="store_true", help="also time the FWD_SWEEP / FUSED_SWEEP launch settings")
+    ap.add_argument("--sweep", action="store_true", help="also time the FWD_SWEEP / BWD_SWEEP launch settings")
     ap.add_argument("--contrast", action="store_true", help="also time the XLA reference and cuDNN attention")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
@@ -140,37 +140,19 @@ def main():
         if t is not None and (best is None or t < best[1]):
             best = (opt, t)
     triton_gpu.FWD_LAUNCH, t_fwd = best
-    # fwd+bwd per backward path; the fused one over its sweep.
-    paths = []
-    if a.variant in ("fused", "both"):
-        paths += [("fused", opt) for opt in (FUSED_SWEEP if a.sweep else [triton_gpu.BWD_FUSED_LAUNCH])]
-    if a.variant in ("two_kernel", "both"):
-        paths += [("two_kernel", (triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH))]
-    best, grads = {}, {}
-    for path, opt in paths:
-        triton_gpu.BACKWARD = path
-        if path == "fused":
-            triton_gpu.BWD_FUSED_LAUNCH = opt
-        fn = make("triton")[1]
-        t = timed(f"fwd+bwd {path}", opt, fn, 5)
-        if t is not None and (path not in best or t < best[path][1]):
-            best[path] = (opt, t)
-            grads[path] = fn(*args)
-    for path, (opt, t) in sorted(best.items(), key=lambda x: x[1][1]):
-        print(f"best fwd+bwd {path}: {t:.2f} ms with {opt}")
-    if len(grads) == 2:  # the two backward paths at full size (bf16 rounding differs, values must agree)
-        errs = {n: float(jnp.linalg.norm((x.astype(jnp.float32) - y.astype(jnp.float32)).ravel())
-                         / jnp.linalg.norm(y.astype(jnp.float32).ravel()))
-                for n, x, y in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads["fused"], grads["two_kernel"])}
-        log["fused_vs_two_kernel_rel_err"] = errs
-        print("fused vs two_kernel grads at full size, rel err:", {k: f"{v:.1e}" for k, v in errs.items()})
+    best_b = None
+    for qk in BWD_SWEEP if a.sweep else [(triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH)]:
+        triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH = qk
+        t = timed("fwd+bwd", qk, make("triton")[1], 5)
+        if t is not None and (best_b is None or t < best_b[1]):
+            best_b = (qk, t)
+    (triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH), t_fb = best_b
+    print(f"best fwd+bwd: {t_fb:.2f} ms (bwd ~{t_fb - t_fwd:.2f} ms) with q {triton_gpu.BWD_Q_LAUNCH} k {triton_gpu.BWD_K_LAUNCH}")
     print(f"best fwd: {t_fwd:.2f} ms with {triton_gpu.FWD_LAUNCH}")
     peak = peak_gib()
     log.update(sweep=[(k, str(o), t) for k, o, t in sweep], best_fwd=str(triton_gpu.FWD_LAUNCH),
-               best_bwd={k: (str(o), t) for k, (o, t) in best.items()}, peak_gib_after_triton=peak)
-    for path, (opt, t_fb) in sorted(best.items(), key=lambda x: x[1][1]):
-        rows.append((f"triton, bwd {path}", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb,
-                     3.5 * flops / t_fb / 1e9))
+               best_bwd=(str(best_b[0]), t_fb), peak_gib_after_triton=peak)
+    rows.append(("triton", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb, 3.5 * flops / t_fb / 1e9))
     rows.append(("FBGEMM Triton (anchor, GPU.md)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
                  375.0, 3.5 * 8.47e12 / 375e-3 / 1e12))
 

@@ -6,8 +6,8 @@ W2P (>= w2) keys of the k2 window, so M = GH * W2P rows (128 for w2 = 32) meet b
 window in two dense tensor-core GEMMs per block (logits, then P @ V1), flash-attention style, with a
 per-row online softmax merged per head in the epilogue. No element-wise work scales with w1 * w2 beyond
 the softmax itself. Inputs are the public [B, S, H, D] layout, contiguous; offsets use int64 bases.
-Backward: `BACKWARD = "fused"` (one pass over the logits per block of k1 positions, 6 GEMM units, float32
-atomics for dq/dk2/dv2) or "two_kernel" (per-query + per-k1-block kernels, 8 units, no atomics).
+Backward: a per-query kernel (dq, dk2/dv2 rows) and a per-k1-block kernel (dk1, dv1), 8 GEMM units, no atomics.
+Logits are kept in log2 units (b_r carries log2(e)) so every exponential is a bare exp2.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import triton.language as tl
 
 _NEG = tl.constexpr(-1.0e30)  # Triton kernels may only read constexpr globals
 _INF = tl.constexpr(float("inf"))
+_LOG2E = tl.constexpr(1.4426950408889634)  # logits in log2 units: exp2 without a multiply
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def _next_pow2(x: int) -> int:
@@ -25,43 +27,72 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
-def _load_rows(Q, K2, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, W2: tl.constexpr,
-               DK: tl.constexpr, DKP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, SCALE: tl.constexpr):
-    """Rows r = (h, kk), h = tile*GH + r // W2P, k2 position i - W2 + 1 + r % W2P.
-    Loads q [GH, D] and k2 [W2P, D] compactly and broadcasts them in registers (gathered [M, D] loads
-    get multi-buffered in shared memory by the pipeliner). Returns q rows, k2 rows (float32),
-    b rows = scale*q*k2, valid [M], query-head index [M]."""
-    r = tl.arange(0, GH * W2P)
-    valid = (r % W2P < W2) & (i - W2 + 1 + r % W2P >= 0) & (tile * GH + r // W2P < G)
-    hq = kvh * G + tile * GH + r // W2P
-    dk = tl.arange(0, DKP)
+def _load_heads(X, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                DP: tl.constexpr, GH: tl.constexpr):
+    """X [B, S, HKV*G, D] at query i for the GH query heads of `tile`: float32 [GH, DP], 0 outside."""
+    d = tl.arange(0, DP)
     h = tile * GH + tl.arange(0, GH)
-    q = tl.load(Q + (b * S + i).to(tl.int64) * (HKV * G * DK) + (kvh * G + h)[:, None] * DK + dk[None, :],
-                mask=(h[:, None] < G) & (dk[None, :] < DK), other=0.0).to(tl.float32)
-    kk = tl.arange(0, W2P)
-    kpos = i - W2 + 1 + kk
-    k2 = tl.load(K2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DK) + kvh * DK + dk[None, :],
-                 mask=((kk < W2) & (kpos >= 0))[:, None] & (dk[None, :] < DK), other=0.0).to(tl.float32)
-    q_rows = tl.reshape(tl.broadcast_to(q[:, None, :], (GH, W2P, DKP)), (GH * W2P, DKP))
-    k2_rows = tl.reshape(tl.broadcast_to(k2[None, :, :], (GH, W2P, DKP)), (GH * W2P, DKP))
-    return q_rows, k2_rows, q_rows * SCALE * k2_rows, valid, hq
+    x = tl.load(X + (b * S + i).to(tl.int64) * (HKV * G * D) + (kvh * G + h)[:, None] * D + d[None, :],
+                mask=(h[:, None] < G) & (d[None, :] < D), other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit
-def _load_do_rows(DO, V2, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-                  W2: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr):
-    """dO rows (dO of the row's head) and v2 rows, float32 [M, DVP], loaded compactly like _load_rows."""
-    dv = tl.arange(0, DVP)
-    h = tile * GH + tl.arange(0, GH)
-    do = tl.load(DO + (b * S + i).to(tl.int64) * (HKV * G * DV) + (kvh * G + h)[:, None] * DV + dv[None, :],
-                 mask=(h[:, None] < G) & (dv[None, :] < DV), other=0.0).to(tl.float32)
+def _load_window(X, b, i, kvh, S: tl.constexpr, HKV: tl.constexpr, W2: tl.constexpr, D: tl.constexpr,
+                 DP: tl.constexpr, W2P: tl.constexpr):
+    """X [B, S, HKV, D] at the k2 window i - W2 + 1 + kk, kk < W2P: float32 [W2P, DP], 0 outside."""
+    d = tl.arange(0, DP)
     kk = tl.arange(0, W2P)
     kpos = i - W2 + 1 + kk
-    v2 = tl.load(V2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DV) + kvh * DV + dv[None, :],
-                 mask=((kk < W2) & (kpos >= 0))[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
-    do_rows = tl.reshape(tl.broadcast_to(do[:, None, :], (GH, W2P, DVP)), (GH * W2P, DVP))
-    v2_rows = tl.reshape(tl.broadcast_to(v2[None, :, :], (GH, W2P, DVP)), (GH * W2P, DVP))
-    return do_rows, v2_rows
+    x = tl.load(X + (b * S + kpos).to(tl.int64)[:, None] * (HKV * D) + kvh * D + d[None, :],
+                mask=((kk < W2) & (kpos >= 0))[:, None] & (d[None, :] < D), other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rows(xh, xw, GH: tl.constexpr, W2P: tl.constexpr, DP: tl.constexpr):
+    """Rows r = (h, kk) of the program's GEMMs: xh[h] * xw[kk], [GH * W2P, DP] float32. Built in registers
+    from compact loads (gathered [M, D] loads get multi-buffered in shared memory by the pipeliner)."""
+    return tl.reshape(xh[:, None, :] * xw[None, :, :], (GH * W2P, DP))
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+               W2: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr):
+    """Per row: lse of its head in log2 units (+inf for rows of padded k2 slots or heads) and delta."""
+    r = tl.arange(0, GH * W2P)
+    valid = (r % W2P < W2) & (i - W2 + 1 + r % W2P >= 0) & (tile * GH + r // W2P < G)
+    hoff = (b * S + i).to(tl.int64) * (HKV * G) + kvh * G + tile * GH + r // W2P
+    lse = tl.load(LSE + hoff, mask=valid, other=0.0)
+    lse2 = tl.where(valid, lse * _LOG2E, _INF)
+    return lse2, tl.load(DELTA + hoff, mask=valid, other=0.0)
+
+
+@triton.jit
+def _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S: tl.constexpr, HKV: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, BJ: tl.constexpr,
+               PREC: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over k1 block n (logits in log2 units). MASKED=False for blocks wholly inside
+    [0, i]: no per-element select (all but <= 2 blocks of a query)."""
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    jpos = j_first + n * BJ + tl.arange(0, BJ)
+    cvalid = jpos >= 0
+    if MASKED:
+        cvalid = cvalid & (jpos <= i)
+    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
+    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
+    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    s = tl.dot(rows, tl.trans(k1), input_precision=PREC)
+    if MASKED:
+        s = tl.where(cvalid[None, :], s, _NEG)
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(V1.dtype.element_ty), v1, input_precision=PREC)
+    return m_new, l, acc
 
 
 @triton.jit
@@ -73,40 +104,33 @@ def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G
     kvh = tl.program_id(1) % HKV
     tile = tl.program_id(2)
     M: tl.constexpr = GH * W2P
-    _, _, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
-    rows = rows.to(K1.dtype.element_ty)
-    dk = tl.arange(0, DKP)
+    q = _load_heads(Q, b, i, kvh, tile, S, HKV, G, DK, DKP, GH)
+    k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P)
+    rows = _rows(q, k2 * (SCALE * _LOG2E), GH, W2P, DKP).to(K1.dtype.element_ty)  # logits in log2 units
     dv = tl.arange(0, DVP)
     m = tl.full((M,), _NEG, tl.float32)
     l = tl.zeros((M,), tl.float32)
     acc = tl.zeros((M, DVP), tl.float32)
+    # Blocks n_lo <= n < NB cover the window j_first..i; those in [n_full, n_hi) lie wholly in [0, i]. Order:
+    # the (partial) block holding position 0 first, so every step sees a valid column and m is real.
     j_first = i - W1 + 1
     n_lo = (-j_first * (j_first < 0)) // BJ  # skip blocks wholly before position 0 (causal ramp)
-    for n in range(n_lo, tl.cdiv(W1, BJ)):
-        jpos = j_first + n * BJ + tl.arange(0, BJ)
-        cvalid = (jpos >= 0) & (jpos <= i)
-        off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
-        k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-        offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
-        v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
-        s = tl.dot(rows, tl.trans(k1), input_precision=PREC)
-        s = tl.where(cvalid[None, :], s, _NEG)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V1.dtype.element_ty), v1, input_precision=PREC)
-        m = m_new
+    n_full = tl.cdiv(-j_first * (j_first < 0), BJ)
+    n_hi = W1 // BJ
+    for n in range(n_lo, tl.minimum(n_full, n_hi)):
+        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, True)
+    for n in range(n_full, n_hi):
+        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, False)
+    for n in range(tl.maximum(n_lo, n_hi), tl.cdiv(W1, BJ)):
+        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, True)
     # Merge the W2P rows of each head (rows of masked blocks have p = exp(NEG - m) = 0 once m is real;
     # every valid row meets j = i, so its m is real by the end).
     kk = tl.arange(0, W2P)
-    kpos = i - W2 + 1 + kk
-    v2m = (kk < W2) & (kpos >= 0)
-    v2 = tl.load(V2 + (b * S + kpos).to(tl.int64)[:, None] * (HKV * DV) + kvh * DV + dv[None, :],
-                 mask=v2m[:, None] & (dv[None, :] < DV), other=0.0).to(tl.float32)
+    v2m = (kk < W2) & (i - W2 + 1 + kk >= 0)
+    v2 = _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P)
     m2 = tl.where(v2m[None, :], tl.reshape(m, (GH, W2P)), _NEG)
     m_head = tl.max(m2, axis=1)
-    wgt = tl.where(v2m[None, :], tl.exp(m2 - m_head[:, None]), 0.0)
+    wgt = tl.where(v2m[None, :], tl.exp2(m2 - m_head[:, None]), 0.0)
     l_head = tl.sum(wgt * tl.reshape(l, (GH, W2P)), axis=1)
     acc3 = tl.reshape(acc, (GH, W2P, DVP))
     o = tl.sum(acc3 * (wgt[:, :, None] * v2[None, :, :]), axis=1) / l_head[:, None]
@@ -114,7 +138,7 @@ def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G
     hq_h = kvh * G + h
     o_ptr = O + (b * S + i).to(tl.int64) * (HKV * G * DV) + hq_h[:, None] * DV + dv[None, :]
     tl.store(o_ptr, o.to(O.dtype.element_ty), mask=(h[:, None] < G) & (dv[None, :] < DV))
-    tl.store(LSE + (b * S + i).to(tl.int64) * (HKV * G) + hq_h, m_head + tl.log(l_head), mask=h < G)
+    tl.store(LSE + (b * S + i).to(tl.int64) * (HKV * G) + hq_h, (m_head + tl.log2(l_head)) * _LN2, mask=h < G)
 
 
 @triton.jit
@@ -122,26 +146,29 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr
                   G: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   DKP: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr,
                   SCALE: tl.constexpr, PREC: tl.constexpr):
-    """Per query i (all head tiles): dq, and t2/u2 rows = this query's dk2/dv2 contributions."""
+    """Per query i (all head tiles): dq, and t2/u2 rows = this query's dk2/dv2 contributions.
+    Register budget: next to the f/c accumulators (64 + 64 registers a thread at M = 128, 8 warps) only the
+    bf16 GEMM operands stay live in the k1 loop; the compact k2/v2 window is re-read per tile (L1 hits) and
+    t2/u2 are summed over tiles in their output rows (same program, no atomics), not in registers."""
     i = tl.program_id(0)
     b = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
     M: tl.constexpr = GH * W2P
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
-    t2 = tl.zeros((W2P, DKP), tl.float32)
-    u2 = tl.zeros((W2P, DVP), tl.float32)
+    kk = tl.arange(0, W2P)
+    base = ((b * S + i) * HKV + kvh).to(tl.int64) * W2P + kk
+    t2_ptr = T2 + base[:, None] * DKP + dk[None, :]
+    u2_ptr = U2 + base[:, None] * DVP + dv[None, :]
     j_first = i - W1 + 1
     n_lo = (-j_first * (j_first < 0)) // BJ
     for tile in range(0, tl.cdiv(G, GH)):
-        q, k2, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
-        do, v2 = _load_do_rows(DO, V2, b, i, kvh, tile, S, HKV, G, W2, DV, DVP, W2P, GH)
-        rows = rows.to(K1.dtype.element_ty)
-        e = (do * v2).to(K1.dtype.element_ty)
-        hoff = (b * S + i).to(tl.int64) * (HKV * G) + hq
-        lse = tl.load(LSE + hoff, mask=valid, other=_INF)
-        lse = tl.where(valid, lse, _INF)
-        delta = tl.load(DELTA + hoff, mask=valid, other=0.0)
+        q = _load_heads(Q, b, i, kvh, tile, S, HKV, G, DK, DKP, GH)
+        do = _load_heads(DO, b, i, kvh, tile, S, HKV, G, DV, DVP, GH)
+        k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P)
+        rows = _rows(q, k2 * (SCALE * _LOG2E), GH, W2P, DKP).to(K1.dtype.element_ty)
+        e = _rows(do, _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P), GH, W2P, DVP).to(K1.dtype.element_ty)
+        lse2, delta = _row_stats(LSE, DELTA, b, i, kvh, tile, S, HKV, G, W2, W2P, GH)
         f = tl.zeros((M, DKP), tl.float32)
         c = tl.zeros((M, DVP), tl.float32)
         for n in range(n_lo, tl.cdiv(W1, BJ)):
@@ -151,20 +178,21 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr
             k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
             offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
             v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
-            p = tl.where(cvalid[None, :], tl.exp(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse[:, None]), 0.0)
+            p = tl.where(cvalid[None, :], tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
             ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
             f += tl.dot(ds.to(K1.dtype.element_ty), k1, input_precision=PREC)
             c += tl.dot(p.to(V1.dtype.element_ty), v1, input_precision=PREC)
-        dq = tl.sum(tl.reshape(f * k2, (GH, W2P, DKP)), axis=1) * SCALE
+        f3 = tl.reshape(f, (GH, W2P, DKP))
+        k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P)
+        dq = tl.sum(f3 * k2[None, :, :], axis=1) * SCALE
         h = tile * GH + tl.arange(0, GH)
         dq_ptr = DQ + (b * S + i).to(tl.int64) * (HKV * G * DK) + (kvh * G + h)[:, None] * DK + dk[None, :]
         tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=(h[:, None] < G) & (dk[None, :] < DK))
-        t2 += tl.sum(tl.reshape(f * q, (GH, W2P, DKP)), axis=0) * SCALE
-        u2 += tl.sum(tl.reshape(c * do, (GH, W2P, DVP)), axis=0)
-    kk = tl.arange(0, W2P)
-    base = ((b * S + i) * HKV + kvh).to(tl.int64) * W2P + kk
-    tl.store(T2 + base[:, None] * DKP + dk[None, :], t2)
-    tl.store(U2 + base[:, None] * DVP + dv[None, :], u2)
+        # The outputs are not zeroed: the first tile writes, later ones add (this program's rows only).
+        t2 = tl.load(t2_ptr, mask=(kk[:, None] >= 0) & (tile > 0), other=0.0)
+        tl.store(t2_ptr, t2 + tl.sum(f3 * q[:, None, :], axis=0) * SCALE)
+        u2 = tl.load(u2_ptr, mask=(kk[:, None] >= 0) & (tile > 0), other=0.0)
+        tl.store(u2_ptr, u2 + tl.sum(tl.reshape(c, (GH, W2P, DVP)) * do[:, None, :], axis=0))
 
 
 @triton.jit
@@ -172,7 +200,8 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
                   G: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   DKP: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr,
                   SCALE: tl.constexpr, PREC: tl.constexpr, TILES_PER_SPLIT: tl.constexpr):
-    """Per block of BJ k1 positions and a split of head tiles: partial dk1, dv1 (summed over splits later)."""
+    """Per block of BJ k1 positions and a split of head tiles: partial dk1, dv1 (summed over splits later).
+    The k2/v2 window is loaded once per query (not per head tile)."""
     jb = tl.program_id(0)
     b = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -193,99 +222,19 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
     i_end = i_end - (i_end - S) * (i_end > S)
     for i in range(jb * BJ, i_end):
         cvalid = (jpos <= i) & (jpos > i - W1) & in_seq
+        k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P) * (SCALE * _LOG2E)
+        v2 = _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P)
         for tile in range(t_lo, t_hi):
-            q, k2, rows, valid, hq = _load_rows(Q, K2, b, i, kvh, tile, S, HKV, G, W2, DK, DKP, W2P, GH, SCALE)
-            do, v2 = _load_do_rows(DO, V2, b, i, kvh, tile, S, HKV, G, W2, DV, DVP, W2P, GH)
-            rows = rows.to(K1.dtype.element_ty)
-            e = (do * v2).to(K1.dtype.element_ty)
-            hoff = (b * S + i).to(tl.int64) * (HKV * G) + hq
-            lse = tl.load(LSE + hoff, mask=valid, other=_INF)
-            lse = tl.where(valid, lse, _INF)
-            delta = tl.load(DELTA + hoff, mask=valid, other=0.0)
-            p = tl.where(cvalid[None, :], tl.exp(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse[:, None]), 0.0)
+            q = _load_heads(Q, b, i, kvh, tile, S, HKV, G, DK, DKP, GH)
+            do = _load_heads(DO, b, i, kvh, tile, S, HKV, G, DV, DVP, GH)
+            rows = _rows(q, k2, GH, W2P, DKP).to(K1.dtype.element_ty)  # scale * log2(e) * q * k2
+            e = _rows(do, v2, GH, W2P, DVP).to(K1.dtype.element_ty)
+            lse2, delta = _row_stats(LSE, DELTA, b, i, kvh, tile, S, HKV, G, W2, W2P, GH)
+            p = tl.where(cvalid[None, :], tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
             ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
             dv1 += tl.dot(tl.trans(p.to(K1.dtype.element_ty)), e, input_precision=PREC)
             dk1 += tl.dot(tl.trans(ds.to(K1.dtype.element_ty)), rows, input_precision=PREC)
-    out = (split * (tl.num_programs(1) * S) + (b * S + jpos) * HKV + kvh).to(tl.int64)
-    tl.store(DK1 + out[:, None] * DKP + dk[None, :], dk1, mask=in_seq[:, None])
-    tl.store(DV1 + out[:, None] * DVP + dv[None, :], dv1, mask=in_seq[:, None])
-
-
-@triton.jit
-def _bwd_fused_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, DK2, DV2, DK1, DV1, S: tl.constexpr,
-                      HKV: tl.constexpr, G: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr,
-                      DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr,
-                      BJ: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr, TILES_PER_SPLIT: tl.constexpr):
-    """One pass over the logits (6 GEMM units: S, dP, dV1, dK1, dB = dS K1, C = P V1).
-
-    Program = (block of BJ k1 positions, batch*kv-head, split of head tiles); it keeps dk1/dv1 [BJ, D] in
-    registers while looping over every query whose w1 window covers the block, and sends the query-side
-    gradients as float32 atomic adds: dq_ih += scale * sum_k k2_k * dB_(h,k); dk2_k += scale * sum_h q_ih *
-    dB_(h,k); dv2_k += sum_h dO_ih * C_(h,k) (both summed over the program's head tiles first)."""
-    jb = tl.program_id(0)
-    b = tl.program_id(1) // HKV
-    kvh = tl.program_id(1) % HKV
-    split = tl.program_id(2)
-    M: tl.constexpr = GH * W2P
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
-    kk = tl.arange(0, W2P)
-    jpos = jb * BJ + tl.arange(0, BJ)
-    in_seq = jpos < S
-    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
-    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=in_seq[:, None] & (dk[None, :] < DK), other=0.0)
-    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
-    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=in_seq[:, None] & (dv[None, :] < DV), other=0.0)
-    dk1 = tl.zeros((BJ, DKP), tl.float32)
-    dv1 = tl.zeros((BJ, DVP), tl.float32)
-    t_lo = split * TILES_PER_SPLIT
-    i_end = jb * BJ + BJ - 1 + W1  # one past the last query that sees this block
-    i_end = i_end - (i_end - S) * (i_end > S)
-    for i in range(jb * BJ, i_end):
-        cvalid = (jpos <= i) & (jpos > i - W1) & in_seq
-        # Compact per-query operands; [M, D] row tensors exist only as the bf16 GEMM operands and the f32
-        # reductions run on [GH, W2P, D] views (register pressure: dk1/dv1 stay live across the loop).
-        kpos = i - W2 + 1 + kk
-        kvalid = (kk < W2) & (kpos >= 0)
-        kbase = (b * S + kpos).to(tl.int64) * HKV + kvh
-        k2 = tl.load(K2 + kbase[:, None] * DK + dk[None, :], mask=kvalid[:, None] & (dk[None, :] < DK),
-                     other=0.0).to(tl.float32)
-        v2 = tl.load(V2 + kbase[:, None] * DV + dv[None, :], mask=kvalid[:, None] & (dv[None, :] < DV),
-                     other=0.0).to(tl.float32)
-        t2 = tl.zeros((W2P, DKP), tl.float32)
-        u2 = tl.zeros((W2P, DVP), tl.float32)
-        for tile in range(t_lo, t_lo + TILES_PER_SPLIT):
-            h = tile * GH + tl.arange(0, GH)
-            qbase = (b * S + i).to(tl.int64) * (HKV * G) + kvh * G + h
-            q = tl.load(Q + qbase[:, None] * DK + dk[None, :], mask=(h[:, None] < G) & (dk[None, :] < DK),
-                        other=0.0).to(tl.float32)
-            do = tl.load(DO + qbase[:, None] * DV + dv[None, :], mask=(h[:, None] < G) & (dv[None, :] < DV),
-                         other=0.0).to(tl.float32)
-            rows = tl.reshape(q[:, None, :] * (k2 * SCALE)[None, :, :], (M, DKP)).to(K1.dtype.element_ty)
-            e = tl.reshape(do[:, None, :] * v2[None, :, :], (M, DVP)).to(K1.dtype.element_ty)
-            valid = kvalid[None, :] & (h[:, None] < G)
-            hoff = tl.reshape(qbase[:, None] + 0 * kk[None, :], (M,))
-            rvalid = tl.reshape(valid, (M,))
-            lse = tl.load(LSE + hoff, mask=rvalid, other=_INF)
-            lse = tl.where(rvalid, lse, _INF)
-            delta = tl.load(DELTA + hoff, mask=rvalid, other=0.0)
-            p = tl.where(cvalid[None, :], tl.exp(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse[:, None]), 0.0)
-            ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
-            p16 = p.to(K1.dtype.element_ty)
-            ds16 = ds.to(K1.dtype.element_ty)
-            dv1 += tl.dot(tl.trans(p16), e, input_precision=PREC)
-            dk1 += tl.dot(tl.trans(ds16), rows, input_precision=PREC)
-            f = tl.reshape(tl.dot(ds16, k1, input_precision=PREC), (GH, W2P, DKP))
-            dq = tl.sum(f * k2[None, :, :], axis=1) * SCALE
-            tl.atomic_add(DQ + qbase[:, None] * DK + dk[None, :], dq, mask=(h[:, None] < G) & (dk[None, :] < DK),
-                          sem="relaxed")
-            t2 += tl.sum(f * q[:, None, :], axis=0) * SCALE
-            c = tl.reshape(tl.dot(p16, v1, input_precision=PREC), (GH, W2P, DVP))
-            u2 += tl.sum(c * do[:, None, :], axis=0)
-        tl.atomic_add(DK2 + kbase[:, None] * DK + dk[None, :], t2, mask=kvalid[:, None] & (dk[None, :] < DK),
-                      sem="relaxed")
-        tl.atomic_add(DV2 + kbase[:, None] * DV + dv[None, :], u2, mask=kvalid[:, None] & (dv[None, :] < DV),
-                      sem="relaxed")
+    dk1 = dk1 * _LN2  # rows carry the extra log2(e)
     out = (split * (tl.num_programs(1) * S) + (b * S + jpos) * HKV + kvh).to(tl.int64)
     tl.store(DK1 + out[:, None] * DKP + dk[None, :], dk1, mask=in_seq[:, None])
     tl.store(DV1 + out[:, None] * DVP + dv[None, :], dv1, mask=in_seq[:, None])
@@ -306,19 +255,14 @@ def _params(q, k1, v1, cfg, rows=128):
 
 
 # Launch settings; tools/bench_simplicial.py sweeps them on the H200 and the best measured are the defaults.
-# GH (query heads per program tile, M = GH * W2P rows) may be overridden per launch.
+# ROWS: target GEMM M (= GH * W2P rows, GH query heads per program tile); BJ: k1 positions per block.
 FWD_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=3)
-BWD_Q_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
-BWD_K_LAUNCH = dict(BJ=64, num_warps=8, num_stages=1)
-# Backward: "fused" (one pass, 6 GEMM units, atomics for dq/dk2/dv2) or "two_kernel" (8 units, no atomics).
-BACKWARD = "fused"
-# SPLITS: programs per k1 block (the largest divisor of the head-tile count <= SPLITS; 0 = enough to fill the GPU).
-# ROWS: target GEMM M (= GH * W2P); 64 halves the per-step register tiles next to the live dk1/dv1.
-BWD_FUSED_LAUNCH = dict(BJ=64, ROWS=64, num_warps=8, num_stages=1, SPLITS=1)
+BWD_Q_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=1)
+BWD_K_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=1)
 
 
 def _split(launch):
-    meta = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages", "SPLITS", "ROWS")}
+    meta = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages", "ROWS")}
     return meta, launch.get("num_warps", 8), launch.get("num_stages", 2)
 
 
@@ -344,43 +288,14 @@ def forward(q, k1, v1, k2, v2, cfg):
 
 
 def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
-    """Returns dq, dk1, dv1 and dk2, dv2 (fused: [B,S,Hkv,D] float32) or the per-query rows t2, u2
-    [B,S,Hkv,W2P,D] float32 (two_kernel); api.py sums the rows along the w2 diagonal."""
-    if BACKWARD == "fused":
-        return _backward_fused(q, k1, v1, k2, v2, do, lse, delta, cfg)
-    if BACKWARD != "two_kernel":
-        raise ValueError(f"triton_gpu.BACKWARD must be 'fused' or 'two_kernel', got {BACKWARD!r}")
-    return _backward_two_kernel(q, k1, v1, k2, v2, do, lse, delta, cfg)
-
-
-def _backward_fused(q, k1, v1, k2, v2, do, lse, delta, cfg):
-    import jax_triton as jt
-
-    b, s, hq, dk = q.shape
-    meta, warps, stages = _split(BWD_FUSED_LAUNCH)
-    p = {**_params(q, k1, v1, cfg, BWD_FUSED_LAUNCH.get("ROWS", 128)), **meta}
-    hkv, dv = p["HKV"], p["DV"]
-    n_tiles = triton.cdiv(p["G"], p["GH"])
-    n_jb = triton.cdiv(s, p["BJ"])
-    splits = _tile_splits(n_tiles, n_jb * b * hkv, BWD_FUSED_LAUNCH.get("SPLITS", 1))
-    dq, dk2, dv2, dk1, dv1 = jt.triton_call(
-        q, k1, v1, k2, v2, do, lse, delta, kernel=_bwd_fused_kernel,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                   jax.ShapeDtypeStruct((b, s, hkv, dk), jnp.float32),
-                   jax.ShapeDtypeStruct((b, s, hkv, dv), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, b, s, hkv, p["DKP"]), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, b, s, hkv, p["DVP"]), jnp.float32)],
-        zeroed_outputs=(0, 1, 2),  # atomic-add targets
-        grid=(n_jb, b * hkv, splits), num_warps=warps, num_stages=stages, TILES_PER_SPLIT=n_tiles // splits, **p)
-    return dq, dk1.sum(0)[..., :dk], dv1.sum(0)[..., :dv], dk2, dv2
-
-
-def _backward_two_kernel(q, k1, v1, k2, v2, do, lse, delta, cfg):
+    """Two kernels: per query (dq and the per-query rows t2, u2 [B,S,Hkv,W2P,D] float32 of dk2, dv2; api.py
+    sums them along the w2 diagonal) and per block of k1 positions (dk1, dv1). Returns dq, dk1, dv1, t2, u2.
+    (Round 1 also had a fused one-pass backward with float32 atomics: 2.4-3x slower, deleted; see the notes.)"""
     import jax_triton as jt
 
     b, s, hq, dk = q.shape
     meta, warps, stages = _split(BWD_Q_LAUNCH)
-    p = {**_params(q, k1, v1, cfg), **meta}
+    p = {**_params(q, k1, v1, cfg, BWD_Q_LAUNCH.get("ROWS", 128)), **meta}
     hkv, dv, w2p = p["HKV"], p["DV"], p["W2P"]
     dq, t2, u2 = jt.triton_call(
         q, k1, v1, k2, v2, do, lse, delta, kernel=_bwd_q_kernel,
@@ -389,17 +304,14 @@ def _backward_two_kernel(q, k1, v1, k2, v2, do, lse, delta, cfg):
                    jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DVP"]), jnp.float32)],
         grid=(s, b * hkv), num_warps=warps, num_stages=stages, **p)
     meta, warps, stages = _split(BWD_K_LAUNCH)
-    p = {**p, **meta}
+    p = {**_params(q, k1, v1, cfg, BWD_K_LAUNCH.get("ROWS", 128)), **meta}
     n_tiles = triton.cdiv(p["G"], p["GH"])
     n_jb = triton.cdiv(s, p["BJ"])
     # Split the head tiles over programs until there are enough to fill the GPU (splits divide n_tiles).
     splits = _tile_splits(n_tiles, n_jb * b * hkv)
-    per_split = n_tiles // splits
     dk1, dv1 = jt.triton_call(
         q, k1, v1, k2, v2, do, lse, delta, kernel=_bwd_k_kernel,
         out_shape=[jax.ShapeDtypeStruct((splits, b, s, hkv, p["DKP"]), jnp.float32),
                    jax.ShapeDtypeStruct((splits, b, s, hkv, p["DVP"]), jnp.float32)],
-        grid=(n_jb, b * hkv, splits), num_warps=warps, num_stages=stages, TILES_PER_SPLIT=per_split, **p)
-    dk1 = dk1.sum(0)[..., :dk]
-    dv1 = dv1.sum(0)[..., :dv]
-    return dq, dk1, dv1, t2[..., :dk], u2[..., :dv]
+        grid=(n_jb, b * hkv, splits), num_warps=warps, num_stages=stages, TILES_PER_SPLIT=n_tiles // splits, **p)
+    return dq, dk1.sum(0)[..., :dk], dv1.sum(0)[..., :dv], t2[..., :dk], u2[..., :dv]

@@ -1,7 +1,7 @@
 """GPU kernels (jax-triton) against the jnp reference run on float32 copies of the same inputs.
 
-Every case checks the fused one-pass backward (`triton_gpu.BACKWARD = "fused"`, atomics); the paper-like case
-also a second fused tiling and the two-kernel path, all against one reference evaluation.
+Every case checks the default launch settings; the paper-like case also a second tiling of every kernel (the
+bench sweeps them), all against one reference evaluation.
 Run on the device machine: AXL_TEST_GPU=1 python3 -m pytest -m gpu -o addopts="" tests/kernels/test_simplicial_gpu.py
 """
 from __future__ import annotations
@@ -23,9 +23,11 @@ CASES = {
     "seq_lt_w1_w2_gt_w1_f32": (2, 45, 8, 2, 32, 100, 60, jnp.float32, "trilinear"),
     "determinant_bf16": (1, 131, 16, 2, 96, 40, 8, jnp.bfloat16, "determinant"),
 }
-# (BACKWARD, BWD_FUSED_LAUNCH overrides) per case: the default fused path everywhere; on the paper-like case
-# (16 head tiles) also a fused tiling with 2 head-tile splits and M = 128 rows, and the two-kernel path.
-PATHS = {"paper_like_bf16": [("fused", {}), ("fused", dict(ROWS=128, SPLITS=2)), ("two_kernel", {})]}
+# Launch overrides per case: on the paper-like case also BJ = 128 (whole and partial k1 blocks: w1 = 128 over
+# 389 positions) in the forward and M = 64 rows, num_stages 2 in both backward kernels.
+PATHS = {"paper_like_bf16": [{}, dict(FWD_LAUNCH=dict(BJ=128, ROWS=128, num_warps=8, num_stages=2),
+                                      BWD_Q_LAUNCH=dict(BJ=64, ROWS=64, num_warps=8, num_stages=2),
+                                      BWD_K_LAUNCH=dict(BJ=64, ROWS=64, num_warps=8, num_stages=2))]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -45,10 +47,9 @@ def test_triton_matches_reference(case, monkeypatch):
     with jax.default_matmul_precision("highest"):  # no TF32 in the reference
         ref_out, ref_vjp = jax.vjp(jax.jit(ref), *up)
         ref_grads = ref_vjp(do.astype(jnp.float32))
-    base = dict(triton_gpu.BWD_FUSED_LAUNCH)
-    for path, launch in PATHS.get(case, [("fused", {})]):
-        monkeypatch.setattr(triton_gpu, "BACKWARD", path)
-        monkeypatch.setattr(triton_gpu, "BWD_FUSED_LAUNCH", {**base, **launch})
+    for launch in PATHS.get(case, [{}]):
+        for name, value in launch.items():
+            monkeypatch.setattr(triton_gpu, name, value)
         # A fresh function per path: the static launch settings are read when tracing.
         tri = lambda *a: two_simplicial_attention(*a, implementation="triton", **kw)
         out, vjp = jax.vjp(jax.jit(tri), *args)
@@ -57,4 +58,4 @@ def test_triton_matches_reference(case, monkeypatch):
         assert_close(out, ref_out, dtype, "triton output")
         for name, g, rg in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads):
             assert g.dtype == dtype
-            assert_close(g, rg, dtype, f"triton {path} {launch} {name}", factor=2.0)
+            assert_close(g, rg, dtype, f"triton {launch} {name}", factor=2.0)
