@@ -59,14 +59,17 @@ Batch = dict[str, jax.Array]
 
 
 # --- attention -----------------------------------------------------------------------------------------
-def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None):
+def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None, *, query_block: int | None = None):
     """The predicted half of System-2 attention: one softmax per prediction over S+1 logits.
 
     q_p: [B, S, H, D] (predictions); k_p, v_p: [B, S, K, D] (their own keys/values); k_o, v_o: [B, S, K, D]
     (the observed stream's keys/values); segment_ids int [B, S] or None -> [B, S, H, D].
     Prediction i attends to {observed j <= i (same segment)} U {itself}: an S x (S+1) score matrix.
     Written in jnp (no fused kernel) because the EBT loss differentiates through its backward (second
-    order); operands stay in their dtype with float32 accumulation and a float32 softmax.
+    order); operands stay in their dtype with float32 accumulation and a float32 softmax. The EBT step is
+    bound by the bytes of these score-sized tensors, so with `query_block` the queries are processed in
+    blocks that only see the observed keys up to the block's end (causal block skipping: about
+    (1 + block/S)/2 of the S x S work).
     """
     b, s, h, d = q_p.shape
     kv = k_o.shape[2]
@@ -74,18 +77,27 @@ def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None):
     f32 = jnp.float32
     qg = q_p.reshape(b, s, kv, g, d)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
-    logits_obs = jnp.einsum("bskgd,btkd->bkgst", qg, k_o, preferred_element_type=f32) * scale  # [B,K,G,S,S]
+    # the self logit q_i . k_p_i and the row max bound are per query: computed once for all blocks
     logits_self = jnp.einsum("bskgd,bskd->bkgs", qg, k_p, preferred_element_type=f32) * scale  # [B,K,G,S]
-    allowed = jnp.tril(jnp.ones((s, s), bool))[None, None, None]
-    if segment_ids is not None:
-        allowed = allowed & segment_mask(segment_ids)[:, :, None]
-    logits_obs = jnp.where(allowed, logits_obs, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(logits_obs, axis=-1), logits_self))  # finite: self is present
-    w_obs = jnp.exp(logits_obs - m[..., None])
-    w_self = jnp.exp(logits_self - m)
-    inv = 1.0 / (jnp.sum(w_obs, axis=-1) + w_self)
-    out = jnp.einsum("bkgst,btkd->bskgd", (w_obs * inv[..., None]).astype(v_o.dtype), v_o, preferred_element_type=f32)
-    out = out + jnp.einsum("bkgs,bskd->bskgd", w_self * inv, v_p.astype(f32))
+    bq = s if not query_block else min(query_block, s)
+    outs = []
+    for q0 in range(0, s, bq):
+        q1 = min(q0 + bq, s)
+        # block rows q0..q1-1 see observed keys 0..q1-1
+        lo = jnp.einsum("bskgd,btkd->bkgst", qg[:, q0:q1], k_o[:, :q1], preferred_element_type=f32) * scale
+        allowed = (jnp.arange(q0, q1)[:, None] >= jnp.arange(q1)[None, :])[None, None, None]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, q0:q1, None] == segment_ids[:, None, :q1])[:, None, None]
+        lo = jnp.where(allowed, lo, -jnp.inf)
+        ls = logits_self[..., q0:q1]
+        m = jax.lax.stop_gradient(jnp.maximum(jnp.max(lo, axis=-1), ls))  # finite: the self term is present
+        w_obs = jnp.exp(lo - m[..., None])
+        w_self = jnp.exp(ls - m)
+        inv = 1.0 / (jnp.sum(w_obs, axis=-1) + w_self)
+        o = jnp.einsum("bkgst,btkd->bskgd", (w_obs * inv[..., None]).astype(v_o.dtype), v_o[:, :q1],
+                       preferred_element_type=f32)
+        outs.append(o + jnp.einsum("bkgs,bskd->bskgd", w_self * inv, v_p[:, q0:q1].astype(f32)))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return out.reshape(b, s, h, d).astype(q_p.dtype)
 
 
@@ -133,6 +145,7 @@ class System2Attention(Attention):
     """
 
     form: str = "efficient"
+    query_block: int | None = None
 
     def core(self, q, k, v, segment_ids):
         if self.form == "dense":
@@ -147,13 +160,14 @@ class System2Attention(Attention):
             return dot_product_attention(q, k, v, segment_ids, implementation=self.cfg.implementation)
         k_o = self.get_variable("cache", "obs_key")
         v_o = self.get_variable("cache", "obs_value")
-        return predicted_attention(q, k, v, k_o, v_o, segment_ids)
+        return predicted_attention(q, k, v, k_o, v_o, segment_ids, query_block=self.query_block)
 
 
 def _ebt_attention_factory(cfg, layer_index: int, name: str) -> nn.Module:
     del layer_index
     return System2Attention(cfg.attention, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, cfg.norm_eps,
-                            form=getattr(cfg, "attention_form", "efficient"), name=name)
+                            form=getattr(cfg, "attention_form", "efficient"),
+                            query_block=getattr(cfg, "attention_query_block", None), name=name)
 
 
 def _ebt_attention_flops(cfg, seq_len: int) -> float:
@@ -176,10 +190,13 @@ class EBTConfig(DecoderConfig):
     only), loss_steps "last" (S2) | "all" (S1), detach_earlier (stop gradients between steps: only the last
     step is differentiated), replay_size rows / replay_fraction of each batch, init_logit_std of y_0.
     eval_think_steps: steps used by the eval loss (None = think_steps).
+    attention_query_block: predicted-stream queries per block in the efficient form (causal block skipping,
+    `predicted_attention`); None = all queries in one block.
     """
 
     layer_pattern: tuple[str, ...] = ("ebt_attention",)
     attention_form: str = "efficient"
+    attention_query_block: int | None = None
     alpha_init: float = 10.0
     alpha_lr_scale: float = 30.0
     think_steps: int = 2
@@ -198,6 +215,8 @@ class EBTConfig(DecoderConfig):
         require(all(k == "ebt_attention" for k in self.layer_pattern), "layer_pattern",
                 f"an EBT needs System-2 attention in every layer (ebt_attention), got {self.layer_pattern}")
         require(self.attention_form in ATTENTION_FORMS, "attention_form", f"{self.attention_form!r} is not one of {ATTENTION_FORMS}")
+        require(self.attention_query_block is None or self.attention_query_block >= 1, "attention_query_block",
+                f"must be >= 1 or None, got {self.attention_query_block}")
         require(self.alpha_init >= ALPHA_MIN, "alpha_init", f"must be >= {ALPHA_MIN}, got {self.alpha_init}")
         require(self.alpha_lr_scale > 0, "alpha_lr_scale", "must be > 0")
         require(self.think_steps >= 1, "think_steps", f"must be >= 1, got {self.think_steps}")

@@ -15,7 +15,7 @@ import pytest
 from axlearn_like.config import ConfigError, validate_tree
 from axlearn_like.params import unbox_values
 from models.attention import AttentionConfig
-from models.ebt import EBTConfig, alpha_value, system2_attention, system2_attention_dense, system2_mask, think
+from models.ebt import EBTConfig, alpha_value, predicted_attention, system2_attention, system2_attention_dense, system2_mask, think
 from tests.oracle import rel_err
 
 V = 13
@@ -86,6 +86,8 @@ def test_efficient_attention_matches_dense_and_oracle(dtype, tol):
     oracle = _numpy_system2(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), np.asarray(seg))
     assert rel_err(np.asarray(eff, np.float64), oracle) < tol
     assert rel_err(np.asarray(dense, np.float64), oracle) < tol
+    blocked = predicted_attention(q[:, s:], k[:, s:], v[:, s:], k[:, :s], v[:, :s], seg, query_block=2)  # 2+2+1
+    assert rel_err(np.asarray(blocked, np.float64), oracle[:, s:]) < tol
     if dtype != jnp.float32:
         return
     ct = jax.random.normal(ks[3], eff.shape)
@@ -95,8 +97,10 @@ def test_efficient_attention_matches_dense_and_oracle(dtype, tol):
         assert rel_err(np.asarray(a, np.float64), np.asarray(bb, np.float64)) < 1e-4
 
 
-def test_model_efficient_equals_dense_form(model):
-    task, params = model
+@pytest.mark.parametrize("query_block", [None, 3])
+def test_model_efficient_equals_dense_form(model, query_block):
+    _, params = model
+    task = small_cfg(attention_query_block=query_block).build()
     dense_task = small_cfg(attention_form="dense").build()
     bt = batch(2, 7, seed=3)
     p = jax.nn.softmax(jax.random.normal(jax.random.key(4), (2, 7, V)))
