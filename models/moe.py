@@ -15,6 +15,7 @@ combine) is the test reference only. See docs/notes/moe.md.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from axlearn_like import sharding as shd
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init
 from axlearn_like.state import StepStatistic
-from kernels.grouped_matmul import grouped_matmul, swiglu_grouped_matmul
+from kernels.grouped_matmul import grouped_matmul
 from models import decoder as _decoder
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
@@ -194,34 +195,61 @@ class MoEConfig:
 
 
 # ------------------------------------------------------------------------------------------ expert math
-# Gate and up projections as one fused grouped matmul (swiglu_grouped_matmul) or, False, as two grouped
-# matmuls plus an XLA SwiGLU (the previous path; kept until the H200 measurement picks one, see docs/notes/moe.md).
-FUSED_GATE_UP = True
-
-
 def _swiglu_grouped(xs, w_gate, w_up, w_down, group_sizes, implementation):
-    """Routed experts on rows sorted by expert: [A, D] -> [A, D] (rows past sum(group_sizes) give 0)."""
-    if FUSED_GATE_UP:
-        a = swiglu_grouped_matmul(xs, w_gate, w_up, group_sizes, implementation=implementation)
-    else:
-        h = grouped_matmul(xs, w_gate, group_sizes, implementation=implementation)
-        u = grouped_matmul(xs, w_up, group_sizes, implementation=implementation)
-        a = jax.nn.silu(h) * u
+    """Routed experts on rows sorted by expert: [A, D] -> [A, D] (rows past sum(group_sizes) give 0).
+    Three grouped matmuls; SwiGLU in one XLA fusion (a fused gate+up kernel lost on the H200, notes)."""
+    h = grouped_matmul(xs, w_gate, group_sizes, implementation=implementation)
+    u = grouped_matmul(xs, w_up, group_sizes, implementation=implementation)
+    a = jax.nn.silu(h) * u
     return grouped_matmul(a, w_down, group_sizes, implementation=implementation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch_rows(x, order, inv, k):
+    """xs[i] = x[order[i] // k]: x [T, D], order a permutation of [T*k] -> [T*k, D]. The backward is the
+    gather dx[t] = sum_j dxs[inv[t*k + j]] (inv = order^-1), not XLA's atomic scatter-add over [T*k, D]."""
+    return x[order // k]
+
+
+def _dispatch_fwd(x, order, inv, k):
+    return x[order // k], (order, inv)
+
+
+def _dispatch_bwd(k, res, g):
+    order, inv = res
+    t = inv.shape[0] // k
+    dx = jnp.sum(g[inv].reshape(t, k, g.shape[1]).astype(jnp.float32), axis=1).astype(g.dtype)
+    return dx, None, None
+
+
+_dispatch_rows.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@jax.custom_vjp
+def _permute_rows(y, idx, inv):
+    """y[idx] for a permutation idx of y's rows (inv = idx^-1); the backward is the gather g[inv]."""
+    return y[idx]
+
+
+_permute_rows.defvjp(lambda y, idx, inv: (y[idx], (idx, inv)), lambda res, g: (g[res[1]], None, None))
 
 
 def _grouped_local(x, ids, w, w_gate, w_up, w_down, implementation):
     """Sort-based dispatch on one device (or under pjit sharding propagation). x [T, D], ids/w [T, K]
-    (w already zero where dropped; dropped ids are num_experts, so they sort last and cost nothing)."""
+    (w already zero where dropped; dropped ids are num_experts, so they sort last and cost nothing).
+
+    Gather-only data movement: rows go to expert order through `order` and come back through its inverse;
+    the combine is a weighted sum over each token's K rows (no scatter-add in forward or backward)."""
     t, k = ids.shape
     e = w_gate.shape[0]
     flat = ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    tok = order // k
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
     gs = jnp.zeros((e,), jnp.int32).at[flat].add(1, mode="drop")
-    y = _swiglu_grouped(x[tok], w_gate, w_up, w_down, gs, implementation)
-    wy = y.astype(jnp.float32) * w.reshape(-1)[order][:, None]
-    return jnp.zeros((t, x.shape[1]), jnp.float32).at[tok].add(wy)
+    y = _swiglu_grouped(_dispatch_rows(x, order, inv, k), w_gate, w_up, w_down, gs, implementation)
+    y_tok = _permute_rows(y, inv, order).reshape(t, k, -1)  # row t*k + j: token t's j-th expert
+    # multiply + reduce over K (one XLA fusion; an einsum would become a tiny batched dot)
+    return jnp.sum(y_tok.astype(jnp.float32) * w[:, :, None], axis=1)
 
 
 def _dense_reference(x, ids, w, w_gate, w_up, w_down):

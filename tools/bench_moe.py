@@ -3,12 +3,14 @@
 1. Grouped matmul, 64 experts, m = 32768 routed rows, k = d_model 2048, n = expert width 1408, bf16, uniform
    (512 rows each) and skewed (Zipf, p_i ~ 1/(i+1)) group sizes, vs a dense bf16 matmul [m, k] @ [k, n] of the
    same FLOPs. FLOPs: fwd 2mkn; fwd+bwd 3 x fwd (loss 0.5 * sum(out^2), so the forward product is kept).
-   Rows: dense fwd / fwd+bwd; Triton gmm fwd / fwd+bwd and the fused SwiGLU gate+up (2 x 2mkn) fwd / fwd+bwd
-   for the chosen tilings; `--xla` adds lax.ragged_dot (slow: ~16 ms fwd). `--sweep` first times candidate
-   tilings of each launch on uniform loads (one line each, then the best of each) and keeps the best for the
-   rest. Tiling = (BM, BN, BK, warps, stages, column-fastest raster, persistent programs or 0); H200: 132 SMs.
-2. MoE layer (E=64, top-6, 2 shared, F=1408, d_model 2048, 8192 tokens, bf16) fwd+bwd and fwd, with the fused
-   gate+up (default) and the previous two-gmm path, vs a dense SwiGLU FFN of equal active width (6 + 2) x 1408.
+   `--xla` adds lax.ragged_dot (slow: ~16 ms fwd). `--sweep` first times candidate tilings of each launch on
+   uniform loads and keeps the best for the rest. Tiling = (BM, BN, BK, warps, stages, persistent programs
+   or 0); H200: 132 SMs.
+2. MoE layer (E=64, top-6, 2 shared, F=1408, d_model 2048, 8192 tokens, bf16) fwd+bwd and fwd with the
+   gather-only dispatch, and (fwd+bwd) with round 1's scatter-add dispatch/combine; vs a dense SwiGLU FFN of
+   equal active width (6 + 2) x 1408. Breakdown rows (fwd+bwd): the routed experts alone (3 gmm + SwiGLU on
+   T*k = 49152 expert-sorted rows), the shared experts alone (dense SwiGLU width 2 x 1408), and the rest
+   (layer minus both: router, sort, gathers, combine, balance statistics).
    FLOPs per token fwd: 6 * d_model * F_active (three matrices) + 2 * d_model * E (gate); fwd+bwd 3 x fwd.
 Timing: tools.benchutil.timeit (calls back to back, median of 5 rounds).
 """
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.common import backend, has_jax_triton
-from kernels.grouped_matmul import grouped_matmul, swiglu_grouped_matmul
+from kernels.grouped_matmul import grouped_matmul
 from tools import benchutil
 
 ANCHORS = {"ragged_dot_fwd_tflops": 11.0, "dense_bf16_jax_tflops": 608.0, "source": "shared/GPU.md, H200"}
@@ -58,25 +60,20 @@ def _guarded(rows, what, fn):
                          tflops=float("nan"), error=msg))
 
 
-def sweep(lhs, rhs, rhs2, dout, gs, fl, reps, quick, rows):
+def sweep(lhs, rhs, dout, gs, fl, reps, quick, rows):
     """Times candidate tilings per launch (uniform loads); sets the module defaults to the best of each."""
     from kernels.grouped_matmul import triton_gpu as tg
 
     T = tg.Tiling
     cands = {
-        "gmm": [T(128, 256, 64, 8, 3), T(128, 256, 64, 8, 3, False), T(128, 128, 64, 8, 4), T(256, 128, 64, 8, 3),
-                T(128, 256, 64, 8, 3, True, 132), T(128, 128, 64, 8, 3, True, 264)],
-        "gmm_T": [T(128, 256, 64, 8, 3), T(256, 128, 64, 8, 3)],
-        "swiglu": [T(128, 128, 64, 8, 3), T(128, 128, 64, 8, 4), T(64, 128, 64, 4, 4), T(256, 64, 64, 8, 3),
-                   T(128, 128, 64, 8, 3, True, 132)],
+        "gmm": [T(128, 128, 64, 8, 3, 264), T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4, 264), T(128, 128, 64, 8, 3, 132)],
+        "gmm_T": [T(256, 128, 64, 8, 3), T(128, 256, 64, 8, 3), T(256, 128, 64, 8, 3, 264)],
         "tgmm": [T(64, 128, 128, 8, 3), T(64, 256, 128, 8, 3)],
     }
     launches = {  # name -> (fn(tiling), args, flops)
         "gmm": (lambda t: jax.jit(lambda a, b, s: tg.gmm(a, b, s, tiling=t)), (lhs, rhs, gs), fl),
         # the dlhs launch: dout [m, n] @ rhs[g]^T with rhs stored [G, k, n]
         "gmm_T": (lambda t: jax.jit(lambda a, b, s: tg.gmm(a, b, s, transpose_rhs=True, tiling=t)), (dout, rhs, gs), fl),
-        "swiglu": (lambda t: jax.jit(lambda a, b, c, s: tg.gmm_swiglu(a, b, c, s, store_hu=True, tiling=t)),
-                   (lhs, rhs, rhs2, gs), 2 * fl),
         "tgmm": (lambda t: jax.jit(lambda a, d, s: tg.tgmm(a, d, s, tiling=t)), (lhs, dout, gs), fl),
     }
     best = {}
@@ -93,19 +90,15 @@ def sweep(lhs, rhs, rhs2, dout, gs, fl, reps, quick, rows):
                 best[name] = (ms, t)
     for name, (ms, t) in best.items():
         print(f"  best {name:7s} {str(tuple(t)):36s} {ms:7.3f} ms {launches[name][2] / ms / 1e9:6.0f} TFLOP/s", flush=True)
-    if "gmm" in best:  # the dlhs launch shares GMM_TILING; keep the fwd winner unless gmm_T disagrees strongly
-        tg.GMM_TILING = best["gmm"][1]
-    if "swiglu" in best:
-        tg.SWIGLU_TILING = best["swiglu"][1]
-    if "tgmm" in best:
-        tg.TGMM_TILING = best["tgmm"][1]
+    for name, attr in (("gmm", "GMM_TILING"), ("gmm_T", "GMM_T_TILING"), ("tgmm", "TGMM_TILING")):
+        if name in best:
+            setattr(tg, attr, best[name][1])
 
 
 def bench_gmm(m, k, n, g, reps, args, rows):
     r = np.random.default_rng(0)
     lhs = jnp.asarray(r.normal(size=(m, k)), jnp.bfloat16)
     rhs = jnp.asarray(r.normal(size=(g, k, n)) / np.sqrt(k), jnp.bfloat16)
-    rhs2 = jnp.asarray(r.normal(size=(g, k, n)) / np.sqrt(k), jnp.bfloat16)
     dout = jnp.asarray(r.normal(size=(m, n)), jnp.bfloat16)
     fl = 2.0 * m * k * n
     triton_ok = backend() == "gpu" and has_jax_triton()
@@ -124,19 +117,18 @@ def bench_gmm(m, k, n, g, reps, args, rows):
 
         if args.sweep:
             gs = jnp.asarray(group_sizes("uniform", m, g))
-            _guarded(rows, "sweep", lambda: sweep(lhs, rhs, rhs2, dout, gs, fl, reps, args.quick, rows))
-        eff = lambda t: tuple(tg.fit_columns(t, n))
-        rows.append(dict(what=f"tilings gmm={eff(tg.GMM_TILING)} swiglu={eff(tg.SWIGLU_TILING)} "
-                              f"tgmm={tuple(tg.TGMM_TILING)} (at n={n})", loads="-", pass_="-", ms=0.0, spread_ms=0.0,
-                         tflops=0.0))
+            _guarded(rows, "sweep", lambda: sweep(lhs, rhs, dout, gs, fl, reps, args.quick, rows))
+        eff = lambda t, c: tuple(tg.fit_columns(t, c))
+        rows.append(dict(what=f"tilings gmm={eff(tg.GMM_TILING, n)} gmm_T={eff(tg.GMM_T_TILING, k)} "
+                              f"tgmm={tuple(tg.TGMM_TILING)}", loads="-", pass_="-", ms=0.0, spread_ms=0.0, tflops=0.0))
 
     for loads in ("uniform", "skewed"):
         gs = jnp.asarray(group_sizes(loads, m, g))
         for impl in impls:
-            _guarded(rows, f"grouped_matmul {impl} {loads}", lambda: _gmm_rows(impl, loads, lhs, rhs, rhs2, gs, fl, reps, rows))
+            _guarded(rows, f"grouped_matmul {impl} {loads}", lambda: _gmm_rows(impl, loads, lhs, rhs, gs, fl, reps, rows))
 
 
-def _gmm_rows(impl, loads, lhs, rhs, rhs2, gs, fl, reps, rows):
+def _gmm_rows(impl, loads, lhs, rhs, gs, fl, reps, rows):
     f = jax.jit(lambda a, b, s, impl=impl: grouped_matmul(a, b, s, implementation=impl))
     err = _check(f(lhs, rhs, gs), lhs, rhs, np.asarray(gs))
     ms, spread = timeit(f, (lhs, rhs, gs), reps)
@@ -145,15 +137,6 @@ def _gmm_rows(impl, loads, lhs, rhs, rhs2, gs, fl, reps, rows):
         grouped_matmul(a, b, s, implementation=impl).astype(jnp.float32) ** 2)
     ms, spread = timeit(jax.jit(jax.grad(loss, argnums=(0, 1))), (lhs, rhs, gs), reps)
     _row(rows, f"grouped_matmul {impl}", loads, "fwd+bwd", ms, spread, 3 * fl)
-    if impl != "triton":
-        return
-    f = jax.jit(lambda a, b, c, s: swiglu_grouped_matmul(a, b, c, s, implementation="triton"))
-    ms, spread = timeit(f, (lhs, rhs, rhs2, gs), reps)
-    _row(rows, "swiglu_grouped_matmul triton (gate+up)", loads, "fwd", ms, spread, 2 * fl)
-    loss = lambda a, b, c, s: 0.5 * jnp.sum(
-        swiglu_grouped_matmul(a, b, c, s, implementation="triton").astype(jnp.float32) ** 2)
-    ms, spread = timeit(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), (lhs, rhs, rhs2, gs), reps)
-    _row(rows, "swiglu_grouped_matmul triton (gate+up)", loads, "fwd+bwd", ms, spread, 6 * fl)
 
 
 def _check(out, lhs, rhs, gs):
@@ -169,8 +152,23 @@ def _check(out, lhs, rhs, gs):
     return float(max(errs))
 
 
+def _grouped_local_round1(x, ids, w, w_gate, w_up, w_down, implementation):
+    """Round 1's dispatch (comparison only): x[tok] gather (backward: scatter-add) and an f32 scatter-add
+    combine over [T*K, D]."""
+    import models.moe as moe_mod
+
+    t, k = ids.shape
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    tok = order // k
+    gs = jnp.zeros((w_gate.shape[0],), jnp.int32).at[flat].add(1, mode="drop")
+    y = moe_mod._swiglu_grouped(x[tok], w_gate, w_up, w_down, gs, implementation)
+    wy = y.astype(jnp.float32) * w.reshape(-1)[order][:, None]
+    return jnp.zeros((t, x.shape[1]), jnp.float32).at[tok].add(wy)
+
+
 def bench_layer(reps, rows, variants, small=False):
-    """variants: (label, implementation, fused gate+up)."""
+    """variants: (label, implementation, round-1 dispatch)."""
     import models.moe as moe_mod
 
     dims = (1, 256, 128, 16, 6, 64, 2) if small else (4, 2048, 2048, 64, 6, 1408, 2)
@@ -178,20 +176,32 @@ def bench_layer(reps, rows, variants, small=False):
     t = b * s
     x = jnp.asarray(np.random.default_rng(1).normal(size=(b, s, d)), jnp.bfloat16)
     fwd_flops = t * (6.0 * d * f * (k + shared) + 2.0 * d * e)
-    for label, impl, fused in variants:
-        _guarded(rows, f"MoE layer ({label})", lambda: _layer_rows(label, impl, fused, x, reps, rows, fwd_flops, dims))
-    moe_mod.FUSED_GATE_UP = True
-    _dense_ffn_rows(x, reps, rows, dims)
+    new = moe_mod._grouped_local
+    for label, impl, round1 in variants:
+        moe_mod._grouped_local = _grouped_local_round1 if round1 else new  # read at trace time
+        try:
+            _guarded(rows, f"MoE layer ({label})",
+                     lambda: _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=not round1))
+        finally:
+            moe_mod._grouped_local = new
+    impl = variants[0][1]
+    _guarded(rows, "routed experts", lambda: _routed_rows(impl, reps, rows, dims))
+    _dense_ffn_rows(x, reps, rows, dims, shared * f, "shared experts: dense SwiGLU")
+    _dense_ffn_rows(x, reps, rows, dims, (k + shared) * f, "dense SwiGLU FFN")
+    by = {r["what"]: r["ms"] for r in rows if r["pass_"] == "fwd+bwd"}
+    layer = by.get(f"MoE layer ({variants[0][0]})")
+    parts = [by.get(f"routed experts: 3 gmm + SwiGLU, m={t * k}"), by.get(f"shared experts: dense SwiGLU width {shared * f}")]
+    if layer is not None and None not in parts:
+        _row(rows, "rest = layer - routed - shared (router, sort, gathers, combine, stats)", "-", "fwd+bwd",
+             layer - sum(parts), 0.0, 0.0)
 
 
-def _layer_rows(label, impl, fused, x, reps, rows, fwd_flops, dims):
+def _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=True):
     import flax.linen as nn
 
-    import models.moe as moe_mod
     from models.moe import MoE, MoEConfig
 
     b, s, d, e, k, f, shared = dims
-    moe_mod.FUSED_GATE_UP = fused  # read at trace time: each variant traces its own jitted functions
     cfg = MoEConfig(num_experts=e, top_k=k, num_shared=shared, expert_dim=f, implementation=impl)
     layer = MoE(cfg, d, jnp.bfloat16)
     v = nn.meta.unbox(jax.jit(lambda key: layer.init(key, x[:1, :8], train=False))(jax.random.key(0)))
@@ -202,15 +212,34 @@ def _layer_rows(label, impl, fused, x, reps, rows, fwd_flops, dims):
 
     ms, spread = timeit(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (v["params"], x), reps)
     _row(rows, f"MoE layer ({label})", "routed", "fwd+bwd", ms, spread, 3 * fwd_flops)
-    fwd = jax.jit(lambda p, x: layer.apply({**v, "params": p}, x, train=False))
-    ms, spread = timeit(fwd, (v["params"], x), reps)
-    _row(rows, f"MoE layer ({label})", "routed", "fwd", ms, spread, fwd_flops)
+    if fwd:
+        f = jax.jit(lambda p, x: layer.apply({**v, "params": p}, x, train=False))
+        ms, spread = timeit(f, (v["params"], x), reps)
+        _row(rows, f"MoE layer ({label})", "routed", "fwd", ms, spread, fwd_flops)
 
 
-def _dense_ffn_rows(x, reps, rows, dims):
+def _routed_rows(impl, reps, rows, dims):
+    """The routed experts alone on expert-sorted rows (uniform loads), fwd+bwd."""
+    import models.moe as moe_mod
+
+    b, s, d, e, k, f, shared = dims
+    m = b * s * k
+    r = np.random.default_rng(3)
+    xs = jnp.asarray(r.normal(size=(m, d)), jnp.bfloat16)
+    ws = [jnp.asarray(r.normal(size=sh) / np.sqrt(sh[1]), jnp.float32) for sh in ((e, d, f), (e, d, f), (e, f, d))]
+    gs = jnp.asarray(group_sizes("uniform", m, e))
+
+    def loss(ws, xs):
+        y = moe_mod._swiglu_grouped(xs, *ws, gs, impl)
+        return jnp.mean(y.astype(jnp.float32) ** 2)
+
+    ms, spread = timeit(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (ws, xs), reps)
+    _row(rows, f"routed experts: 3 gmm + SwiGLU, m={m}", "uniform", "fwd+bwd", ms, spread, 3 * 6.0 * m * d * f)
+
+
+def _dense_ffn_rows(x, reps, rows, dims, fa, label):
     b, s, d, e, k, f, shared = dims
     t = b * s
-    fa = (k + shared) * f
     r = np.random.default_rng(2)
     wd = {n: jnp.asarray(r.normal(size=sh) / np.sqrt(sh[0]), jnp.float32)
           for n, sh in (("g", (d, fa)), ("u", (d, fa)), ("o", (fa, d)))}
@@ -221,7 +250,7 @@ def _dense_ffn_rows(x, reps, rows, dims):
         return jnp.mean(y.astype(jnp.float32) ** 2)
 
     ms, spread = timeit(jax.jit(jax.value_and_grad(dense_loss, argnums=(0, 1))), (wd, x.reshape(t, d)), reps)
-    _row(rows, f"dense SwiGLU FFN width {fa}", "-", "fwd+bwd", ms, spread, 3 * t * 6.0 * d * fa)
+    _row(rows, f"{label} width {fa}", "-", "fwd+bwd", ms, spread, 3 * t * 6.0 * d * fa)
 
 
 def main(argv=None):
@@ -240,9 +269,9 @@ def main(argv=None):
     else:
         bench_gmm(32768, 2048, 1408, 64, reps, args, rows)
     triton_ok = backend() == "gpu" and has_jax_triton()
-    variants = ([("triton, fused gate+up", "triton", True), ("triton, two gmm", "triton", False)] if triton_ok else [])
+    variants = ([("triton", "triton", False), ("triton, round-1 scatter dispatch", "triton", True)] if triton_ok else [])
     if args.xla or not triton_ok:
-        variants.append(("xla", "xla", True))
+        variants.append(("xla", "xla", False))
     bench_layer(reps, rows, variants, args.small)
     print(f"\n{'what':62s} {'loads':8s} {'pass':8s} {'ms':>9s} {'spread':>8s} {'TFLOP/s':>8s}")
     for r in rows:

@@ -158,8 +158,10 @@ def _tgmm_kernel(tile_ref, group_ref, valid_ref, first_ref, starts_ref, ends_ref
         out_ref[0] = acc_ref[...].astype(out_ref.dtype)
 
 
-def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling()):
-    """out[g] = lhs_g^T @ dout_g: lhs [m, k], dout [m, n] -> [G, k, n] (lhs dtype); empty groups give 0."""
+def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling(), out_dtype=None):
+    """out[g] = lhs_g^T @ dout_g: lhs [m, k], dout [m, n] -> [G, k, n] (out_dtype, default lhs dtype; the f32
+    accumulator is stored in it directly); empty groups give 0."""
+    out_dtype = out_dtype or lhs.dtype
     m, k = lhs.shape
     n = dout.shape[1]
     g = group_sizes.shape[0]
@@ -171,7 +173,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling()):
     nv = vis.tile.shape[0]
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm),
-        out_shape=jax.ShapeDtypeStruct((g, k_tiles * tk, n_tiles * tn), lhs.dtype),
+        out_shape=jax.ShapeDtypeStruct((g, k_tiles * tk, n_tiles * tn), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6,
             grid=(k_tiles, n_tiles, nv),
@@ -186,7 +188,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling()):
         interpret=common.pallas_interpret(),
     )(vis.tile, vis.group, vis.valid, vis.first_group, vis.starts, vis.ends, lhs_p, dout_p)
     # Empty groups are never visited, so their blocks hold whatever the buffer held.
-    return jnp.where((group_sizes > 0)[:, None, None], out[:, :k, :n], 0).astype(lhs.dtype)
+    return jnp.where((group_sizes > 0)[:, None, None], out[:, :k, :n], 0).astype(out_dtype)
 
 
 def _ceil8(x: int) -> int:

@@ -4,12 +4,11 @@ gmm: one program per (work item, column tile) of the output. Work items come fro
 (tiles.work_items): each group's rows cut into BM tiles from the group's first row, group-major, then
 zero-fill tiles past sum(group_sizes); items never share a row, so a program runs one K loop with
 the other rows masked and stores only its own rows (no atomics). The 1-D grid is rastered
-column-fastest by default: the programs in flight share one lhs row tile and one or two groups' rhs,
-so both come from L2 (row-fastest re-reads every lhs tile from HBM per column tile: 6 x 134 MB at the
-bench shape). `Tiling.programs` > 0 makes the launch persistent (programs stride over the tiles). An optional second (lhs2, rhs2) pair accumulates into the same
-tile (the SwiGLU backward's dx = dh @ Wg^T + du @ Wu^T in one pass).
-gmm_swiglu: gate and up projections in one pass over the rows (two accumulators, one lhs load), epilogue
-silu(h) * u; optionally stores h and u for the backward.
+column-fastest: the programs in flight share one lhs row tile and one or two groups' rhs, so both come
+from L2 (row-fastest re-read every lhs tile from HBM per column tile: 0.567 vs 0.384 ms on the H200,
+so it was removed). `Tiling.programs` > 0 makes the launch persistent (programs stride over the tiles).
+float32 operands use IEEE-exact dots (Triton's default for float32 is tf32, a 10-bit mantissa: relative
+errors ~1e-3, above the float32 tolerance); bf16 operands are exact products either way.
 tgmm: one program per (group, k tile, n tile) of drhs; it walks the group's rows in steps of BM and
 accumulates lhs_rows^T @ dout_rows. Empty groups store zeros. No atomics, so results are deterministic.
 """
@@ -31,16 +30,15 @@ class Tiling(NamedTuple):
     bk: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    raster_n: bool = True  # consecutive programs walk a row tile's column tiles (lhs tile and rhs[g] stay in L2)
     programs: int = 0  # 0: one program per output tile; P > 0: persistent, P programs stride over the tiles
 
 
-# Best of the sweep in tools/bench_moe.py on an H200 (2026-11-29; 64 groups, 32768 x 2048 x 1408 bf16); the
-# L2-friendly raster is new (not yet measured). `fit_columns` halves BN where N is not a multiple of it.
-GMM_TILING = Tiling(bm=128, bn=256, bk=64, num_warps=8, num_stages=3)
+# Best of the sweep in tools/bench_moe.py on an H200 (2026-11-29 10:41 UTC; 64 groups, 32768 x 2048 x 1408 bf16,
+# uniform): gmm 0.382 ms (persistent, 2 programs per SM), dlhs gmm^T 0.446 ms, tgmm 0.448 ms.
+# `fit_columns` halves BN where N is not a multiple of it.
+GMM_TILING = Tiling(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, programs=264)
+GMM_T_TILING = Tiling(bm=256, bn=128, bk=64, num_warps=8, num_stages=3)  # dlhs = dout @ rhs[g]^T
 TGMM_TILING = Tiling(bm=64, bn=128, bk=128, num_warps=8, num_stages=3)
-# gate+up fused: two f32 accumulators of BM x BN (the register footprint of one BM x 2BN tile).
-SWIGLU_TILING = Tiling(bm=128, bn=128, bk=64, num_warps=8, num_stages=3)
 
 # Hopper gives a block at most 227 KiB of shared memory; stay under it with some room for Triton's own use.
 SMEM_BUDGET = 180 * 1024
@@ -68,21 +66,27 @@ def fit_shared_memory(tiling: Tiling, itemsize: int, a_tile: tuple[str, str], b_
 
 
 @triton.jit
-def _work_item(pid, item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS: tl.constexpr, N, BN: tl.constexpr,
-               RASTER_N: tl.constexpr):
-    """(group or -1, first row, end row, column tile) of output tile `pid` of num_items * n_tiles."""
+def _work_item(pid, item_group_ptr, item_start_ptr, item_end_ptr, N, BN: tl.constexpr):
+    """(group or -1, first row, end row, column tile) of output tile `pid` of num_items * n_tiles; a work
+    item's column tiles are consecutive (one lhs tile and one group's rhs in flight, both in L2)."""
     n_tiles = tl.cdiv(N, BN)
-    if RASTER_N:  # a work item's column tiles are consecutive: one lhs tile, one group's rhs in flight
-        item = pid // n_tiles
-        pid_n = pid % n_tiles
-    else:
-        item = pid % NUM_ITEMS
-        pid_n = pid // NUM_ITEMS
+    item = pid // n_tiles
+    pid_n = pid % n_tiles
     return tl.load(item_group_ptr + item), tl.load(item_start_ptr + item), tl.load(item_end_ptr + item), pid_n
 
 
 @triton.jit
-def _group_dot(acc, lhs_ptr, rhs_g, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS: tl.constexpr, BK: tl.constexpr):
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # float32 operands: exact products (the default tf32 keeps 10 mantissa bits)
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _group_dot(acc, lhs_ptr, rhs_g, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS: tl.constexpr, BK: tl.constexpr,
+               IEEE: tl.constexpr):
     """acc += lhs[rows in row_ok, :k_end] @ rhs_g[:k_end] (rhs_g stored [K, N], or [N, K] if transposed)."""
     rk = tl.arange(0, BK)
     for k0 in range(0, k_end, BK):
@@ -90,93 +94,46 @@ def _group_dot(acc, lhs_ptr, rhs_g, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS: 
         a = tl.load(lhs_ptr + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
         if TRANSPOSE_RHS:
             b = tl.load(rhs_g + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-            acc += tl.dot(a, tl.trans(b))
+            acc += _dot(a, tl.trans(b), IEEE)
         else:
             b = tl.load(rhs_g + kk[:, None] * N + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-            acc += tl.dot(a, b)
+            acc += _dot(a, b, IEEE)
     return acc
 
 
 @triton.jit
-def _gmm_tile(tile, lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
-              NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr,
-              HAS2: tl.constexpr, RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    g, r0, r1, pid_n = _work_item(tile, item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BN, RASTER_N)
+def _gmm_tile(tile, lhs_ptr, rhs_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
+              K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, IEEE: tl.constexpr,
+              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    g, r0, r1, pid_n = _work_item(tile, item_group_ptr, item_start_ptr, item_end_ptr, N, BN)
     rm = r0 + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     row_ok = rm < r1
     k_end = tl.where(g >= 0, K, 0)  # zero-fill and padding items skip the product
     off = tl.cast(tl.maximum(g, 0), tl.int64) * (K * N)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc = _group_dot(acc, lhs_ptr, rhs_ptr + off, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS, BK)
-    if HAS2:
-        acc = _group_dot(acc, lhs2_ptr, rhs2_ptr + off, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS, BK)
+    acc = _group_dot(acc, lhs_ptr, rhs_ptr + off, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS, BK, IEEE)
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (rn[None, :] < N))
 
 
 @triton.jit
-def gmm_kernel(lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
-               NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr, HAS2: tl.constexpr,
-               RASTER_N: tl.constexpr, PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """out[rows of the item] = lhs @ rhs[g] (+ lhs2 @ rhs2[g] when HAS2); g = -1 items store zeros."""
+def gmm_kernel(lhs_ptr, rhs_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
+               NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, TRANSPOSE_RHS: tl.constexpr,
+               IEEE: tl.constexpr, PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[rows of the item] = lhs @ rhs[g]; g = -1 items store zeros."""
     if PROGRAMS == 0:
-        _gmm_tile(tl.program_id(0), lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr,
-                  out_ptr, NUM_ITEMS, K, N, TRANSPOSE_RHS, HAS2, RASTER_N, BM, BN, BK)
+        _gmm_tile(tl.program_id(0), lhs_ptr, rhs_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
+                  K, N, TRANSPOSE_RHS, IEEE, BM, BN, BK)
     else:
         for tile in range(tl.program_id(0), NUM_ITEMS * tl.cdiv(N, BN), PROGRAMS):
-            _gmm_tile(tile, lhs_ptr, rhs_ptr, lhs2_ptr, rhs2_ptr, item_group_ptr, item_start_ptr, item_end_ptr,
-                      out_ptr, NUM_ITEMS, K, N, TRANSPOSE_RHS, HAS2, RASTER_N, BM, BN, BK)
+            _gmm_tile(tile, lhs_ptr, rhs_ptr, item_group_ptr, item_start_ptr, item_end_ptr, out_ptr,
+                      K, N, TRANSPOSE_RHS, IEEE, BM, BN, BK)
 
 
 @triton.jit
-def _swiglu_tile(tile, lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr, h_ptr, u_ptr,
-                 NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STORE_HU: tl.constexpr,
-                 RASTER_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    g, r0, r1, pid_n = _work_item(tile, item_group_ptr, item_start_ptr, item_end_ptr, NUM_ITEMS, N, BN, RASTER_N)
-    rm = r0 + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    row_ok = rm < r1
-    k_end = tl.where(g >= 0, K, 0)
-    off = tl.cast(tl.maximum(g, 0), tl.int64) * (K * N)
-    acc_h = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_u = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, k_end, BK):
-        kk = k0 + rk
-        x = tl.load(lhs_ptr + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-        b_mask = (kk[:, None] < K) & (rn[None, :] < N)
-        b_off = off + kk[:, None] * N + rn[None, :]
-        acc_h += tl.dot(x, tl.load(wg_ptr + b_off, mask=b_mask, other=0.0))
-        acc_u += tl.dot(x, tl.load(wu_ptr + b_off, mask=b_mask, other=0.0))
-    out_mask = row_ok[:, None] & (rn[None, :] < N)
-    out_off = rm[:, None] * N + rn[None, :]
-    act = acc_h * tl.sigmoid(acc_h) * acc_u
-    tl.store(a_ptr + out_off, act.to(a_ptr.dtype.element_ty), mask=out_mask)
-    if STORE_HU:
-        tl.store(h_ptr + out_off, acc_h.to(h_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(u_ptr + out_off, acc_u.to(u_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def gmm_swiglu_kernel(lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr, h_ptr, u_ptr,
-                      NUM_ITEMS: tl.constexpr, K: tl.constexpr, N: tl.constexpr, STORE_HU: tl.constexpr,
-                      RASTER_N: tl.constexpr, PROGRAMS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr):
-    """a = silu(lhs @ wg[g]) * (lhs @ wu[g]) on the item's rows; one lhs load feeds both products. With
-    STORE_HU the pre-activations h, u are stored too (the backward's residuals)."""
-    if PROGRAMS == 0:
-        _swiglu_tile(tl.program_id(0), lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr,
-                     h_ptr, u_ptr, NUM_ITEMS, K, N, STORE_HU, RASTER_N, BM, BN, BK)
-    else:
-        for tile in range(tl.program_id(0), NUM_ITEMS * tl.cdiv(N, BN), PROGRAMS):
-            _swiglu_tile(tile, lhs_ptr, wg_ptr, wu_ptr, item_group_ptr, item_start_ptr, item_end_ptr, a_ptr,
-                         h_ptr, u_ptr, NUM_ITEMS, K, N, STORE_HU, RASTER_N, BM, BN, BK)
-
-
-@triton.jit
-def tgmm_kernel(lhs_ptr, dout_ptr, starts_ptr, ends_ptr, out_ptr,
-                K: tl.constexpr, N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def tgmm_kernel(lhs_ptr, dout_ptr, starts_ptr, ends_ptr, out_ptr, K: tl.constexpr, N: tl.constexpr,
+                IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     g = tl.program_id(1)
     n_tiles = tl.cdiv(N, BN)
@@ -190,7 +147,7 @@ def tgmm_kernel(lhs_ptr, dout_ptr, starts_ptr, ends_ptr, out_ptr,
         ok = rows < end
         a = tl.load(lhs_ptr + rows[:, None] * K + rk[None, :], mask=ok[:, None] & (rk[None, :] < K), other=0.0)
         d = tl.load(dout_ptr + rows[:, None] * N + rn[None, :], mask=ok[:, None] & (rn[None, :] < N), other=0.0)
-        acc += tl.dot(tl.trans(a), d)
+        acc += _dot(tl.trans(a), d, IEEE)
     out_g = out_ptr + tl.cast(g, tl.int64) * (K * N)
     tl.store(out_g + rk[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rk[:, None] < K) & (rn[None, :] < N))
@@ -212,56 +169,30 @@ def _grid(tiles: int, tiling: Tiling) -> tuple[int]:
     return (_programs(tiles, tiling) or tiles,)
 
 
-def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | None = None, lhs2=None, rhs2=None):
-    """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype).
-    With lhs2/rhs2 (same shapes) the kernel returns lhs @ rhs[g] + lhs2 @ rhs2[g] in one pass."""
+def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | None = None):
+    """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype)."""
     import jax_triton as jt
 
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tiling = fit_columns(tiling or GMM_TILING, n)
+    tiling = fit_columns(tiling or (GMM_T_TILING if transpose_rhs else GMM_TILING), n)
     tiling = fit_shared_memory(tiling, lhs.dtype.itemsize, ("bm", "bk"), ("bk", "bn"))
     items = work_items(group_sizes, m, tiling.bm)
-    has2 = lhs2 is not None
+    tiles = items[0].shape[0] * triton.cdiv(n, tiling.bn)
     return jt.triton_call(
-        lhs, rhs, lhs2 if has2 else lhs, rhs2 if has2 else rhs, *items,
+        lhs, rhs, *items,
         kernel=gmm_kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), lhs.dtype),
-        grid=_grid(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
+        grid=_grid(tiles, tiling),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        NUM_ITEMS=items[0].shape[0], K=k, N=n, TRANSPOSE_RHS=transpose_rhs, HAS2=has2, RASTER_N=tiling.raster_n,
-        PROGRAMS=_programs(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
-        BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
+        NUM_ITEMS=items[0].shape[0], K=k, N=n, TRANSPOSE_RHS=transpose_rhs, IEEE=lhs.dtype == jnp.float32,
+        PROGRAMS=_programs(tiles, tiling), BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
     )
 
 
-def gmm_swiglu(lhs, w_gate, w_up, group_sizes, *, store_hu: bool, tiling: Tiling | None = None):
-    """a = silu(lhs @ w_gate[g]) * (lhs @ w_up[g]) per row group: lhs [m, k], w_* [G, k, n] -> a [m, n], or
-    (a, h, u) with store_hu (h, u the two products, for the backward). Outputs in lhs dtype."""
-    import jax_triton as jt
-
-    m, k = lhs.shape
-    n = w_gate.shape[2]
-    tiling = fit_columns(tiling or SWIGLU_TILING, n)
-    tiling = fit_shared_memory(tiling, lhs.dtype.itemsize, ("bm", "bk"), ("bk", "bn"), b_count=2)
-    items = work_items(group_sizes, m, tiling.bm)
-    full = jax.ShapeDtypeStruct((m, n), lhs.dtype)
-    dummy = jax.ShapeDtypeStruct((1,), lhs.dtype)  # not written without store_hu
-    out = jt.triton_call(
-        lhs, w_gate, w_up, *items,
-        kernel=gmm_swiglu_kernel,
-        out_shape=(full, full if store_hu else dummy, full if store_hu else dummy),
-        grid=_grid(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        NUM_ITEMS=items[0].shape[0], K=k, N=n, STORE_HU=store_hu, RASTER_N=tiling.raster_n,
-        PROGRAMS=_programs(items[0].shape[0] * triton.cdiv(n, tiling.bn), tiling),
-        BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
-    )
-    return tuple(out) if store_hu else out[0]
-
-
-def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None):
-    """out[g] = lhs_g^T @ dout_g: lhs [m, k], dout [m, n] -> [G, k, n] (lhs dtype); empty groups give 0."""
+def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None, out_dtype=None):
+    """out[g] = lhs_g^T @ dout_g: lhs [m, k], dout [m, n] -> [G, k, n] (out_dtype, default lhs dtype; the f32
+    accumulator is stored in it directly); empty groups give 0."""
     import jax_triton as jt
 
     tiling = fit_shared_memory(tiling or TGMM_TILING, lhs.dtype.itemsize, ("bm", "bk"), ("bm", "bn"))
@@ -272,8 +203,8 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None):
     return jt.triton_call(
         lhs, dout, starts, ends,
         kernel=tgmm_kernel,
-        out_shape=jax.ShapeDtypeStruct((g, k, n), lhs.dtype),
+        out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype or lhs.dtype),
         grid=(triton.cdiv(k, tiling.bk) * triton.cdiv(n, tiling.bn), g),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-        K=k, N=n, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
+        K=k, N=n, IEEE=lhs.dtype == jnp.float32, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
     )

@@ -1,13 +1,12 @@
-"""grouped_matmul and swiglu_grouped_matmul: xla and Pallas (interpret) forward and gradients vs the dense
-reference and a float64 NumPy oracle; empty groups, uneven sizes, rows past sum(group_sizes); f32 and bf16;
-the Triton tile table (CPU). GPU: the triton kernels (both rasters, the two-term gmm, the fused SwiGLU)."""
+"""grouped_matmul: xla and Pallas (interpret) forward and gradients vs the dense reference and a float64
+NumPy oracle; empty groups, uneven sizes, rows past sum(group_sizes); f32 and bf16; the Triton tile table
+(CPU). GPU: the triton kernels (default tilings, persistent programs, BN not dividing n)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.grouped_matmul import (grouped_matmul, pallas_tpu, reference, swiglu_grouped_matmul,
-                                    transposed_grouped_matmul)
+from kernels.grouped_matmul import grouped_matmul, pallas_tpu, reference, transposed_grouped_matmul
 from tests.oracle import assert_close
 
 CASES = [  # (m, k, n, group_sizes): uneven, empty first/middle/last groups, rows past the total
@@ -59,46 +58,22 @@ def test_forward_and_grads(impl, dtype, case):
     assert_close(reference.transposed_grouped_matmul(lhs, dout, gs), ref_dr, dtype, "reference tgmm")
 
 
-def _swiglu_oracle(x, wg, wu, gs, da):
-    """float64: a = silu(x Wg) * (x Wu) per group and the gradients of sum(a * da)."""
-    x, wg, wu, da = (np.asarray(a, np.float64) for a in (x, wg, wu, da))
-    a = np.zeros((x.shape[0], wg.shape[2]))
-    dx, dwg, dwu = np.zeros_like(x), np.zeros_like(wg), np.zeros_like(wu)
-    s = 0
-    for g, c in enumerate(gs):
-        xs, d = x[s : s + c], da[s : s + c]
-        h, u = xs @ wg[g], xs @ wu[g]
-        sig = 1.0 / (1.0 + np.exp(-h))
-        a[s : s + c] = h * sig * u
-        dh, du = d * u * sig * (1 + h * (1 - sig)), d * h * sig
-        dx[s : s + c] = dh @ wg[g].T + du @ wu[g].T
-        dwg[g], dwu[g] = xs.T @ dh, xs.T @ du
-        s += c
-    return a, dx, dwg, dwu
-
-
-def _check_swiglu(impl, dtype, m, k, n, sizes, seed, factor=1.0):
-    gs = jnp.asarray(sizes, jnp.int32)
-    x, wg, da = _inputs(seed, m, k, n, len(sizes), dtype)
-    wu = _inputs(seed + 1, m, k, n, len(sizes), dtype)[1]
-    f32 = lambda a: np.asarray(a.astype(jnp.float32))
-    refs = _swiglu_oracle(f32(x), f32(wg), f32(wu), sizes, f32(da))
-    out, vjp = jax.vjp(lambda *a: swiglu_grouped_matmul(*a, gs, implementation=impl), x, wg, wu)
-    grads = vjp(da)
-    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
-    if sum(sizes) == 0:
-        assert not np.any(f32(out)) and not any(np.any(f32(g)) for g in grads)
-        return
-    for got, ref, what in zip((out, *grads), refs, ("a", "dx", "dw_gate", "dw_up")):
-        assert_close(got, ref, dtype, what, factor)
-    assert np.all(f32(out[sum(sizes):]) == 0) and np.all(f32(grads[0][sum(sizes):]) == 0)
-
-
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_swiglu_forward_and_grads(impl, dtype):
+def test_float32_master_rhs(impl):
+    """bf16 activations with a float32 rhs (master weights): product in bf16, drhs returned in float32."""
     m, k, n, sizes = CASES[0]
-    _check_swiglu(impl, dtype, m, k, n, sizes, seed=5)
+    gs = jnp.asarray(sizes, jnp.int32)
+    lhs, _, dout = _inputs(4, m, k, n, len(sizes), jnp.bfloat16)
+    rhs = _inputs(4, m, k, n, len(sizes), jnp.float32)[1]
+    ref_out, ref_dl, ref_dr = _oracle(lhs.astype(jnp.float32), rhs.astype(jnp.bfloat16).astype(jnp.float32), sizes,
+                                      dout.astype(jnp.float32))
+    out, vjp = jax.vjp(lambda l, r: grouped_matmul(l, r, gs, implementation=impl), lhs, rhs)
+    dl, dr = vjp(dout)
+    assert out.dtype == jnp.bfloat16 and dl.dtype == jnp.bfloat16 and dr.dtype == jnp.float32
+    assert_close(out, ref_out, jnp.bfloat16, "out")
+    assert_close(dl, ref_dl, jnp.bfloat16, "dlhs")
+    # drhs accumulates exact bf16 products in f32 and is stored in f32: held to the float32 tolerance.
+    assert_close(dr, ref_dr, jnp.float32, "drhs")
 
 
 @pytest.mark.parametrize("sizes", [[7, 0, 13, 1, 0, 11, 6, 0], [0, 0, 0], [50, 0, 0], [0, 3, 47]])
@@ -146,8 +121,6 @@ def test_transposed_grouped_matmul_xla():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="same shape"):
-        swiglu_grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.ones((2, 3, 6)), jnp.ones((2,), jnp.int32))
     lhs, rhs = jnp.ones((4, 3)), jnp.ones((2, 3, 5))
     with pytest.raises(ValueError, match="group_sizes"):
         grouped_matmul(lhs, rhs, jnp.ones((3,), jnp.int32))
@@ -170,8 +143,9 @@ def test_triton_gpu(dtype, sizes):
     ref_out, ref_dl, ref_dr = _oracle(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes, dout.astype(jnp.float32))
     out, vjp = jax.vjp(lambda l, r: grouped_matmul(l, r, gs, implementation="triton"), lhs, rhs)
     dl, dr = vjp(dout)
-    # tf32 dots for float32 land near 3e-4 (METHOD.md), so float32 gets a 5x looser bound here.
-    factor = 5.0 if dtype == jnp.float32 else 1.0
+    # float32 operands use IEEE dots (input_precision="ieee"), so float32 is held to its own tolerance; with
+    # Triton's default tf32 (10-bit mantissa) the error at k=192 was 1.5e-3 > 1e-3 (H200, round 1).
+    factor = 1.0
     if sum(sizes) == 0:
         assert not np.any(np.asarray(out, np.float32)) and not np.any(np.asarray(dr, np.float32))
         return
@@ -182,35 +156,21 @@ def test_triton_gpu(dtype, sizes):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("raster_n", [True, False])
-def test_triton_tilings_gpu(raster_n):
-    """Both rasters, persistent programs, BN not dividing n, the two-term gmm (dlhs of the SwiGLU), the fused
-    gate+up kernel with and without its stored residuals."""
+def test_triton_tilings_gpu():
+    """The default gmm / gmm^T tilings, one-program-per-tile and persistent launches, BN not dividing n."""
     from kernels.grouped_matmul import triton_gpu as tg
 
     m, k, n, sizes = 700, 128, 200, [300, 0, 77, 1, 200, 0, 70, 16]
     gs = jnp.asarray(sizes, jnp.int32)
     lhs, rhs, dout = _inputs(12, m, k, n, len(sizes), jnp.bfloat16)
-    lhs2, rhs2, _ = _inputs(13, m, k, n, len(sizes), jnp.bfloat16)
     f32 = lambda a: np.asarray(a.astype(jnp.float32))
-    for t in (tg.Tiling(64, 128, 64, 4, 3, raster_n), tg.Tiling(128, 256, 64, 8, 3, raster_n),
-              tg.Tiling(64, 128, 64, 4, 3, raster_n, programs=7)):
+    ref_out, ref_dl, _ = _oracle(f32(lhs), f32(rhs), sizes, f32(dout))
+    for t in (None, tg.Tiling(64, 128, 64, 4, 3), tg.Tiling(128, 256, 64, 8, 3), tg.Tiling(64, 128, 64, 4, 3, programs=7)):
         out = tg.gmm(lhs, rhs, gs, tiling=t)
-        assert_close(out, _oracle(f32(lhs), f32(rhs), sizes, f32(dout))[0], jnp.bfloat16, f"gmm {t}")
-        two = tg.gmm(dout, rhs, gs, transpose_rhs=True, lhs2=dout[::-1], rhs2=rhs2, tiling=t)
-        ref = _oracle(f32(lhs), f32(rhs), sizes, f32(dout))[1] + _oracle(f32(lhs), f32(rhs2), sizes, f32(dout[::-1]))[1]
-        assert_close(two, ref, jnp.bfloat16, f"gmm2^T {t}")
-        assert np.all(f32(out[sum(sizes):]) == 0) and np.all(f32(two[sum(sizes):]) == 0)
-        a, h, u = tg.gmm_swiglu(lhs, rhs, rhs2, gs, store_hu=True, tiling=t)
-        ref_h, ref_u = (_oracle(f32(lhs), f32(w), sizes, f32(dout))[0] for w in (rhs, rhs2))
-        assert_close(h, ref_h, jnp.bfloat16, f"h {t}")
-        assert_close(u, ref_u, jnp.bfloat16, f"u {t}")
-        assert_close(a, ref_h / (1 + np.exp(-ref_h)) * ref_u, jnp.bfloat16, f"a {t}")
-        np.testing.assert_array_equal(f32(tg.gmm_swiglu(lhs, rhs, rhs2, gs, store_hu=False, tiling=t)), f32(a))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("sizes", [[300, 0, 77, 1, 500, 0, 130, 16], [0] * 8, [1024] + [0] * 7])
-def test_triton_swiglu_gpu(dtype, sizes):
-    _check_swiglu("triton", dtype, 1100, 192, 176, list(sizes), seed=21, factor=5.0 if dtype == jnp.float32 else 1.0)
+        assert_close(out, ref_out, jnp.bfloat16, f"gmm {t}")
+        dl = tg.gmm(dout, rhs, gs, transpose_rhs=True, tiling=t)
+        assert_close(dl, ref_dl, jnp.bfloat16, f"gmm^T {t}")
+        assert np.all(f32(out[sum(sizes):]) == 0) and np.all(f32(dl[sum(sizes):]) == 0)
+    dr = tg.tgmm(lhs, dout, gs, out_dtype=jnp.float32)  # f32 accumulator stored as is (master-weight grads)
+    assert dr.dtype == jnp.float32
+    assert_close(dr, _oracle(f32(lhs), f32(rhs), sizes, f32(dout))[2], jnp.float32, "tgmm f32 out")
