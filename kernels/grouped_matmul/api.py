@@ -39,7 +39,7 @@ def _xla_tgmm(lhs, dout, group_sizes, out_dtype=None):
         dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=[0], rhs_group_dimensions=[]
     )
     out = jax.lax.ragged_dot_general(lhs, dout, group_sizes, dims, preferred_element_type=jnp.float32)
-    return out.astype(out_dtype or lhs.dtype)
+    return out.astype(lhs.dtype if out_dtype is None else out_dtype)
 
 
 class _Launches(NamedTuple):

@@ -161,7 +161,7 @@ def _tgmm_kernel(tile_ref, group_ref, valid_ref, first_ref, starts_ref, ends_ref
 def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling(), out_dtype=None):
     """out[g] = lhs_g^T @ dout_g: lhs [m, k], dout [m, n] -> [G, k, n] (out_dtype, default lhs dtype; the f32
     accumulator is stored in it directly); empty groups give 0."""
-    out_dtype = out_dtype or lhs.dtype
+    out_dtype = lhs.dtype if out_dtype is None else out_dtype
     m, k = lhs.shape
     n = dout.shape[1]
     g = group_sizes.shape[0]

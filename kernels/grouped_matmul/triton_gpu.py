@@ -203,7 +203,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None, out_dtype=None
     return jt.triton_call(
         lhs, dout, starts, ends,
         kernel=tgmm_kernel,
-        out_shape=jax.ShapeDtypeStruct((g, k, n), out_dtype or lhs.dtype),
+        out_shape=jax.ShapeDtypeStruct((g, k, n), lhs.dtype if out_dtype is None else out_dtype),
         grid=(triton.cdiv(k, tiling.bk) * triton.cdiv(n, tiling.bn), g),
         num_warps=tiling.num_warps, num_stages=tiling.num_stages,
         K=k, N=n, IEEE=lhs.dtype == jnp.float32, BM=tiling.bm, BN=tiling.bn, BK=tiling.bk,
