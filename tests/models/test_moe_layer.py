@@ -209,6 +209,20 @@ def test_aux_free_balancing_lowers_maxvio():
     assert end_bal < 0.5 * end_free, (end_bal, end_free)
 
 
+def test_grouped_dropping_equals_dense():
+    """Single-device grouped dispatch with dropped assignments (id E, sorted past every group, weight 0)
+    matches the dense one-hot reference in outputs and gradients."""
+    cfg = dataclasses.replace(CFG, capacity_factor=0.5)
+    x = _x(8, (2, 9, D))
+    v = _init(cfg, x)
+    (l1, (y1, _)), (g1, gx1) = _loss_and_grads(cfg, v, x)
+    (l2, (y2, _)), (g2, gx2) = _loss_and_grads(dataclasses.replace(cfg, dispatch="dense"), v, x)
+    assert_close(y1, y2, jnp.float32, "y")
+    assert_close(gx1, gx2, jnp.float32, "dx")
+    for name in ("gate", "w_gate", "w_up", "w_down"):
+        assert_close(g1[name], g2[name], jnp.float32, f"d{name}")
+
+
 def test_gather_only_dispatch_grads():
     """The custom-VJP row gathers of the grouped dispatch (backward = gather through the inverse
     permutation) give the same values and gradients as plain jnp indexing (whose backward scatter-adds)."""
