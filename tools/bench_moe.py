@@ -46,6 +46,7 @@ def group_sizes(kind: str, m: int, g: int) -> np.ndarray:
 
 def _row(rows, what, loads, pass_, ms, spread, flops, **extra):
     rows.append(dict(what=what, loads=loads, pass_=pass_, ms=ms, spread_ms=spread, tflops=flops / ms / 1e9, **extra))
+    print(f"  {what} {loads} {pass_}: {ms:.3f} ms", flush=True)  # progress (a killed run still shows rows)
 
 
 def _guarded(rows, what, fn):
