@@ -24,7 +24,11 @@ post-training stage can switch `initial_state` and resume the same run directory
 Recurrent inference: when the caller makes the `cache` collection mutable, each mixer continues from its
 cached conv window and SSM state and writes them back, so a sequence can be fed in pieces of any length
 (chunked evaluation) or one token at a time (decode); see `decode_step`, `generate`, `chunked_logits`.
-Packed documents within a row share the recurrent state (the SSD op has no document reset), like the conv.
+Packed rows (segment_ids from the data pipeline): by default the documents of a row share the recurrent state
+and the conv window. With `document_reset=True` a training/eval apply given segment_ids restarts both at every
+document (kernels.ssd segment_ids; conv taps reading an earlier document are zeroed); the row's initial state
+(and tbtt's carried conv window) feed only its first document, and the carried/cached final state is the last
+document's. Decode and chunked evaluation pass no segment_ids and are unchanged.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import numpy as np
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.params import param_init
 from kernels.ssd import ssd, ssd_step
+from kernels.ssd.reference import document_index
 from models.decoder import MIXER_FLOPS, MIXERS, Decoder, DecoderConfig, unstack_layer_params
 from models.layers import Dense
 from models.lm import sample_logits
@@ -59,6 +64,13 @@ class Mamba2Config:
     (None = per backend). initial_state / noise_std / stats_momentum / track_states: see the module doc
     (stats_momentum: EMA momentum of the fitted-noise moments; the first 1/(1-momentum) updates are a plain
     running mean so early statistics are unbiased).
+
+    document_reset: when True and the apply gets segment_ids (packed rows), each document starts from a zero
+    SSM state and an empty conv window, exactly as if it were alone in its row (mamba_ssm's seq_idx). The
+    trade-off: exact document isolation vs speed; the reset is implemented only by the XLA chunked SSD (plain
+    autodiff backward), so on GPU it replaces the fused Triton kernel (slower, more activation memory) and
+    cannot be combined with implementation "pallas"/"triton". False (default) is bit-identical to a mixer
+    that ignores segment_ids: documents leak state into the next one, which the fused kernels allow.
     """
 
     d_state: int = 128
@@ -76,6 +88,7 @@ class Mamba2Config:
     noise_std: float = 1.0
     stats_momentum: float = 0.99
     track_states: bool = True
+    document_reset: bool = False
 
     def validate(self) -> None:
         for key in ("d_state", "head_dim", "expand", "d_conv", "ngroups", "chunk_size"):
@@ -90,6 +103,9 @@ class Mamba2Config:
         require(0 <= self.stats_momentum < 1, "stats_momentum", f"must be in [0, 1), got {self.stats_momentum}")
         require(self.implementation in (None, "xla", "pallas", "triton"), "implementation",
                 f"{self.implementation!r} is not one of None, 'xla', 'pallas', 'triton'")
+        require(not (self.document_reset and self.implementation in ("pallas", "triton")), "document_reset",
+                f"needs implementation None or 'xla' (the fused {self.implementation!r} SSD has no document "
+                f"reset); set implementation=None or document_reset=False")
 
     def dims(self, d_model: int) -> tuple[int, int]:
         """-> (d_inner, num_heads); ConfigError when d_model does not fit head_dim / ngroups."""
@@ -141,17 +157,24 @@ def update_moments(count, mean, sq, batch_states, momentum: float):
 
 
 # ------------------------------------------------------------------------------------------- the mixer
-def causal_conv(x, w, bias, state=None):
+def causal_conv(x, w, bias, state=None, docs=None):
     """Depthwise causal conv: x [b, L, c], w [K, c], bias [c], state [b, K-1, c] (the K-1 previous inputs, 0 if
-    None) -> (silu-free output [b, L, c] f32, new state = last K-1 inputs of concat(state, x))."""
+    None), docs int [b, L] | None (document index, kernels.ssd.reference.document_index: a tap reading another
+    document's input is zeroed; the state's inputs count as document 0) -> (silu-free output [b, L, c] f32,
+    new state = last K-1 inputs of concat(state, x))."""
     K = w.shape[0]
     b, L, c = x.shape
     if state is None:
         state = jnp.zeros((b, K - 1, c), x.dtype)
     xp = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [b, L+K-1, c]
+    if docs is not None:
+        dp = jnp.concatenate([jnp.zeros((b, K - 1), docs.dtype), docs], axis=1)
     out = bias.astype(F32)[None, None, :]
     for k in range(K):  # K is 4: K shifted multiply-adds beat a general conv on every backend
-        out = out + xp[:, k:k + L].astype(F32) * w[k].astype(F32)
+        tap = xp[:, k:k + L].astype(F32)
+        if docs is not None and k < K - 1:
+            tap = jnp.where((dp[:, k:k + L] == docs)[..., None], tap, 0.0)
+        out = out + tap * w[k].astype(F32)
     return out, xp[:, L:]
 
 
@@ -171,8 +194,9 @@ class Mamba2(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, positions=None, segment_ids=None, train: bool = False):
-        del segment_ids
         c = self.cfg
+        if not c.document_reset:
+            segment_ids = None  # documents share state and conv window (fused kernels allowed)
         b, L, d_model = u.shape
         d_inner, H = c.dims(d_model)
         P, G, N, K = c.head_dim, c.ngroups, c.d_state, c.d_conv
@@ -215,7 +239,8 @@ class Mamba2(nn.Module):
         if train:
             init_state, conv_state = self._training_initial_state(mode, (b, H, P, N), stats, carry, carry_conv, positions)
 
-        xBC_conv, new_conv_state = causal_conv(xBC, conv_w, conv_b, conv_state)
+        docs = None if segment_ids is None else document_index(segment_ids)
+        xBC_conv, new_conv_state = causal_conv(xBC, conv_w, conv_b, conv_state, docs)
         xBC_act = nn.silu(xBC_conv).astype(self.dtype)
         x, Bm, Cm = jnp.split(xBC_act, [d_inner, d_inner + G * N], axis=-1)
         x = nn.with_logical_constraint(x.reshape(b, L, H, P), ("batch", "length", "ssm_heads", "head_dim"))
@@ -227,7 +252,8 @@ class Mamba2(nn.Module):
             y = y[:, None]
         else:
             y, final = ssd(x, dt, A, Bm, Cm, chunk_size=min(c.chunk_size, max(L, 1)), D=D,
-                           initial_state=init_state, return_final_state=True, implementation=c.implementation)
+                           initial_state=init_state, return_final_state=True, implementation=c.implementation,
+                           segment_ids=segment_ids)
 
         if decoding:
             cache_conv.value = new_conv_state.astype(self.dtype)

@@ -10,6 +10,10 @@ state recurrence dS_c = exp(cs_last_c) dS_{c+1} + sum_t exp(cs_t) dy_t^T C_t (dS
 the cotangent of the in-chunk cumsum is
     dcs_t = C_t.dC_t^h - dt_t x_t.W_t + [t = last] <dS_{c+1}, S_{c+1}>
 and da = reverse-cumsum(dcs) within the chunk, ddt = x.W + A da, dA = sum dt da.
+
+Packed rows (segment_ids, the recurrence restarts at every document; reference.py module doc): xla only, the
+same chunked forward with document masks, differentiated by JAX autodiff (memory still linear in seq: the saved
+intermediates are per-chunk Q x Q blocks).
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ def _stages(implementation: str):
     raise AssertionError(implementation)
 
 
-def _check(x, dt, A, B, C, D, initial_state, chunk_size):
+def _check(x, dt, A, B, C, D, initial_state, chunk_size, segment_ids=None):
     def err(msg):
         raise ValueError(f"ssd: {msg}")
 
@@ -76,6 +80,8 @@ def _check(x, dt, A, B, C, D, initial_state, chunk_size):
         err(f"D must be [heads] = {(h,)} or None, got {D.shape}")
     if initial_state is not None and initial_state.shape != (b, h, P, N):
         err(f"initial_state must be [batch, heads, head_dim, d_state] = {(b, h, P, N)}, got {initial_state.shape}")
+    if segment_ids is not None and (segment_ids.shape != (b, L) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        err(f"segment_ids must be int [batch, seq] = {(b, L)} or None, got {segment_ids.dtype}{list(segment_ids.shape)}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         err(f"chunk_size must be a positive int, got {chunk_size!r}")
     for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
@@ -84,7 +90,7 @@ def _check(x, dt, A, B, C, D, initial_state, chunk_size):
 
 
 def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_final_state=False,
-        implementation=None):
+        implementation=None, segment_ids=None):
     """Mamba-2 SSD scan: H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T, y_t = H_t C_t + D x_t.
 
     Args:
@@ -92,11 +98,21 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
       A: [heads] negative; B, C: [batch, seq, groups, d_state], heads a multiple of groups;
       chunk_size: SSD chunk length Q (any seq; padded internally);
       D: [heads] skip connection or None; initial_state: [batch, heads, head_dim, d_state] or None (zeros);
-      implementation: "xla", "pallas", "triton" or None (per backend).
-    Returns y with x's shape and dtype, and with return_final_state=True also the float32 final state.
+      implementation: "xla", "pallas", "triton" or None (per backend; "xla" whenever segment_ids is given);
+      segment_ids: int [batch, seq] or None (packed rows, like mamba_ssm's seq_idx): the state restarts from 0
+        (H_t = dt_t x_t B_t^T) at every position whose id differs from the previous position's; padding id 0
+        runs are documents of their own; initial_state feeds only the row's first document. xla only.
+    Returns y with x's shape and dtype, and with return_final_state=True also the float32 final state (the
+    state after the last position, i.e. of the row's last document).
     """
-    _check(x, dt, A, B, C, D, initial_state, chunk_size)
-    impl = resolve_implementation("ssd", implementation, supported=SUPPORTED, preferred=PREFERRED)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+    _check(x, dt, A, B, C, D, initial_state, chunk_size, segment_ids)
+    if segment_ids is not None and implementation not in (None, "xla"):
+        raise ValueError(f"ssd: segment_ids (document resets) are implemented only by implementation='xla', "
+                         f"got implementation={implementation!r}; pass implementation='xla' (or None)")
+    impl = "xla" if segment_ids is not None else resolve_implementation(
+        "ssd", implementation, supported=SUPPORTED, preferred=PREFERRED)
     if implementation is None and impl == "triton":
         from kernels.common import has_jax_triton
 
@@ -107,8 +123,24 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
         D = jnp.zeros((h,), F32)
     if initial_state is None:
         initial_state = jnp.zeros((b, h, P, N), F32)
-    y, final = _ssd(chunk_size, impl, x, dt, A, B, C, D, initial_state)
+    if segment_ids is None:
+        y, final = _ssd(chunk_size, impl, x, dt, A, B, C, D, initial_state)
+    else:  # plain autodiff through the masked xla forward
+        y, states = _forward(chunk_size, "xla", x, dt, A, B, C, D, initial_state,
+                             _documents(segment_ids, chunk_size))
+        final = states[:, -1]
     return (y, final) if return_final_state else y
+
+
+def _documents(segment_ids, chunk_size):
+    """-> (d [b, c, Q] int32 document index, padded with the last document; d_in [b, c] the document open at
+    each chunk's start, i.e. d at the previous chunk's last position, 0 for the first chunk)."""
+    d = reference.document_index(segment_ids)
+    b, L = d.shape
+    pad = (-L) % chunk_size
+    d = jnp.pad(d, [(0, 0), (0, pad)], mode="edge").reshape(b, -1, chunk_size)
+    d_in = jnp.concatenate([jnp.zeros_like(d[:, :1, 0]), d[:, :-1, -1]], axis=1)
+    return d, d_in
 
 
 def _chunked(chunk_size, x, dt, A, B, C):
@@ -131,12 +163,20 @@ def _unchunk(v, L):
     return v.reshape(b, c * Q, *v.shape[3:])[:, :L]
 
 
-def _forward(chunk_size, impl, x, dt, A, B, C, D, init):
+def _forward(chunk_size, impl, x, dt, A, B, C, D, init, docs=None):
     st = _stages(impl)
     xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
     w = dtc * jnp.exp(cs[..., -1:] - cs)
-    states = st.state_passing(st.chunk_state(xc, Bc, w), jnp.exp(cs[..., -1]), init.astype(F32))
-    y = st.chunk_scan(xc, dtc, cs, Bc, Cc, states, D)
+    decay = jnp.exp(cs[..., -1])
+    if docs is None:
+        y_kw = {}
+    else:  # chunk states only from the chunk-end document; no carry through a chunk that contains a reset
+        d, d_in = docs
+        w = w * (d == d[..., -1:])[:, None].astype(F32)
+        decay = decay * (d[..., -1] == d_in)[:, None].astype(F32)
+        y_kw = {"docs": docs}
+    states = st.state_passing(st.chunk_state(xc, Bc, w), decay, init.astype(F32))
+    y = st.chunk_scan(xc, dtc, cs, Bc, Cc, states, D, **y_kw)
     return _unchunk(y, x.shape[1]).astype(x.dtype), states
 
 

@@ -13,6 +13,13 @@ chunk, S_c = state entering chunk c):
 The decay exp(cs_t - cs_s) is taken only for t >= s, where the exponent is <= 0: the "segment sum" never
 exponentiates a positive number, so it cannot overflow (masked entries get exponent -inf, i.e. 0).
 
+Document resets (packed rows, segment_ids): with d_t the row's document index (0 for the first document, +1 at
+every position whose segment id differs from the previous position's), the recurrence becomes
+    H_t = [d_t = d_{t-1}] exp(dt_t A) H_{t-1} + dt_t x_t B_t^T          (d_{-1} = 0: h_{-1} feeds the first document)
+and in the chunked form the decay exp(cs_t - cs_s) is also masked to d_t = d_s, the state term exp(cs_t) S_c C_t to
+d_t = d_in_c (the document open at the chunk's start), chunk states keep only s with d_s = d_last, and the chunk
+decay is zeroed when the chunk contains a reset (d_last != d_in_c).
+
 Internal layout ("chunked"): x [b, c, Q, h, P] and B, C [b, c, Q, g, N] are free reshapes of the user's
 [b, L, ...] arrays; per-position scalars (dt, cs) are [b, h, c, Q] float32; states are [b, c+1, h, P, N]
 float32 where index c is S_c and the last index is the final state.
@@ -29,23 +36,26 @@ def _split_heads(h: int, g: int):
     return g, h // g
 
 
-def ssd_scan(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, segment_ids=None):
     """Token-by-token recurrence with lax.scan (the pure-jnp oracle; float32 state).
 
-    x [b, L, h, P], dt [b, L, h], A [h], B/C [b, L, g, N], D [h] | None, initial_state [b, h, P, N] | None.
+    x [b, L, h, P], dt [b, L, h], A [h], B/C [b, L, g, N], D [h] | None, initial_state [b, h, P, N] | None,
+    segment_ids int [b, L] | None (the state restarts from 0 where the id changes; see the module doc).
     Returns (y [b, L, h, P] in x.dtype, final_state [b, h, P, N] float32).
     """
     b, L, h, P = x.shape
     N = B.shape[3]
     if initial_state is None:
         initial_state = jnp.zeros((b, h, P, N), F32)
+    d = jnp.zeros((b, L), jnp.int32) if segment_ids is None else document_index(segment_ids)
+    keep = jnp.concatenate([jnp.ones((b, 1), F32), (d[:, 1:] == d[:, :-1]).astype(F32)], axis=1)
 
     def step(state, inp):
-        xt, dtt, bt, ct = inp
-        y, state = ssd_step(state, xt, dtt, A, bt, ct, D)
+        xt, dtt, bt, ct, kt = inp
+        y, state = ssd_step(state * kt[:, None, None, None], xt, dtt, A, bt, ct, D)
         return state, y
 
-    inputs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(dt, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0))
+    inputs = (jnp.moveaxis(x, 1, 0), jnp.moveaxis(dt, 1, 0), jnp.moveaxis(B, 1, 0), jnp.moveaxis(C, 1, 0), keep.T)
     final, ys = jax.lax.scan(step, initial_state.astype(F32), inputs)
     return jnp.moveaxis(ys, 0, 1).astype(x.dtype), final
 
@@ -73,12 +83,24 @@ def ssd_step(state, x_t, dt_t, A, B_t, C_t, D=None):
 # Chunked stages (pure jnp). Every stage computes in float32; implementations replace stages one by one.
 # ----------------------------------------------------------------------------------------------------------
 
-def _decay_matrix(cs_t, cs_s):
-    """exp(cs_t - cs_s) for t >= s else 0; cs_* [..., Q]. Returns [..., Q(t), Q(s)]."""
+def document_index(segment_ids):
+    """segment_ids int [b, L] -> int32 [b, L] document index d_t: 0 in the row's first segment, +1 at every
+    position whose id differs from the previous position's (so padding 0 runs and repeated ids are their own
+    documents; d is non-decreasing, hence d_t = d_s means no reset in (s, t])."""
+    seg = jnp.asarray(segment_ids)
+    starts = (seg[:, 1:] != seg[:, :-1]).astype(jnp.int32)
+    return jnp.concatenate([jnp.zeros_like(starts[:, :1]), jnp.cumsum(starts, axis=1)], axis=1)
+
+
+def _decay_matrix(cs_t, cs_s, same_doc=None):
+    """exp(cs_t - cs_s) for t >= s (and same_doc[..., t, s] when given) else 0; cs_* [..., Q].
+    Returns [..., Q(t), Q(s)]."""
     Q = cs_t.shape[-1]
     diff = cs_t[..., :, None] - cs_s[..., None, :]
-    causal = jnp.arange(Q)[:, None] >= jnp.arange(Q)[None, :]
-    return jnp.exp(jnp.where(causal, diff, -jnp.inf))
+    keep = jnp.arange(Q)[:, None] >= jnp.arange(Q)[None, :]
+    if same_doc is not None:
+        keep = keep & same_doc
+    return jnp.exp(jnp.where(keep, diff, -jnp.inf))
 
 
 def _heads(x, g):
@@ -126,17 +148,24 @@ def state_passing(chunk_states, chunk_decay, init, reverse=False, fwd_states=Non
     return allst
 
 
-def chunk_scan(x, dt, cs, Bm, Cm, states, D):
-    """y per chunk (first equation of the module docstring); states [b, c+1, h, P, N]. Returns [b,c,Q,h,P] f32."""
+def chunk_scan(x, dt, cs, Bm, Cm, states, D, docs=None):
+    """y per chunk (first equation of the module docstring); states [b, c+1, h, P, N]. Returns [b,c,Q,h,P] f32.
+    docs (xla only): (d [b,c,Q] document index, d_in [b,c] document open at each chunk's start) masks the
+    intra-chunk decay to one document and the carried-state term to the chunk's first document."""
     g = Bm.shape[3]
     Bf, Cf = Bm.astype(F32), Cm.astype(F32)
     csg, dtg = _per_head(cs, g), _per_head(dt, g)
     xg = _heads(x, g).astype(F32)
+    same_doc, state_w = None, jnp.exp(csg)
+    if docs is not None:
+        d, d_in = docs
+        same_doc = (d[..., :, None] == d[..., None, :])[:, None, None]  # [b,1,1,c,t,s]
+        state_w = state_w * (d == d_in[..., None])[:, None, None].astype(F32)
     CB = jnp.einsum("bctgn,bcsgn->bgcts", Cf, Bf)  # shared by the heads of a group
-    M = CB[:, :, None] * _decay_matrix(csg, csg) * dtg[..., None, :]  # [b,g,r,c,t,s]
+    M = CB[:, :, None] * _decay_matrix(csg, csg, same_doc) * dtg[..., None, :]  # [b,g,r,c,t,s]
     y = jnp.einsum("bgrcts,bcsgrp->bctgrp", M, xg)
     S = states[:, :-1].reshape(states.shape[0], states.shape[1] - 1, g, -1, *states.shape[3:])  # [b,c,g,r,P,N]
-    y = y + jnp.einsum("bcgrpn,bctgn,bgrct->bctgrp", S, Cf, jnp.exp(csg))
+    y = y + jnp.einsum("bcgrpn,bctgn,bgrct->bctgrp", S, Cf, state_w)
     if D is not None:
         y = y + D.astype(F32).reshape(g, -1)[:, :, None] * xg
     return y.reshape(x.shape)

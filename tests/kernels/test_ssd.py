@@ -8,34 +8,46 @@ import numpy as np
 import pytest
 
 from kernels.ssd import ssd, ssd_step
-from tests.oracle import assert_close
+from tests.oracle import assert_close, rel_err
 
 CPU_IMPLS = ["xla", "pallas"]
+F32 = np.dtype(np.float32)
 
 
-def np_ssd(x, dt, A, B, C, D, h0):
-    """Sequential recurrence in float64. Returns y, final state."""
+def np_keep(seg, b, L):
+    """1.0 where position t continues position t-1's segment (always at t = 0: h0 feeds the first one) [b, L]."""
+    if seg is None:
+        return np.ones((b, L))
+    seg = np.asarray(seg)
+    return np.concatenate([np.ones((b, 1)), (seg[:, 1:] == seg[:, :-1]).astype(np.float64)], axis=1)
+
+
+def np_ssd(x, dt, A, B, C, D, h0, seg=None):
+    """Sequential recurrence in float64 (state zeroed where the segment id changes). Returns y, final state."""
     x, dt, A, B, C, D, H = (np.asarray(v, np.float64) for v in (x, dt, A, B, C, D, h0))
     b, L, h, P = x.shape
     r = h // B.shape[2]
     Bh, Ch = np.repeat(B, r, axis=2), np.repeat(C, r, axis=2)
+    keep = np_keep(seg, b, L)
     y = np.zeros_like(x)
     for t in range(L):
-        H = np.exp(dt[:, t] * A)[..., None, None] * H + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
+        a = np.exp(dt[:, t] * A) * keep[:, t, None]
+        H = a[..., None, None] * H + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
         y[:, t] = np.einsum("bhpn,bhn->bhp", H, Ch[:, t]) + D[:, None] * x[:, t]
     return y, H
 
 
-def np_ssd_grads(x, dt, A, B, C, D, h0, dy, dfinal):
+def np_ssd_grads(x, dt, A, B, C, D, h0, dy, dfinal, seg=None):
     """Hand-written adjoint of np_ssd in float64: gradients of <y, dy> + <final, dfinal>."""
     x, dt, A, B, C, D, h0, dy, dH = (np.asarray(v, np.float64) for v in (x, dt, A, B, C, D, h0, dy, dfinal))
     b, L, h, P = x.shape
     g = B.shape[2]
     r = h // g
     Bh, Ch = np.repeat(B, r, axis=2), np.repeat(C, r, axis=2)
+    keep = np_keep(seg, b, L)
     Hs = [h0]
     for t in range(L):
-        a = np.exp(dt[:, t] * A)[..., None, None]
+        a = (np.exp(dt[:, t] * A) * keep[:, t, None])[..., None, None]
         Hs.append(a * Hs[-1] + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :])
     dx, ddt, dBh, dCh = (np.zeros_like(v) for v in (x, dt, Bh, Ch))
     dA, dD = np.zeros_like(A), np.zeros_like(D)
@@ -47,7 +59,7 @@ def np_ssd_grads(x, dt, A, B, C, D, h0, dy, dfinal):
         dHB = np.einsum("bhpn,bhn->bhp", dH, Bh[:, t])
         dx[:, t] = dt[:, t, :, None] * dHB + D[:, None] * dy[:, t]
         dBh[:, t] = dt[:, t, :, None] * np.einsum("bhpn,bhp->bhn", dH, x[:, t])
-        a = np.exp(dt[:, t] * A)
+        a = np.exp(dt[:, t] * A) * keep[:, t, None]
         da = np.sum(dH * Hp, axis=(-1, -2)) * a  # d/d(dt*A)
         ddt[:, t] = np.sum(x[:, t] * dHB, -1) + da * A
         dA += np.sum(da * dt[:, t], axis=0)
@@ -161,3 +173,62 @@ def test_bad_arguments_raise_clear_errors():
         ssd(x, dt, A, B, C, implementation="cuda")
     with pytest.raises(ValueError, match="does not run on backend"):
         ssd(x, dt, A, B, C, implementation="triton")
+
+
+# ------------------------------------------------------------------------------ packed rows (segment_ids)
+# chunk 8, seq 37: row 0 has a reset inside chunk 0, a document crossing the 8 boundary, one starting exactly at
+# 16, and trailing padding crossing 32; row 1 a document spanning three chunks, a length-1 document starting
+# exactly at 24, padding in the middle, and a document after it.
+SEGMENTS = np.array([[1] * 5 + [2] * 11 + [3] * 10 + [0] * 11,
+                     [1] * 24 + [2] + [0] * 2 + [3] * 7 + [0] * 3], np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("with_h0",))
+def ssd_segments_and_grads(seg, dy, dfinal, x, dt, A, B, C, D, h0, with_h0):
+    def f(x, dt, A, B, C, D, h0):
+        return ssd(x, dt, A, B, C, D=D, initial_state=h0 if with_h0 else None, chunk_size=8,
+                   return_final_state=True, segment_ids=seg)
+
+    (y, final), vjp = jax.vjp(f, x, dt, A, B, C, D, h0)
+    return y, final, vjp((dy, dfinal))
+
+
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no_h0"])
+def test_segment_ids_reset_state_match_float64_recurrence(with_h0):
+    rng = np.random.default_rng()
+    b, (L, h, P, g, N) = 2, (37, 4, 8, 2, 8)  # seq not a multiple of the chunk, groups > 1
+    x, dt, A, B, C, D, h0 = make_inputs(rng, b, L, h, P, g, N, np.dtype(np.float32))
+    h0_ref = h0 if with_h0 else np.zeros_like(h0)
+    y_ref, final_ref = np_ssd(x, dt, A, B, C, D, h0_ref, seg=SEGMENTS)
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
+    y, final, grads = ssd_segments_and_grads(SEGMENTS, dy, dfinal, x, dt, A, B, C, D, h0, with_h0=with_h0)
+    assert y.shape == x.shape and y.dtype == x.dtype and final.dtype == jnp.float32
+    assert_close(y, y_ref, F32, "y")
+    assert_close(final, final_ref, F32, "final_state")
+    # the resets matter: the recurrence without them is far from this one
+    assert rel_err(np_ssd(x, dt, A, B, C, D, h0_ref)[0], y_ref) > 1e-2
+    refs = np_ssd_grads(x, dt, A, B, C, D, h0_ref, dy, dfinal, seg=SEGMENTS)
+    names = ["x", "dt", "A", "B", "C", "D"] + (["initial_state"] if with_h0 else [])
+    for name, got, want in zip(names, grads, refs):
+        assert got.shape == want.shape, name
+        assert_close(got, want, F32, f"d{name}", factor=2.0 if name in ("dt", "A") else 1.0)
+    if with_h0:  # h0 reaches only the first document (positions 0..4 of row 0, 0..23 of row 1)
+        np.testing.assert_allclose(y[0, 5:], ssd(x, dt, A, B, C, D=D, chunk_size=8, segment_ids=SEGMENTS)[0, 5:],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_segment_ids_errors_and_auto_xla():
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 1, 8, 4, 4, 2, 4, np.dtype(np.float32))
+    seg = np.ones((1, 8), np.int32)
+    for impl in ("triton", "pallas"):
+        with pytest.raises(ValueError, match="implementation='xla'"):
+            ssd(x, dt, A, B, C, segment_ids=seg, implementation=impl)
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        ssd(x, dt, A, B, C, segment_ids=seg[:, :-1])
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        ssd(x, dt, A, B, C, segment_ids=seg.astype(np.float32))
+    # one document everywhere == no segment_ids (implementation=None picks xla)
+    assert_close(ssd(x, dt, A, B, C, D=D, chunk_size=4, segment_ids=seg * 3),
+                 ssd(x, dt, A, B, C, D=D, chunk_size=4), F32)

@@ -12,7 +12,7 @@ from axlearn_like.config import ConfigError
 from axlearn_like.params import weight_decay_mask
 from models.decoder import DecoderConfig
 from models.ssm import Mamba2, Mamba2Config, chunked_logits, decode_step, generate
-from tests.oracle import assert_close
+from tests.oracle import assert_close, rel_err
 
 SSM = Mamba2Config(d_state=8, head_dim=8, expand=2, ngroups=2, chunk_size=8)
 
@@ -232,3 +232,45 @@ def test_hybrid_pattern_and_flops():
     assert_close(chunked_logits(lm, v, batch["inputs"], 4), lm.apply(v, batch)[0], jnp.float32, "fallback")
     pure = _model()
     assert pure.flops_per_token(64) > 6 * pure.param_count()  # the SSD term is counted
+
+
+# ------------------------------------------------------------------------------------- packed rows (resets)
+def test_document_reset_isolates_packed_documents():
+    """Rows 0/1 pack doc A (length 7 / 8: B starts inside chunk 0 / exactly at the chunk-8 boundary), doc B
+    (length 10, crossing a chunk boundary) and padding; rows 2/3 hold B alone. Training apply with a nonzero
+    carried state (state_passing) in rows 0/1 and zero in rows 2/3. With document_reset, B's outputs equal B alone
+    (conv window and SSM state both isolated) and A (before any reset) is unchanged; without it B differs."""
+    starts, L = (7, 8), 20
+    u = jax.random.normal(jax.random.key(5), (4, L, 16), jnp.float32)
+    u = u.at[2, :10].set(u[0, 7:17]).at[3, :10].set(u[1, 8:18])
+    seg = np.array([[1] * s + [2] * 10 + [0] * (L - s - 10) for s in starts] + [[1] * 10 + [0] * 10] * 2, np.int32)
+    cfg = dataclasses.replace(SSM, document_reset=True, initial_state="state_passing")
+    layer, v = _init_layer(cfg, u)
+    carry = jax.tree.map(lambda a: jax.random.normal(jax.random.key(6), a.shape).at[2:].set(0), v["carry"])
+
+    def run(seg, reset):
+        m = layer.clone(cfg=dataclasses.replace(cfg, document_reset=reset))
+        return m.apply({**v, "carry": carry}, u, segment_ids=seg, train=True, mutable=["carry", "stats"])[0]
+
+    run = jax.jit(run, static_argnums=1)
+    packed, leaky = run(seg, True), run(seg, False)
+    doc_b = lambda out: jnp.stack([out[r, s:s + 10] for r, s in enumerate(starts)])
+    assert_close(doc_b(packed), packed[2:, :10], jnp.float32, "doc B packed vs alone")
+    assert_close(packed[:, :7], leaky[:, :7], jnp.float32, "doc A (carried state, no reset yet)")
+    assert rel_err(doc_b(leaky), leaky[2:, :10]) > 1e-2
+    # document_reset=False ignores segment_ids bit for bit
+    np.testing.assert_array_equal(leaky, run(None, False))
+
+
+def test_document_reset_model_level_and_config():
+    """Through LanguageModel (scanned stack) the batch's segment_ids reach the mixers: row 0 packs two documents
+    of 9 tokens, row 1 holds the second alone (then padding); the config rejects the fused kernels."""
+    lm = _model(scan=True, document_reset=True)
+    batch = _batch(2, 18)
+    tok = batch["inputs"].at[1, :9].set(batch["inputs"][0, 9:])
+    seg = jnp.asarray(np.array([[1] * 9 + [2] * 9, [1] * 9 + [0] * 9], np.int32))
+    v = _vars(lm, batch)
+    logits = lm.apply(v, {**batch, "inputs": tok, "segment_ids": seg})[0]
+    assert_close(logits[0, 9:], logits[1, :9], jnp.float32, "doc 2 packed vs alone")
+    with pytest.raises(ConfigError, match="document_reset"):
+        dataclasses.replace(SSM, document_reset=True, implementation="triton").validate()
