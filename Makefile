@@ -14,7 +14,7 @@ train: venv
 	$(PY) -m recipes $(RECIPE) $(ARGS)
 
 test: venv
-	XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadscope --timeout 600 $(PYTEST_ARGS)
+	XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadscope --timeout 600 --durations=12 $(PYTEST_ARGS)
 
 test-gpu:
 	python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests
