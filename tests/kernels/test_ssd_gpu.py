@@ -20,6 +20,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(backend() != "gpu", reason="ne
     ids=["f32-odd", "bf16-mamba2"],
 )
 def test_triton_forward_backward_vs_float64(dtype, shape):
+    _check_triton_vs_float64(dtype, shape)
+
+
+def _check_triton_vs_float64(dtype, shape):
+    """Triton forward, final state and every gradient vs the float64 NumPy recurrence on fresh inputs."""
     b, L, h, P, g, N, chunk = shape
     rng = np.random.default_rng()
     inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
@@ -57,20 +62,7 @@ def test_triton_config_variants_vs_float64(overrides):
     triton_gpu.CONFIG.update(overrides)
     jax.clear_caches()
     try:
-        dtype, (b, L, h, P, g, N, chunk) = ml_dtypes.bfloat16, (1, 600, 4, 64, 2, 128, 256)
-        rng = np.random.default_rng()
-        inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
-        y_ref, final_ref = np_ssd(*inputs)
-        dy = rng.standard_normal(y_ref.shape).astype(dtype)
-        dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
-        y, final, grads = ssd_and_grads("triton", chunk, dy, dfinal, *inputs)
-        dt = np.dtype(dtype)
-        assert_close(y, y_ref, dt, "y")
-        assert_close(final, final_ref, dt, "final_state")
-        loose = {"A": 10.0, "dt": 3.0}  # dA sensitivity: see test_triton_forward_backward_vs_float64
-        refs = np_ssd_grads(*inputs, dy, dfinal)
-        for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs):
-            assert_close(got, want, dt, f"d{name}", factor=loose.get(name, 2.0))
+        _check_triton_vs_float64(ml_dtypes.bfloat16, (1, 600, 4, 64, 2, 128, 256))
     finally:
         triton_gpu.CONFIG.clear()
         triton_gpu.CONFIG.update(saved)
