@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -10,6 +11,22 @@ from collections.abc import Callable, Mapping
 
 from axlearn_like import config as config_lib
 from axlearn_like.config import ConfigError
+
+
+def tool_main(main_fn: Callable[..., int]) -> Callable[..., int]:
+    """Decorator for `python -m tools.<name>` entry points: a ValueError (ConfigError included) or
+    FileNotFoundError, i.e. an error the user caused (bad path, key, value, shape), becomes one `error: ...`
+    line on stderr and exit code 2 instead of a traceback."""
+
+    @functools.wraps(main_fn)
+    def wrapped(argv=None) -> int:
+        try:
+            return main_fn(argv)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+
+    return wrapped
 
 
 def parse_args(argv, prog: str, presets: Mapping[str, Callable] | None):

@@ -9,7 +9,6 @@ with self-verification G = 1, 4, 16 (optionally next to `--baseline RUN_DIR`, a 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 

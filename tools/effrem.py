@@ -19,6 +19,7 @@ import sys
 
 import numpy as np
 
+from axlearn_like.cli import tool_main
 from tools.length_eval import held_out, load_run
 
 
@@ -92,6 +93,7 @@ def _plot(results: dict, T: int, path: str) -> None:
     plt.close(fig)
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.effrem", description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+")
@@ -102,11 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/effrem_T<T>.png)")
     a = p.parse_args(argv)
-    try:
-        run(a.run_dirs, a.T, points=a.points, num_seqs=a.num_seqs, chunk=a.chunk, out=a.out, step=a.step)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(a.run_dirs, a.T, points=a.points, num_seqs=a.num_seqs, chunk=a.chunk, out=a.out, step=a.step)
     return 0
 
 

@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from axlearn_like.cli import tool_main
+
 SEP = "."
 
 
@@ -55,17 +57,14 @@ def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
     return path
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.export_safetensors")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--step", type=int, default=None)
     a = p.parse_args(argv)
-    try:
-        path = export(a.run_dir, a.out_dir, a.step)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = export(a.run_dir, a.out_dir, a.step)
     print(f"wrote {path} and {os.path.join(a.out_dir, 'config.json')}")
     return 0
 

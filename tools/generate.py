@@ -13,6 +13,8 @@ import time
 
 import numpy as np
 
+from axlearn_like.cli import tool_main
+
 
 def sample(run_dir: str, prompt: str, tokens: int, *, temperature: float = 0.8, top_k: int | None = None,
            seed: int = 0, step: int | None = None, recurrent: bool | None = None) -> tuple[str, str]:
@@ -38,6 +40,7 @@ def sample(run_dir: str, prompt: str, tokens: int, *, temperature: float = 0.8, 
     return tok.decode(new), "recurrent" if use_rec else "recompute"
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.generate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
@@ -48,13 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None)
     a = p.parse_args(argv)
-    try:
-        t0 = time.perf_counter()
-        text, how = sample(a.run_dir, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
-                           step=a.step)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    t0 = time.perf_counter()
+    text, how = sample(a.run_dir, a.prompt, a.tokens, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
+                       step=a.step)
     print(a.prompt + text)
     print(f"[{a.tokens} tokens, {how} decode, {time.perf_counter() - t0:.1f}s incl. load and compile]", file=sys.stderr)
     return 0

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 
+from axlearn_like.cli import tool_main
+
 
 def import_(in_dir: str, run_dir: str, step: int = 0) -> str:
     import flax.linen as nn
@@ -46,17 +48,14 @@ def import_(in_dir: str, run_dir: str, step: int = 0) -> str:
     return checkpoint_dir(run_dir)
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.import_safetensors")
     p.add_argument("in_dir")
     p.add_argument("run_dir")
     p.add_argument("--step", type=int, default=0)
     a = p.parse_args(argv)
-    try:
-        path = import_(a.in_dir, a.run_dir, a.step)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = import_(a.in_dir, a.run_dir, a.step)
     print(f"wrote checkpoint step {a.step} under {path}")
     return 0
 

@@ -10,6 +10,8 @@ import sys
 import jax
 import numpy as np
 
+from axlearn_like.cli import tool_main
+
 
 def _ckpt_dir(path: str) -> str:
     sub = os.path.join(path, "checkpoints")
@@ -95,16 +97,13 @@ def inspect(path: str, step: int | None = None, out=sys.stdout) -> dict:
     return {"steps": steps, "step": step, "arrays": rows, "config": cfg, "data": positions}
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.inspect_checkpoint")
     p.add_argument("path", help="run dir (containing checkpoints/) or a checkpoints dir")
     p.add_argument("--step", type=int, default=None)
     a = p.parse_args(argv)
-    try:
-        inspect(a.path, a.step)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    inspect(a.path, a.step)
     return 0
 
 

@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from axlearn_like.cli import tool_main
+
 
 def load_run(run_dir: str, step: int | None = None):
     """(task, variables, cfg) from a run directory (axlearn_like.checkpoint.load)."""
@@ -137,6 +139,7 @@ def evaluate(run_dirs, lengths, *, num_seqs: int = 4, chunk: int | None = None, 
     return results
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.length_eval", description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", help="run directories (one curve each)")
@@ -146,12 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/length_eval.png; numbers in .json beside)")
     a = p.parse_args(argv)
-    try:
-        evaluate(a.run_dirs, [int(x) for x in a.lengths.split(",") if x], num_seqs=a.num_seqs, chunk=a.chunk,
-                 out=a.out, step=a.step)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    evaluate(a.run_dirs, [int(x) for x in a.lengths.split(",") if x], num_seqs=a.num_seqs, chunk=a.chunk,
+             out=a.out, step=a.step)
     return 0
 
 

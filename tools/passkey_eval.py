@@ -16,6 +16,7 @@ import sys
 
 import numpy as np
 
+from axlearn_like.cli import tool_main
 from tools.length_eval import load_run
 
 
@@ -86,6 +87,7 @@ def _plot(acc, lengths, depths, train_len, path) -> None:
     plt.close(fig)
 
 
+@tool_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.passkey_eval", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
@@ -97,12 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/passkey.png)")
     a = p.parse_args(argv)
-    try:
-        run(a.run_dir, [int(x) for x in a.lengths.split(",") if x], [float(x) for x in a.depths.split(",") if x],
-            trials=a.trials, seed=a.seed, chunk=a.chunk, out=a.out, step=a.step)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(a.run_dir, [int(x) for x in a.lengths.split(",") if x], [float(x) for x in a.depths.split(",") if x],
+        trials=a.trials, seed=a.seed, chunk=a.chunk, out=a.out, step=a.step)
     return 0
 
 
