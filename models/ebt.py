@@ -420,10 +420,7 @@ class EBT:
         module = self.module
         aux = (tokens, {k: v for k, v in kw.items() if v is not None})
         if self.cfg.attention_form == "dense":
-            def dense(theta, aux, p):
-                e, _ = module.apply(theta, aux[0], p, mutable=["cache"], **aux[1])
-                return e
-
+            dense = lambda theta, aux, p: self.energy(theta["params"], aux[0], p, **aux[1])
             return EnergyFn(dense, {"params": params}, aux)
         _, v = module.apply({"params": params}, tokens, None, phase="observe", mutable=["cache"], **kw)
 
