@@ -58,3 +58,9 @@ class MetricsWriter:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(run_dir: str) -> dict[int, float]:
+    """step -> train objective from RUN_DIR/metrics.jsonl (the last row wins if a step was logged twice)."""
+    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    return {int(r["step"]): r["train/objective"] for r in rows if "train/objective" in r}

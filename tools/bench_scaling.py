@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from axlearn_like.metrics import train_losses
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -230,16 +232,6 @@ def moe(a, gpus) -> dict:
     return result
 
 
-def _losses(run_dir) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/objective" in row:
-                out[int(row["step"])] = row["train/objective"]
-    return out
-
-
 def _saved_steps(run_dir) -> list[int]:
     d = os.path.join(run_dir, "checkpoints")
     return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
@@ -296,7 +288,7 @@ def resume(a, gpus) -> dict:
         elif f"Resuming from checkpoint at step {max(saved)}" not in r2.stdout:
             result["error"] = "the rerun did not report resuming"
         if "error" not in result:
-            la, lb = _losses(ref_dir), _losses(kill_dir)
+            la, lb = train_losses(ref_dir), train_losses(kill_dir)
             after = list(range(max(saved) + 1, steps + 1))
             diffs = {s: (la.get(s), lb.get(s)) for s in after}
             result["compared_steps"] = after

@@ -49,15 +49,9 @@ def run(cmd, devices=1, timeout=300, **more) -> subprocess.CompletedProcess:
 
 def losses(run_dir) -> dict[int, float]:
     """step -> train loss from metrics.jsonl (the last row wins if a step was logged twice)."""
-    import json
+    from axlearn_like.metrics import train_losses
 
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if "train/objective" in row:
-                out[row["step"]] = row["train/objective"]
-    return out
+    return train_losses(run_dir)
 
 
 def raw_state(run_dir, step):
