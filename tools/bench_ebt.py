@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 
-def time_step(cfg, iters: int) -> float:
+def time_step(cfg, iters: int, profile: str | None = None) -> float:
     import flax.linen as nn
 
     from axlearn_like.trainer import build_state_setup, make_train_step
@@ -41,7 +41,17 @@ def time_step(cfg, iters: int) -> float:
         for _ in range(iters):
             state, m = step(state, batch)
         jax.block_until_ready(m["objective"])
-        return (time.perf_counter() - t0) / iters, temp_gib
+        dt = (time.perf_counter() - t0) / iters
+        if profile:
+            from tools.benchutil import device_ops, print_device_ops
+            held = [state]  # the step donates its state: each profiled call feeds the next the new one
+
+            def one():
+                held[0], m = step(held[0], batch)
+                return m
+
+            print_device_ops(profile, device_ops(one, ()))
+        return dt, temp_gib
 
 
 def main(argv=None) -> int:
@@ -54,18 +64,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--forms", default="efficient,dense", help="attention forms to time (comma list)")
     p.add_argument("--set", action="append", default=[], help="overrides on the recipes.ebt gpu preset")
+    p.add_argument("--profile", action="store_true", help="also print the device time per kernel kind and the top kernels")
     a = p.parse_args(argv)
     cfg = config_lib.apply_overrides(ebt.gpu(), list(a.set) + ["checkpoint.enabled=false"])
     m = cfg.model
     dec = dataclasses.replace(cfg, model=DecoderConfig(**{f.name: getattr(m, f.name) for f in dataclasses.fields(DecoderConfig)} | {"layer_pattern": ("attention",)}))
     rows = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": cfg.data.global_batch_size,
             "seq_len": cfg.data.seq_len, "d_model": m.d_model, "layers": m.num_layers, "think_steps": m.think_steps}
-    t, rows["decoder_temp_gib"] = time_step(dec, a.iters)
+    t, rows["decoder_temp_gib"] = time_step(dec, a.iters, "decoder" if a.profile else None)
     rows["decoder_ms"] = 1e3 * t
     print(f"decoder: {rows['decoder_ms']:.2f} ms/step, XLA temp {rows['decoder_temp_gib']:.2f} GiB", flush=True)
     for form in a.forms.split(","):
         c = dataclasses.replace(cfg, model=dataclasses.replace(m, attention_form=form))
-        t, rows[f"ebt_{form}_temp_gib"] = time_step(c, a.iters)
+        t, rows[f"ebt_{form}_temp_gib"] = time_step(c, a.iters, f"ebt ({form})" if a.profile else None)
         t *= 1e3
         rows[f"ebt_{form}_ms"] = t
         rows[f"ratio_{form}"] = t / rows["decoder_ms"]

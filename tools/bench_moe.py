@@ -168,7 +168,7 @@ def _grouped_local_round1(x, ids, w, w_gate, w_up, w_down, implementation):
     return jnp.zeros((t, x.shape[1]), jnp.float32).at[tok].add(wy)
 
 
-def bench_layer(reps, rows, variants, small=False):
+def bench_layer(reps, rows, variants, small=False, profile=False):
     """variants: (label, implementation, round-1 dispatch)."""
     import models.moe as moe_mod
 
@@ -182,7 +182,7 @@ def bench_layer(reps, rows, variants, small=False):
         moe_mod._grouped_local = _grouped_local_round1 if round1 else new  # read at trace time
         try:
             _guarded(rows, f"MoE layer ({label})",
-                     lambda: _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=not round1))
+                     lambda: _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=not round1, profile=profile and not round1))
         finally:
             moe_mod._grouped_local = new
     impl = variants[0][1]
@@ -195,9 +195,14 @@ def bench_layer(reps, rows, variants, small=False):
     if layer is not None and None not in parts:
         _row(rows, "rest = layer - routed - shared (router, sort, gathers, combine, stats)", "-", "fwd+bwd",
              layer - sum(parts), 0.0, 0.0)
+    dense = by.get(f"dense SwiGLU FFN width {(k + shared) * f}")
+    if layer is not None and dense:
+        rows.append(dict(what="ratio MoE layer / dense FFN, fwd+bwd (goal <= 1.5)", loads="-", pass_="ratio",
+                         ms=layer / dense, spread_ms=0.0, tflops=0.0))
+        print(f"  MoE layer / dense FFN fwd+bwd: {layer / dense:.3f}x (goal <= 1.5)", flush=True)
 
 
-def _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=True):
+def _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=True, profile=False):
     import flax.linen as nn
 
     from models.moe import MoE, MoEConfig
@@ -211,8 +216,11 @@ def _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=True):
         y, _ = layer.apply({**v, "params": params}, x, train=True, mutable=["stats", "intermediates"])
         return jnp.mean(y.astype(jnp.float32) ** 2)
 
-    ms, spread = timeit(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (v["params"], x), reps)
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    ms, spread = timeit(step, (v["params"], x), reps)
     _row(rows, f"MoE layer ({label})", "routed", "fwd+bwd", ms, spread, 3 * fwd_flops)
+    if profile:
+        benchutil.print_device_ops(f"MoE layer ({label}) fwd+bwd", benchutil.device_ops(step, (v["params"], x)))
     if fwd:
         f = jax.jit(lambda p, x: layer.apply({**v, "params": p}, x, train=False))
         ms, spread = timeit(f, (v["params"], x), reps)
@@ -261,11 +269,15 @@ def main(argv=None):
     ap.add_argument("--xla", action="store_true", help="also time lax.ragged_dot (slow) at kernel and layer level")
     ap.add_argument("--quick", action="store_true", help="fewer tilings and repetitions")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run of this script)")
+    ap.add_argument("--layer-only", action="store_true", help="skip the grouped-matmul kernel rows")
+    ap.add_argument("--profile", action="store_true", help="print the MoE layer's device time per kernel kind and top kernels")
     args = ap.parse_args(argv)
     reps = 5 if args.quick else 20
     rows = []
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
-    if args.small:
+    if args.layer_only:
+        pass
+    elif args.small:
         bench_gmm(1024, 128, 96, 16, reps, args, rows)
     else:
         bench_gmm(32768, 2048, 1408, 64, reps, args, rows)
@@ -273,7 +285,7 @@ def main(argv=None):
     variants = ([("triton", "triton", False), ("triton, round-1 scatter dispatch", "triton", True)] if triton_ok else [])
     if args.xla or not triton_ok:
         variants.append(("xla", "xla", False))
-    bench_layer(reps, rows, variants, args.small)
+    bench_layer(reps, rows, variants, args.small, args.profile)
     print(f"\n{'what':62s} {'loads':8s} {'pass':8s} {'ms':>9s} {'spread':>8s} {'TFLOP/s':>8s}")
     for r in rows:
         if "sweep" in r["what"]:

@@ -54,8 +54,8 @@ FWD_SWEEP = [dict(BJ=64, ROWS=128, num_warps=8, num_stages=3), dict(BJ=64, ROWS=
              dict(BJ=64, ROWS=128, num_warps=4, num_stages=3)]
 # Backward (per-query kernel launch, per-k1-block kernel launch): pipelining, and M = 64 rows (halves the
 # per-step register tiles; both kernels spill at M = 128).
-BWD_SWEEP = [(dict(BJ=64, ROWS=128, num_warps=8, num_stages=1), dict(BJ=64, ROWS=128, num_warps=8, num_stages=1)),
-             (dict(BJ=64, ROWS=128, num_warps=8, num_stages=2), dict(BJ=64, ROWS=128, num_warps=8, num_stages=2)),
+BWD_SWEEP = [(dict(BJ=64, ROWS=128, num_warps=8, num_stages=2), dict(BJ=64, ROWS=128, num_warps=8, num_stages=2)),
+             (dict(BJ=64, ROWS=128, num_warps=8, num_stages=1), dict(BJ=64, ROWS=128, num_warps=8, num_stages=1)),
              (dict(BJ=64, ROWS=64, num_warps=8, num_stages=2), dict(BJ=64, ROWS=64, num_warps=8, num_stages=2)),
              (dict(BJ=64, ROWS=64, num_warps=8, num_stages=1), dict(BJ=64, ROWS=128, num_warps=8, num_stages=1))]
 
@@ -95,6 +95,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time the FWD_SWEEP / BWD_SWEEP launch settings")
     ap.add_argument("--contrast", action="store_true", help="also time the XLA reference and cuDNN attention")
+    ap.add_argument("--profile", action="store_true", help="print the fwd+bwd device time per kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     from kernels.simplicial import triton_gpu  # needs triton: GPU machine only
@@ -149,6 +150,8 @@ def main():
     (triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH), t_fb = best_b
     print(f"best fwd+bwd: {t_fb:.2f} ms (bwd ~{t_fb - t_fwd:.2f} ms) with q {triton_gpu.BWD_Q_LAUNCH} k {triton_gpu.BWD_K_LAUNCH}")
     print(f"best fwd: {t_fwd:.2f} ms with {triton_gpu.FWD_LAUNCH}")
+    if a.profile:
+        benchutil.print_device_ops("fwd+bwd (best settings)", benchutil.device_ops(make("triton")[1], args))
     peak = peak_gib()
     log.update(sweep=[(k, str(o), t) for k, o, t in sweep], best_fwd=str(triton_gpu.FWD_LAUNCH),
                best_bwd=(str(best_b[0]), t_fb), peak_gib_after_triton=peak)

@@ -11,8 +11,6 @@ traces N more steps with jax.profiler and reports the share of step time spent i
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import importlib
 import json
 import os
@@ -25,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tools.benchutil import load_perfetto
 
 
 def _matmul_anchor(n: int = 8192, reps: int = 10) -> float:
@@ -59,14 +59,7 @@ def collective_seconds(trace_dir: str) -> tuple[dict[str, float], int]:
     carry the HLO op name, e.g. 'all-to-all-start.3', in their args) names it; overlapping events of one kind
     on one device are counted once. Device tracks (pid named '/device:...') are used where present, else the
     host's (the CPU backend runs collectives as host thunks)."""
-    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True))
-    if not paths:
-        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
-    with gzip.open(paths[-1], "rt") as f:
-        data = json.load(f)
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    pname = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device_pids = {p for p, n in pname.items() if "/device:" in n.lower()}
+    events, device_pids = load_perfetto(trace_dir)
     keys = {k: k.replace("-", "") for k in COLLECTIVES}
     spans: dict[tuple[str, int], list] = {}
     for e in events:

@@ -9,7 +9,12 @@ Two clocks, both on the host:
 """
 from __future__ import annotations
 
+import glob
+import gzip
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import jax
@@ -41,3 +46,76 @@ def timeit_sync(f, args, reps: int = 20, warmup: int = 3) -> tuple[float, float]
         jax.block_until_ready(f(*args))
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) * 1e3, (max(ts) - min(ts)) * 1e3
+
+
+def load_perfetto(trace_dir: str) -> tuple[list[dict], set]:
+    """Events of the newest Perfetto trace jax.profiler wrote under trace_dir (create_perfetto_trace=True), and
+    the pids of its device tracks (process named '/device:...'; empty on backends without device tracks)."""
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    pname = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return events, {p for p, n in pname.items() if "/device:" in n.lower()}
+
+
+# Kernel-name substrings -> the kind of work, for the per-kind summary of `device_ops`.
+KINDS = (("matmul (cuBLAS/XLA gemm)", ("gemm", "cublas", "nvjet", "xmma", "cutlass", "dot")),
+         ("attention (cuDNN)", ("cudnn", "flash", "fmha", "sdpa")),
+         ("collective", ("all-to-all", "all_to_all", "all-gather", "reduce-scatter", "all-reduce", "nccl")),
+         ("reduction fusion", ("reduce", "reduction")),
+         ("other fusion / copy", ("fusion", "copy", "transpose", "convert", "memset", "memcpy", "concatenate",
+                                  "dynamic", "scatter", "gather", "slice", "pad", "iota", "select", "broadcast")))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "custom kernel (Triton/Pallas)"
+
+
+def device_ops(f, args, calls: int = 3, top: int = 15) -> dict:
+    """Profile `calls` back-to-back calls of f(*args) (already compiled/warm) with jax.profiler and sum device
+    kernel time by kernel name. Returns {"per_call_ms": device busy ms per call, "ops": [(name, ms per call,
+    count per call)] longest first (top N), "kinds": {kind: ms per call}}. Where a kernel comes from: its name
+    (XLA fusions carry the HLO fusion name; Triton kernels their function name)."""
+    jax.block_until_ready(f(*args))
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        try:
+            out = None
+            for _ in range(calls):
+                out = f(*args)
+            jax.block_until_ready(out)
+        finally:
+            jax.profiler.stop_trace()
+        events, dev = load_perfetto(d)
+    tot: dict[str, list] = {}
+    for e in events:
+        if e.get("ph") != "X" or "dur" not in e or e.get("pid") not in dev:
+            continue
+        name = str(e.get("name", ""))
+        t = tot.setdefault(name, [0.0, 0])
+        t[0] += float(e["dur"]) * 1e-3 / calls
+        t[1] += 1
+    ops = sorted(((n, ms, c / calls) for n, (ms, c) in tot.items()), key=lambda r: -r[1])
+    kinds: dict[str, float] = {}
+    for n, ms, _ in ops:
+        kinds[kind_of(n)] = kinds.get(kind_of(n), 0.0) + ms
+    return {"per_call_ms": sum(ms for _, ms, _ in ops), "ops": ops[:top], "kinds": kinds}
+
+
+def print_device_ops(title: str, prof: dict) -> None:
+    """Markdown tables of a `device_ops` result: kinds, then the top kernels."""
+    busy = prof["per_call_ms"] or float("nan")
+    print(f"\n{title}: device busy {busy:.3f} ms per call")
+    print("| kind | ms/call | share |\n|---|---|---|")
+    for k, ms in sorted(prof["kinds"].items(), key=lambda r: -r[1]):
+        print(f"| {k} | {ms:.3f} | {100 * ms / busy:.1f}% |")
+    print("| kernel | ms/call | launches/call | share |\n|---|---|---|---|")
+    for n, ms, c in prof["ops"]:
+        print(f"| {n[:90]} | {ms:.3f} | {c:g} | {100 * ms / busy:.1f}% |")

@@ -257,8 +257,8 @@ def _params(q, k1, v1, cfg, rows=128):
 # Launch settings; tools/bench_simplicial.py sweeps them on the H200 and the best measured are the defaults.
 # ROWS: target GEMM M (= GH * W2P rows, GH query heads per program tile); BJ: k1 positions per block.
 FWD_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=3)
-BWD_Q_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=1)
-BWD_K_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=1)
+BWD_Q_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=2)
+BWD_K_LAUNCH = dict(BJ=64, ROWS=128, num_warps=8, num_stages=2)
 
 
 def _split(launch):

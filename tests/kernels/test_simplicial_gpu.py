@@ -24,10 +24,14 @@ CASES = {
     "determinant_bf16": (1, 131, 16, 2, 96, 40, 8, jnp.bfloat16, "determinant"),
 }
 # Launch overrides per case: on the paper-like case also BJ = 128 (whole and partial k1 blocks: w1 = 128 over
-# 389 positions) in the forward and M = 64 rows, num_stages 2 in both backward kernels.
+# 389 positions) in the forward and M = 64 rows in both backward kernels; on the GQA case a 4-warp forward
+# and unpipelined (num_stages 1) backward kernels.
 PATHS = {"paper_like_bf16": [{}, dict(FWD_LAUNCH=dict(BJ=128, ROWS=128, num_warps=8, num_stages=2),
                                       BWD_Q_LAUNCH=dict(BJ=64, ROWS=64, num_warps=8, num_stages=2),
-                                      BWD_K_LAUNCH=dict(BJ=64, ROWS=64, num_warps=8, num_stages=2))]}
+                                      BWD_K_LAUNCH=dict(BJ=64, ROWS=64, num_warps=8, num_stages=2))],
+         "gqa_odd_bf16": [{}, dict(FWD_LAUNCH=dict(BJ=64, ROWS=128, num_warps=4, num_stages=3),
+                                   BWD_Q_LAUNCH=dict(BJ=64, ROWS=128, num_warps=8, num_stages=1),
+                                   BWD_K_LAUNCH=dict(BJ=64, ROWS=128, num_warps=8, num_stages=1))]}
 
 
 @pytest.mark.parametrize("case", list(CASES))
