@@ -50,7 +50,7 @@ def time_step(cfg, iters: int, profile: str | None = None) -> float:
                 held[0], m = step(held[0], batch)
                 return m
 
-            print_device_ops(profile, device_ops(one, ()))
+            print_device_ops(profile, device_ops(one, ()), step.as_text())
         return dt, temp_gib
 
 
@@ -64,7 +64,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--forms", default="efficient,dense", help="attention forms to time (comma list)")
     p.add_argument("--set", action="append", default=[], help="overrides on the recipes.ebt gpu preset")
-    p.add_argument("--profile", action="store_true", help="also print the device time per kernel kind and the top kernels")
+    p.add_argument("--variant", action="append", default=[],
+                   help="LABEL:k=v,k=v: one more EBT row with these overrides (after --forms; decoder timed once)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the device time per kernel kind and the top kernels (decoder and the first EBT row)")
     a = p.parse_args(argv)
     cfg = config_lib.apply_overrides(ebt.gpu(), list(a.set) + ["checkpoint.enabled=false"])
     m = cfg.model
@@ -74,15 +77,17 @@ def main(argv=None) -> int:
     t, rows["decoder_temp_gib"] = time_step(dec, a.iters, "decoder" if a.profile else None)
     rows["decoder_ms"] = 1e3 * t
     print(f"decoder: {rows['decoder_ms']:.2f} ms/step, XLA temp {rows['decoder_temp_gib']:.2f} GiB", flush=True)
-    for form in a.forms.split(","):
-        c = dataclasses.replace(cfg, model=dataclasses.replace(m, attention_form=form))
-        t, rows[f"ebt_{form}_temp_gib"] = time_step(c, a.iters, f"ebt ({form})" if a.profile else None)
+    variants = [(f, [f"model.attention_form={f}"]) for f in a.forms.split(",") if f]
+    variants += [(v.split(":", 1)[0], v.split(":", 1)[1].split(",")) for v in a.variant]
+    for i, (label, sets) in enumerate(variants):
+        c = config_lib.apply_overrides(cfg, sets)
+        t, rows[f"ebt_{label}_temp_gib"] = time_step(c, a.iters, f"ebt ({label})" if a.profile and i == 0 else None)
         t *= 1e3
-        rows[f"ebt_{form}_ms"] = t
-        rows[f"ratio_{form}"] = t / rows["decoder_ms"]
-        rows[f"ratio_{form}_per_inner_step"] = t / rows["decoder_ms"] / m.think_steps
-        print(f"ebt ({form}): {t:.2f} ms/step = {t / rows['decoder_ms']:.2f}x the decoder, "
-              f"{t / rows['decoder_ms'] / m.think_steps:.2f}x per inner step, XLA temp {rows[f'ebt_{form}_temp_gib']:.2f} GiB",
+        rows[f"ebt_{label}_ms"] = t
+        rows[f"ratio_{label}"] = t / rows["decoder_ms"]
+        rows[f"ratio_{label}_per_inner_step"] = t / rows["decoder_ms"] / c.model.think_steps
+        print(f"ebt ({label}: {' '.join(sets)}): {t:.2f} ms/step = {t / rows['decoder_ms']:.2f}x the decoder, "
+              f"{t / rows['decoder_ms'] / c.model.think_steps:.2f}x per inner step, XLA temp {rows[f'ebt_{label}_temp_gib']:.2f} GiB",
               flush=True)
     print(json.dumps(rows, indent=2))
     if a.out:

@@ -13,6 +13,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -78,7 +79,7 @@ def kind_of(name: str) -> str:
     return "custom kernel (Triton/Pallas)"
 
 
-def device_ops(f, args, calls: int = 3, top: int = 15) -> dict:
+def device_ops(f, args, calls: int = 3, top: int = 30) -> dict:
     """Profile `calls` back-to-back calls of f(*args) (already compiled/warm) with jax.profiler and sum device
     kernel time by kernel name. Returns {"per_call_ms": device busy ms per call, "ops": [(name, ms per call,
     count per call)] longest first (top N), "kinds": {kind: ms per call}}. Where a kernel comes from: its name
@@ -109,13 +110,30 @@ def device_ops(f, args, calls: int = 3, top: int = 15) -> dict:
     return {"per_call_ms": sum(ms for _, ms, _ in ops), "ops": ops[:top], "kinds": kinds}
 
 
-def print_device_ops(title: str, prof: dict) -> None:
-    """Markdown tables of a `device_ops` result: kinds, then the top kernels."""
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """Optimized HLO text (`compiled.as_text()`) -> {kernel name: "shape <- jax op_name"} for each instruction,
+    keyed the way GPU kernels of XLA fusions are named ('loop_convert_fusion.62' runs as
+    'loop_convert_fusion_62'), so a profile's top kernels can be traced back to the model code."""
+    out = {}
+    pat = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) .*?op_name=\"([^\"]*)\"")
+    for line in hlo_text.splitlines():
+        m = pat.match(line)
+        if m:
+            name, shape, op = m.groups()
+            out[name.replace(".", "_").replace("-", "_")] = f"{shape.split('{')[0]} <- {op[-110:]}"
+    return out
+
+
+def print_device_ops(title: str, prof: dict, hlo_text: str | None = None) -> None:
+    """Markdown tables of a `device_ops` result: kinds, then the top kernels (with the HLO shape and the jax
+    op that produced each, when the compiled HLO text is given)."""
+    src = hlo_sources(hlo_text) if hlo_text else {}
     busy = prof["per_call_ms"] or float("nan")
     print(f"\n{title}: device busy {busy:.3f} ms per call")
     print("| kind | ms/call | share |\n|---|---|---|")
     for k, ms in sorted(prof["kinds"].items(), key=lambda r: -r[1]):
         print(f"| {k} | {ms:.3f} | {100 * ms / busy:.1f}% |")
-    print("| kernel | ms/call | launches/call | share |\n|---|---|---|---|")
+    print("| kernel | ms/call | launches/call | share |" + (" HLO shape <- op |\n|---|---|---|---|---|" if src else "\n|---|---|---|---|"))
     for n, ms, c in prof["ops"]:
-        print(f"| {n[:90]} | {ms:.3f} | {c:g} | {100 * ms / busy:.1f}% |")
+        where = src.get(n.replace(".", "_").replace("-", "_"), "")
+        print(f"| {n[:90]} | {ms:.3f} | {c:g} | {100 * ms / busy:.1f}% |" + (f" {where}" if src else ""))

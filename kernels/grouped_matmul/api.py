@@ -45,7 +45,6 @@ def _xla_tgmm(lhs, dout, group_sizes, out_dtype=None):
 class _Launches(NamedTuple):
     gmm: Callable  # (lhs, rhs, gs, transpose_rhs=False) -> [m, n]
     tgmm: Callable  # (lhs, dout, gs, out_dtype=None) -> [G, k, n] (out_dtype default: lhs dtype)
-    casts_rhs: bool = False  # gmm takes rhs wider than lhs and casts its tiles on load
 
 
 @functools.cache
@@ -62,21 +61,22 @@ def _launches(name: str) -> _Launches:
         from kernels.grouped_matmul import triton_gpu as tg
 
         return _Launches(lambda l, r, g, t=False: tg.gmm(l, r, g, transpose_rhs=t),
-                         lambda l, d, g, o=None: tg.tgmm(l, d, g, out_dtype=o), casts_rhs=True)
+                         lambda l, d, g, o=None: tg.tgmm(l, d, g, out_dtype=o))
     raise AssertionError(name)
 
 
 @functools.cache
 def _op(name: str, rhs_dtype):
-    """Custom-VJP gmm on the stored (e.g. float32 master) rhs. Launches that cast rhs tiles on load (Triton)
-    read it as stored in both the forward and the backward's dlhs; the others get a bf16 copy made once in the
-    forward and kept for the backward (a cast pass over every expert's weights: 0.78 ms per step at 64 x 3
-    matrices of 2048 x 1408 on the H200). The tgmm kernel writes drhs in rhs_dtype directly (no bf16 [G, k, n]
-    round trip)."""
-    gmm, tgmm, casts_rhs = _launches(name)
+    """Custom-VJP gmm on the stored (e.g. float32 master) rhs: the bf16 copy is made once in the forward
+    and kept for the backward's dlhs, and the tgmm kernel writes drhs in rhs_dtype directly (no bf16
+    [G, k, n] round trip: at 64 experts x 2048 x 1408 that is 0.74 GB of traffic per weight per step).
+    The copy costs 0.78 ms per MoE layer step on the H200; casting float32 rhs tiles inside the Triton kernel
+    instead was measured slower (the layer's 6 gmms 7.05 ms with the cast operand as wgmma's B, 14.4 ms layer
+    with it swapped into A, vs 3.42 ms + the copy; session 3, docs/notes/moe.md)."""
+    gmm, tgmm = _launches(name)
 
     def fwd(lhs, rhs, group_sizes):
-        rc = rhs if casts_rhs else rhs.astype(lhs.dtype)
+        rc = rhs.astype(lhs.dtype)
         return gmm(lhs, rc, group_sizes), (lhs, rc, group_sizes)
 
     @jax.custom_vjp

@@ -44,15 +44,14 @@ TGMM_TILING = Tiling(bm=64, bn=128, bk=128, num_warps=8, num_stages=3)
 SMEM_BUDGET = 180 * 1024
 
 
-def fit_shared_memory(tiling: Tiling, itemsizes: tuple[int, int], a_tile: tuple[str, str], b_tile: tuple[str, str],
+def fit_shared_memory(tiling: Tiling, itemsize: int, a_tile: tuple[str, str], b_tile: tuple[str, str],
                       b_count: int = 1) -> Tiling:
-    """Shrinks a tiling tuned for bf16 until its pipelined operand tiles fit in shared memory (itemsizes of the
-    a and b operands: float32 doubles the bytes; `b_count` rhs tiles per step): first fewer pipeline stages,
-    then halve a block dimension."""
+    """Shrinks a tiling tuned for bf16 until its pipelined operand tiles fit in shared memory (float32 operands
+    double the bytes; `b_count` rhs tiles per step): first fewer pipeline stages, then halve a block dimension."""
     def smem(t: Tiling) -> int:
         dims = t._asdict()
-        a = itemsizes[0] * dims[a_tile[0]] * dims[a_tile[1]]
-        return t.num_stages * (a + itemsizes[1] * b_count * dims[b_tile[0]] * dims[b_tile[1]])
+        a = dims[a_tile[0]] * dims[a_tile[1]]
+        return t.num_stages * itemsize * (a + b_count * dims[b_tile[0]] * dims[b_tile[1]])
 
     while smem(tiling) > SMEM_BUDGET:
         if tiling.num_stages > 2:
@@ -88,19 +87,17 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _group_dot(acc, lhs_ptr, rhs_g, rm, rn, row_ok, k_end, K, N, TRANSPOSE_RHS: tl.constexpr, BK: tl.constexpr,
                IEEE: tl.constexpr):
-    """acc += lhs[rows in row_ok, :k_end] @ rhs_g[:k_end] (rhs_g stored [K, N], or [N, K] if transposed). rhs
-    tiles are cast to lhs's dtype as they are loaded (float32 master weights feed bf16 tensor cores without a
-    separate cast pass over the whole weight)."""
+    """acc += lhs[rows in row_ok, :k_end] @ rhs_g[:k_end] (rhs_g stored [K, N], or [N, K] if transposed)."""
     rk = tl.arange(0, BK)
     for k0 in range(0, k_end, BK):
         kk = k0 + rk
         a = tl.load(lhs_ptr + rm[:, None] * K + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
         if TRANSPOSE_RHS:
             b = tl.load(rhs_g + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K), other=0.0)
-            acc += _dot(a, tl.trans(b.to(a.dtype)), IEEE)
+            acc += _dot(a, tl.trans(b), IEEE)
         else:
             b = tl.load(rhs_g + kk[:, None] * N + rn[None, :], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0.0)
-            acc += _dot(a, b.to(a.dtype), IEEE)
+            acc += _dot(a, b, IEEE)
     return acc
 
 
@@ -173,14 +170,13 @@ def _grid(tiles: int, tiling: Tiling) -> tuple[int]:
 
 
 def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling | None = None):
-    """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype). rhs may
-    be wider than lhs (float32 weights with bf16 activations): its tiles are cast to lhs's dtype in the kernel."""
+    """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype)."""
     import jax_triton as jt
 
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiling = fit_columns(tiling or (GMM_T_TILING if transpose_rhs else GMM_TILING), n)
-    tiling = fit_shared_memory(tiling, (lhs.dtype.itemsize, rhs.dtype.itemsize), ("bm", "bk"), ("bk", "bn"))
+    tiling = fit_shared_memory(tiling, lhs.dtype.itemsize, ("bm", "bk"), ("bk", "bn"))
     items = work_items(group_sizes, m, tiling.bm)
     tiles = items[0].shape[0] * triton.cdiv(n, tiling.bn)
     return jt.triton_call(
@@ -199,7 +195,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling | None = None, out_dtype=None
     accumulator is stored in it directly); empty groups give 0."""
     import jax_triton as jt
 
-    tiling = fit_shared_memory(tiling or TGMM_TILING, (lhs.dtype.itemsize, dout.dtype.itemsize), ("bm", "bk"), ("bm", "bn"))
+    tiling = fit_shared_memory(tiling or TGMM_TILING, lhs.dtype.itemsize, ("bm", "bk"), ("bm", "bn"))
     m, k = lhs.shape
     n = dout.shape[1]
     g = group_sizes.shape[0]
