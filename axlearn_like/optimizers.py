@@ -1,8 +1,9 @@
 """optax AdamW with warmup + cosine decay, global-norm clipping, a metadata-driven weight-decay mask and
-per-parameter learning-rate multipliers (both read from `axlearn_like.params.Param` metadata)."""
+per-parameter learning-rate multipliers (both read from `axlearn_like.params.Param` metadata), and optional
+bf16 model weights with float32 master weights kept in the optimizer state (`param_dtype`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,15 @@ class OptimizerConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float | None = 1.0
+    # "float32": the model's params are the float32 weights (layers cast them to the compute dtype every step).
+    # "bfloat16": params are stored in bf16 and the optimizer keeps float32 master weights in its state
+    # (Megatron's mixed-precision scheme): every update is applied to the masters and params = bf16(master),
+    # so no step casts the weights; costs 2 more bytes per parameter. Gradients are accumulated in float32.
+    param_dtype: str = "float32"
 
     def validate(self) -> None:
+        require(self.param_dtype in PARAM_DTYPES, "optimizer.param_dtype",
+                f"{self.param_dtype!r} is not one of {sorted(PARAM_DTYPES)}")
         require(self.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
         require(self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
         require(self.schedule in ("cosine", "linear", "constant"), "optimizer.schedule",
@@ -57,6 +65,40 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class MasterWeightsState(NamedTuple):
+    master: Any  # float32 copy of the params (same tree)
+    inner: Any  # the wrapped transformation's state, built on the masters
+
+
+def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs `inner` on float32 master weights held in the state; the updates it returns move the (bf16) params
+    to exactly bf16(new master): params + (bf16(new) - params) is exact in float32 for bf16 operands within a
+    factor 2^16 of each other, and the result is cast back to the params' dtype by optax.apply_updates."""
+
+    def init(params):
+        master = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+        return MasterWeightsState(master, inner.init(master))
+
+    def update(grads, state, params=None):
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        upd, inner_state = inner.update(grads, state.inner, state.master)
+        master = optax.apply_updates(state.master, upd)
+        out = jax.tree.map(lambda m, p: m.astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32), master, params)
+        return out, MasterWeightsState(master, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def cast_params(params: Any, cfg: OptimizerConfig) -> Any:
+    """The model's stored params for `cfg.param_dtype` (floating leaves cast; the optimizer's init then takes
+    its float32 masters from them, so params == bf16(master) from step 0)."""
+    dt = PARAM_DTYPES[cfg.param_dtype]
+    return jax.tree.map(lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, decay_mask: Any, lr_scales: Any):
     """Returns (optax transformation, schedule). decay_mask / lr_scales: pytrees matching params."""
     schedule = learning_rate_schedule(cfg, total_steps)
@@ -66,4 +108,5 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, decay_mask: Any, l
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
     if any(s != 1.0 for s in jax.tree.leaves(lr_scales)):
         parts.append(_scale_by_tree(lr_scales))
-    return optax.chain(*parts), schedule
+    opt = optax.chain(*parts)
+    return (with_master_weights(opt) if cfg.param_dtype != "float32" else opt), schedule

@@ -27,7 +27,7 @@ from axlearn_like.checkpoint import CheckpointConfig, Checkpointer, checkpoint_d
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.data import DataConfig, make_iterator, make_tokenizer
 from axlearn_like.metrics import MetricsWriter
-from axlearn_like.optimizers import OptimizerConfig, make_optimizer
+from axlearn_like.optimizers import OptimizerConfig, cast_params, make_optimizer
 from axlearn_like.sharding import MeshConfig
 from axlearn_like.state import TrainState, finalize_step_statistics
 
@@ -159,7 +159,7 @@ def build_state_setup(cfg: ExperimentConfig, *, mesh=None, for_restore: bool = F
 
     def init_fn(rng):
         variables = nn.meta.unbox(task.init(rng, dummy))
-        params = variables["params"]
+        params = cast_params(variables["params"], cfg.optimizer)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
@@ -215,10 +215,10 @@ def make_train_step(setup: StateSetup, cfg: ExperimentConfig):
             stats, grads_acc = acc
             mb, carry_m, i = xs
             (loss, (metrics, new_stats, new_carry)), grads = grad_fn(state.params, stats, carry_m, mb, jax.random.fold_in(rng, i))
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)  # float32 sums
             return (new_stats, grads_acc), (loss, metrics, new_carry)
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), state.params)
         (stats, grads), (losses, metrics, carries) = jax.lax.scan(
             micro, (state.stats, zeros), (micro_batches, micro_carry, jnp.arange(m))
         )

@@ -39,9 +39,13 @@ def import_(in_dir: str, run_dir: str, step: int = 0) -> str:
     for k in want:
         if want[k].shape != loaded[k].shape:
             raise ValueError(f"{k}: shape {loaded[k].shape} in the file, {want[k].shape} in the model")
-    params = unflatten({k: loaded[k].astype(want[k].dtype) for k in want})
+    # as float32, then to the stored dtype: with optimizer.param_dtype=bfloat16 the masters keep the file's values
+    params = unflatten({k: loaded[k].astype(np.float32 if jax.numpy.issubdtype(want[k].dtype, jax.numpy.floating) else want[k].dtype)
+                        for k in want})
     params = jax.tree.map(lambda ref, x: jax.device_put(x, ref.sharding), state.params, params)
-    state = state.replace(params=params, opt_state=setup.optimizer.init(params), step=jax.numpy.asarray(step, jax.numpy.int32))
+    opt_state = setup.optimizer.init(params)
+    params = jax.tree.map(lambda ref, x: x.astype(ref.dtype), state.params, params)
+    state = state.replace(params=params, opt_state=opt_state, step=jax.numpy.asarray(step, jax.numpy.int32))
     ck = Checkpointer(checkpoint_dir(run_dir), CheckpointConfig(async_save=False))
     ck.save(step, state, None, config_lib.to_dict(cfg), {"imported_from": os.path.abspath(in_dir)}, force=True)
     ck.close()
