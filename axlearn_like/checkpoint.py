@@ -179,13 +179,16 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def load(run_dir: str, step: int | None = None, *, mesh=None):
+def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = False):
     """Research entry point: returns (task, variables, config) from any saved step, no data pipeline needed.
 
     variables = {'params', 'stats', 'carry'} unboxed, placed on the present devices with the config's
-    sharding rules (or replicated on one device when the saved mesh does not fit).
+    sharding rules (or replicated on one device when the saved mesh does not fit). Runs with
+    optimizer.param_dtype=bfloat16 store bf16 params (what the model computed with); masters=True returns the
+    optimizer's float32 master weights as 'params' instead.
     """
     from axlearn_like import trainer as trainer_lib
+    from axlearn_like.optimizers import master_weights
 
     ckpt = Checkpointer(checkpoint_dir(run_dir), CheckpointConfig(), read_only=True)
     steps = ckpt.all_steps()
@@ -199,5 +202,8 @@ def load(run_dir: str, step: int | None = None, *, mesh=None):
     setup = trainer_lib.build_state_setup(cfg, mesh=mesh, for_restore=True)
     state = ckpt.restore(step, setup.abstract_state)
     ckpt.close()
-    variables = {"params": state.params, "stats": state.stats, "carry": state.carry}
+    params = state.params
+    if masters and master_weights(state.opt_state) is not None:
+        params = master_weights(state.opt_state)
+    variables = {"params": params, "stats": state.stats, "carry": state.carry}
     return setup.task, variables, cfg

@@ -92,6 +92,11 @@ def with_master_weights(inner: optax.GradientTransformation) -> optax.GradientTr
     return optax.GradientTransformation(init, update)
 
 
+def master_weights(opt_state: Any) -> Any | None:
+    """The float32 master weights held by a `with_master_weights` state (found by type), else None."""
+    return opt_state.master if isinstance(opt_state, MasterWeightsState) else None
+
+
 def cast_params(params: Any, cfg: OptimizerConfig) -> Any:
     """The model's stored params for `cfg.param_dtype` (floating leaves cast; the optimizer's init then takes
     its float32 masters from them, so params == bf16(master) from step 0)."""

@@ -46,7 +46,7 @@ def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
 
     from axlearn_like import checkpoint, config as config_lib
 
-    task, variables, cfg = checkpoint.load(run_dir, step)
+    task, variables, cfg = checkpoint.load(run_dir, step, masters=True)  # float32 masters where the run keeps them
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables["params"])
     flat = flatten(params)
     os.makedirs(out_dir, exist_ok=True)

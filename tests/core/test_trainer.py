@@ -118,12 +118,14 @@ def test_nonfinite_step_leaves_state_untouched(single):
 def test_bf16_params_with_float32_masters(single, tmp_path):
     """optimizer.param_dtype=bfloat16: params stored in bf16, float32 masters in the optimizer state, params ==
     bf16(master) bit for bit after every step, the loss tracks the float32 run, and a checkpoint restores both
-    exactly (2 devices: the masters take the params' shardings)."""
+    exactly (2 devices: the masters take the params' shardings), and safetensors export/import carries the
+    masters."""
     from axlearn_like import config as config_lib
-    from axlearn_like.checkpoint import CheckpointConfig, Checkpointer
+    from axlearn_like.checkpoint import CheckpointConfig, Checkpointer, checkpoint_dir, load
     from axlearn_like.optimizers import MasterWeightsState
+    from tools import export_safetensors, import_safetensors
 
-    cfg = helpers.tiny_config(["mesh.data=2", "optimizer.param_dtype=bfloat16"])
+    cfg = helpers.tiny_config(["mesh.data=-1", "optimizer.param_dtype=bfloat16"])  # -1: 2 here, 8 on load
     setup, step, batch_sh, state = _setup(cfg, jax.devices()[:2])
     _, base_setup, base_step, base_sh, _ = single
     base = _fresh(single)
@@ -144,13 +146,23 @@ def test_bf16_params_with_float32_masters(single, tmp_path):
     # the masters moved by less than bf16's resolution somewhere: they are not just the bf16 params again
     assert any(np.any(np.asarray(w) != np.asarray(w.astype(jnp.bfloat16).astype(jnp.float32)))
                for w in jax.tree.leaves(state.opt_state.master))
-    ck = Checkpointer(str(tmp_path / "ck"), CheckpointConfig(async_save=False))
+    run = tmp_path / "run"
+    ck = Checkpointer(checkpoint_dir(str(run)), CheckpointConfig(async_save=False))
     ck.save(3, state, None, config_lib.to_dict(cfg), {})
     restored = ck.restore(3, setup.abstract_state)
     ck.close()
     for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # safetensors export carries the float32 masters; importing them gives the same masters and bf16 params
+    export_safetensors.export(str(run), str(tmp_path / "st"))
+    import_safetensors.import_(str(tmp_path / "st"), str(tmp_path / "imported"), step=0)
+    _, back, _ = load(str(tmp_path / "imported"), masters=True)
+    _, back_params, _ = load(str(tmp_path / "imported"))
+    for w, b, p in zip(jax.tree.leaves(state.opt_state.master), jax.tree.leaves(back["params"]),
+                       jax.tree.leaves(back_params["params"])):
+        np.testing.assert_array_equal(np.asarray(w), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(w.astype(jnp.bfloat16)), np.asarray(p))
 
 
 def _cli(argv, capsys):
