@@ -202,8 +202,6 @@ def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = Fa
     setup = trainer_lib.build_state_setup(cfg, mesh=mesh, for_restore=True)
     state = ckpt.restore(step, setup.abstract_state)
     ckpt.close()
-    params = state.params
-    if masters and master_weights(state.opt_state) is not None:
-        params = master_weights(state.opt_state)
-    variables = {"params": params, "stats": state.stats, "carry": state.carry}
+    master = master_weights(state.opt_state) if masters else None
+    variables = {"params": state.params if master is None else master, "stats": state.stats, "carry": state.carry}
     return setup.task, variables, cfg

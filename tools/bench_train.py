@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tools.benchutil import load_perfetto
+from tools.benchutil import capture_trace
 
 
 def _matmul_anchor(n: int = 8192, reps: int = 10) -> float:
@@ -53,13 +53,12 @@ def _union_seconds(spans: list[tuple[float, float]]) -> float:
     return total * 1e-6  # trace times are microseconds
 
 
-def collective_seconds(trace_dir: str) -> tuple[dict[str, float], int]:
-    """Perfetto trace written by jax.profiler (create_perfetto_trace=True) -> ({collective kind: seconds summed
+def collective_seconds(events: list[dict], device_pids: set) -> tuple[dict[str, float], int]:
+    """Perfetto trace events (`benchutil.capture_trace` / `load_perfetto`) -> ({collective kind: seconds summed
     over devices}, number of device tracks seen, 0 if none). An event counts for a kind if its name or an argument (GPU kernels
     carry the HLO op name, e.g. 'all-to-all-start.3', in their args) names it; overlapping events of one kind
     on one device are counted once. Device tracks (pid named '/device:...') are used where present, else the
     host's (the CPU backend runs collectives as host thunks)."""
-    events, device_pids = load_perfetto(trace_dir)
     keys = {k: k.replace("-", "") for k in COLLECTIVES}
     spans: dict[tuple[str, int], list] = {}
     for e in events:
@@ -208,15 +207,14 @@ def main(argv=None) -> int:
         # Traced after the timings, so the trace cannot slow the timed steps.
         shares, profile_error = {}, None
         try:
-            with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules), tempfile.TemporaryDirectory() as d:
-                jax.profiler.start_trace(d, create_perfetto_trace=True)
-                try:
-                    for i in range(a.profile_steps):
-                        state, m = step_fn(state, batches[i % 4])
-                        jax.block_until_ready(m)
-                finally:
-                    jax.profiler.stop_trace()
-                secs, ndev_seen = collective_seconds(d)
+            def run():
+                nonlocal state
+                for i in range(a.profile_steps):
+                    state, m = step_fn(state, batches[i % 4])
+                    jax.block_until_ready(m)
+
+            with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+                secs, ndev_seen = collective_seconds(*capture_trace(run))
             # per-device seconds in each kind over the traced steps, as a share of their median step time
             per = ndev_seen or jax.device_count()
             shares = {k: v / per / (a.profile_steps * step_s) for k, v in secs.items()}

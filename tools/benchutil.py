@@ -79,22 +79,32 @@ def kind_of(name: str) -> str:
     return "custom kernel (Triton/Pallas)"
 
 
+def capture_trace(run) -> tuple[list[dict], set]:
+    """Runs run() (which must block on its own results) under jax.profiler and returns `load_perfetto` of the
+    trace it wrote: (events, device-track pids)."""
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        try:
+            run()
+        finally:
+            jax.profiler.stop_trace()
+        return load_perfetto(d)
+
+
 def device_ops(f, args, calls: int = 3, top: int = 30) -> dict:
     """Profile `calls` back-to-back calls of f(*args) (already compiled/warm) with jax.profiler and sum device
     kernel time by kernel name. Returns {"per_call_ms": device busy ms per call, "ops": [(name, ms per call,
     count per call)] longest first (top N), "kinds": {kind: ms per call}}. Where a kernel comes from: its name
     (XLA fusions carry the HLO fusion name; Triton kernels their function name)."""
     jax.block_until_ready(f(*args))
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d, create_perfetto_trace=True)
-        try:
-            out = None
-            for _ in range(calls):
-                out = f(*args)
-            jax.block_until_ready(out)
-        finally:
-            jax.profiler.stop_trace()
-        events, dev = load_perfetto(d)
+
+    def run():
+        out = None
+        for _ in range(calls):
+            out = f(*args)
+        jax.block_until_ready(out)
+
+    events, dev = capture_trace(run)
     tot: dict[str, list] = {}
     for e in events:
         if e.get("ph") != "X" or "dur" not in e or e.get("pid") not in dev:

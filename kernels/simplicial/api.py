@@ -3,10 +3,9 @@
 Every kernel backend (Pallas, Triton) implements the same three launches, sharing the glue here:
   fwd(q, k1, v1, k2, v2, cfg)                          -> out [B,S,Hq,Dv], lse [B,S,Hq] (float32)
   bwd(q, k1, v1, k2, v2, do, lse, delta, cfg)          -> dq, dk1, dv1, t2, u2
-where t2/u2 are either dk2/dv2 [B,S,Hkv,D] themselves (a backend that accumulates them with atomics) or
-[B,S,Hkv,W2P,D] (float32) rows holding, per query i and window row r (key k = i - w2 + 1 + r), the
-query's contribution to dk2_k / dv2_k summed over its query heads; `_diagonal_sum` turns those rows into
-dk2/dv2 without atomics. See docs/notes/simplicial.md for the algorithm.
+where t2/u2 [B,S,Hkv,W2P,D] (float32) hold, per query i and window row r (key k = i - w2 + 1 + r), the
+query's contribution to dk2_k / dv2_k summed over its query heads; `_diagonal_sum` turns them into dk2/dv2
+without atomics. See docs/notes/simplicial.md for the algorithm.
 """
 from __future__ import annotations
 
@@ -59,7 +58,7 @@ def _kernel_op(fwd_fn, bwd_fn):
         q, k1, v1, k2, v2, out, lse = res
         delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # D_i = <dO_i, O_i>
         dq, dk1, dv1, t2, u2 = bwd_fn(q, k1, v1, k2, v2, do.astype(q.dtype), lse, delta, cfg)
-        dk2, dv2 = (_diagonal_sum(t, cfg.w2) if t.ndim == 5 else t for t in (t2, u2))
+        dk2, dv2 = _diagonal_sum(t2, cfg.w2), _diagonal_sum(u2, cfg.w2)
         return tuple(g.astype(x.dtype) for g, x in zip((dq, dk1, dv1, dk2, dv2), (q, k1, v1, k2, v2)))
 
     op.defvjp(op_fwd, op_bwd)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tests.core import helpers
-from tools import bench_scaling, bench_train
+from tools import bench_scaling, bench_train, benchutil
 
 CACHE = dict(JAX_COMPILATION_CACHE_DIR=helpers.env()["JAX_COMPILATION_CACHE_DIR"],
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -52,7 +52,7 @@ def test_collective_seconds_parses_a_perfetto_trace(tmp_path):
     d.mkdir(parents=True)
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": ev}, f)
-    secs, ndev = bench_train.collective_seconds(str(tmp_path))
+    secs, ndev = bench_train.collective_seconds(*benchutil.load_perfetto(str(tmp_path)))
     assert ndev == 1
     assert secs["all-to-all"] == pytest.approx(15e-6) and secs["all-gather"] == pytest.approx(4e-6)
     assert secs["reduce-scatter"] == 0.0
