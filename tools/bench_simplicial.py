@@ -4,8 +4,9 @@
 Paper setting (Roy et al. 2025): w1=512, w2=32, head_dim 128, 64 query heads per K/V head, B=2, S=8192,
 bf16. FLOPs count only the two tensor-core GEMMs (FBGEMM's convention): 4*D*w1*w2 per query head per
 token forward, the causal ramps (min(i+1, w1), min(i+1, w2)) counted exactly; fwd+bwd = 3.5x fwd.
-Times the forward and fwd+bwd (two-kernel backward); --sweep tries the FWD_SWEEP / BWD_SWEEP launch settings
-(~1.5 min with compiles) and reports the best of each.
+Times the Triton kernels (forward, two-kernel backward) and the cuDNN backend (one flash-attention call per k2
+offset, kernels/simplicial/cudnn_gpu.py); --sweep tries the Triton FWD_SWEEP / BWD_SWEEP launch settings
+(~1.5 min with compiles) and the cuDNN GROUP_SWEEP offset-group sizes, and reports the best of each.
 --contrast adds the XLA reference (smaller S) and cuDNN causal attention at S = 3*w1*w2 = 49152.
 Prints one line per setting as it goes and a table last.
 """
@@ -95,6 +96,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time the FWD_SWEEP / BWD_SWEEP launch settings")
     ap.add_argument("--contrast", action="store_true", help="also time the XLA reference and cuDNN attention")
+    ap.add_argument("--cudnn-sweep", action="store_true", help="time the cuDNN backend's GROUP_SWEEP only")
     ap.add_argument("--profile", action="store_true", help="print the fwd+bwd device time per kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
@@ -129,7 +131,7 @@ def main():
         except Exception as e:  # a setting that does not compile (shared memory) is skipped
             print(kind, settings, "failed:", str(e).splitlines()[0][:200], flush=True)
             return None
-        rate = (1.0 if kind == "fwd" else 3.5) * flops / t / 1e9
+        rate = (1.0 if kind.endswith("fwd") else 3.5) * flops / t / 1e9
         sweep.append((kind, settings, t))
         print(f"{kind:20s} {settings}: {t:.2f} ms  {rate:.0f} TFLOP/s", flush=True)
         return t
@@ -156,6 +158,7 @@ def main():
     log.update(sweep=[(k, str(o), t) for k, o, t in sweep], best_fwd=str(triton_gpu.FWD_LAUNCH),
                best_bwd=(str(best_b[0]), t_fb), peak_gib_after_triton=peak)
     rows.append(("triton", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb, 3.5 * flops / t_fb / 1e9))
+    _cudnn(rows, log, a, args, make, timed, flops, (b, s, hq, hkv, d))
     rows.append(("FBGEMM Triton (anchor, GPU.md)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
                  375.0, 3.5 * 8.47e12 / 375e-3 / 1e12))
 
@@ -171,6 +174,42 @@ def main():
     for name, shape, tf, rf, tb, rb in rows:
         print(f"{name:32s} {shape:26s} {tf:8.2f} {rf:8.0f} {tb:11.2f} {rb:8.0f}")
     print(f"peak device memory after the triton runs (inputs included): {peak:.2f} GiB")
+    if "peak_gib_after_cudnn" in log:
+        print(f"peak device memory after the cudnn runs (inputs included): {log['peak_gib_after_cudnn']:.2f} GiB")
+
+
+GROUP_SWEEP = [1 << 30, 2 << 30, 4 << 30, 9 << 30]  # cudnn_gpu.GROUP_BYTES: 4, 8, 16, 32 offsets per call here
+
+
+def _cudnn(rows, log, a, args, make, timed, flops, shape):
+    """The cuDNN backend: prefix check against the reference, fwd and fwd+bwd per offset-group size."""
+    from kernels.simplicial import cudnn_gpu
+
+    b, s, hq, hkv, d = shape
+    fwd, _ = make("cudnn")
+    out = fwd(*args)
+    pre = [x[:, :256] for x in args]
+    with jax.default_matmul_precision("highest"):
+        ref = two_simplicial_attention(*[x.astype(jnp.float32) for x in pre], w1=512, w2=32, implementation="xla")
+    err = float(jnp.linalg.norm(out[:, :256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    log["cudnn_prefix_rel_err"] = err
+    print(f"cudnn vs xla (first 256 queries at full size): rel err {err:.2e}; finite {bool(jnp.isfinite(out).all())}")
+    best = None
+    for g in GROUP_SWEEP if a.sweep or a.cudnn_sweep else [cudnn_gpu.GROUP_BYTES]:
+        cudnn_gpu.GROUP_BYTES = g
+        fwd, fb = make("cudnn")
+        tf = timed("cudnn fwd", f"GROUP_BYTES={g >> 20} MiB", fwd, 10)
+        tb = timed("cudnn fwd+bwd", f"GROUP_BYTES={g >> 20} MiB", fb, 5)
+        if tf is not None and tb is not None and (best is None or tb < best[2]):
+            best = (g, tf, tb)
+    g, tf, tb = best
+    cudnn_gpu.GROUP_BYTES = g
+    print(f"cudnn best: fwd {tf:.2f} ms, fwd+bwd {tb:.2f} ms (bwd ~{tb - tf:.2f}) with GROUP_BYTES {g >> 20} MiB")
+    if a.profile:
+        benchutil.print_device_ops("cudnn fwd+bwd", benchutil.device_ops(make("cudnn")[1], args))
+    log.update(cudnn_best=(g, tf, tb), peak_gib_after_cudnn=peak_gib())
+    rows.append((f"cudnn (per-offset flash attention)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", tf, flops / tf / 1e9,
+                 tb, 3.5 * flops / tb / 1e9))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Public 2-simplicial attention op: argument checks, `implementation=` dispatch, custom VJPs.
 
-Every kernel backend (Pallas, Triton) implements the same three launches, sharing the glue here:
+Every kernel backend (Pallas, Triton, cuDNN) implements the same three launches, sharing the glue here:
   fwd(q, k1, v1, k2, v2, cfg)                          -> out [B,S,Hq,Dv], lse [B,S,Hq] (float32)
   bwd(q, k1, v1, k2, v2, do, lse, delta, cfg)          -> dq, dk1, dv1, t2, u2
 where t2/u2 [B,S,Hkv,W2P,D] (float32) hold, per query i and window row r (key k = i - w2 + 1 + r), the
@@ -21,7 +21,7 @@ from kernels.simplicial import reference
 
 _OP = "two_simplicial_attention"
 _VARIANTS = ("trilinear", "determinant")
-_SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
+_SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",), "cudnn": ("gpu",)}
 
 
 class Config(NamedTuple):
@@ -75,6 +75,10 @@ def _backend_op(name: str):
         from kernels.simplicial import triton_gpu
 
         return _kernel_op(triton_gpu.forward, triton_gpu.backward)
+    if name == "cudnn":
+        from kernels.simplicial import cudnn_gpu
+
+        return _kernel_op(cudnn_gpu.forward, cudnn_gpu.backward)
     raise AssertionError(name)
 
 
@@ -124,14 +128,28 @@ def two_simplicial_attention(
         3-chunks of det[q_i; k1_j; k2_k] (rotation invariant; head_dim a multiple of 3).
       scale: logit scale, default 1/sqrt(head_dim).
       implementation: "xla" (chunked jnp reference), "pallas" (TPU; interpret mode on CPU), "triton"
-        (jax-triton, GPU) or None for the best one on this backend.
+        (jax-triton, GPU), "cudnn" (GPU, bf16/fp16: one cuDNN flash-attention call per k2 offset, merged
+        exactly) or None for the best one on this backend and dtype.
     Returns:
       [batch, seq, q_heads, head_dim] in q.dtype: o_i = sum_jk softmax_jk(A_ijk) v1_j * v2_k.
     """
     _check(q, k1, v1, k2, v2, w1, w2, variant)
-    preferred = {"cpu": "xla", "tpu": "pallas", "gpu": "triton" if common.has_jax_triton() else "xla"}
-    impl = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=preferred)
     d = q.shape[-1]
+    d_qk = 2 * d if variant == "determinant" else d
+    gpu = "triton" if common.has_jax_triton() else "xla"
+    if common.backend() == "gpu":
+        from kernels.simplicial import cudnn_gpu
+
+        if cudnn_gpu.unsupported(q.dtype, d_qk, v1.shape[-1]) is None:
+            gpu = "cudnn"  # measured fastest (docs/notes/simplicial.md); float32 stays on Triton
+    preferred = {"cpu": "xla", "tpu": "pallas", "gpu": gpu}
+    impl = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=preferred)
+    if impl == "cudnn":
+        from kernels.simplicial import cudnn_gpu
+
+        why = cudnn_gpu.unsupported(q.dtype, d_qk, v1.shape[-1])
+        if why:
+            raise ValueError(f"{_OP}: {why}")
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
     if variant == "determinant":
         q, k1, k2 = reference.determinant_operands(q, k1, k2)

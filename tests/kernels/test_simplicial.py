@@ -276,3 +276,93 @@ def test_triton_kernels_in_interpreter():
     assert len(errs) == 3 * 6
     bad = {k: v for k, v in errs.items() if not v <= 2e-5}
     assert not bad, bad
+
+
+# --- The cuDNN backend's decomposition on CPU: its two cuDNN calls replaced by jnp emulations -----------------
+
+def _emulated_attend(rows, k1, v1, cfg, s):
+    """cuDNN causal sliding-window GQA flash attention: o [B,S,N,Dv] per-row softmax, lse [B,N,S] (float32)."""
+    n, kv = rows.shape[2], k1.shape[2]
+    k, v = (jnp.repeat(x.astype(jnp.float32), n // kv, axis=2) for x in (k1, v1))
+    i, j = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
+    logits = jnp.einsum("bind,bjnd->bnij", rows.astype(jnp.float32), k) * cfg.scale
+    logits = jnp.where((j <= i) & (j > i - cfg.w1), logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    o = jnp.einsum("bnij,bjnd->bind", jnp.exp(logits - lse[..., None]), v)
+    return o.astype(rows.dtype), lse
+
+
+def _emulated_attend_bwd(rows, k1, v, lse, o, do, cfg, s):
+    """cuDNN's backward given statistics lse and output o (delta = rowsum(do * o)): d rows, dk1, dv summed
+    over query heads."""
+    n, kv = rows.shape[2], k1.shape[2]
+    f32 = jnp.float32
+    kr, vr = (jnp.repeat(x.astype(f32), n // kv, axis=2) for x in (k1, v))
+    i, j = jnp.arange(s)[:, None], jnp.arange(s)[None, :]
+    logits = jnp.einsum("bind,bjnd->bnij", rows.astype(f32), kr) * cfg.scale
+    p = jnp.where((j <= i) & (j > i - cfg.w1), jnp.exp(logits - lse[..., None]), 0.0)
+    delta = jnp.einsum("bind,bind->bni", do.astype(f32), o.astype(f32))
+    ds = p * (jnp.einsum("bind,bjnd->bnij", do.astype(f32), vr) - delta[..., None])
+    fold = lambda x: x.reshape(*x.shape[:2], kv, n // kv, x.shape[-1]).sum(3)
+    d_rows = jnp.einsum("bnij,bjnd->bind", ds, kr) * cfg.scale
+    dk = fold(jnp.einsum("bnij,bind->bjnd", ds, rows.astype(f32)) * cfg.scale)
+    dv = fold(jnp.einsum("bnij,bind->bjnd", p, do.astype(f32)))
+    return d_rows.astype(rows.dtype), dk.astype(k1.dtype), dv.astype(v.dtype)
+
+
+# (batch, seq, q_heads, kv_heads, head_dim, w1, w2): head dims are multiples of 8 as cuDNN needs
+_CUDNN_CASES = {"ratio64_seq_lt_w1_w2_gt_w1": (1, 7, 64, 1, 8, 9, 12), "mqa": (1, 13, 8, 1, 16, 6, 5),
+                "gqa2": (2, 11, 4, 2, 8, 4, 3)}
+
+
+@pytest.mark.parametrize("case,group_bytes", [("ratio64_seq_lt_w1_w2_gt_w1", 1), ("mqa", 0), ("gqa2", 1)])
+def test_cudnn_decomposition_matches_oracle(case, group_bytes, monkeypatch):
+    """kernels/simplicial/cudnn_gpu.py's per-offset split, merge and delta-in-the-values backward, with its
+    cuDNN calls emulated in jnp (the GPU test runs the real ones). group_bytes 1: one offset per cuDNN call;
+    0: the default grouping (all offsets in one call here)."""
+    from kernels.simplicial import api, cudnn_gpu, reference
+
+    monkeypatch.setattr(cudnn_gpu, "_attend", _emulated_attend)
+    monkeypatch.setattr(cudnn_gpu, "_attend_bwd", _emulated_attend_bwd)
+    if group_bytes:
+        monkeypatch.setattr(cudnn_gpu, "GROUP_BYTES", group_bytes)
+    b, s, hq, hkv, d, w1, w2 = _CUDNN_CASES[case]
+    dtype = jnp.bfloat16
+    rng = np.random.default_rng()
+    args, do = _inputs(rng, b, s, hq, hkv, d, dtype)
+    if case == "mqa":  # an exactly-zero v2 row: e = dO * v2 vanishes there while delta does not
+        args = (*args[:4], args[4].at[:, 5].set(0))
+    scale = 1.0 / np.sqrt(d)
+    w1e, w2e = reference.effective_windows(s, w1, w2)
+    op = lambda *a: api._backend_op("cudnn")(*a, api.Config(w1e, w2e, float(scale)))
+    out, vjp = jax.vjp(jax.jit(op), *args)
+    grads = vjp(do)
+    ref_out, ref_grads = oracle(*args, do, w1=w1, w2=w2, scale=scale)
+    assert_close(out, ref_out, dtype, "cudnn-decomposition output")
+    for name, g, rg, x in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads, args):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert_close(g, rg, dtype, f"cudnn-decomposition {name}", factor=2.0)
+
+
+def test_cudnn_delta_carrier():
+    """<dO', O'> = delta per row (dO' = e; zero rows nudged), so cuDNN's own delta is the joint one."""
+    from kernels.simplicial import cudnn_gpu
+
+    rng = np.random.default_rng()
+    e = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.bfloat16).at[0, 1].set(0).at[2, 3].set(0)
+    delta = jnp.asarray(rng.standard_normal((3, 5)) * 10, jnp.float32).at[2, 3].set(0)
+    do_t, o_t = cudnn_gpu._delta_carrier(e, delta)
+    got = jnp.sum(do_t.astype(jnp.float32) * o_t.astype(jnp.float32), -1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(delta), rtol=1e-2, atol=1e-6)
+    assert bool(jnp.all(jnp.isfinite(o_t.astype(jnp.float32))))
+    assert float(jnp.max(jnp.abs(do_t.astype(jnp.float32) - e.astype(jnp.float32)))) <= 2.0 ** -32
+    assert float(jnp.abs(o_t[2, 3]).max()) == 0.0  # zero row, zero delta: nothing to carry
+
+
+def test_cudnn_backend_refuses_what_cudnn_cannot_take():
+    from kernels.simplicial import cudnn_gpu
+
+    assert "bfloat16 or float16" in cudnn_gpu.unsupported(jnp.float32, 128, 128)
+    assert "multiples of 8" in cudnn_gpu.unsupported(jnp.bfloat16, 12, 12)
+    assert "<= 256" in cudnn_gpu.unsupported(jnp.bfloat16, 264, 128)
+    assert cudnn_gpu.unsupported(jnp.bfloat16, 256, 128) is None

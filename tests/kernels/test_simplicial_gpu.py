@@ -63,3 +63,46 @@ def test_triton_matches_reference(case, monkeypatch):
         for name, g, rg in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads):
             assert g.dtype == dtype
             assert_close(g, rg, dtype, f"triton {launch} {name}", factor=2.0)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][7] != jnp.float32])
+def test_cudnn_matches_reference(case, monkeypatch):
+    """The cuDNN backend (per-offset flash attention, merged; backward through cuDNN's primitive with the joint
+    statistics), with its default offset groups and with one offset per call."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    from kernels.simplicial import cudnn_gpu
+
+    b, s, hq, hkv, d, w1, w2, dtype, variant = CASES[case]
+    rng = np.random.default_rng()
+    mk = lambda h: jnp.asarray(rng.standard_normal((b, s, h, d)), dtype)
+    args = (mk(hq), mk(hkv), mk(hkv), mk(hkv), mk(hkv))
+    do = mk(hq)
+    kw = dict(w1=w1, w2=w2, variant=variant)
+    up = [a.astype(jnp.float32) for a in args]
+    with jax.default_matmul_precision("highest"):
+        ref_out, ref_vjp = jax.vjp(jax.jit(lambda *a: two_simplicial_attention(*a, implementation="xla", **kw)), *up)
+        ref_grads = ref_vjp(do.astype(jnp.float32))
+    for group_bytes in (cudnn_gpu.GROUP_BYTES, 1):
+        monkeypatch.setattr(cudnn_gpu, "GROUP_BYTES", group_bytes)
+        fn = lambda *a: two_simplicial_attention(*a, implementation="cudnn", **kw)
+        out, vjp = jax.vjp(jax.jit(fn), *args)
+        grads = vjp(do)
+        assert out.dtype == dtype
+        assert_close(out, ref_out, dtype, f"cudnn output (GROUP_BYTES {group_bytes})")
+        for name, g, rg in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads):
+            assert g.dtype == dtype
+            assert_close(g, rg, dtype, f"cudnn GROUP_BYTES {group_bytes} {name}", factor=2.0)
+
+
+def test_gpu_default_picks_cudnn_for_bf16_and_triton_for_float32():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    x = jnp.ones((1, 16, 2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        two_simplicial_attention(x, x[:, :, :1], x[:, :, :1], x[:, :, :1], x[:, :, :1], w1=4, w2=2,
+                                 implementation="cudnn")
+    for dtype in (jnp.float32, jnp.bfloat16):
+        y = x.astype(dtype)
+        out = two_simplicial_attention(y, y[:, :, :1], y[:, :, :1], y[:, :, :1], y[:, :, :1], w1=4, w2=2)
+        np.testing.assert_allclose(np.asarray(out, np.float32), 1.0, rtol=1e-2)  # all-ones values average to 1
