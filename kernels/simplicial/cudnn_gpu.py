@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 # Offsets per cuDNN call: the group's rows b^t (and dO', dB^t in the backward) take about this many bytes.
-GROUP_BYTES = 2 << 30
+GROUP_BYTES = 512 << 20
 _F32 = jnp.float32
 
 
@@ -93,22 +93,19 @@ def _attend_bwd(rows, k1, v, lse, o, do, cfg, s):
         sliding_window_length=_window(cfg.w1, s))
 
 
-def _delta_carrier(e, delta):
-    """(dO', O') with dO' = e (up to a 2^-32 nudge on exactly-zero rows) and <dO', O'> = delta per row.
+def _delta_carrier(e, delta, nn):
+    """(dO', O') with dO' = e in bf16 (up to a 2^-32 nudge on exactly-zero rows) and <dO', O'> = delta per row.
 
-    e [..., Dv] (bf16), delta [...] float32. cuDNN derives its delta from the output it is handed, so the joint
-    per-head delta rides in O' = delta * dO' / |dO'|^2, computed from the rounded dO' it will read (only O''s
-    own rounding, relative 2^-9, reaches delta). A row with e == 0 but delta != 0 (an exactly-zero v2 row)
-    gets dO' = 2^-32 on its first component: its dP changes by 2^-32 * v1, and O' stays finite in bf16."""
-    ef = e.astype(_F32)
-    nn = jnp.sum(ef * ef, axis=-1, keepdims=True)
-    nudge = (nn == 0) & (delta[..., None] != 0)
-    ef = jnp.where(nudge & (jnp.arange(e.shape[-1]) == 0), 2.0 ** -32, ef)
-    e = ef.astype(e.dtype)
-    ef = e.astype(_F32)
-    nn = jnp.sum(ef * ef, axis=-1, keepdims=True)
-    o = jnp.where(nn > 0, delta[..., None] * ef / jnp.where(nn > 0, nn, 1.0), 0.0)
-    return e, o.astype(e.dtype)
+    e [..., Dv] float32, delta [...] float32, nn [...] = |e|^2 from the small factors (dO and v2: no pass over
+    e). cuDNN derives its delta from the output it is handed, so the joint per-head delta rides in
+    O' = delta * dO' / |e|^2; rounding dO' and O' to bf16 moves <dO', O'> by ~2^-8 relative. A row with e == 0
+    but delta != 0 (an exactly-zero v2 row) gets dO' = 2^-32 on its first component: its dP changes by
+    2^-32 * v1, and O' stays finite in bf16."""
+    nudge = (nn == 0) & (delta != 0)
+    e = jnp.where(nudge[..., None] & (jnp.arange(e.shape[-1]) == 0), 2.0 ** -32, e).astype(jnp.bfloat16)
+    nn = jnp.where(nudge, 2.0 ** -64, nn)
+    scale = jnp.where(nn > 0, delta / jnp.where(nn > 0, nn, 1.0), 0.0)
+    return e, (e.astype(_F32) * scale[..., None]).astype(e.dtype)
 
 
 def _group_stats(lse, b, s, kv, t, g, offsets):
@@ -165,11 +162,13 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
         wt = jnp.exp(_group_stats(lse_t, b, s, kv, t, g, offsets) - lse_h[:, :, :, None])  # [B,S,K,T,G]
         c = o.reshape(b, s, kv, t, g, dv).astype(_F32) * wt[..., None]
         u2.append(jnp.sum(c * do_h[:, :, :, None], axis=4))  # [B,S,K,T,Dv]
-        e = (do_h[:, :, :, None] * _shifted(v2, offsets).astype(_F32)[:, :, :, :, None]).astype(q.dtype)
-        do_t, o_t = _delta_carrier(e, jnp.where(valid, delta_h[:, :, :, None], 0.0))
+        v2s = _shifted(v2, offsets).astype(_F32)  # [B,S,K,T,Dv]
+        e = do_h[:, :, :, None] * v2s[:, :, :, :, None]
+        nn = jnp.einsum("bskgd,bsktd->bsktg", do_h * do_h, v2s * v2s)  # |e|^2 per row
+        do_t, o_t = _delta_carrier(e, jnp.where(valid, delta_h[:, :, :, None], 0.0), nn)
         stats = jnp.broadcast_to(jnp.moveaxis(lse_h, 1, -1)[:, :, None], (b, kv, t, g, s)).reshape(b, n, s)
-        d_rows, d_k1, d_v1 = _attend_bwd(rows, k1, v1, stats.astype(_F32), o_t.reshape(b, s, n, dv),
-                                         do_t.reshape(b, s, n, dv), cfg, s)
+        d_rows, d_k1, d_v1 = _attend_bwd(rows, k1, v1, stats.astype(_F32), o_t.astype(q.dtype).reshape(b, s, n, dv),
+                                         do_t.astype(q.dtype).reshape(b, s, n, dv), cfg, s)
         d_rows = d_rows.reshape(b, s, kv, t, g, d).astype(_F32)
         k2s = _shifted(k2, offsets).astype(_F32)[:, :, :, :, None]
         dq = dq + jnp.sum(d_rows * k2s, axis=3)

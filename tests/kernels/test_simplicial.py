@@ -349,13 +349,13 @@ def test_cudnn_delta_carrier():
     from kernels.simplicial import cudnn_gpu
 
     rng = np.random.default_rng()
-    e = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.bfloat16).at[0, 1].set(0).at[2, 3].set(0)
+    e = jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32).at[0, 1].set(0).at[2, 3].set(0)
     delta = jnp.asarray(rng.standard_normal((3, 5)) * 10, jnp.float32).at[2, 3].set(0)
-    do_t, o_t = cudnn_gpu._delta_carrier(e, delta)
+    do_t, o_t = cudnn_gpu._delta_carrier(e, delta, jnp.sum(e * e, -1))
     got = jnp.sum(do_t.astype(jnp.float32) * o_t.astype(jnp.float32), -1)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(delta), rtol=1e-2, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(delta), rtol=2e-2, atol=1e-6)
     assert bool(jnp.all(jnp.isfinite(o_t.astype(jnp.float32))))
-    assert float(jnp.max(jnp.abs(do_t.astype(jnp.float32) - e.astype(jnp.float32)))) <= 2.0 ** -32
+    assert float(jnp.max(jnp.abs(do_t.astype(jnp.float32) - e.astype(jnp.bfloat16).astype(jnp.float32)))) <= 2.0 ** -32
     assert float(jnp.abs(o_t[2, 3]).max()) == 0.0  # zero row, zero delta: nothing to carry
 
 
