@@ -128,7 +128,7 @@ def two_simplicial_attention(
         3-chunks of det[q_i; k1_j; k2_k] (rotation invariant; head_dim a multiple of 3).
       scale: logit scale, default 1/sqrt(head_dim).
       implementation: "xla" (chunked jnp reference), "pallas" (TPU; interpret mode on CPU), "triton"
-        (jax-triton, GPU), "cudnn" (GPU, bf16/fp16: one cuDNN flash-attention call per k2 offset, merged
+        (jax-triton, GPU), "cudnn" (GPU, bf16: one cuDNN flash-attention call per k2 offset, merged
         exactly) or None for the best one on this backend and dtype.
     Returns:
       [batch, seq, q_heads, head_dim] in q.dtype: o_i = sum_jk softmax_jk(A_ijk) v1_j * v2_k.

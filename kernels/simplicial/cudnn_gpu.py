@@ -22,7 +22,7 @@ step) XLA merges that with the forward's call instead of recomputing, which keep
 alive between forward and backward: O(w2 * S * Hq * D), 30.6 GiB peak at the paper's B2 S8192 Hq64 setting
 (the Triton kernels: 1.7 GiB). It is the faster trade: 117.9 vs 206 ms forward+backward there.
 
-bfloat16/float16 only (cuDNN); float32 inputs use the Triton kernels. The backward binds cuDNN's backward
+bfloat16 only (float16's range cannot hold the delta carrier); other dtypes use the Triton kernels. The backward binds cuDNN's backward
 primitive from jax._src (the public API derives its delta from the forward output and cannot take these
 statistics); it is pinned by tests/kernels/test_simplicial_gpu.py.
 """
@@ -44,8 +44,8 @@ def _fa():
 
 def unsupported(dtype, d_qk: int, d_v: int) -> str | None:
     """Why cuDNN's flash attention cannot take these inputs (one line naming the fix), or None."""
-    if dtype not in (jnp.bfloat16, jnp.float16):
-        return f"implementation='cudnn' needs bfloat16 or float16 inputs, got {dtype}; use 'triton' or None"
+    if dtype != jnp.bfloat16:  # float16: the delta carrier O' = D e / |e|^2 can leave float16's range
+        return f"implementation='cudnn' needs bfloat16 inputs, got {dtype}; use 'triton' or None"
     if d_qk % 8 or d_qk > 256 or d_v % 8 or d_v > 256:
         return (f"implementation='cudnn' needs head dims that are multiples of 8 and <= 256 (determinant: q/k "
                 f"is 2x head_dim); got q/k {d_qk}, v {d_v}; use 'triton' or None")

@@ -362,7 +362,7 @@ def test_cudnn_delta_carrier():
 def test_cudnn_backend_refuses_what_cudnn_cannot_take():
     from kernels.simplicial import cudnn_gpu
 
-    assert "bfloat16 or float16" in cudnn_gpu.unsupported(jnp.float32, 128, 128)
+    assert "needs bfloat16" in cudnn_gpu.unsupported(jnp.float32, 128, 128)
     assert "multiples of 8" in cudnn_gpu.unsupported(jnp.bfloat16, 12, 12)
     assert "<= 256" in cudnn_gpu.unsupported(jnp.bfloat16, 264, 128)
     assert cudnn_gpu.unsupported(jnp.bfloat16, 256, 128) is None

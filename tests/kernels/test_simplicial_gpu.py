@@ -1,4 +1,5 @@
-"""GPU kernels (jax-triton) against the jnp reference run on float32 copies of the same inputs.
+"""GPU implementations (jax-triton kernels, the cuDNN decomposition) against the jnp reference run on float32
+copies of the same inputs.
 
 Every case checks the default launch settings; the paper-like case also a second tiling of every kernel (the
 bench sweeps them), all against one reference evaluation.
@@ -34,12 +35,8 @@ PATHS = {"paper_like_bf16": [{}, dict(FWD_LAUNCH=dict(BJ=128, ROWS=128, num_warp
                                    BWD_K_LAUNCH=dict(BJ=64, ROWS=128, num_warps=8, num_stages=1))]}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_triton_matches_reference(case, monkeypatch):
-    if jax.default_backend() != "gpu":
-        pytest.skip("needs a GPU")
-    from kernels.simplicial import triton_gpu
-
+def _case(case):
+    """Fresh inputs of a case and the jnp reference's output and gradients on float32 copies of them."""
     b, s, hq, hkv, d, w1, w2, dtype, variant = CASES[case]
     rng = np.random.default_rng()
     mk = lambda h: jnp.asarray(rng.standard_normal((b, s, h, d)), dtype)
@@ -47,10 +44,19 @@ def test_triton_matches_reference(case, monkeypatch):
     do = mk(hq)
     kw = dict(w1=w1, w2=w2, variant=variant)
     ref = lambda *a: two_simplicial_attention(*a, implementation="xla", **kw)
-    up = [a.astype(jnp.float32) for a in args]
     with jax.default_matmul_precision("highest"):  # no TF32 in the reference
-        ref_out, ref_vjp = jax.vjp(jax.jit(ref), *up)
+        ref_out, ref_vjp = jax.vjp(jax.jit(ref), *[a.astype(jnp.float32) for a in args])
         ref_grads = ref_vjp(do.astype(jnp.float32))
+    return args, do, kw, dtype, ref_out, ref_grads
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(case, monkeypatch):
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    from kernels.simplicial import triton_gpu
+
+    args, do, kw, dtype, ref_out, ref_grads = _case(case)
     for launch in PATHS.get(case, [{}]):
         for name, value in launch.items():
             monkeypatch.setattr(triton_gpu, name, value)
@@ -73,16 +79,7 @@ def test_cudnn_matches_reference(case, monkeypatch):
         pytest.skip("needs a GPU")
     from kernels.simplicial import cudnn_gpu
 
-    b, s, hq, hkv, d, w1, w2, dtype, variant = CASES[case]
-    rng = np.random.default_rng()
-    mk = lambda h: jnp.asarray(rng.standard_normal((b, s, h, d)), dtype)
-    args = (mk(hq), mk(hkv), mk(hkv), mk(hkv), mk(hkv))
-    do = mk(hq)
-    kw = dict(w1=w1, w2=w2, variant=variant)
-    up = [a.astype(jnp.float32) for a in args]
-    with jax.default_matmul_precision("highest"):
-        ref_out, ref_vjp = jax.vjp(jax.jit(lambda *a: two_simplicial_attention(*a, implementation="xla", **kw)), *up)
-        ref_grads = ref_vjp(do.astype(jnp.float32))
+    args, do, kw, dtype, ref_out, ref_grads = _case(case)
     for group_bytes in (cudnn_gpu.GROUP_BYTES, 1):
         monkeypatch.setattr(cudnn_gpu, "GROUP_BYTES", group_bytes)
         fn = lambda *a: two_simplicial_attention(*a, implementation="cudnn", **kw)
@@ -99,7 +96,7 @@ def test_gpu_default_picks_cudnn_for_bf16_and_triton_for_float32():
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
     x = jnp.ones((1, 16, 2, 64), jnp.float32)
-    with pytest.raises(ValueError, match="bfloat16 or float16"):
+    with pytest.raises(ValueError, match="needs bfloat16"):
         two_simplicial_attention(x, x[:, :, :1], x[:, :, :1], x[:, :, :1], x[:, :, :1], w1=4, w2=2,
                                  implementation="cudnn")
     for dtype in (jnp.float32, jnp.bfloat16):
