@@ -33,14 +33,14 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import config_class, require
-from kernels.simplicial import two_simplicial_attention
+from kernels.simplicial import IMPLEMENTATIONS, two_simplicial_attention
 from models.decoder import MIXER_FLOPS, MIXERS
 from models.attention import head_projection, output_projection
 from models.layers import apply_rope
 
 _VARIANTS = ("trilinear", "determinant")
 _ROPE = ("none", "q_k1")
-_IMPLEMENTATIONS = (None, "xla", "pallas", "triton")
+_IMPLEMENTATIONS = (None, *IMPLEMENTATIONS)
 
 
 @config_class

@@ -21,7 +21,7 @@ from kernels.simplicial import reference
 
 _OP = "two_simplicial_attention"
 _VARIANTS = ("trilinear", "determinant")
-_SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",), "cudnn": ("gpu",)}
+IMPLEMENTATIONS = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",), "cudnn": ("gpu",)}
 
 
 class Config(NamedTuple):
@@ -143,7 +143,7 @@ def two_simplicial_attention(
         if cudnn_gpu.unsupported(q.dtype, d_qk, v1.shape[-1]) is None:
             gpu = "cudnn"  # measured fastest (docs/notes/simplicial.md); float32 stays on Triton
     preferred = {"cpu": "xla", "tpu": "pallas", "gpu": gpu}
-    impl = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=preferred)
+    impl = common.resolve_implementation(_OP, implementation, supported=IMPLEMENTATIONS, preferred=preferred)
     if impl == "cudnn":
         from kernels.simplicial import cudnn_gpu
 
