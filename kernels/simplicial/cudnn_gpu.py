@@ -171,8 +171,7 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
         nn = jnp.einsum("bskgd,bsktd->bsktg", do_h * do_h, v2s * v2s)  # |e|^2 per row
         do_t, o_t = _delta_carrier(e, jnp.where(valid, delta_h[:, :, :, None], 0.0), nn)
         stats = jnp.broadcast_to(jnp.moveaxis(lse_h, 1, -1)[:, :, None], (b, kv, t, g, s)).reshape(b, n, s)
-        d_rows, d_k1, d_v1 = _attend_bwd(rows, k1, v1, stats.astype(_F32), o_t.astype(q.dtype).reshape(b, s, n, dv),
-                                         do_t.astype(q.dtype).reshape(b, s, n, dv), cfg, s)
+        d_rows, d_k1, d_v1 = _attend_bwd(rows, k1, v1, stats, o_t.reshape(b, s, n, dv), do_t.reshape(b, s, n, dv), cfg, s)
         d_rows = d_rows.reshape(b, s, kv, t, g, d).astype(_F32)
         k2s = _shifted(k2, offsets).astype(_F32)[:, :, :, :, None]
         dq = dq + jnp.sum(d_rows * k2s, axis=3)
