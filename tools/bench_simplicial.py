@@ -43,6 +43,18 @@ def inputs(key, b, s, hq, hkv, d, dtype):
     return (q, *kv), do
 
 
+def prefix_check(name, fwd, args, w1, w2, n=256):
+    """Sanity at full size: the first n queries only see the first n positions (causal), so they are compared
+    with the float32 XLA reference on that prefix. Prints and returns the relative error."""
+    out = fwd(*args)
+    with jax.default_matmul_precision("highest"):
+        ref = two_simplicial_attention(*[x[:, :n].astype(jnp.float32) for x in args], w1=w1, w2=w2,
+                                       implementation="xla")
+    err = float(jnp.linalg.norm(out[:, :n].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+    print(f"{name} vs xla (first {n} queries at full size): rel err {err:.2e}; finite {bool(jnp.isfinite(out).all())}")
+    return err
+
+
 def peak_gib():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 2**30
@@ -96,7 +108,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time the FWD_SWEEP / BWD_SWEEP launch settings")
     ap.add_argument("--contrast", action="store_true", help="also time the XLA reference and cuDNN attention")
-    ap.add_argument("--cudnn-sweep", action="store_true", help="time the cuDNN backend's GROUP_SWEEP only")
+    ap.add_argument("--cudnn-sweep", action="store_true", help="time the cuDNN backend's GROUP_SWEEP (the Triton launches at their defaults)")
     ap.add_argument("--profile", action="store_true", help="print the fwd+bwd device time per kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
@@ -113,15 +125,7 @@ def main():
         fb = jax.jit(lambda *x: jax.vjp(f, *x)[1](do))
         return fwd, fb
 
-    # Sanity at full size: the first 256 queries only see the first 256 positions (causal).
-    fwd, fb = make("triton")
-    out = fwd(*args)
-    pre = [x[:, :256] for x in args]
-    with jax.default_matmul_precision("highest"):
-        ref = two_simplicial_attention(*[x.astype(jnp.float32) for x in pre], w1=w1, w2=w2, implementation="xla")
-    err = float(jnp.linalg.norm(out[:, :256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-    log["prefix_rel_err"] = err
-    print(f"triton vs xla (first 256 queries at full size): rel err {err:.2e}; finite {bool(jnp.isfinite(out).all())}")
+    log["prefix_rel_err"] = prefix_check("triton", make("triton")[0], args, w1, w2)
 
     sweep = []
 
@@ -186,14 +190,7 @@ def _cudnn(rows, log, a, args, make, timed, flops, shape):
     from kernels.simplicial import cudnn_gpu
 
     b, s, hq, hkv, d = shape
-    fwd, _ = make("cudnn")
-    out = fwd(*args)
-    pre = [x[:, :256] for x in args]
-    with jax.default_matmul_precision("highest"):
-        ref = two_simplicial_attention(*[x.astype(jnp.float32) for x in pre], w1=512, w2=32, implementation="xla")
-    err = float(jnp.linalg.norm(out[:, :256].astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
-    log["cudnn_prefix_rel_err"] = err
-    print(f"cudnn vs xla (first 256 queries at full size): rel err {err:.2e}; finite {bool(jnp.isfinite(out).all())}")
+    log["cudnn_prefix_rel_err"] = prefix_check("cudnn", make("cudnn")[0], args, 512, 32)
     best = None
     for g in GROUP_SWEEP if a.sweep or a.cudnn_sweep else [cudnn_gpu.GROUP_BYTES]:
         cudnn_gpu.GROUP_BYTES = g
@@ -208,7 +205,7 @@ def _cudnn(rows, log, a, args, make, timed, flops, shape):
     if a.profile:
         benchutil.print_device_ops("cudnn fwd+bwd", benchutil.device_ops(make("cudnn")[1], args))
     log.update(cudnn_best=(g, tf, tb), peak_gib_after_cudnn=peak_gib())
-    rows.append((f"cudnn (per-offset flash attention)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", tf, flops / tf / 1e9,
+    rows.append(("cudnn (per-offset flash attention)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", tf, flops / tf / 1e9,
                  tb, 3.5 * flops / tb / 1e9))
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import common
-from kernels.simplicial import reference
+from kernels.simplicial import cudnn_gpu, reference
 
 _OP = "two_simplicial_attention"
 _VARIANTS = ("trilinear", "determinant")
@@ -76,8 +76,6 @@ def _backend_op(name: str):
 
         return _kernel_op(triton_gpu.forward, triton_gpu.backward)
     if name == "cudnn":
-        from kernels.simplicial import cudnn_gpu
-
         return _kernel_op(cudnn_gpu.forward, cudnn_gpu.backward)
     raise AssertionError(name)
 
@@ -135,21 +133,13 @@ def two_simplicial_attention(
     """
     _check(q, k1, v1, k2, v2, w1, w2, variant)
     d = q.shape[-1]
-    d_qk = 2 * d if variant == "determinant" else d
-    gpu = "triton" if common.has_jax_triton() else "xla"
-    if common.backend() == "gpu":
-        from kernels.simplicial import cudnn_gpu
-
-        if cudnn_gpu.unsupported(q.dtype, d_qk, v1.shape[-1]) is None:
-            gpu = "cudnn"  # measured fastest (docs/notes/simplicial.md); float32 stays on Triton
+    no_cudnn = cudnn_gpu.unsupported(q.dtype, 2 * d if variant == "determinant" else d, v1.shape[-1])
+    # cudnn measured fastest on the GPU (docs/notes/simplicial.md); what it cannot take stays on Triton
+    gpu = "cudnn" if no_cudnn is None else "triton" if common.has_jax_triton() else "xla"
     preferred = {"cpu": "xla", "tpu": "pallas", "gpu": gpu}
     impl = common.resolve_implementation(_OP, implementation, supported=IMPLEMENTATIONS, preferred=preferred)
-    if impl == "cudnn":
-        from kernels.simplicial import cudnn_gpu
-
-        why = cudnn_gpu.unsupported(q.dtype, d_qk, v1.shape[-1])
-        if why:
-            raise ValueError(f"{_OP}: {why}")
+    if impl == "cudnn" and no_cudnn:
+        raise ValueError(f"{_OP}: {no_cudnn}")
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
     if variant == "determinant":
         q, k1, k2 = reference.determinant_operands(q, k1, k2)

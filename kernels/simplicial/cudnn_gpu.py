@@ -115,8 +115,12 @@ def _delta_carrier(e, delta, nn):
 def _group_stats(lse, b, s, kv, t, g, offsets):
     """lse [B, K*T*G, S] -> [B, S, K, T, G] with -inf for rows whose k2 key is before position 0."""
     lse = jnp.moveaxis(lse.reshape(b, kv, t, g, s), -1, 1)
-    valid = jnp.arange(s)[:, None] >= jnp.asarray(offsets)[None, :]  # [S, T]
-    return jnp.where(valid[None, :, None, :, None], lse, -jnp.inf)
+    return jnp.where(_valid(s, offsets), lse, -jnp.inf)
+
+
+def _valid(s: int, offsets):
+    """bool [1, S, 1, T, 1]: query i has a k2 key at offset t (i - t >= 0); broadcasts over [B, S, K, T, G]."""
+    return (jnp.arange(s)[:, None] >= jnp.asarray(offsets)[None, :])[None, :, None, :, None]
 
 
 def _groups(w2: int, size: int):
@@ -159,7 +163,6 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
         t = len(offsets)
         n = kv * t * g
         rows = _rows(q, k2, offsets)
-        valid = (jnp.arange(s)[:, None] >= jnp.asarray(offsets)[None, :])[None, :, None, :, None]  # [1,S,1,T,1]
         # u2: this query's dv2 rows need the joint-normalized P^t @ v1 = o^t * exp(lse^t - LSE) (the forward's
         # cuDNN calls on the same rows; XLA merges them with the forward's when both are in one jit).
         o, lse_t = _attend(rows, k1, v1, cfg, s)
@@ -169,7 +172,7 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
         v2s = _shifted(v2, offsets).astype(_F32)  # [B,S,K,T,Dv]
         e = do_h[:, :, :, None] * v2s[:, :, :, :, None]
         nn = jnp.einsum("bskgd,bsktd->bsktg", do_h * do_h, v2s * v2s)  # |e|^2 per row
-        do_t, o_t = _delta_carrier(e, jnp.where(valid, delta_h[:, :, :, None], 0.0), nn)
+        do_t, o_t = _delta_carrier(e, jnp.where(_valid(s, offsets), delta_h[:, :, :, None], 0.0), nn)
         stats = jnp.broadcast_to(jnp.moveaxis(lse_h, 1, -1)[:, :, None], (b, kv, t, g, s)).reshape(b, n, s)
         d_rows, d_k1, d_v1 = _attend_bwd(rows, k1, v1, stats, o_t.reshape(b, s, n, dv), do_t.reshape(b, s, n, dv), cfg, s)
         d_rows = d_rows.reshape(b, s, kv, t, g, d).astype(_F32)
