@@ -49,6 +49,7 @@ import numpy as np
 
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init, unbox_values
+from kernels import common, jvp_attention
 from models.attention import Attention, dot_product_attention, segment_mask
 from models.decoder import MIXER_FLOPS, MIXERS, DecoderConfig, DecoderStack, default_positions
 from models.layers import Dense, Embed
@@ -56,12 +57,19 @@ from models.lm import cross_entropy
 
 ALPHA_MIN = 1e-4
 ATTENTION_FORMS = ("efficient", "dense")
+PREDICTED_ATTENTION = ("jnp", *jvp_attention.IMPLEMENTATIONS)
 Batch = dict[str, jax.Array]
 
 
 # --- attention -----------------------------------------------------------------------------------------
-def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None, *, query_block: int | None = None):
+def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None, *, query_block: int | None = None,
+                        implementation: str = "jnp"):
     """The predicted half of System-2 attention: one softmax per prediction over S+1 logits.
+
+    implementation "jnp" (below) or a `kernels.jvp_attention` implementation ("xla", "triton"): the
+    observed part (o, lse) from that fused op, then its merge with the self logit l_i = c q_i.k_p_i:
+        out_i = a_i o_i + (1 - a_i) v_p_i,  a_i = sigmoid(lse_i - l_i)   (the joint softmax over S+1 logits)
+    which is row-sized work that autodiff handles in every mode.
 
     q_p: [B, S, H, D] (predictions); k_p, v_p: [B, S, K, D] (their own keys/values); k_o, v_o: [B, S, K, D]
     (the observed stream's keys/values); segment_ids int [B, S] or None -> [B, S, H, D].
@@ -78,6 +86,12 @@ def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None, *, query_bloc
     f32 = jnp.float32
     qg = q_p.reshape(b, s, kv, g, d)
     scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    if implementation != "jnp":
+        o, lse = jvp_attention.attention(q_p, k_o, v_o, segment_ids, implementation=implementation)
+        l_self = jnp.einsum("bskgd,bskd->bskg", qg, k_p, preferred_element_type=f32) * scale
+        a = jax.nn.sigmoid(jnp.swapaxes(lse, 1, 2).reshape(b, s, kv, g) - l_self)[..., None]
+        out = a * o.reshape(b, s, kv, g, d).astype(f32) + (1.0 - a) * v_p[:, :, :, None].astype(f32)
+        return out.reshape(b, s, h, d).astype(q_p.dtype)
     # the self logit q_i . k_p_i and the row max bound are per query: computed once for all blocks
     logits_self = jnp.einsum("bskgd,bskd->bkgs", qg, k_p, preferred_element_type=f32) * scale  # [B,K,G,S]
     bq = s if not query_block else min(query_block, s)
@@ -147,6 +161,7 @@ class System2Attention(Attention):
 
     form: str = "efficient"
     query_block: int | None = None
+    predicted: str = "jnp"
 
     def core(self, q, k, v, segment_ids):
         if self.form == "dense":
@@ -161,14 +176,28 @@ class System2Attention(Attention):
             return dot_product_attention(q, k, v, segment_ids, implementation=self.cfg.implementation)
         k_o = self.get_variable("cache", "obs_key")
         v_o = self.get_variable("cache", "obs_value")
-        return predicted_attention(q, k, v, k_o, v_o, segment_ids, query_block=self.query_block)
+        return predicted_attention(q, k, v, k_o, v_o, segment_ids, query_block=self.query_block,
+                                   implementation=self.predicted)
+
+
+def predicted_implementation(cfg) -> str:
+    """The predicted stream's attention (EBTConfig.predicted_attention); None picks the fused Triton kernels on
+    a GPU in jvp mode (measured fastest there, docs/notes/ebt.md) and jnp otherwise."""
+    choice = getattr(cfg, "predicted_attention", None)
+    if choice is not None:
+        return choice
+    fused = getattr(cfg, "second_order", "reverse") == "jvp" and common.backend() == "gpu"
+    if fused and jvp_attention.api.choose_implementation(None, cfg.attention.head_dim) == "triton":
+        return "triton"
+    return "jnp"
 
 
 def _ebt_attention_factory(cfg, layer_index: int, name: str) -> nn.Module:
     del layer_index
     return System2Attention(cfg.attention, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, cfg.norm_eps,
                             form=getattr(cfg, "attention_form", "efficient"),
-                            query_block=getattr(cfg, "attention_query_block", None), name=name)
+                            query_block=getattr(cfg, "attention_query_block", None),
+                            predicted=predicted_implementation(cfg), name=name)
 
 
 def _ebt_attention_flops(cfg, seq_len: int) -> float:
@@ -196,12 +225,17 @@ class EBTConfig(DecoderConfig):
     second_order: how the loss differentiates the inner gradient: "reverse" (autodiff through the inner VJP)
     or "jvp" (custom VJP taking the gradient of a JVP: same gradients, no stored inner backward pass; XLA cost
     analysis of the gpu preset with 2 layers: temp 3.9 vs 9.0 GiB, bytes 41.9 vs 54.2 GB, FLOPs +26%).
+    predicted_attention: the predicted stream's attention in the efficient form: "jnp" (plain autodiff, any
+    second_order), "xla" / "triton" (`kernels.jvp_attention`: fused, with forward-mode rules; "triton" needs
+    second_order="jvp" since its backward is not differentiable again), or None: "triton" on a GPU in jvp
+    mode, "jnp" otherwise.
     """
 
     layer_pattern: tuple[str, ...] = ("ebt_attention",)
     attention_form: str = "efficient"
     attention_query_block: int | None = None
     second_order: str = "reverse"
+    predicted_attention: str | None = None
     alpha_init: float = 10.0
     alpha_lr_scale: float = 30.0
     think_steps: int = 2
@@ -222,6 +256,11 @@ class EBTConfig(DecoderConfig):
         require(self.attention_form in ATTENTION_FORMS, "attention_form", f"{self.attention_form!r} is not one of {ATTENTION_FORMS}")
         require(self.second_order in SECOND_ORDER_MODES, "second_order",
                 f"{self.second_order!r} is not one of {SECOND_ORDER_MODES}")
+        require(self.predicted_attention in (None, *PREDICTED_ATTENTION), "predicted_attention",
+                f"{self.predicted_attention!r} is not one of None, {', '.join(map(repr, PREDICTED_ATTENTION))}")
+        require(self.predicted_attention != "triton" or self.second_order == "jvp", "predicted_attention",
+                "'triton' has fused first-order and forward-mode rules only: set model.second_order=jvp, or use "
+                "predicted_attention=xla or jnp with second_order=reverse")
         require(self.attention_query_block is None or self.attention_query_block >= 1, "attention_query_block",
                 f"must be >= 1 or None, got {self.attention_query_block}")
         require(self.alpha_init >= ALPHA_MIN, "alpha_init", f"must be >= {ALPHA_MIN}, got {self.alpha_init}")
@@ -330,7 +369,8 @@ def _inner_grad_jvp_bwd(fn, res, cts):
         e, de = jax.jvp(lambda q: fn(theta, aux, q), (p,), (ct_g,))
         return jnp.sum(de) + jnp.sum(e * ct_e)
 
-    d_theta, d_p = jax.grad(phi, argnums=(0, 1))(theta, p)
+    with jvp_attention.forward_mode():  # fused attention must use its forward-mode rules in this trace
+        d_theta, d_p = jax.grad(phi, argnums=(0, 1))(theta, p)
     d_aux = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), aux)
     return d_theta, d_aux, d_p
 

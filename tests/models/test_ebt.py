@@ -164,12 +164,16 @@ def test_second_order_grads_finite_and_nonzero(loss_steps="last"):
     assert float(jnp.abs(grads["stack"]["layer_0"]["mixer"]["query"]["kernel"]).max()) > 0
 
 
-def test_second_order_jvp_mode_equals_reverse(form="efficient"):
-    """second_order="jvp" (custom VJP: gradient of a JVP) gives the reverse-over-reverse gradients."""
+@pytest.mark.parametrize("second_order, predicted", [("jvp", "jnp"), ("jvp", "xla"), ("reverse", "xla")])
+def test_second_order_jvp_mode_equals_reverse(second_order, predicted, form="efficient"):
+    """second_order="jvp" (custom VJP: gradient of a JVP) gives the reverse-over-reverse gradients, also with the
+    predicted stream's attention through kernels.jvp_attention (its forward-mode rules; reverse mode
+    differentiates its jnp backward)."""
     kw = dict(loss_steps="all", think_steps=2, think_steps_random=1, step_size_spread=2.0, langevin_std=0.3,
               attention_form=form)
     bt = batch(2, 5, seed=21)
-    rev, fwd = small_cfg(**kw).build(), small_cfg(second_order="jvp", **kw).build()
+    rev = small_cfg(**kw).build()
+    fwd = small_cfg(second_order=second_order, predicted_attention=predicted, **kw).build()
     params = unbox_values(rev.init(jax.random.key(3), bt))["params"]
     g = lambda t: jax.grad(lambda p: t.loss({"params": p, "stats": {}}, bt, jax.random.key(4), train=True)[0])(params)
     g_rev, g_fwd = g(rev), g(fwd)
@@ -180,6 +184,8 @@ def test_second_order_jvp_mode_equals_reverse(form="efficient"):
     assert float(jnp.abs(g_fwd["energy_head"]["kernel"]).max()) > 0  # the second-order path is exercised
     with pytest.raises(ConfigError, match="second_order"):
         small_cfg(second_order="forward")
+    with pytest.raises(ConfigError, match="set model.second_order=jvp"):
+        small_cfg(predicted_attention="triton")
 
 
 def test_alpha_clamp_and_lr_scale():
@@ -287,3 +293,20 @@ def test_replay_buffer_and_alpha_survive_kill_and_resume(tmp_path):
     la, lb = helpers.losses(ref), helpers.losses(run_dir)
     for s in range(max(saved) + 1, 10):
         assert la[s] == lb[s]
+
+
+@pytest.mark.gpu
+def test_triton_predicted_attention_matches_jnp_on_gpu():
+    """On the GPU the jvp-mode default is the fused Triton attention; its training gradients equal the jnp
+    path's (float32 model: the kernels use full-precision dots)."""
+    from models.ebt import predicted_implementation
+
+    kw = dict(loss_steps="all", think_steps=2, step_size_spread=2.0, langevin_std=0.3, second_order="jvp",
+              attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16), d_model=32)
+    bt = batch(2, 37, seed=22)
+    tri, ref = small_cfg(**kw), small_cfg(predicted_attention="jnp", **kw)
+    assert predicted_implementation(tri) == "triton"
+    params = unbox_values(ref.build().init(jax.random.key(3), bt))["params"]
+    g = lambda t: jax.jit(jax.grad(lambda p: t.loss({"params": p, "stats": {}}, bt, jax.random.key(4), train=True)[0]))(params)
+    for a, b in zip(jax.tree.leaves(g(tri.build())), jax.tree.leaves(g(ref.build()))):
+        assert rel_err(np.asarray(a, np.float64), np.asarray(b, np.float64)) < 1e-3
