@@ -143,7 +143,8 @@ def test_triton_matches_reference(case):
     assert api.choose_implementation(None, q.shape[-1]) == "triton"
     # forward with and without the tangent
     got = jax.jit(lambda *a: attention(*a, implementation="triton"))(q, k, v, seg)
-    ref_o, ref_l, ref_to, ref_tl = reference.forward(*f32(q, k, v, tq), seg)
+    with jax.default_matmul_precision("highest"):  # XLA's float32 dots on a GPU default to tf32
+        ref_o, ref_l, ref_to, ref_tl = reference.forward(*f32(q, k, v, tq), seg)
     assert_close(got[0], ref_o, dtype, "o")
     assert_close(got[1], ref_l, dtype, "lse")
 
@@ -156,7 +157,8 @@ def test_triton_matches_reference(case):
 
     w = [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate((ref_o, ref_l, ref_o, ref_l))]
     (_, (to, tlse)), g_tri = jax.jit(jax.value_and_grad(phi("triton"), argnums=(0, 1, 2, 3), has_aux=True))(q, k, v, tq)
-    (_, _), g_ref = jax.value_and_grad(phi("xla"), argnums=(0, 1, 2, 3), has_aux=True)(*f32(q, k, v, tq))
+    with jax.default_matmul_precision("highest"):
+        (_, _), g_ref = jax.value_and_grad(phi("xla"), argnums=(0, 1, 2, 3), has_aux=True)(*f32(q, k, v, tq))
     assert_close(to, ref_to, dtype, "to")
     assert_close(tlse, ref_tl, dtype, "tlse")
     for name, a, b in zip(("gq", "gk", "gv", "gtq"), g_tri, g_ref):
@@ -164,6 +166,7 @@ def test_triton_matches_reference(case):
     # reverse mode (first order)
     loss = lambda impl: lambda q, k, v: sum(jnp.sum(x * ww) for x, ww in zip(attention(q, k, v, seg, implementation=impl), w[:2]))
     g_tri = jax.jit(jax.grad(loss("triton"), argnums=(0, 1, 2)))(q, k, v)
-    g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(*f32(q, k, v))
+    with jax.default_matmul_precision("highest"):
+        g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(*f32(q, k, v))
     for name, a, b in zip(("dq", "dk", "dv"), g_tri, g_ref):
         assert_close(a, b, dtype, f"vjp {name}", factor=2.0)
