@@ -74,11 +74,11 @@ def predicted_attention(q_p, k_p, v_p, k_o, v_o, segment_ids=None, *, query_bloc
     q_p: [B, S, H, D] (predictions); k_p, v_p: [B, S, K, D] (their own keys/values); k_o, v_o: [B, S, K, D]
     (the observed stream's keys/values); segment_ids int [B, S] or None -> [B, S, H, D].
     Prediction i attends to {observed j <= i (same segment)} U {itself}: an S x (S+1) score matrix.
-    Written in jnp (no fused kernel) because the EBT loss differentiates through its backward (second
-    order); operands stay in their dtype with float32 accumulation and a float32 softmax. The EBT step is
-    bound by the bytes of these score-sized tensors, so with `query_block` the queries are processed in
-    blocks that only see the observed keys up to the block's end (causal block skipping: about
-    (1 + block/S)/2 of the S x S work).
+    The jnp form is differentiable in every mode (operands in their dtype, float32 accumulation and softmax),
+    but a second-order pass through it stores and re-reads score-sized float32 tensors; with `query_block`
+    the queries are processed in blocks that only see the observed keys up to the block's end (causal block
+    skipping: about (1 + block/S)/2 of the S x S work). The fused form never writes S x S (the GPU default in
+    jvp mode; docs/notes/ebt.md has the measurements).
     """
     b, s, h, d = q_p.shape
     kv = k_o.shape[2]

@@ -84,8 +84,11 @@ def gpu() -> ExperimentConfig:
     cfg.model = EBTConfig(vocab_size=258, d_model=512, num_layers=8, attention=AttentionConfig(num_heads=8, num_kv_heads=8, head_dim=64),
                           mlp_dim=2048, dtype="bfloat16", think_steps=2, think_steps_random=0, langevin_std=0.1,
                           replay_size=0, replay_fraction=0.0,
-                          # measured fastest on the H200 (tools.bench_ebt, docs/notes/ebt.md): 62.1 ms/step and
-                          # 7.9 GiB XLA temp vs 80.5 ms and 27 GiB for reverse mode
+                          # measured fastest on the H200 (tools.bench_ebt, docs/notes/ebt.md): jvp second order with
+                          # the predicted stream on the fused kernels.jvp_attention Triton kernels (the GPU default
+                          # in jvp mode): 41.2 ms/step, 2.83-2.90x the decoder per inner step, 4.9 GiB XLA temp
+                          # (jnp attention: 62.3 ms; reverse mode: 80.5 ms, 27 GiB). The query blocks only
+                          # apply if predicted_attention=jnp is set.
                           second_order="jvp", attention_query_block=128)
     cfg.data.seq_len, cfg.data.global_batch_size = 512, 16
     cfg.trainer.sample_tokens = 0
