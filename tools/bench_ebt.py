@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 
 import jax
 import numpy as np
+
+from tools import benchutil
 
 
 def time_step(cfg, iters: int, profile: str | None = None) -> float:
@@ -89,10 +90,7 @@ def main(argv=None) -> int:
         print(f"ebt ({label}: {' '.join(sets)}): {t:.2f} ms/step = {t / rows['decoder_ms']:.2f}x the decoder, "
               f"{t / rows['decoder_ms'] / c.model.think_steps:.2f}x per inner step, XLA temp {rows[f'ebt_{label}_temp_gib']:.2f} GiB",
               flush=True)
-    print(json.dumps(rows, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    benchutil.report(rows, a.out)
     return 0
 
 

@@ -13,7 +13,6 @@ launch variants first and keeps the best.
 from __future__ import annotations
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -98,10 +97,7 @@ def main(argv=None) -> int:
         rows["anchor_cudnn_fwd_ms"], rows["anchor_cudnn_fwdbwd_ms"] = fa, fb
         print(f"| anchor: cuDNN flash (causal) | fwd | {fa:.3f} | {2 * unit / fa / 1e9:.0f} |")
         print(f"| anchor: cuDNN flash (causal) | fwd+bwd | {fb:.3f} | {9 * unit / fb / 1e9:.0f} |")
-    print(json.dumps(rows, indent=2))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    benchutil.report(rows, a.out)
     return 0
 
 

@@ -37,6 +37,14 @@ def timeit(f, args, reps: int = 20, warmup: int = 3, rounds: int = 5) -> tuple[f
     return statistics.median(per) * 1e3, (max(per) - min(per)) * 1e3
 
 
+def report(rows: dict, out: str | None) -> None:
+    """Prints a bench's result dict as JSON and, with `out`, writes it there too."""
+    print(json.dumps(rows, indent=2))
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def timeit_sync(f, args, reps: int = 20, warmup: int = 3) -> tuple[float, float]:
     """(median ms, spread ms = max - min) of `reps` calls of f(*args), each synchronised on its own."""
     for _ in range(warmup):

@@ -116,15 +116,10 @@ def _bwd_tile(q, k, v, tq, go, gto, lse2, tlse, gd, r, ok, SCALE: tl.constexpr, 
 
 
 @triton.jit
-def _bwd_row_kernel(Q, K, V, TQ, SEG, LSE, TLSE, GO, GTO, GD, R, GQ, GTQ, SCALE: tl.constexpr, S: tl.constexpr,
-                    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    HAS_T: tl.constexpr, HAS_SEG: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // KVH)
-    qpos = pid_m * BM + tl.arange(0, BM)
+def _query_side(Q, GO, TQ, GTO, LSE, R, TLSE, GD, b, bh, h, qpos, S: tl.constexpr, H: tl.constexpr,
+                D: tl.constexpr, HAS_T: tl.constexpr):
+    """The backward's per-query operands at rows qpos of head h: q, go, tq, gto [BM, D] and lse (log2 units),
+    r, tlse, gd [BM]; without the tangent, tq/gto/tlse/gd are placeholders the tile never reads."""
     q = _rows(Q, b, qpos, h, S, H, D)
     go = _rows(GO, b, qpos, h, S, H, D)
     lse2 = _stat(LSE, bh, qpos, S) * _LOG2E
@@ -138,6 +133,20 @@ def _bwd_row_kernel(Q, K, V, TQ, SEG, LSE, TLSE, GO, GTO, GD, R, GQ, GTQ, SCALE:
         gto = _rows(GTO, b, qpos, h, S, H, D)
         tlse = _stat(TLSE, bh, qpos, S)
         gd = _stat(GD, bh, qpos, S)
+    return q, go, tq, gto, lse2, r, tlse, gd
+
+
+@triton.jit
+def _bwd_row_kernel(Q, K, V, TQ, SEG, LSE, TLSE, GO, GTO, GD, R, GQ, GTQ, SCALE: tl.constexpr, S: tl.constexpr,
+                    H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    HAS_T: tl.constexpr, HAS_SEG: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // KVH)
+    qpos = pid_m * BM + tl.arange(0, BM)
+    q, go, tq, gto, lse2, r, tlse, gd = _query_side(Q, GO, TQ, GTO, LSE, R, TLSE, GD, b, bh, h, qpos, S, H, D, HAS_T)
     gq = tl.zeros([BM, D], tl.float32)
     gtq = tl.zeros([BM, D], tl.float32)
     for n0 in range(0, (pid_m + 1) * BM, BN):  # keys past a row (or past S) are masked
@@ -175,19 +184,8 @@ def _bwd_col_kernel(Q, K, V, TQ, SEG, LSE, TLSE, GO, GTO, GD, R, GK, GV, SCALE: 
         bh = b * H + h
         for m0 in range((pid_n * BN) // BM * BM, S, BM):  # causal: rows >= this block's first key
             qpos = m0 + tl.arange(0, BM)
-            q = _rows(Q, b, qpos, h, S, H, D)
-            go = _rows(GO, b, qpos, h, S, H, D)
-            lse2 = _stat(LSE, bh, qpos, S) * _LOG2E
-            r = _stat(R, bh, qpos, S)
-            tq = q
-            gto = go
-            tlse = r
-            gd = r
-            if HAS_T:
-                tq = _rows(TQ, b, qpos, h, S, H, D)
-                gto = _rows(GTO, b, qpos, h, S, H, D)
-                tlse = _stat(TLSE, bh, qpos, S)
-                gd = _stat(GD, bh, qpos, S)
+            q, go, tq, gto, lse2, r, tlse, gd = _query_side(Q, GO, TQ, GTO, LSE, R, TLSE, GD, b, bh, h, qpos, S, H,
+                                                            D, HAS_T)
             ok = _visible(SEG, b, qpos, kpos, S, HAS_SEG)
             p, gs, gt, tp = _bwd_tile(q, k, v, tq, go, gto, lse2, tlse, gd, r, ok, SCALE, HAS_T, PREC)
             gk += tl.dot(tl.trans(gs).to(q.dtype), q, input_precision=PREC)
