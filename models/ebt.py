@@ -226,9 +226,9 @@ class EBTConfig(DecoderConfig):
     or "jvp" (custom VJP taking the gradient of a JVP: same gradients, no stored inner backward pass; XLA cost
     analysis of the gpu preset with 2 layers: temp 3.9 vs 9.0 GiB, bytes 41.9 vs 54.2 GB, FLOPs +26%).
     predicted_attention: the predicted stream's attention in the efficient form: "jnp" (plain autodiff, any
-    second_order), "xla" / "triton" (`kernels.jvp_attention`: fused, with forward-mode rules; "triton" needs
-    second_order="jvp" since its backward is not differentiable again), or None: "triton" on a GPU in jvp
-    mode, "jnp" otherwise.
+    second_order), "xla" / "pallas" / "triton" (`kernels.jvp_attention`: fused, with forward-mode rules; the
+    kernels need second_order="jvp" since their backward is not differentiable again), or None: "triton" on a
+    GPU in jvp mode (measured), "jnp" otherwise ("pallas" is verified in interpret mode only: opt in on TPU).
     """
 
     layer_pattern: tuple[str, ...] = ("ebt_attention",)
@@ -258,9 +258,9 @@ class EBTConfig(DecoderConfig):
                 f"{self.second_order!r} is not one of {SECOND_ORDER_MODES}")
         require(self.predicted_attention in (None, *PREDICTED_ATTENTION), "predicted_attention",
                 f"{self.predicted_attention!r} is not one of None, {', '.join(map(repr, PREDICTED_ATTENTION))}")
-        require(self.predicted_attention != "triton" or self.second_order == "jvp", "predicted_attention",
-                "'triton' has fused first-order and forward-mode rules only: set model.second_order=jvp, or use "
-                "predicted_attention=xla or jnp with second_order=reverse")
+        require(self.predicted_attention in (None, "jnp", "xla") or self.second_order == "jvp", "predicted_attention",
+                f"{self.predicted_attention!r} has fused first-order and forward-mode rules only: set "
+                "model.second_order=jvp, or use predicted_attention=xla or jnp with second_order=reverse")
         require(self.attention_query_block is None or self.attention_query_block >= 1, "attention_query_block",
                 f"must be >= 1 or None, got {self.attention_query_block}")
         require(self.alpha_init >= ALPHA_MIN, "alpha_init", f"must be >= {ALPHA_MIN}, got {self.alpha_init}")

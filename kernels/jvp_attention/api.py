@@ -29,7 +29,7 @@ from kernels import common
 from kernels.jvp_attention import reference
 
 _OP = "jvp_attention"
-IMPLEMENTATIONS = {"xla": ("cpu", "gpu", "tpu"), "triton": ("gpu",)}
+IMPLEMENTATIONS = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
 _FORWARD_MODE = contextvars.ContextVar("jvp_attention_forward_mode", default=False)
 F32 = jnp.float32
 
@@ -64,6 +64,10 @@ def _kernels(impl: str):
         from kernels.jvp_attention import triton_gpu
 
         return triton_gpu.forward, triton_gpu.backward
+    if impl == "pallas":
+        from kernels.jvp_attention import pallas_tpu
+
+        return pallas_tpu.forward, pallas_tpu.backward
     return reference.forward, reference.backward
 
 
@@ -144,10 +148,11 @@ def _check(q, k, v, segment_ids):
 
 
 def choose_implementation(implementation: str | None, head_dim: int) -> str:
-    """None -> 'triton' on a GPU with jax-triton and a power-of-two head_dim in [16, 256], else 'xla'."""
+    """None -> 'triton' on a GPU with jax-triton and a power-of-two head_dim in [16, 256], 'pallas' on a TPU,
+    else 'xla'."""
     triton_ok = common.has_jax_triton() and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
     return common.resolve_implementation(_OP, implementation, supported=IMPLEMENTATIONS,
-                                         preferred={"gpu": "triton" if triton_ok else "xla"})
+                                         preferred={"gpu": "triton" if triton_ok else "xla", "tpu": "pallas"})
 
 
 def attention(q, k, v, segment_ids=None, *, forward_mode: bool | None = None, implementation: str | None = None):
@@ -159,7 +164,8 @@ def attention(q, k, v, segment_ids=None, *, forward_mode: bool | None = None, im
       segment_ids: int [batch, seq] or None (packed documents never see each other).
       forward_mode: use the forward-mode rules (jax.jvp, and grad of the jvp) instead of the reverse-mode
         ones (jax.grad / vjp, to first order). None reads the `forward_mode()` context (default False).
-      implementation: "xla" (jnp, the reference equations), "triton" (GPU kernels) or None (best here).
+      implementation: "xla" (jnp, the reference equations), "pallas" (TPU kernels; interpret mode on CPU),
+        "triton" (GPU kernels) or None (best here).
     Returns:
       o [batch, seq, heads, head_dim] in q.dtype and lse float32 [batch, heads, seq].
     """

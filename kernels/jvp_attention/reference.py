@@ -78,6 +78,16 @@ def forward(q, k, v, tq=None, segment_ids=None):
     return _bshd(o, q.dtype), lse, _bshd(to, q.dtype), tlse
 
 
+def tile_terms(p, dpo, r, ts=None, dpt=None, tlse=None, gd=None):
+    """Eq. (3) on a block of scores (row vectors broadcast over the last axis): GS, and with the tangent also
+    GT and tP (else None). p = P, dpo = go v^T, ts = tS, dpt = gto v^T (float32). Shared by `backward` (the
+    whole matrix) and the Pallas kernels (one tile)."""
+    if ts is None:
+        return p * (dpo - r[..., None]), None, None
+    gp = dpo + dpt * (ts - tlse[..., None]) + gd[..., None] * ts
+    return p * (gp - r[..., None]), p * (dpt + gd[..., None]), p * (ts - tlse[..., None])
+
+
 def backward(q, k, v, tq, lse, tlse, go, gto, gd, r, segment_ids=None):
     """Eq. (3): (gq, gk, gv, gtq) float32; tq/gto/gd/tlse None for the first-order backward (gtq None).
 
@@ -87,21 +97,18 @@ def backward(q, k, v, tq, lse, tlse, go, gto, gd, r, segment_ids=None):
     s, _, _ = _probs(q, k, segment_ids)
     p = jnp.exp(s - lse[..., None])
     kh, vh = _heads(k, g), _heads(v, g)
-    gp = jnp.einsum("bhid,bhjd->bhij", _bhsd(go), vh)
-    gs_ = None
+    dpo = jnp.einsum("bhid,bhjd->bhij", _bhsd(go), vh)
+    ts = dpt = None
     if tq is not None:
         ts = c * jnp.einsum("bhid,bhjd->bhij", _bhsd(tq), kh)
         dpt = jnp.einsum("bhid,bhjd->bhij", _bhsd(gto), vh)
-        gp = gp + dpt * (ts - tlse[..., None]) + gd[..., None] * ts
-        gt = p * (dpt + gd[..., None])
-        gs_ = p * (ts - tlse[..., None])  # tP
-    gs = p * (gp - r[..., None])
+    gs, gt, tp = tile_terms(p, dpo, r, ts, dpt, tlse, gd)
     gq = c * jnp.einsum("bhij,bhjd->bhid", gs, kh)
     gk = c * jnp.einsum("bhij,bhid->bhjd", gs, _bhsd(q))
     gv = jnp.einsum("bhij,bhid->bhjd", p, _bhsd(go))
     gtq = None
     if tq is not None:
         gk = gk + c * jnp.einsum("bhij,bhid->bhjd", gt, _bhsd(tq))
-        gv = gv + jnp.einsum("bhij,bhid->bhjd", gs_, _bhsd(gto))
+        gv = gv + jnp.einsum("bhij,bhid->bhjd", tp, _bhsd(gto))
         gtq = _bshd(c * jnp.einsum("bhij,bhjd->bhid", gt, kh), F32)
     return _bshd(gq, F32), _kv_sum(gk, g), _kv_sum(gv, g), gtq

@@ -35,10 +35,7 @@ def _tiles(seq: int, w1: int, w2: int):
     return min(32, _round_up(seq, 8)), bj, _round_up(w1, bj), _round_up(w2, 8)
 
 
-def _dot(a, b, dims):
-    """Matmul on the input dtype with float32 accumulation (full precision for float32 inputs)."""
-    prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=prec, preferred_element_type=jnp.float32)
+_dot = common.mxu_dot
 
 
 _NT = ((1,), (1,))  # a @ b.T

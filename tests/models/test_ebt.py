@@ -164,7 +164,7 @@ def test_second_order_grads_finite_and_nonzero(loss_steps="last"):
     assert float(jnp.abs(grads["stack"]["layer_0"]["mixer"]["query"]["kernel"]).max()) > 0
 
 
-@pytest.mark.parametrize("second_order, predicted", [("jvp", "jnp"), ("jvp", "xla"), ("reverse", "xla")])
+@pytest.mark.parametrize("second_order, predicted", [("jvp", "jnp"), ("jvp", "xla"), ("jvp", "pallas"), ("reverse", "xla")])
 def test_second_order_jvp_mode_equals_reverse(second_order, predicted, form="efficient"):
     """second_order="jvp" (custom VJP: gradient of a JVP) gives the reverse-over-reverse gradients, also with the
     predicted stream's attention through kernels.jvp_attention (its forward-mode rules; reverse mode

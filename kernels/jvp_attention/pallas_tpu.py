@@ -1,0 +1,290 @@
+"""Pallas kernels for jvp_attention (the TPU path; CPU tests run them with interpret=True).
+
+Same contract and equations as reference.py / triton_gpu.py. A program owns one (batch, kv head) and a tile of
+T query positions with all G query heads of that kv head as GEMM rows r = (t, g) (M = T * G), and streams the
+causal key blocks of its kv head (whole sequence resident in VMEM) with an online softmax; with the tangent it
+carries rowsum(P * tS) and (P * tS) v alongside. Backward: a per-query-tile kernel (gq, gtq) and a per-key-tile
+kernel (gk, gv, all query heads of the kv head, no atomics) recompute P from lse and share the per-tile
+equations with the reference (`reference.tile_terms`). Layout: [B, KV, S_pad, G, D] queries, [B, KV, S_pad, D]
+keys, [B, KV, S_pad, G] row statistics; the sequence is padded to the tile.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels import common
+from kernels.jvp_attention.reference import tile_terms
+
+_NEG = -1e30
+_NT = ((1,), (1,))  # a @ b.T
+_NN = ((1,), (0,))  # a @ b
+_TN = ((0,), (0,))  # a.T @ b
+_dot = common.mxu_dot
+
+
+MAX_TILE = 128  # query/key positions per tile (MXU-sized); tests lower it to cross many tiles
+
+
+def _tile(s: int) -> int:
+    return min(MAX_TILE, -(-s // 8) * 8)
+
+
+class _Dims:
+    def __init__(self, q, k):
+        self.b, self.s, self.h, self.d = q.shape
+        self.kv = k.shape[2]
+        self.g = self.h // self.kv
+        self.t = _tile(self.s)
+        self.sp = -(-self.s // self.t) * self.t
+        self.scale = 1.0 / math.sqrt(self.d)
+
+
+def _pad(x, dims, axis=2, value=0):
+    width = [(0, 0)] * x.ndim
+    width[axis] = (0, dims.sp - dims.s)
+    return jnp.pad(x, width, constant_values=value)
+
+
+def _to_heads(x, dims):
+    """[B, S, H, D] -> [B, KV, S_pad, G, D]."""
+    return _pad(x.reshape(dims.b, dims.s, dims.kv, dims.g, -1).transpose(0, 2, 1, 3, 4), dims)
+
+
+def _from_heads(x, dims):
+    return x[:, :, : dims.s].transpose(0, 2, 1, 3, 4).reshape(dims.b, dims.s, dims.h, -1)
+
+
+def _to_keys(x, dims):
+    """[B, S, KV, D] -> [B, KV, S_pad, D]."""
+    return _pad(x.transpose(0, 2, 1, 3), dims)
+
+
+def _to_stat(x, dims):
+    """[B, H, S] -> [B, KV, S_pad, G]."""
+    return _pad(x.reshape(dims.b, dims.kv, dims.g, dims.s).transpose(0, 1, 3, 2), dims)
+
+
+def _from_stat(x, dims):
+    return x[:, :, : dims.s].transpose(0, 1, 3, 2).reshape(dims.b, dims.h, dims.s)
+
+
+def _segments(seg, dims):
+    """[B, S] or None -> int32 [B, 1, S_pad] (padding in segment -1: never a real segment)."""
+    if seg is None:
+        seg = jnp.zeros((dims.b, dims.s), jnp.int32)
+    return _pad(seg.astype(jnp.int32)[:, None], dims, axis=2, value=-1)
+
+
+def _visible(seg_ref, qpos, q0, k0, dims):
+    """bool [T*G, T]: key k0 + j visible to the row's query (causal, real, same segment)."""
+    kpos = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, dims.t), 1)
+    sq = jnp.repeat(seg_ref[0, pl.ds(q0, dims.t)], dims.g)[:, None]
+    sk = seg_ref[0, pl.ds(k0, dims.t)][None, :]
+    return (qpos[:, None] >= kpos) & (qpos[:, None] < dims.s) & (sq == sk)
+
+
+def _rows(ref, start, dims):
+    """[T, G, D] tile of a query-side ref at `start` -> [T*G, D] GEMM rows."""
+    return ref[pl.ds(start, dims.t)].reshape(dims.t * dims.g, -1)
+
+
+def _fwd_kernel(*refs, dims, has_t):
+    it = iter(refs)
+    q_ref, k_ref, v_ref = next(it), next(it), next(it)
+    tq_ref = next(it) if has_t else None
+    seg_ref, o_ref, lse_ref = next(it), next(it), next(it)
+    to_ref, tlse_ref = (next(it), next(it)) if has_t else (None, None)
+    t, m_rows, dt = dims.t, dims.t * dims.g, k_ref.dtype
+    nq = pl.program_id(2)
+    q0 = nq * t  # read outside loops: interpret mode cannot lower it in a loop body
+    qpos = q0 + jax.lax.broadcasted_iota(jnp.int32, (m_rows,), 0) // dims.g
+    rows = _rows(q_ref, 0, dims)
+    trows = _rows(tq_ref, 0, dims) if has_t else None
+
+    def block(n, carry):
+        m, l, acc, dl, acc_t = carry
+        kb, vb = k_ref[pl.ds(n * t, t)], v_ref[pl.ds(n * t, t)]
+        ok = _visible(seg_ref, qpos, q0, n * t, dims)
+        s = jnp.where(ok, _dot(rows, kb, _NT) * dims.scale, _NEG)
+        m_new = jnp.maximum(m, s.max(-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)  # rows with no key yet keep l = 0
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[:, None] + _dot(p.astype(dt), vb, _NN)
+        if has_t:
+            pts = p * (_dot(trows, kb, _NT) * dims.scale)
+            dl = dl * alpha + pts.sum(-1)
+            acc_t = acc_t * alpha[:, None] + _dot(pts.astype(dt), vb, _NN)
+        return m_new, l, acc, dl, acc_t
+
+    z = jnp.zeros((m_rows,), jnp.float32)
+    za = jnp.zeros((m_rows, dims.d), jnp.float32)
+    m, l, acc, dl, acc_t = jax.lax.fori_loop(0, nq + 1, block, (z + _NEG, z, za, z, za))
+    l = jnp.where(l > 0, l, 1.0)  # padded rows see no key
+    o = acc / l[:, None]
+    o_ref[...] = o.reshape(t, dims.g, -1).astype(o_ref.dtype)
+    lse_ref[...] = (m + jnp.log(l)).reshape(t, dims.g)
+    if has_t:
+        tlse = dl / l
+        to_ref[...] = (acc_t / l[:, None] - tlse[:, None] * o).reshape(t, dims.g, -1).astype(to_ref.dtype)
+        tlse_ref[...] = tlse.reshape(t, dims.g)
+
+
+def _bwd_operands(refs, has_t):
+    """Unpacks the backward kernels' refs: q k v [tq] seg lse [tlse] go [gto] [gd] r, then the outputs."""
+    it = iter(refs)
+    ins = {n: next(it) for n in ("q", "k", "v")}
+    if has_t:
+        ins["tq"] = next(it)
+    ins.update(seg=next(it), lse=next(it))
+    if has_t:
+        ins["tlse"] = next(it)
+    ins["go"] = next(it)
+    if has_t:
+        ins["gto"], ins["gd"] = next(it), next(it)
+    ins["r"] = next(it)
+    return ins, list(it)
+
+
+def _bwd_terms(ins, q_off, q0, k0, dims, has_t):
+    """One tile: query rows q0.. (at q_off in the query-side refs: 0 for tiles, q0 for whole-sequence refs)
+    against the key block at k0 -> (rows dict, kb, P, GS, GT, tP), all float32 but the operands."""
+    t, g = dims.t, dims.g
+    qpos = q0 + jax.lax.broadcasted_iota(jnp.int32, (t * g,), 0) // g
+    stat = lambda name: ins[name][pl.ds(q_off, t)].reshape(t * g)
+    rows = {n: _rows(ins[n], q_off, dims) for n in (("q", "go", "tq", "gto") if has_t else ("q", "go"))}
+    kb, vb = ins["k"][pl.ds(k0, t)], ins["v"][pl.ds(k0, t)]
+    ok = _visible(ins["seg"], qpos, q0, k0, dims)
+    p = jnp.where(ok, jnp.exp(_dot(rows["q"], kb, _NT) * dims.scale - stat("lse")[:, None]), 0.0)
+    dpo = _dot(rows["go"], vb, _NT)
+    if not has_t:
+        gs, gt, tp = tile_terms(p, dpo, stat("r"))
+    else:
+        ts = _dot(rows["tq"], kb, _NT) * dims.scale
+        gs, gt, tp = tile_terms(p, dpo, stat("r"), ts, _dot(rows["gto"], vb, _NT), stat("tlse"), stat("gd"))
+    return rows, kb, p, gs, gt, tp
+
+
+def _bwd_row_kernel(*refs, dims, has_t):
+    ins, outs = _bwd_operands(refs, has_t)
+    nq = pl.program_id(2)
+    q0 = nq * dims.t
+    dt = ins["k"].dtype
+
+    def block(n, carry):
+        gq, gtq = carry
+        _, kb, _, gs, gt, _ = _bwd_terms(ins, 0, q0, n * dims.t, dims, has_t)
+        gq = gq + _dot(gs.astype(dt), kb, _NN)
+        if has_t:
+            gtq = gtq + _dot(gt.astype(dt), kb, _NN)
+        return gq, gtq
+
+    za = jnp.zeros((dims.t * dims.g, dims.d), jnp.float32)
+    gq, gtq = jax.lax.fori_loop(0, nq + 1, block, (za, za))
+    for ref, x in zip(outs, (gq, gtq)):
+        ref[...] = (x * dims.scale).reshape(dims.t, dims.g, -1).astype(ref.dtype)
+
+
+def _bwd_col_kernel(*refs, dims, has_t):
+    ins, (gk_ref, gv_ref) = _bwd_operands(refs, has_t)
+    nk = pl.program_id(2)
+    k0 = nk * dims.t
+    dt = ins["k"].dtype
+
+    def block(m, carry):
+        gk, gv = carry
+        rows, _, p, gs, gt, tp = _bwd_terms(ins, m * dims.t, m * dims.t, k0, dims, has_t)
+        gk = gk + _dot(gs.astype(dt), rows["q"], _TN)
+        gv = gv + _dot(p.astype(dt), rows["go"], _TN)
+        if has_t:
+            gk = gk + _dot(gt.astype(dt), rows["tq"], _TN)
+            gv = gv + _dot(tp.astype(dt), rows["gto"], _TN)
+        return gk, gv
+
+    za = jnp.zeros((dims.t, dims.d), jnp.float32)
+    gk, gv = jax.lax.fori_loop(nk, dims.sp // dims.t, block, (za, za))  # causal: query tiles from this one on
+    gk_ref[...] = (gk * dims.scale).astype(gk_ref.dtype)
+    gv_ref[...] = gv.astype(gv_ref.dtype)
+
+
+def _spec(x, tiled: bool, t: int):
+    """BlockSpec over grid (b, kv, tile): one tile of the sequence axis (2) or the whole sequence."""
+    block = (None, None, t if tiled else x.shape[2], *x.shape[3:])
+    return pl.BlockSpec(block, lambda b, h, n: (b, h, n if tiled else 0) + (0,) * (x.ndim - 3))
+
+
+def _seg_spec(seg):
+    return pl.BlockSpec((None, 1, seg.shape[-1]), lambda b, h, n: (b, 0, 0))
+
+
+def forward(q, k, v, tq=None, segment_ids=None):
+    """(o, lse) or, with tq, (o, lse, to, tlse): reference.forward's contract."""
+    dims = _Dims(q, k)
+    has_t = tq is not None
+    qs = [_to_heads(q, dims)] + ([_to_heads(tq, dims)] if has_t else [])
+    keys = [_to_keys(k, dims), _to_keys(v, dims)]
+    seg = _segments(segment_ids, dims)
+    o_shape = (dims.b, dims.kv, dims.sp, dims.g, dims.d)
+    st_shape = (dims.b, dims.kv, dims.sp, dims.g)
+    outs = [jax.ShapeDtypeStruct(o_shape, q.dtype), jax.ShapeDtypeStruct(st_shape, jnp.float32)] * (2 if has_t else 1)
+    res = pl.pallas_call(
+        functools.partial(_fwd_kernel, dims=dims, has_t=has_t),
+        grid=(dims.b, dims.kv, dims.sp // dims.t),
+        in_specs=[_spec(qs[0], True, dims.t)] + [_spec(x, False, dims.t) for x in keys]
+        + [_spec(x, True, dims.t) for x in qs[1:]] + [_seg_spec(seg)],
+        out_specs=[_spec(o, True, dims.t) for o in outs],
+        out_shape=outs,
+        interpret=common.pallas_interpret(),
+    )(qs[0], *keys, *qs[1:], seg)
+    o, lse = _from_heads(res[0], dims), _from_stat(res[1], dims)
+    if not has_t:
+        return o, lse
+    return o, lse, _from_heads(res[2], dims), _from_stat(res[3], dims)
+
+
+def backward(q, k, v, tq, lse, tlse, go, gto, gd, r, segment_ids=None):
+    """(gq, gk, gv, gtq) in the input dtypes (gtq None without tq): reference.backward's contract."""
+    dims = _Dims(q, k)
+    has_t = tq is not None
+    named = [("q", _to_heads(q, dims), "rows"), ("k", _to_keys(k, dims), "keys"), ("v", _to_keys(v, dims), "keys")]
+    if has_t:
+        named.append(("tq", _to_heads(tq, dims), "rows"))
+    seg = _segments(segment_ids, dims)
+    named.append(("lse", _to_stat(lse, dims), "rows"))
+    if has_t:
+        named.append(("tlse", _to_stat(tlse, dims), "rows"))
+    named.append(("go", _to_heads(go.astype(q.dtype), dims), "rows"))
+    if has_t:
+        named += [("gto", _to_heads(gto.astype(q.dtype), dims), "rows"), ("gd", _to_stat(gd, dims), "rows")]
+    named.append(("r", _to_stat(r, dims), "rows"))
+    arrays = [x for _, x, _ in named]
+    order = [n for n, _, _ in named]
+    arrays.insert(order.index("lse"), seg)  # the kernels read seg right before lse
+    grid = (dims.b, dims.kv, dims.sp // dims.t)
+    interpret = common.pallas_interpret()
+
+    def specs(row_tiles: bool):
+        out = [_spec(x, kind == "rows" and row_tiles, dims.t) for _, x, kind in named]
+        out.insert(order.index("lse"), _seg_spec(seg))
+        return out
+
+    q_shape = (dims.b, dims.kv, dims.sp, dims.g, dims.d)
+    row_outs = [jax.ShapeDtypeStruct(q_shape, q.dtype)] * (2 if has_t else 1)
+    gq = pl.pallas_call(
+        functools.partial(_bwd_row_kernel, dims=dims, has_t=has_t), grid=grid, in_specs=specs(True),
+        out_specs=[_spec(o, True, dims.t) for o in row_outs], out_shape=row_outs, interpret=interpret,
+    )(*arrays)
+    k_shape = (dims.b, dims.kv, dims.sp, dims.d)
+    col_outs = [jax.ShapeDtypeStruct(k_shape, k.dtype), jax.ShapeDtypeStruct(k_shape, v.dtype)]
+    gk, gv = pl.pallas_call(
+        functools.partial(_bwd_col_kernel, dims=dims, has_t=has_t), grid=grid, in_specs=specs(False),
+        out_specs=[_spec(o, True, dims.t) for o in col_outs], out_shape=col_outs, interpret=interpret,
+    )(*arrays)
+    unkey = lambda x: x[:, :, : dims.s].transpose(0, 2, 1, 3)
+    gtq = _from_heads(gq[1], dims) if has_t else None
+    return _from_heads(gq[0], dims), unkey(gk), unkey(gv), gtq
