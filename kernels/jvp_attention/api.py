@@ -121,8 +121,9 @@ def _ops(impl: str):
         q, k, v, seg = primals
         tq, tk, tv, _ = tangents
         if not (isinstance(tk, SymbolicZero) and isinstance(tv, SymbolicZero)):  # not an EBT case: autodiff
-            tans = tuple(jnp.zeros_like(x) if isinstance(t, SymbolicZero) else t for x, t in zip(primals, tangents))
-            return jax.jvp(lambda q, k, v: reference.attention(q, k, v, seg), (q, k, v), tans[:3])
+            tans = tuple(jnp.zeros_like(x) if isinstance(t, SymbolicZero) else t
+                         for x, t in zip(primals[:3], tangents[:3]))
+            return jax.jvp(lambda q, k, v: reference.attention(q, k, v, seg), (q, k, v), tans)
         if isinstance(tq, SymbolicZero):
             o, lse = fwd_mode(q, k, v, seg)
             return (o, lse), (jnp.zeros_like(o), jnp.zeros_like(lse))
