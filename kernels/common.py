@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 
 
 def backend() -> str:
@@ -66,8 +67,5 @@ def resolve_implementation(
 def mxu_dot(a: jax.Array, b: jax.Array, contract: tuple) -> jax.Array:
     """2-D matmul for Pallas kernels on the input dtype with float32 accumulation; float32 inputs get full
     precision (the TPU default would round them to bf16 passes). contract: ((lhs dims), (rhs dims))."""
-    import jax.numpy as jnp
-
     prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return jax.lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=jnp.float32)
-

@@ -187,7 +187,7 @@ def predicted_implementation(cfg) -> str:
     if choice is not None:
         return choice
     fused = getattr(cfg, "second_order", "reverse") == "jvp" and common.backend() == "gpu"
-    if fused and jvp_attention.api.choose_implementation(None, cfg.attention.head_dim) == "triton":
+    if fused and jvp_attention.choose_implementation(None, cfg.attention.head_dim) == "triton":
         return "triton"
     return "jnp"
 

@@ -44,14 +44,13 @@ def time_step(cfg, iters: int, profile: str | None = None) -> float:
         jax.block_until_ready(m["objective"])
         dt = (time.perf_counter() - t0) / iters
         if profile:
-            from tools.benchutil import device_ops, print_device_ops
             held = [state]  # the step donates its state: each profiled call feeds the next the new one
 
             def one():
                 held[0], m = step(held[0], batch)
                 return m
 
-            print_device_ops(profile, device_ops(one, ()), step.as_text())
+            benchutil.print_device_ops(profile, benchutil.device_ops(one, ()), step.as_text())
         return dt, temp_gib
 
 

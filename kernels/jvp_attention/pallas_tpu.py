@@ -135,22 +135,6 @@ def _fwd_kernel(*refs, dims, has_t):
         tlse_ref[...] = tlse.reshape(t, dims.g)
 
 
-def _bwd_operands(refs, has_t):
-    """Unpacks the backward kernels' refs: q k v [tq] seg lse [tlse] go [gto] [gd] r, then the outputs."""
-    it = iter(refs)
-    ins = {n: next(it) for n in ("q", "k", "v")}
-    if has_t:
-        ins["tq"] = next(it)
-    ins.update(seg=next(it), lse=next(it))
-    if has_t:
-        ins["tlse"] = next(it)
-    ins["go"] = next(it)
-    if has_t:
-        ins["gto"], ins["gd"] = next(it), next(it)
-    ins["r"] = next(it)
-    return ins, list(it)
-
-
 def _bwd_terms(ins, q_off, q0, k0, dims, has_t):
     """One tile: query rows q0.. (at q_off in the query-side refs: 0 for tiles, q0 for whole-sequence refs)
     against the key block at k0 -> (rows dict, kb, P, GS, GT, tP), all float32 but the operands."""
@@ -170,8 +154,8 @@ def _bwd_terms(ins, q_off, q0, k0, dims, has_t):
     return rows, kb, p, gs, gt, tp
 
 
-def _bwd_row_kernel(*refs, dims, has_t):
-    ins, outs = _bwd_operands(refs, has_t)
+def _bwd_row_kernel(*refs, dims, has_t, names):
+    ins, outs = dict(zip(names, refs)), refs[len(names):]
     nq = pl.program_id(2)
     q0 = nq * dims.t
     dt = ins["k"].dtype
@@ -190,8 +174,8 @@ def _bwd_row_kernel(*refs, dims, has_t):
         ref[...] = (x * dims.scale).reshape(dims.t, dims.g, -1).astype(ref.dtype)
 
 
-def _bwd_col_kernel(*refs, dims, has_t):
-    ins, (gk_ref, gv_ref) = _bwd_operands(refs, has_t)
+def _bwd_col_kernel(*refs, dims, has_t, names):
+    ins, (gk_ref, gv_ref) = dict(zip(names, refs)), refs[len(names):]
     nk = pl.program_id(2)
     k0 = nk * dims.t
     dt = ins["k"].dtype
@@ -251,38 +235,32 @@ def backward(q, k, v, tq, lse, tlse, go, gto, gd, r, segment_ids=None):
     """(gq, gk, gv, gtq) in the input dtypes (gtq None without tq): reference.backward's contract."""
     dims = _Dims(q, k)
     has_t = tq is not None
-    named = [("q", _to_heads(q, dims), "rows"), ("k", _to_keys(k, dims), "keys"), ("v", _to_keys(v, dims), "keys")]
+    # name -> (array, how its BlockSpec slices it); the kernels get the names and look their refs up by them
+    ins = {"q": (_to_heads(q, dims), "rows"), "k": (_to_keys(k, dims), "keys"), "v": (_to_keys(v, dims), "keys"),
+           "seg": (_segments(segment_ids, dims), "seg"), "lse": (_to_stat(lse, dims), "rows"),
+           "go": (_to_heads(go.astype(q.dtype), dims), "rows"), "r": (_to_stat(r, dims), "rows")}
     if has_t:
-        named.append(("tq", _to_heads(tq, dims), "rows"))
-    seg = _segments(segment_ids, dims)
-    named.append(("lse", _to_stat(lse, dims), "rows"))
-    if has_t:
-        named.append(("tlse", _to_stat(tlse, dims), "rows"))
-    named.append(("go", _to_heads(go.astype(q.dtype), dims), "rows"))
-    if has_t:
-        named += [("gto", _to_heads(gto.astype(q.dtype), dims), "rows"), ("gd", _to_stat(gd, dims), "rows")]
-    named.append(("r", _to_stat(r, dims), "rows"))
-    arrays = [x for _, x, _ in named]
-    order = [n for n, _, _ in named]
-    arrays.insert(order.index("lse"), seg)  # the kernels read seg right before lse
+        ins.update(tq=(_to_heads(tq, dims), "rows"), tlse=(_to_stat(tlse, dims), "rows"),
+                   gto=(_to_heads(gto.astype(q.dtype), dims), "rows"), gd=(_to_stat(gd, dims), "rows"))
+    names = tuple(ins)
+    arrays = [x for x, _ in ins.values()]
     grid = (dims.b, dims.kv, dims.sp // dims.t)
     interpret = common.pallas_interpret()
 
     def specs(row_tiles: bool):
-        out = [_spec(x, kind == "rows" and row_tiles, dims.t) for _, x, kind in named]
-        out.insert(order.index("lse"), _seg_spec(seg))
-        return out
+        return [_seg_spec(x) if kind == "seg" else _spec(x, kind == "rows" and row_tiles, dims.t)
+                for x, kind in ins.values()]
 
     q_shape = (dims.b, dims.kv, dims.sp, dims.g, dims.d)
     row_outs = [jax.ShapeDtypeStruct(q_shape, q.dtype)] * (2 if has_t else 1)
     gq = pl.pallas_call(
-        functools.partial(_bwd_row_kernel, dims=dims, has_t=has_t), grid=grid, in_specs=specs(True),
+        functools.partial(_bwd_row_kernel, dims=dims, has_t=has_t, names=names), grid=grid, in_specs=specs(True),
         out_specs=[_spec(o, True, dims.t) for o in row_outs], out_shape=row_outs, interpret=interpret,
     )(*arrays)
     k_shape = (dims.b, dims.kv, dims.sp, dims.d)
     col_outs = [jax.ShapeDtypeStruct(k_shape, k.dtype), jax.ShapeDtypeStruct(k_shape, v.dtype)]
     gk, gv = pl.pallas_call(
-        functools.partial(_bwd_col_kernel, dims=dims, has_t=has_t), grid=grid, in_specs=specs(False),
+        functools.partial(_bwd_col_kernel, dims=dims, has_t=has_t, names=names), grid=grid, in_specs=specs(False),
         out_specs=[_spec(o, True, dims.t) for o in col_outs], out_shape=col_outs, interpret=interpret,
     )(*arrays)
     unkey = lambda x: x[:, :, : dims.s].transpose(0, 2, 1, 3)

@@ -35,6 +35,22 @@ def _rows(X, b, pos, h, S: tl.constexpr, NH: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(X, x, b, pos, h, S: tl.constexpr, NH: tl.constexpr, D: tl.constexpr):
+    """Stores float32 x [len(pos), D] as rows `pos` of head h of X [B, S, NH, D] (its dtype; none past the end)."""
+    d = tl.arange(0, D)
+    tl.store(X + ((b * S + pos).to(tl.int64) * (NH * D) + h * D)[:, None] + d[None, :], x.to(X.dtype.element_ty),
+             mask=(pos < S)[:, None])
+
+
+@triton.jit
+def _query_program(H: tl.constexpr, KVH: tl.constexpr, BM: tl.constexpr):
+    """A query-tile program's coordinates: (b * H + h, b, h, kv head, positions [BM])."""
+    bh = tl.program_id(1)
+    h = bh % H
+    return bh, bh // H, h, h // (H // KVH), tl.program_id(0) * BM + tl.arange(0, BM)
+
+
+@triton.jit
 def _stat(X, bh, pos, S: tl.constexpr):
     """X [B, H, S] float32 at (bh, pos) -> [len(pos)] (0 past the end)."""
     return tl.load(X + bh.to(tl.int64) * S + pos, mask=pos < S, other=0.0)
@@ -55,12 +71,7 @@ def _visible(SEG, b, qpos, kpos, S: tl.constexpr, HAS_SEG: tl.constexpr):
 def _fwd_kernel(Q, K, V, TQ, SEG, O, LSE, TO, TLSE, SCALE: tl.constexpr, S: tl.constexpr, H: tl.constexpr,
                 KVH: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_T: tl.constexpr,
                 HAS_SEG: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // KVH)
-    qpos = pid_m * BM + tl.arange(0, BM)
+    bh, b, h, kvh, qpos = _query_program(H, KVH, BM)
     q = _rows(Q, b, qpos, h, S, H, D)
     m_i = tl.full([BM], _NEG, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
@@ -69,7 +80,7 @@ def _fwd_kernel(Q, K, V, TQ, SEG, O, LSE, TO, TLSE, SCALE: tl.constexpr, S: tl.c
         tq = _rows(TQ, b, qpos, h, S, H, D)
         dl = tl.zeros([BM], tl.float32)
         acc_t = tl.zeros([BM, D], tl.float32)
-    for n0 in range(0, (pid_m + 1) * BM, BN):  # keys past a row (or past S) are masked
+    for n0 in range(0, (tl.program_id(0) + 1) * BM, BN):  # keys past a row (or past S) are masked
         kpos = n0 + tl.arange(0, BN)
         k = _rows(K, b, kpos, kvh, S, KVH, D)
         v = _rows(V, b, kpos, kvh, S, KVH, D)
@@ -86,15 +97,12 @@ def _fwd_kernel(Q, K, V, TQ, SEG, O, LSE, TO, TLSE, SCALE: tl.constexpr, S: tl.c
             acc_t = acc_t * alpha[:, None] + tl.dot(pts.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     o = acc / l_i[:, None]
-    d = tl.arange(0, D)
-    orow = ((b * S + qpos).to(tl.int64) * (H * D) + h * D)[:, None] + d[None, :]
-    live = qpos < S
-    tl.store(O + orow, o.to(O.dtype.element_ty), mask=live[:, None])
-    tl.store(LSE + bh.to(tl.int64) * S + qpos, (m_i + tl.log2(l_i)) * _LN2, mask=live)
+    _store_rows(O, o, b, qpos, h, S, H, D)
+    tl.store(LSE + bh.to(tl.int64) * S + qpos, (m_i + tl.log2(l_i)) * _LN2, mask=qpos < S)
     if HAS_T:
         tlse = dl / l_i
-        tl.store(TO + orow, (acc_t / l_i[:, None] - tlse[:, None] * o).to(TO.dtype.element_ty), mask=live[:, None])
-        tl.store(TLSE + bh.to(tl.int64) * S + qpos, tlse, mask=live)
+        _store_rows(TO, acc_t / l_i[:, None] - tlse[:, None] * o, b, qpos, h, S, H, D)
+        tl.store(TLSE + bh.to(tl.int64) * S + qpos, tlse, mask=qpos < S)
 
 
 @triton.jit
@@ -140,16 +148,11 @@ def _query_side(Q, GO, TQ, GTO, LSE, R, TLSE, GD, b, bh, h, qpos, S: tl.constexp
 def _bwd_row_kernel(Q, K, V, TQ, SEG, LSE, TLSE, GO, GTO, GD, R, GQ, GTQ, SCALE: tl.constexpr, S: tl.constexpr,
                     H: tl.constexpr, KVH: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     HAS_T: tl.constexpr, HAS_SEG: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // KVH)
-    qpos = pid_m * BM + tl.arange(0, BM)
+    bh, b, h, kvh, qpos = _query_program(H, KVH, BM)
     q, go, tq, gto, lse2, r, tlse, gd = _query_side(Q, GO, TQ, GTO, LSE, R, TLSE, GD, b, bh, h, qpos, S, H, D, HAS_T)
     gq = tl.zeros([BM, D], tl.float32)
     gtq = tl.zeros([BM, D], tl.float32)
-    for n0 in range(0, (pid_m + 1) * BM, BN):  # keys past a row (or past S) are masked
+    for n0 in range(0, (tl.program_id(0) + 1) * BM, BN):  # keys past a row (or past S) are masked
         kpos = n0 + tl.arange(0, BN)
         k = _rows(K, b, kpos, kvh, S, KVH, D)
         v = _rows(V, b, kpos, kvh, S, KVH, D)
@@ -158,12 +161,9 @@ def _bwd_row_kernel(Q, K, V, TQ, SEG, LSE, TLSE, GO, GTO, GD, R, GQ, GTQ, SCALE:
         gq += tl.dot(gs.to(k.dtype), k, input_precision=PREC)
         if HAS_T:
             gtq += tl.dot(gt.to(k.dtype), k, input_precision=PREC)
-    d = tl.arange(0, D)
-    orow = ((b * S + qpos).to(tl.int64) * (H * D) + h * D)[:, None] + d[None, :]
-    live = (qpos < S)[:, None]
-    tl.store(GQ + orow, (gq * SCALE).to(GQ.dtype.element_ty), mask=live)
+    _store_rows(GQ, gq * SCALE, b, qpos, h, S, H, D)
     if HAS_T:
-        tl.store(GTQ + orow, (gtq * SCALE).to(GTQ.dtype.element_ty), mask=live)
+        _store_rows(GTQ, gtq * SCALE, b, qpos, h, S, H, D)
 
 
 @triton.jit
@@ -193,11 +193,8 @@ def _bwd_col_kernel(Q, K, V, TQ, SEG, LSE, TLSE, GO, GTO, GD, R, GK, GV, SCALE: 
             if HAS_T:
                 gk += tl.dot(tl.trans(gt).to(tq.dtype), tq, input_precision=PREC)
                 gv += tl.dot(tl.trans(tp).to(gto.dtype), gto, input_precision=PREC)
-    d = tl.arange(0, D)
-    orow = ((b * S + kpos).to(tl.int64) * (KVH * D) + kvh * D)[:, None] + d[None, :]
-    live = (kpos < S)[:, None]
-    tl.store(GK + orow, (gk * SCALE).to(GK.dtype.element_ty), mask=live)
-    tl.store(GV + orow, gv.to(GV.dtype.element_ty), mask=live)
+    _store_rows(GK, gk * SCALE, b, kpos, kvh, S, KVH, D)
+    _store_rows(GV, gv, b, kpos, kvh, S, KVH, D)
 
 
 def _meta(q, k, seg, launch):
