@@ -11,6 +11,7 @@ Conventions shared by every model layer:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -146,14 +147,67 @@ def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
+def yarn_frequencies(
+    head_dim: int,
+    theta: float,
+    factor: float,
+    original_max_len: int,
+    *,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    mscale: float = 0.0,
+    mscale_all_dim: float = 0.0,
+    attention_factor: float | None = None,
+    truncate: bool = True,
+) -> tuple[jax.Array, float]:
+    """YaRN (Peng et al. 2023, arXiv 2309.00071) -> (inv_freq float32 [d/2], attention factor).
+
+    With r = theta^(2i/d) and ramp gamma_i = clip((i - lo) / (hi - lo), 0, 1) over the pair index i,
+    where lo = c(beta_fast), hi = c(beta_slow), c(beta) = d ln(L / (2 pi beta)) / (2 ln theta) with
+    L = original_max_len (floor/ceil when `truncate`, clipped to [0, d-1]):  w_i = (1 - gamma_i) / r + gamma_i / (factor r)  ("NTK-by-parts").
+    Attention factor (multiplies cos and sin): `attention_factor` if given, else
+    m(factor, mscale) / m(factor, mscale_all_dim) when both are non-zero, else m(factor, 1), with
+    m(s, a) = 0.1 a ln s + 1 for s > 1, 1 otherwise (YaRN's attention temperature sqrt(1/t) = 0.1 ln s + 1,
+    with DeepSeek-V2/V3's coefficient a). Matches Hugging Face transformers' "yarn" rope parameters.
+    """
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+
+    def corr(beta):
+        return head_dim * math.log(original_max_len / (beta * 2 * math.pi)) / (2 * math.log(theta))
+
+    lo, hi = corr(beta_fast), corr(beta_slow)
+    if truncate:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, head_dim - 1)
+    if lo == hi:
+        hi += 0.001  # a ramp of zero width
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - lo) / (hi - lo), 0.0, 1.0)
+    pos_freqs = theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * (1.0 - ramp)
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """m(s, a) = 0.1 a ln s + 1 for s > 1, else 1 (YaRN's temperature with DeepSeek's coefficient a)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, *, inv_freq: jax.Array | None = None) -> jax.Array:
     """Rotary position embedding in the half-split layout (pairs (x_i, x_{i+d/2}) rotate by pos * w_i).
 
     x: [B, S, H, D]; positions: int [B, S] (per token, so packed documents restart at 0). Angles and the
     rotation are computed in float32, the result is cast back to x.dtype. <R(p)q, R(k)k'> depends on p - k only.
+    inv_freq: float32 [D/2] frequencies w_i (e.g. `yarn_frequencies`); default theta^(-2i/D).
     """
     d = x.shape[-1]
-    inv_freq = rope_frequencies(d, theta)
+    if inv_freq is None:
+        inv_freq = rope_frequencies(d, theta)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
