@@ -71,11 +71,13 @@ def dot_product_attention(
     segment_ids: jax.Array | None = None,
     *,
     implementation: str | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
-    """Causal GQA attention. q: [B, S, H, D]; k, v: [B, S, K, D]; segment_ids: int [B, S] or None -> [B, S, H, D]."""
+    """Causal GQA attention. q: [B, S, H, D]; k, v: [B, S, K, D]; segment_ids: int [B, S] or None -> [B, S, H, D].
+    scale: the logit scale (default 1/sqrt(D))."""
     impl = choose_implementation(implementation, q.dtype, q.shape[-1])
     mask = None if segment_ids is None else segment_mask(segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation=impl)
 
 
 def head_projection(x: jax.Array, name: str, heads: int, head_dim: int, axis: str, dtype: Any, init) -> jax.Array:
