@@ -27,6 +27,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("q_lora", "fsdp"),  # MLA's query / key-value latent widths (their matrices' other axis is embed or heads)
+    ("kv_lora", "fsdp"),
     ("vocab", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
