@@ -27,8 +27,10 @@ per-(batch, position) factor drawn from U[1/s, s] when step_size_spread s > 1 (i
 Because E_i depends on p_i only, d(sum E)/dp gives every position its own gradient in one backward.
 Training loss: CE(softmax(y_K), next token) ("last", the paper's S2 setting) or the mean over k=1..K of
 CE(softmax(y_k)) ("all", S1); earlier steps stay attached (detach_earlier=False), so the gradient flows
-through every inner gradient, i.e. second-order backprop (jax.grad inside the loss). K is drawn per step
-from U{think_steps, ..., think_steps + think_steps_random} when training.
+through every inner gradient, i.e. second-order backprop (jax.grad inside the loss). detach_earlier=True is
+the reference's S2 `--truncate_mcmc`: second order only through the last step, the earlier inner gradients
+being constants while the chain y_0 -> y_K stays attached. K is drawn per step from
+U{think_steps, ..., think_steps + think_steps_random} when training.
 
 Replay buffer: the final logits of earlier training batches (a ring of replay_size rows in the `stats`
 collection, checkpointed with the train state) restart round(replay_fraction * B) rows of each batch.
@@ -217,8 +219,9 @@ class EBTConfig(DecoderConfig):
     alpha_init / alpha_lr_scale: the learnable step size (clamped >= 1e-4) and its learning-rate multiplier.
     think_steps (+ U{0..think_steps_random} extra when training), step_size_spread s (U[alpha/s, s*alpha]
     per batch row and position; 1 = off), langevin_std (noise on the logits before each softmax, training
-    only), loss_steps "last" (S2) | "all" (S1), detach_earlier (stop gradients between steps: only the last
-    step is differentiated), replay_size rows / replay_fraction of each batch, init_logit_std of y_0.
+    only), loss_steps "last" (S2) | "all" (S1), detach_earlier (second order only through the last step, the
+    reference's --truncate_mcmc; see `think`), replay_size rows / replay_fraction of each batch, init_logit_std
+    of y_0.
     eval_think_steps: steps used by the eval loss (None = think_steps).
     attention_query_block: predicted-stream queries per block in the efficient form (causal block skipping,
     `predicted_attention`); None = all queries in one block.
@@ -343,9 +346,17 @@ class EnergyFn:
     fn: Callable[[Any, Any, jax.Array], jax.Array]
     theta: Any
     aux: Any
+    landscapes: int = 1  # > 1: aux is a dict whose "landscape" (int32 scalar) picks the thinking-step embedding
 
     def __call__(self, p: jax.Array) -> jax.Array:
         return self.fn(self.theta, self.aux, p)
+
+    def at(self, k) -> "EnergyFn":
+        """The energy used at thinking step k: landscape min(k, landscapes - 1), as the reference's
+        time_embed model repeats extra steps on its final landscape."""
+        if self.landscapes <= 1:
+            return self
+        return dataclasses.replace(self, aux={**self.aux, "landscape": jnp.minimum(k, self.landscapes - 1)})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -387,35 +398,68 @@ def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax
 
     active_steps (traced int <= num_steps): later steps leave y unchanged (random step counts under jit).
     step_scale [B,S]: multiplies alpha per position. Differentiable (to second order) in everything.
+    detach_earlier: second order only through the last active step (the reference's S2 `--truncate_mcmc`:
+    earlier inner gradients dE/dp_k are constants to the outer gradient, `create_graph=False`), while the
+    chain y_0 -> y_K stays attached (`--no_mcmc_detach`), so alpha and the softmax Jacobians of every step
+    are still differentiated. Earlier steps then run as a first-order scan that stores no inner backward pass.
     second_order: how an outer gradient differentiates the inner gradient dE/dp: "reverse" (autodiff through
     the inner VJP: stores the inner backward pass) or "jvp" (energy_fn must be an EnergyFn: the custom VJP
     `_inner_grad_jvp`, same values, less memory, one more energy forward per step).
+    An EnergyFn with `landscapes` L > 1 (thinking-step conditioning) is evaluated at landscape min(k, L-1).
     """
     if second_order not in SECOND_ORDER_MODES:
         raise ValueError(f"think: second_order must be one of {SECOND_ORDER_MODES}, got {second_order!r}")
     if second_order == "jvp" and not isinstance(energy_fn, EnergyFn):
         raise ValueError("think: second_order='jvp' needs an EnergyFn (explicit theta/aux), got a plain callable")
     a = alpha if step_scale is None else alpha * step_scale[..., None]
+    at = energy_fn.at if isinstance(energy_fn, EnergyFn) else (lambda k: energy_fn)
 
-    def step(y, k):  # a lax.scan body: one compiled inner step whatever num_steps is
-        if detach_earlier:
-            y = jnp.where(k < num_steps - 1, jax.lax.stop_gradient(y), y)
+    def probs(y, k):
         z = y
         if langevin_std > 0:
             z = z + langevin_std * jax.random.normal(jax.random.fold_in(rng, k), y.shape, jnp.float32)
-        p = jax.nn.softmax(z, axis=-1)
-        if second_order == "jvp":
-            g, e = _inner_grad_jvp(energy_fn.fn, energy_fn.theta, energy_fn.aux, p)
-        else:
-            e, vjp = jax.vjp(energy_fn, p)
-            (g,) = vjp(jnp.ones_like(e))
-        y_new = p - a * g
-        y = y_new if active_steps is None else jnp.where(k < active_steps, y_new, y)
-        return y, (y, e)
+        return jax.nn.softmax(z, axis=-1)
 
-    y, (ys, es) = jax.lax.scan(step, y0.astype(jnp.float32), jnp.arange(num_steps))
+    def full_grad(p, k):  # (dE/dp, E), differentiable to second order
+        efn = at(k)
+        if second_order == "jvp":
+            return _inner_grad_jvp(efn.fn, efn.theta, efn.aux, p)
+        e, vjp = jax.vjp(efn, p)
+        return vjp(jnp.ones_like(e))[0], e
+
+    def const_grad(p, k):  # (dE/dp, E) as constants: no second-order term, no stored inner backward pass
+        efn = at(k)
+        if isinstance(efn, EnergyFn):
+            theta = jax.lax.stop_gradient(efn.theta)
+            efn = functools.partial(efn.fn, theta, efn.aux)
+        e, vjp = jax.vjp(efn, jax.lax.stop_gradient(p))
+        return jax.lax.stop_gradient(vjp(jnp.ones_like(e))[0]), jax.lax.stop_gradient(e)
+
+    def scan_steps(y, n, inner, active):
+        def step(y, k):  # a lax.scan body: one compiled inner step whatever num_steps is
+            p = probs(y, k)
+            g, e = inner(p, k)
+            y_new = p - a * g
+            y = y_new if active is None else jnp.where(k < active, y_new, y)
+            return y, (y, e)
+
+        return jax.lax.scan(step, y, jnp.arange(n))
+
+    y0 = y0.astype(jnp.float32)
+    if not detach_earlier:
+        y, (ys, es) = scan_steps(y0, num_steps, full_grad, active_steps)
+    else:
+        last = num_steps - 1 if active_steps is None else active_steps - 1  # the last active step
+        y, (ys_pre, es_pre) = scan_steps(y0, num_steps - 1, const_grad, last)
+        p = probs(y, last)
+        g, e_last = full_grad(p, last)
+        y = p - a * g
+        # steps from `last` on report the final logits and the last step's energy, as inactive steps do
+        after = (jnp.arange(num_steps) >= last)[:, None, None, None]
+        ys = jnp.where(after, y[None], jnp.concatenate([ys_pre, y[None]], axis=0))
+        es = jnp.where(after[..., 0], e_last[None], jnp.concatenate([es_pre, e_last[None]], axis=0))
     if final_energy:
-        es = jnp.concatenate([es, energy_fn(jax.nn.softmax(y, axis=-1))[None]], axis=0)
+        es = jnp.concatenate([es, at(num_steps)(jax.nn.softmax(y, axis=-1))[None]], axis=0)
     return ThinkResult(ys, es)
 
 

@@ -164,13 +164,15 @@ def test_second_order_grads_finite_and_nonzero(loss_steps="last"):
     assert float(jnp.abs(grads["stack"]["layer_0"]["mixer"]["query"]["kernel"]).max()) > 0
 
 
-@pytest.mark.parametrize("second_order, predicted", [("jvp", "jnp"), ("jvp", "xla"), ("jvp", "pallas"), ("reverse", "xla")])
-def test_second_order_jvp_mode_equals_reverse(second_order, predicted, form="efficient"):
+@pytest.mark.parametrize("second_order, predicted, detach", [("jvp", "jnp", False), ("jvp", "xla", False),
+                                                              ("jvp", "pallas", False), ("reverse", "xla", False),
+                                                              ("jvp", "jnp", True)])
+def test_second_order_jvp_mode_equals_reverse(second_order, predicted, detach, form="efficient"):
     """second_order="jvp" (custom VJP: gradient of a JVP) gives the reverse-over-reverse gradients, also with the
     predicted stream's attention through kernels.jvp_attention (its forward-mode rules; reverse mode
-    differentiates its jnp backward)."""
+    differentiates its jnp backward), and with second order through the last step only (detach_earlier)."""
     kw = dict(loss_steps="all", think_steps=2, think_steps_random=1, step_size_spread=2.0, langevin_std=0.3,
-              attention_form=form)
+              attention_form=form, detach_earlier=detach)
     bt = batch(2, 5, seed=21)
     rev = small_cfg(**kw).build()
     fwd = small_cfg(second_order=second_order, predicted_attention=predicted, **kw).build()
@@ -186,6 +188,51 @@ def test_second_order_jvp_mode_equals_reverse(second_order, predicted, form="eff
         small_cfg(second_order="forward")
     with pytest.raises(ConfigError, match="set model.second_order=jvp"):
         small_cfg(predicted_attention="triton")
+
+
+def _unrolled_truncated(energy, params, y0, alpha, steps, noise, scale):
+    """The reference's --truncate_mcmc --no_mcmc_detach written out step by step: every step but the last
+    takes dE/dp as a constant (create_graph=False), the last one differentiably; y stays attached."""
+    y = y0
+    for k in range(steps):
+        p = jax.nn.softmax(y + noise[k], axis=-1)
+        if k < steps - 1:
+            g = jax.grad(lambda q: jnp.sum(energy(jax.lax.stop_gradient(params), q)))(jax.lax.stop_gradient(p))
+            g = jax.lax.stop_gradient(g)
+        else:
+            g = jax.grad(lambda q: jnp.sum(energy(params, q)))(p)
+        y = p - alpha * scale[..., None] * g
+    return y
+
+
+@pytest.mark.parametrize("steps, active", [(3, None), (4, 2), (1, None)])
+def test_detach_earlier_is_second_order_through_the_last_step_only(model, steps, active):
+    task, params = model
+    bt = batch(2, 5, seed=31)
+    y0 = jax.random.normal(jax.random.key(32), (2, 5, V))
+    scale = jax.random.uniform(jax.random.key(33), (2, 5), minval=0.5, maxval=2.0)
+    std, rng = 0.3, jax.random.key(34)
+    n = steps if active is None else active
+    noise = [std * jax.random.normal(jax.random.fold_in(rng, k), y0.shape) for k in range(n)]
+    w = jax.random.normal(jax.random.key(35), (2, 5, V))
+    energy = lambda pr, p: task.energy(pr, bt["inputs"], p)
+
+    def via_think(pr, a, detach):
+        res = think(lambda p: energy(pr, p), y0, a, steps, active_steps=None if active is None else jnp.int32(active),
+                    step_scale=scale, langevin_std=std, rng=rng, detach_earlier=detach)
+        return jnp.sum(res.logits[-1] * w)
+
+    alpha = jnp.float32(2.0)
+    want = jax.grad(lambda pr, a: jnp.sum(_unrolled_truncated(energy, pr, y0, a, n, noise, scale) * w),
+                    argnums=(0, 1))(params, alpha)
+    got = jax.grad(lambda pr, a: via_think(pr, a, True), argnums=(0, 1))(params, alpha)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(np.asarray(a, np.float64), np.asarray(b, np.float64)) < 1e-4
+    np.testing.assert_allclose(via_think(params, alpha, True), via_think(params, alpha, False), rtol=1e-5)  # same forward
+    if n > 1:  # the full second-order gradient differs: the test can tell the two apart
+        full = jax.grad(lambda pr: via_think(pr, alpha, False))(params)
+        assert rel_err(np.asarray(full["energy_head"]["kernel"], np.float64),
+                       np.asarray(want[0]["energy_head"]["kernel"], np.float64)) > 1e-2
 
 
 def test_alpha_clamp_and_lr_scale():
