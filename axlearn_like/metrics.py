@@ -1,4 +1,4 @@
-"""Metric sinks: metrics.jsonl (one JSON object per log step) and TensorBoard event files. Process 0 only."""
+"""Metric sinks: metrics.jsonl (one JSON object per step) and TensorBoard event files. Process 0 only."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,9 @@ from typing import Any
 import jax
 import numpy as np
 
+METRICS_NAME = "metrics.jsonl"
+SUPERSEDED_NAME = "metrics.superseded.jsonl"
+
 
 def _jsonable(v: Any) -> Any:
     a = np.asarray(v)
@@ -18,28 +21,81 @@ def _jsonable(v: Any) -> Any:
     return a.tolist()
 
 
+def supersede_rows(run_dir: str, resume_step: int) -> int:
+    """Moves the rows of metrics.jsonl with step > resume_step to metrics.superseded.jsonl; returns how many.
+
+    Those rows were written by an attempt that was killed after the checkpoint a run resumes from; the resumed
+    run writes those steps again. Each moved row gains `"superseded_at_resume": resume_step`, nothing is
+    dropped, and the rewrite is atomic (the moved rows are on disk before the main file is replaced).
+    """
+    path = os.path.join(run_dir, METRICS_NAME)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines(keepends=True)
+    keep, moved = [], []
+    for line in lines:
+        try:
+            row = json.loads(line)
+            late = int(row["step"]) > resume_step
+        except (ValueError, KeyError, TypeError):  # not a metrics row: leave it where it is
+            row, late = None, False
+        if late:
+            moved.append(json.dumps(dict(row, superseded_at_resume=int(resume_step))) + "\n")
+        elif line.strip():
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if not moved:
+        return 0
+    with open(os.path.join(run_dir, SUPERSEDED_NAME), "a") as f:
+        f.writelines(moved)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(moved)
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str, *, enabled: bool = True):
+    """Writes metrics of a run: everything logged for one step (train, eval, ...) becomes one row.
+
+    `write(step, metrics)` merges into the pending row of `step` (a new step writes the pending one out first);
+    `flush()` writes it now. resume_step: the step this run starts from (0 = from scratch); rows an earlier,
+    killed attempt wrote past it are moved aside (`supersede_rows`) and TensorBoard purges its events from
+    there (`purge_step`), so a reader sees one row per step.
+    """
+
+    def __init__(self, run_dir: str, *, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled and jax.process_index() == 0
         self._tb = None
         self._jsonl = None
+        self._pending: dict | None = None
+        self.superseded = 0
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if resume_step is not None:
+            self.superseded = supersede_rows(run_dir, resume_step)
+        self._jsonl = open(os.path.join(run_dir, METRICS_NAME), "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), flush_secs=10)
+            purge = None if resume_step is None else int(resume_step) + 1
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), flush_secs=10, purge_step=purge)
         except ImportError:  # metrics.jsonl still has everything
             self._tb = None
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": int(step)}
-        row.update({k: _jsonable(v) for k, v in metrics.items()})
-        self._jsonl.write(json.dumps(row) + "\n")
+        if self._pending is not None and self._pending["step"] != int(step):
+            self.flush()
+        if self._pending is None:
+            self._pending = {"step": int(step)}
+        self._pending.update({k: _jsonable(v) for k, v in metrics.items()})
         if self._tb is not None:
             for k, v in metrics.items():
                 a = np.asarray(v)
@@ -48,11 +104,25 @@ class MetricsWriter:
                 elif a.ndim == 1 and a.size > 1:
                     self._tb.add_histogram(k, a, step)
 
+    def flush(self) -> None:
+        if self._pending is not None and self._jsonl is not None:
+            self._jsonl.write(json.dumps(self._pending) + "\n")
+        self._pending = None
+
     def close(self) -> None:
+        self.flush()
         if self._jsonl:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb:
             self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_jsonl(path: str) -> list[dict]:

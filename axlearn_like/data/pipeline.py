@@ -129,11 +129,14 @@ def _too_small(what: str, n_tokens: int | None, rows: int, cfg: DataConfig, tbtt
         fit_s, fit_g = n_tokens // g - 1, n_tokens // (s + 1)
     else:
         fit_s, fit_g = (n_tokens - 1) // g, rows
+    # Only fixes that can work: a bound below 1 is no advice.
+    fixes = ([f"seq_len <= {fit_s} with global_batch_size={g}"] if fit_s >= 1 else []) + (
+        [f"global_batch_size <= {fit_g} with seq_len={s}"] if fit_g >= 1 else [])
+    more = f"raise data.eval_fraction (now {cfg.eval_fraction}) or add data" if what == "eval" else "add data"
     return ConfigError(
         f"data.seq_len/data.global_batch_size: the {what} split has {n_tokens} tokens ({rows} rows of "
-        f"seq_len+1={s + 1}), too few for one global batch of {g} rows; use seq_len <= {max(fit_s, 0)} with "
-        f"global_batch_size={g}, or global_batch_size <= {fit_g} with seq_len={s}, or add data "
-        "(data.paths / data.max_bytes)")
+        f"seq_len+1={s + 1}), too few for one global batch of {g} rows; "
+        f"{'use ' + ', or '.join(fixes) + ', or ' if fixes else ''}{more} (data.paths / data.max_bytes)")
 
 
 def _split_corpus(cfg: DataConfig, tokenizer, split: str) -> sources.Corpus:
