@@ -7,15 +7,39 @@ implementations the same way.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 
+_TARGET = contextvars.ContextVar("kernels_target_backend", default=None)
+
+
+@contextlib.contextmanager
+def target_backend(platform: str):
+    """Inside (at trace time), kernels dispatch and lower as on `platform` ('tpu', 'gpu' or 'cpu') instead of
+    the default backend: `implementation=None` picks that backend's kernel and Pallas kernels lower compiled
+    (Mosaic on 'tpu'), not in interpret mode. For lowering a program for another platform than the host's,
+    e.g. `jax.export.export(jax.jit(f), platforms=["tpu"])` on a CPU host (tools/tpu_compile.py). Trace a
+    fresh function inside it: jit's trace cache does not see this setting."""
+    if platform not in ("cpu", "gpu", "tpu"):
+        raise ValueError(f"target_backend: platform must be 'cpu', 'gpu' or 'tpu', got {platform!r}")
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
 
 def backend() -> str:
-    """The default JAX backend platform: 'cpu', 'gpu' or 'tpu'."""
+    """The platform kernels are traced for: `target_backend`'s if set, else the default JAX backend's
+    ('cpu', 'gpu' or 'tpu')."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
     platform = jax.default_backend()
     return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
 
