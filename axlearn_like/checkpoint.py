@@ -187,8 +187,8 @@ def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = Fa
     optimizer.param_dtype=bfloat16 store bf16 params (what the model computed with); masters=True returns the
     optimizer's float32 master weights as 'params' instead.
     """
-    from axlearn_like import trainer as trainer_lib
     from axlearn_like.optimizers import master_weights
+    from axlearn_like.state_setup import build_state_setup
 
     ckpt = Checkpointer(checkpoint_dir(run_dir), CheckpointConfig(), read_only=True)
     steps = ckpt.all_steps()
@@ -199,7 +199,7 @@ def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = Fa
     elif step not in steps:
         raise ValueError(f"step {step} is not saved in {run_dir}; saved steps: {steps}")
     cfg = config_lib.from_dict(ckpt.read_json(step, "config"))
-    setup = trainer_lib.build_state_setup(cfg, mesh=mesh, for_restore=True)
+    setup = build_state_setup(cfg, mesh=mesh, for_restore=True)
     state = ckpt.restore(step, setup.abstract_state)
     ckpt.close()
     master = master_weights(state.opt_state) if masters else None

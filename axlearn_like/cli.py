@@ -1,9 +1,14 @@
 """Command line shared by every recipe: `python -m recipes.<name> [--set a.b=v ...] [--print-config]
-[--run-dir DIR] [--preset NAME] [--coordinator HOST:PORT --num-processes N --process-id I]`."""
+[--run-dir DIR] [--preset NAME] [--coordinator HOST:PORT --num-processes N --process-id I]`.
+
+`python -m recipes.<name>` and `python -m recipes <name>` both run `recipe_main(<name>)`: the recipe module's
+`config()` and `PRESETS`, trained by its `run(cfg)` when it defines one (e.g. a run that trains and compares
+two models), else by `axlearn_like.trainer.run`."""
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import logging
 import os
 import sys
@@ -80,3 +85,14 @@ def main(config_fn: Callable, argv=None, presets: Mapping[str, Callable] | None 
         print("interrupted; the latest completed checkpoint is kept", file=sys.stderr)
         return 130
     return 0
+
+
+def recipe_main(name: str, argv=None) -> int:
+    """Runs recipe module `recipes.<name>` from the command line (argv: the arguments after the name).
+
+    The module is imported by its package name, so even under `python -m recipes.<name>` (where the file
+    also runs as `__main__`) its config classes are saved as `recipes.<name>:Class` and reload anywhere.
+    """
+    mod = importlib.import_module(f"recipes.{name}")
+    return main(mod.config, argv, presets=getattr(mod, "PRESETS", None), prog=f"python -m recipes.{name}",
+                run_fn=getattr(mod, "run", None))

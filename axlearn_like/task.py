@@ -1,34 +1,213 @@
-"""The protocol between the generic trainer and a model: the trainer knows no model math.
+"""`Task`: the base class between the generic trainer and a model; the trainer knows no model math.
 
-A Task is built from the model config (`cfg.model.build()`), so checkpoints can rebuild it from the
-saved config alone (`axlearn_like.checkpoint.load`).
+A Task is built from the model config (`cfg.model.build()`), so a checkpoint rebuilds it from the saved
+config alone (`axlearn_like.checkpoint.load`). A subclass implements `init` and `loss`; the rest has defaults
+that the trainer calls generically (docs/architecture.md, "Tasks and the trainer"):
+
+  batch_spec(data)                     global batch shapes (default: the token batch of axlearn_like.data)
+  init / loss                          training
+  flops_per_token, tokens_per_example  throughput and MFU
+  eval_metrics(sums, cfg)              reported eval metrics from the eval batches' sums
+  eval_hook(cfg, variables, step)      extra evaluation at every eval point (e.g. PSNR), -> {name: float}
+  final_hook(cfg, variables)           after the last step (e.g. print a sample), -> dict for the run result
+  describe_eval(ev)                    the one-line eval summary printed by the trainer
+
+Generation (`generate`): the argument checks and the sampling loops live here once. The full-recompute loop
+re-runs `logits` on the whole buffer per new token; the cached loop runs `prefill` once, then one
+`decode_step` per token. A task implements whichever it supports.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+import abc
+import functools
+from typing import Any
 
 import jax
+import jax.numpy as jnp
+
+from axlearn_like.config import config_class, require
+from axlearn_like.params import unbox_values
 
 Batch = dict[str, jax.Array]
 Variables = dict[str, Any]
 
 
-class Task(Protocol):
+@config_class
+class SampleConfig:
+    """The sample a generative task prints after training: `tokens` new tokens (0 = none) after `prompt`
+    (encoded with the data's tokenizer), drawn at `temperature` (<= 0: greedy)."""
+
+    tokens: int = 120
+    prompt: str = "def "
+    temperature: float = 0.8
+
+    def validate(self) -> None:
+        require(self.tokens >= 0, "tokens", f"must be >= 0, got {self.tokens}")
+        require(self.tokens == 0 or self.prompt != "", "prompt", "is empty; give a prompt or set tokens=0")
+
+
+def token_batch(batch_size: int, seq_len: int) -> Batch:
+    """Zeros in the token batch layout of axlearn_like.data: int32 inputs/targets/positions/segment_ids and
+    float32 loss_mask, each [batch_size, seq_len]."""
+    z = jnp.zeros((batch_size, seq_len), jnp.int32)
+    return {"inputs": z, "targets": z, "loss_mask": z.astype(jnp.float32), "segment_ids": z, "positions": z}
+
+
+def check_generate_args(prompt_tokens: Any, num_new: int, top_k: int | None, vocab_size: int) -> jax.Array:
+    """Validates `generate`'s arguments; -> the prompt as int32 [B, P]. Raises ValueError (one line)."""
+    if num_new < 0:
+        raise ValueError(f"generate: num_new must be >= 0, got {num_new}")
+    prompt = jnp.asarray(prompt_tokens, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"generate: prompt_tokens must be int [B, P] with P >= 1, got shape {prompt.shape}")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"generate: top_k must be in [1, vocab_size={vocab_size}], got {top_k}")
+    return prompt
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
+    """logits [B, V] -> int32 [B]: greedy for temperature <= 0, else softmax(logits / T) over the top_k."""
+    logits = logits.astype(jnp.float32)
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+class Task(abc.ABC):
+    """Base of every model the trainer runs (see the module doc). `cfg` is the model config it was built from."""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    # -- training: a subclass implements these two ---------------------------------------------------------
+    @abc.abstractmethod
     def init(self, rng: jax.Array, batch: Batch) -> Variables:
-        """Returns boxed variables {'params', and optionally 'stats', 'carry'} (see axlearn_like.state).
+        """Returns boxed variables {'params', 'stats', 'carry'} ({} where unused; see axlearn_like.state).
 
         `batch` has the *global* batch shape (carry leaves must lead with the global batch axis).
         """
 
-    def loss(
-        self, variables: Variables, batch: Batch, rng: jax.Array, *, train: bool
-    ) -> tuple[jax.Array, dict[str, Any], Variables]:
+    @abc.abstractmethod
+    def loss(self, variables: Variables, batch: Batch, rng: jax.Array, *, train: bool
+             ) -> tuple[jax.Array, dict[str, Any], Variables]:
         """Returns (scalar loss to minimize, metrics, mutated collections {'stats', 'carry'}).
 
         `variables` holds unboxed 'params', 'stats', 'carry'. Metrics: scalars (or small arrays) averaged over
-        micro-batches; must include 'loss' (the main objective, without aux losses) and 'tokens' (count
-        of target tokens). Eval (train=False) must not change 'stats'.
+        micro-batches; must include 'loss' (the main objective, without aux losses) and 'tokens' (the count the
+        loss is averaged over; eval weights batches by it). Eval (train=False) must not change 'stats'.
         """
 
+    # -- shapes and costs ----------------------------------------------------------------------------------
+    def example_batch(self, batch_size: int, seq_len: int) -> Batch:
+        """A batch of zeros with this task's keys and shapes (default: the token batch)."""
+        return token_batch(batch_size, seq_len)
+
+    def batch_spec(self, data: Any) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch the data config `data` yields, as shapes (sets the train step's input shardings)."""
+        return jax.eval_shape(lambda: self.example_batch(data.global_batch_size, getattr(data, "seq_len", 1)))
+
+    def param_count(self, seq_len: int = 8) -> int:
+        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), self.example_batch(1, seq_len)))
+        return int(sum(x.size for x in jax.tree.leaves(unbox_values(shapes["params"]))))
+
+    def tokens_per_example(self, data: Any) -> int:
+        """Tokens per batch row, for tokens/s and MFU (default: the data's seq_len)."""
+        return int(data.seq_len)
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training (forward + backward) FLOPs per token, for the MFU estimate."""
+        """Training (forward + backward) FLOPs per token, for MFU. Default 6 N (Kaplan et al. 2020)."""
+        return 6.0 * self.param_count(seq_len)
+
+    # -- evaluation hooks ----------------------------------------------------------------------------------
+    def eval_metrics(self, sums: dict[str, float], cfg: Any) -> dict[str, float]:
+        """The reported eval metrics. `sums`: "loss_sum" (sum of loss x tokens), "tokens", and each other
+        scalar metric averaged over the eval batches; `cfg` the root (experiment) config."""
+        tokens = sums["tokens"]
+        rest = {k: v for k, v in sums.items() if k not in ("loss_sum", "tokens")}
+        return {"loss": sums["loss_sum"] / max(tokens, 1.0), "tokens": tokens, **rest}
+
+    def eval_hook(self, cfg: Any, variables: Variables, step: int) -> dict[str, float]:
+        """Extra evaluation at every eval point, on every process; -> scalars logged as eval/<name>."""
+        del cfg, variables, step
+        return {}
+
+    def final_hook(self, cfg: Any, variables: Variables) -> dict[str, Any]:
+        """Runs after the last step on every process (not after a SIGTERM); -> entries of the run result."""
+        del cfg, variables
+        return {}
+
+    def describe_eval(self, ev: dict[str, float]) -> str:
+        return f"loss {ev['loss']:.4f}"
+
+    # -- generation ----------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.cfg.vocab_size)
+
+    def logits(self, variables: Variables, tokens: jax.Array, rng: jax.Array, **options) -> jax.Array:
+        """Next-token logits float32 [B, S, V] of every position of tokens int32 [B, S] (full recompute)."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate tokens (no Task.logits)")
+
+    def prefill(self, variables: Variables, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        """Cached decoding: (logits float32 [B, S, V], cache) of a prompt int32 [B, S]."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no cached decoding (prefill/decode_step); use generate(..., cached=False)")
+
+    def decode_step(self, variables: Variables, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """Cached decoding: feeds tokens int32 [B, S] after the context in `cache` -> (logits [B, S, V], cache)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no cached decoding (prefill/decode_step); use generate(..., cached=False)")
+
+    def generate(self, variables: Variables, prompt_tokens: Any, num_new: int, rng: jax.Array,
+                 temperature: float = 1.0, top_k: int | None = None, *, cached: bool = False,
+                 **options) -> jax.Array:
+        """Samples num_new tokens after prompt_tokens int [B, P] -> int32 [B, P + num_new] (prompt included).
+
+        cached=False: each new token re-runs `logits(variables, buffer, rng, **options)` on the fixed-size
+        buffer (causality makes the unwritten tail irrelevant); cached=True: `prefill` the prompt once, then
+        one `decode_step` per token. temperature <= 0 is greedy; top_k keeps the k most likely tokens.
+        'carry' is not used (each prompt starts fresh). `options` are static (e.g. EBT thinking steps).
+        """
+        prompt = check_generate_args(prompt_tokens, num_new, top_k, self.vocab_size)
+        if cached and options:
+            raise ValueError(f"generate: options {sorted(options)} apply to the full-recompute loop only (cached=False)")
+        variables = {k: v for k, v in variables.items() if k in ("params", "stats")}
+        loop = _generate_cached if cached else _generate_recompute
+        return loop(self, variables, prompt, rng, int(num_new), float(temperature), top_k,
+                    tuple(sorted(options.items())))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate_recompute(task: Task, variables, prompt, rng, num_new, temperature, top_k, options):
+    b, p = prompt.shape
+    buf = jnp.zeros((b, p + num_new), jnp.int32).at[:, :p].set(prompt)
+
+    def step(i, state):
+        buf, rng = state
+        rng, r_model, r_sample = jax.random.split(rng, 3)
+        logits = task.logits(variables, buf, r_model, **dict(options))
+        last = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
+        tok = sample_logits(last, r_sample, temperature, top_k)
+        return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, p + i)), rng
+
+    buf, _ = jax.lax.fori_loop(0, num_new, step, (buf, rng))
+    return buf
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _generate_cached(task: Task, variables, prompt, rng, num_new, temperature, top_k, options):
+    del options  # empty (checked by Task.generate)
+    logits, cache = task.prefill(variables, prompt)
+
+    def step(carry, _):
+        last, cache, rng = carry
+        rng, sub = jax.random.split(rng)
+        tok = sample_logits(last, sub, temperature, top_k)
+        logits, cache = task.decode_step(variables, tok[:, None], cache)
+        return (logits[:, 0], cache, rng), tok
+
+    _, toks = jax.lax.scan(step, (logits[:, -1], cache, rng), None, length=num_new)
+    return jnp.concatenate([prompt, jnp.moveaxis(toks, 0, 1).reshape(prompt.shape[0], num_new)], axis=1)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from axlearn_like.config import ConfigError, config_class, require
+from axlearn_like.task import SampleConfig
 from models.attention import Attention, AttentionConfig
 from models.layers import DTYPES, MLP, Dense, Embed, RMSNorm, get_dtype
 
@@ -119,6 +120,7 @@ class DecoderConfig:
     init_std: float = 0.02
     scale_out_init: bool = True
     z_loss_weight: float = 0.0
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     # Config sections of the plugin layer kinds (set by recipes that use them; None when unused):
     # models.simplicial.SimplicialConfig, models.moe.MoEConfig, models.ssm.Mamba2Config.
     simplicial: Any = None

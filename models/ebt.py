@@ -50,12 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from axlearn_like.config import config_class, require
-from axlearn_like.params import param_init, unbox_values
+from axlearn_like.params import param_init
 from kernels import common, jvp_attention
 from models.attention import Attention, dot_product_attention, segment_mask
 from models.decoder import MIXER_FLOPS, MIXERS, DecoderConfig, DecoderStack, default_positions
 from models.layers import Dense, Embed
-from models.lm import cross_entropy
+from models.lm import NextTokenTask, cross_entropy
 
 ALPHA_MIN = 1e-4
 ATTENTION_FORMS = ("efficient", "dense")
@@ -468,7 +468,7 @@ def _inputs(batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
     return batch["inputs"], {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
-class EBT:
+class EBT(NextTokenTask):
     """axlearn_like Task for the autoregressive EBT (batch keys as models.lm.LanguageModel).
 
     Variables: 'params' (transformer, candidate_proj, energy_head, alpha) and 'stats' {"replay": {"logits"
@@ -476,7 +476,7 @@ class EBT:
     """
 
     def __init__(self, cfg: EBTConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.module = EnergyTransformer(cfg)
 
     # -- setup --
@@ -578,11 +578,6 @@ class EBT:
             }}
         return total, metrics, {"stats": new_stats, "carry": variables.get("carry", {})}
 
-    def param_count(self, seq_len: int = 8) -> int:
-        z = jnp.zeros((1, seq_len), jnp.int32)
-        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), {"inputs": z}))
-        return int(sum(x.size for x in jax.tree.leaves(unbox_values(shapes["params"]))))
-
     def flops_per_token(self, seq_len: int) -> float:
         """Estimate. Efficient form: the observed stream once (forward + backward, 6N per token) plus per
         inner step a predicted-stream forward (2N) and its input gradient (~2N), differentiated again by the
@@ -617,17 +612,16 @@ class EBT:
 
     def generate(self, variables, prompt_tokens, num_new: int, rng, temperature: float = 1.0,
                  top_k: int | None = None, *, steps: int | None = None, num_candidates: int = 1) -> jax.Array:
-        """Samples num_new tokens after prompt_tokens [B,P] -> [B, P+num_new]: each new token thinks on the
-        whole buffer (full recompute; causality makes the unwritten tail irrelevant) and samples from
-        softmax(final logits / T) at the last written position (greedy for T <= 0)."""
-        if num_new < 0:
-            raise ValueError(f"generate: num_new must be >= 0, got {num_new}")
-        prompt = jnp.asarray(prompt_tokens, jnp.int32)
-        if prompt.ndim != 2 or prompt.shape[1] < 1:
-            raise ValueError(f"generate: prompt_tokens must be int [B, P] with P >= 1, got shape {prompt.shape}")
+        """Samples num_new tokens after prompt_tokens [B,P] -> [B, P+num_new] (axlearn_like.task.Task.generate):
+        each new token thinks `steps` steps (default: eval_think_steps or think_steps) with `num_candidates`
+        on the whole buffer and samples from softmax(final logits / T) at the last written position."""
         steps = steps or self.cfg.eval_think_steps or self.cfg.think_steps
-        return _generate_jit(self, variables["params"], prompt, rng, num_new, float(temperature), top_k,
-                             int(steps), int(num_candidates))
+        return super().generate(variables, prompt_tokens, num_new, rng, temperature, top_k, steps=int(steps),
+                                num_candidates=int(num_candidates))
+
+    def logits(self, variables, tokens, rng, *, steps: int, num_candidates: int) -> jax.Array:
+        """The chosen candidate's final thinking logits float32 [B, S, V] (see `think`)."""
+        return _think_impl(self, variables["params"], tokens, rng, None, None, steps, num_candidates, 0.0)["logits"]
 
 
 def _think_impl(task: EBT, params, tokens, rng, positions, segment_ids, steps, g, langevin_std):
@@ -649,22 +643,3 @@ def _think_impl(task: EBT, params, tokens, rng, positions, segment_ids, steps, g
 
 
 _think_jit = jax.jit(_think_impl, static_argnums=(0, 6, 7, 8))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
-def _generate_jit(task: EBT, params, prompt, rng, num_new, temperature, top_k, steps, g):
-    from models.lm import sample_logits
-
-    b, p = prompt.shape
-    buf = jnp.zeros((b, p + num_new), jnp.int32).at[:, :p].set(prompt)
-
-    def step(i, state):
-        buf, rng = state
-        rng, r_think, r_sample = jax.random.split(rng, 3)
-        out = _think_impl(task, params, buf, r_think, None, None, steps, g, 0.0)
-        last = jax.lax.dynamic_index_in_dim(out["logits"], p + i - 1, axis=1, keepdims=False)
-        tok = sample_logits(last, r_sample, temperature, top_k)
-        return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, p + i)), rng
-
-    buf, _ = jax.lax.fori_loop(0, num_new, step, (buf, rng))
-    return buf

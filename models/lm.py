@@ -1,5 +1,8 @@
 """Decoder language model as an axlearn_like.task.Task: init, loss with layer aux losses, FLOPs, sampling.
 
+`NextTokenTask` holds what every next-token model (this LM, models.ebt.EBT) shares: eval metrics in bits per
+token and per byte, and the sample printed after training (the model config's `sample` section).
+
 Loss (training objective, per micro-batch):
     L = CE + z_loss_weight * mean(logsumexp(logits)^2) + sum of every 'aux_loss' leaf sown into 'intermediates'
 where CE = sum(loss_mask * -log softmax(logits)[target]) / max(sum(loss_mask), 1), softmax in float32.
@@ -12,14 +15,15 @@ Layer conventions read here (generic, never by parameter path):
 """
 from __future__ import annotations
 
-import functools
+import math
 from typing import Any
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from axlearn_like.params import unbox_values
+from axlearn_like.task import Task, sample_logits
 from models.decoder import FFN_FLOPS, MIXER_FLOPS, Decoder, DecoderConfig
 
 Batch = dict[str, jax.Array]
@@ -60,12 +64,48 @@ def _inputs(batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
     return batch["inputs"], {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
-class LanguageModel:
+__all__ = ["NextTokenTask", "LanguageModel", "cross_entropy", "collect_intermediates", "sample_logits"]
+
+
+class NextTokenTask(Task):
+    """A Task over token batches whose loss is the next-token CE in nats ("loss" metric): reports bits per
+    token and bits per byte (the data's tokenizer) at eval, and prints `cfg.sample` after training."""
+
+    def eval_metrics(self, sums: dict[str, float], cfg: Any) -> dict[str, float]:
+        from axlearn_like.data import make_tokenizer
+
+        ev = super().eval_metrics(sums, cfg)
+        bytes_per_token = float(getattr(make_tokenizer(cfg.data), "bytes_per_token", 1.0))
+        ev["bits_per_token"] = ev["loss"] / math.log(2)
+        ev["bits_per_byte"] = ev["bits_per_token"] / bytes_per_token
+        return ev
+
+    def describe_eval(self, ev: dict[str, float]) -> str:
+        return f"loss {ev['loss']:.4f} nats/token, {ev['bits_per_byte']:.3f} bits/byte"
+
+    def final_hook(self, cfg: Any, variables: dict[str, Any]) -> dict[str, Any]:
+        """Samples `self.cfg.sample.tokens` tokens after its prompt (process 0 prints) -> {"sample": text}."""
+        from axlearn_like.data import make_tokenizer
+
+        sample = self.cfg.sample
+        if sample.tokens <= 0:
+            return {}
+        tok = make_tokenizer(cfg.data)
+        prompt = np.asarray([tok.encode(sample.prompt)], np.int32)
+        out = self.generate(variables, prompt, sample.tokens, jax.random.PRNGKey(cfg.trainer.seed),
+                            temperature=sample.temperature)
+        text = tok.decode([int(t) for t in np.asarray(out)[0][prompt.shape[1]:]])
+        if jax.process_index() == 0:
+            print("sample:\n" + sample.prompt + text, flush=True)
+        return {"sample": text}
+
+
+class LanguageModel(NextTokenTask):
     """Task for a next-token decoder LM (see module doc). Batch keys: "inputs", "targets" int32 [B,S],
     "loss_mask" float32 [B,S], optional "positions" and "segment_ids" int32 [B,S]."""
 
     def __init__(self, cfg: DecoderConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.module = Decoder(cfg)
 
     def init(self, rng: jax.Array, batch: Batch) -> dict[str, Any]:
@@ -120,10 +160,6 @@ class LanguageModel:
         }
         return total, metrics, new
 
-    def param_count(self, seq_len: int = 8) -> int:
-        shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), _dummy_batch(1, seq_len)))
-        return int(sum(x.size for x in jax.tree.leaves(unbox_values(shapes["params"]))))
-
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * N + attention-like terms (Kaplan et al. 2020 / Chinchilla convention).
 
@@ -143,59 +179,22 @@ class LanguageModel:
             flops += FFN_FLOPS.get(ffn, lambda c, s: 0.0)(cfg, seq_len)
         return flops
 
-    def generate(
-        self,
-        variables: dict[str, Any],
-        prompt_tokens: jax.Array,
-        num_new: int,
-        rng: jax.Array,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-    ) -> jax.Array:
-        """Samples num_new tokens after prompt_tokens int32 [B,P] -> int32 [B, P + num_new] (prompt included).
+    # -- generation (axlearn_like.task.Task.generate) --
+    def logits(self, variables: dict[str, Any], tokens: jax.Array, rng: jax.Array) -> jax.Array:
+        """float32 [B, S, V] next-token logits of tokens int32 [B, S] (no KV cache yet: full recompute)."""
+        del rng
+        return self.module.apply(variables, tokens, train=False, mutable=_MUTABLE)[0]
 
-        Full recompute: each step re-runs the decoder on the fixed-size buffer (causality makes the not yet
-        written tail irrelevant), so cost is num_new full forwards; no KV cache yet. temperature <= 0 is
-        greedy; top_k keeps the k most likely tokens. 'carry' is not used (each prompt starts fresh).
-        """
-        if num_new < 0:
-            raise ValueError(f"generate: num_new must be >= 0, got {num_new}")
-        if prompt_tokens.ndim != 2 or prompt_tokens.shape[1] < 1:
-            raise ValueError(f"generate: prompt_tokens must be int [B, P] with P >= 1, got shape {prompt_tokens.shape}")
-        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
-            raise ValueError(f"generate: top_k must be in [1, vocab_size={self.cfg.vocab_size}], got {top_k}")
-        variables = {k: v for k, v in variables.items() if k in ("params", "stats")}
-        return _generate(self, variables, jnp.asarray(prompt_tokens, jnp.int32), rng, num_new, float(temperature), top_k)
+    def prefill(self, variables: dict[str, Any], tokens: jax.Array):
+        return self.decode_step(variables, tokens, None)
 
+    def decode_step(self, variables: dict[str, Any], tokens: jax.Array, cache: Any):
+        """Recurrent stacks (every mixer carries a fixed-size state) decode through models.ssm.decode_step;
+        attention has no KV cache yet."""
+        from models import ssm
 
-def _dummy_batch(batch: int, seq_len: int) -> Batch:
-    z = jnp.zeros((batch, seq_len), jnp.int32)
-    return {"inputs": z, "targets": z, "loss_mask": z.astype(jnp.float32), "positions": z, "segment_ids": z}
-
-
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
-    """logits [B, V] -> int32 [B]: greedy for temperature <= 0, else softmax(logits / T) over the top_k."""
-    logits = logits.astype(jnp.float32)
-    if temperature <= 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(lm: LanguageModel, variables, prompt, rng, num_new: int, temperature: float, top_k: int | None):
-    b, p = prompt.shape
-    buf = jnp.zeros((b, p + num_new), jnp.int32).at[:, :p].set(prompt)
-
-    def step(i, state):
-        buf, rng = state
-        rng, sub = jax.random.split(rng)
-        logits, _ = lm.module.apply(variables, buf, train=False, mutable=_MUTABLE)
-        last = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
-        tok = sample_logits(last, sub, temperature, top_k)
-        return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, p + i)), rng
-
-    buf, _ = jax.lax.fori_loop(0, num_new, step, (buf, rng))
-    return buf
+        if not ssm.supports_recurrent_decode(self.cfg):
+            raise NotImplementedError(
+                "LanguageModel: cached decoding needs a recurrent stack (no KV cache for attention yet); "
+                "use generate(..., cached=False)")
+        return ssm.decode_step(self, variables, tokens, cache)

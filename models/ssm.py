@@ -48,7 +48,6 @@ from kernels.ssd import ssd, ssd_step
 from kernels.ssd.reference import document_index
 from models.decoder import MIXER_FLOPS, MIXERS, Decoder, DecoderConfig, unstack_layer_params
 from models.layers import Dense
-from models.lm import sample_logits
 
 F32 = jnp.float32
 INITIAL_STATES = ("zeros", "random_noise", "fitted_noise", "state_passing", "tbtt")
@@ -391,26 +390,5 @@ def chunked_logits(lm, variables: dict, tokens, chunk: int, callback=None) -> np
 def generate(lm, variables: dict, prompt_tokens, num_new: int, rng, temperature: float = 1.0,
              top_k: int | None = None) -> jax.Array:
     """Recurrent sampling: prefill the prompt int32 [B, P] once, then one `decode_step` per new token.
-    Returns int32 [B, P + num_new]. Same sampling rule as LanguageModel.generate (temperature <= 0: greedy)."""
-    prompt = jnp.asarray(prompt_tokens, jnp.int32)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
-        raise ValueError(f"generate: prompt_tokens must be int [B, P] with P >= 1, got shape {prompt.shape}")
-    if num_new < 0:
-        raise ValueError(f"generate: num_new must be >= 0, got {num_new}")
-    variables = {k: variables[k] for k in ("params", "stats") if k in variables}
-    return _generate(lm, variables, prompt, rng, int(num_new), float(temperature), top_k)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6))
-def _generate(lm, variables, prompt, rng, num_new, temperature, top_k):
-    logits, cache = decode_step(lm, variables, prompt, None)
-
-    def step(carry, _):
-        last, cache, rng = carry
-        rng, sub = jax.random.split(rng)
-        tok = sample_logits(last, sub, temperature, top_k)
-        logits, cache = decode_step(lm, variables, tok[:, None], cache)
-        return (logits[:, 0], cache, rng), tok
-
-    _, toks = jax.lax.scan(step, (logits[:, -1], cache, rng), None, length=num_new)
-    return jnp.concatenate([prompt, jnp.moveaxis(toks, 0, 1).reshape(prompt.shape[0], num_new)], axis=1)
+    Returns int32 [B, P + num_new]: `lm.generate(..., cached=True)` (axlearn_like.task.Task.generate)."""
+    return lm.generate(variables, prompt_tokens, num_new, rng, temperature, top_k, cached=True)

@@ -1,7 +1,6 @@
 """`python -m recipes NAME [args...]`: runs recipe NAME, or lists the recipes when NAME is unknown."""
 from __future__ import annotations
 
-import importlib
 import pkgutil
 import sys
 
@@ -18,10 +17,9 @@ def main(argv: list[str]) -> int:
         what = f"unknown recipe {argv[0]!r}" if argv else "no recipe given"
         print(f"error: {what}; available recipes: {', '.join(names)} (run: python -m recipes.<name>)", file=sys.stderr)
         return 2
-    mod = importlib.import_module(f"recipes.{argv[0]}")
-    from axlearn_like.cli import main as cli_main
+    from axlearn_like.cli import recipe_main
 
-    return cli_main(mod.config, argv[1:], presets=getattr(mod, "PRESETS", None), prog=f"python -m recipes.{argv[0]}")
+    return recipe_main(argv[0], argv[1:])  # exactly what `python -m recipes.NAME` runs
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from axlearn_like.cli import main
+from axlearn_like.cli import recipe_main
 from axlearn_like.data import DataConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from axlearn_like.checkpoint import CheckpointConfig
@@ -53,11 +53,12 @@ def gpu_1b() -> ExperimentConfig:
     )
     cfg.data = DataConfig(source="text", paths=("stdlib",), seq_len=4096, global_batch_size=16, max_bytes=40_000_000)
     cfg.optimizer = OptimizerConfig(learning_rate=3e-4, warmup_steps=100)
-    cfg.trainer = TrainerConfig(steps=1000, log_every=10, eval_every=500, eval_batches=2, sample_tokens=0)
+    cfg.trainer = TrainerConfig(steps=1000, log_every=10, eval_every=500, eval_batches=2)
+    cfg.model.sample.tokens = 0
     return cfg
 
 
 PRESETS = {"default": config, "gpu_1b": gpu_1b}
 
 if __name__ == "__main__":
-    sys.exit(main(config, presets=PRESETS, prog="python -m recipes.dense_lm"))
+    sys.exit(recipe_main("dense_lm"))  # the same path as `python -m recipes dense_lm`

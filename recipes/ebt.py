@@ -12,9 +12,10 @@ from __future__ import annotations
 import sys
 
 from axlearn_like.checkpoint import CheckpointConfig
-from axlearn_like.cli import main
+from axlearn_like.cli import recipe_main
 from axlearn_like.data import DataConfig
 from axlearn_like.optimizers import OptimizerConfig
+from axlearn_like.task import SampleConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
@@ -47,11 +48,11 @@ def config() -> ExperimentConfig:
             alpha_lr_scale=30.0,
             replay_size=64,
             replay_fraction=0.25,
+            sample=SampleConfig(tokens=40, prompt="([", temperature=0.0),
         ),
         data=_dyck_data(),
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=20, weight_decay=0.0),
-        trainer=TrainerConfig(steps=300, log_every=10, eval_every=100, eval_batches=4, sample_tokens=40,
-                              sample_prompt="([", sample_temperature=0.0),
+        trainer=TrainerConfig(steps=300, log_every=10, eval_every=100, eval_batches=4),
         checkpoint=CheckpointConfig(every_steps=100, max_to_keep=2),
     )
 
@@ -60,13 +61,13 @@ def text() -> ExperimentConfig:
     cfg = config()
     cfg.name = "ebt_text"
     cfg.data = _text_data()
-    cfg.trainer.sample_prompt = "def "
+    cfg.model.sample.prompt = "def "
     return cfg
 
 
 def _decoder(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     cfg.name = name
-    cfg.model = DecoderConfig(**_DIMS)
+    cfg.model = DecoderConfig(**_DIMS, sample=cfg.model.sample)  # the same sample as the EBT it is compared with
     return cfg
 
 
@@ -91,11 +92,11 @@ def gpu() -> ExperimentConfig:
                           # apply if predicted_attention=jnp is set.
                           second_order="jvp", attention_query_block=128)
     cfg.data.seq_len, cfg.data.global_batch_size = 512, 16
-    cfg.trainer.sample_tokens = 0
+    cfg.model.sample.tokens = 0
     return cfg
 
 
 PRESETS = {"default": config, "text": text, "decoder_dyck": decoder_dyck, "decoder_text": decoder_text, "gpu": gpu}
 
 if __name__ == "__main__":
-    sys.exit(main(config, presets=PRESETS, prog="python -m recipes.ebt"))
+    sys.exit(recipe_main("ebt"))  # the same path as `python -m recipes ebt`

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 
 from axlearn_like.checkpoint import CheckpointConfig
-from axlearn_like.cli import main
+from axlearn_like.cli import recipe_main
 from axlearn_like.data import DataConfig
 from axlearn_like.optimizers import OptimizerConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
@@ -79,11 +79,12 @@ def gpu_340m() -> ExperimentConfig:
     )
     cfg.data = DataConfig(source="text", paths=("stdlib",), seq_len=2048, global_batch_size=16, max_bytes=40_000_000)
     cfg.optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=100)
-    cfg.trainer = TrainerConfig(steps=1000, log_every=10, eval_every=500, eval_batches=2, sample_tokens=0)
+    cfg.trainer = TrainerConfig(steps=1000, log_every=10, eval_every=500, eval_batches=2)
+    cfg.model.sample.tokens = 0
     return cfg
 
 
 PRESETS = {"default": config, "lengthgen": lengthgen, "hybrid": hybrid, "gpu_340m": gpu_340m}
 
 if __name__ == "__main__":
-    sys.exit(main(config, presets=PRESETS, prog="python -m recipes.mamba2"))
+    sys.exit(recipe_main("mamba2"))  # the same path as `python -m recipes mamba2`

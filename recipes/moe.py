@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 
 from axlearn_like.checkpoint import CheckpointConfig
-from axlearn_like.cli import main
+from axlearn_like.cli import recipe_main
 from axlearn_like.data import DataConfig
 from axlearn_like.optimizers import OptimizerConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
@@ -93,7 +93,8 @@ def gpu_0p8b() -> ExperimentConfig:
     # are not cast every step (MoE layer fwd+bwd 1.44-1.47x a dense FFN vs 1.54-1.64x with float32 weights;
     # docs/benchmarks.md)
     cfg.optimizer = OptimizerConfig(learning_rate=3e-4, warmup_steps=100, param_dtype="bfloat16")
-    cfg.trainer = TrainerConfig(steps=1000, log_every=10, eval_every=500, eval_batches=2, sample_tokens=0)
+    cfg.trainer = TrainerConfig(steps=1000, log_every=10, eval_every=500, eval_batches=2)
+    cfg.model.sample.tokens = 0
     return cfg
 
 
@@ -101,4 +102,4 @@ PRESETS = {"default": config, "aux_free_seq": aux_free_seq, "aux_free": aux_free
            "no_balance": no_balance, "gpu_0p8b": gpu_0p8b}
 
 if __name__ == "__main__":
-    sys.exit(main(config, presets=PRESETS, prog="python -m recipes.moe"))
+    sys.exit(recipe_main("moe"))  # the same path as `python -m recipes moe`

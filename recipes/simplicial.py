@@ -8,30 +8,45 @@ simplicial query ever has its window gated at a document boundary; see models/si
     python -m recipes.simplicial --preset compare    # hybrid and the dense baseline at equal steps, one table
     python -m recipes.simplicial --preset dense      # only the dense baseline (same data, steps, optimizer)
 
-`compare` trains the two configs one after the other into <run dir>/dense and <run dir>/hybrid (same seed,
-data order and optimizer; `--set` overrides apply to both) and prints final train and eval losses.
+`compare` (the preset, or `--set compare=true` on any config) trains the dense twin and the config itself one
+after the other into <run dir>/dense and <run dir>/hybrid (same seed, data order and optimizer; `--set`
+overrides apply to both) and prints final train and eval losses.
 Preset `gpu_1b`: the 1B dense_lm GPU preset with every 4th layer simplicial (paper setting w1=512, w2=32,
 64 query heads per K/V head).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 
-from axlearn_like.cli import main
+from axlearn_like.cli import recipe_main
+from axlearn_like.config import config_class
+from axlearn_like.trainer import ExperimentConfig
 from models.simplicial import SimplicialConfig
 from recipes import dense_lm
 
 PATTERN = ("attention", "attention", "attention", "simplicial")
 
 
-def _dense() -> "dense_lm.ExperimentConfig":
-    cfg = dense_lm.config()
+@config_class
+class SimplicialExperimentConfig(ExperimentConfig):
+    """ExperimentConfig plus `compare`: `run` also trains the dense twin at equal steps and prints both."""
+
+    compare: bool = False
+
+
+def _recipe_config(cfg: ExperimentConfig) -> SimplicialExperimentConfig:
+    return SimplicialExperimentConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ExperimentConfig)})
+
+
+def _dense() -> SimplicialExperimentConfig:
+    cfg = _recipe_config(dense_lm.config())
     cfg.data.packing = False
     cfg.trainer.steps = 150
     cfg.trainer.eval_every = 150
-    cfg.trainer.sample_tokens = 0
+    cfg.model.sample.tokens = 0
     cfg.checkpoint.every_steps = 150
     return cfg
 
@@ -53,11 +68,12 @@ def dense():
 def compare():
     cfg = config()
     cfg.name = "simplicial_compare"
+    cfg.compare = True
     return cfg
 
 
 def gpu_1b():
-    cfg = dense_lm.gpu_1b()
+    cfg = _recipe_config(dense_lm.gpu_1b())
     cfg.name = "simplicial_1b"
     cfg.model.layer_pattern = PATTERN
     cfg.model.simplicial = SimplicialConfig(num_heads=64, num_kv_heads=1, head_dim=128, w1=512, w2=32)
@@ -83,6 +99,7 @@ def run_compare(cfg) -> dict:
     root = cfg.resolved_run_dir()
     results = {}
     for name, c in (("dense", dense_twin(cfg)), ("hybrid", copy.deepcopy(cfg))):
+        c.compare = False  # each saved config.json then resumes its own run alone
         c.name = f"{cfg.name}_{name}"
         c.run_dir = os.path.join(root, name)
         r = trainer.run(c)
@@ -95,11 +112,12 @@ def run_compare(cfg) -> dict:
     return results
 
 
-def _run(cfg):
+def run(cfg) -> dict:
+    """The recipe's run (axlearn_like.cli.recipe_main): `run_compare` when cfg.compare, else the trainer."""
     from axlearn_like import trainer
 
-    return run_compare(cfg) if cfg.name.endswith("_compare") else trainer.run(cfg)
+    return run_compare(cfg) if getattr(cfg, "compare", False) else trainer.run(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main(config, presets=PRESETS, prog="python -m recipes.simplicial", run_fn=_run))
+    sys.exit(recipe_main("simplicial"))  # the same path as `python -m recipes simplicial`

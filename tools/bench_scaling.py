@@ -244,7 +244,7 @@ def resume(a, gpus) -> dict:
     steps, every = a.resume_steps, a.checkpoint_every
     sets = list(a.set) + ["mesh.data=1", f"mesh.fsdp={n}", f"trainer.steps={steps}", f"checkpoint.every_steps={every}",
                           "trainer.log_every=1", "trainer.eval_batches=0", "trainer.progress=false",
-                          "trainer.sample_tokens=0"]
+                          "model.sample.tokens=0"]
 
     def cmd(run_dir):
         c = [sys.executable, "-m", f"recipes.{a.recipe}", "--run-dir", run_dir, "--preset", a.preset]

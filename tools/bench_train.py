@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from axlearn_like import config as config_lib, sharding as sharding_lib, trainer
+    from axlearn_like.evaluation import global_batch
     from axlearn_like.checkpoint import CheckpointConfig, Checkpointer
 
     mod = importlib.import_module(f"recipes.{a.recipe}")
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
             toks = rng.integers(0, vocab, (g, s + 1), dtype=np.int32)
             local = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((g, s), np.float32),
                      "segment_ids": np.ones((g, s), np.int32), "positions": np.tile(np.arange(s, dtype=np.int32), (g, 1))}
-            batches.append(trainer._global_batch(local, batch_sh))
+            batches.append(global_batch(local, batch_sh))
         t0 = time.perf_counter()
         state, m = step_fn(state, batches[0])
         jax.block_until_ready(m)

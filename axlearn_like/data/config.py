@@ -60,4 +60,11 @@ class DataConfig:
             check_task_kwargs(self.task, self.task_kwargs)
             require(self.mode == "shuffled", "data.mode", "generated tasks only support mode='shuffled'")
 
+    def make_iterator(self, *, split: str = "train", process_index: int = 0, process_count: int = 1):
+        """This process's grain iterator (axlearn_like.data.make_iterator). The trainer asks any root `data`
+        config for its batches through this method, so a task with other data brings its own config."""
+        from axlearn_like.data.pipeline import make_iterator
+
+        return make_iterator(self, split=split, process_index=process_index, process_count=process_count)
+
 

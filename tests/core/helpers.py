@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = [
     "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128", "model.attention.num_heads=4",
     "model.attention.num_kv_heads=2", "model.attention.head_dim=16", "data.seq_len=32",
-    "data.global_batch_size=8", "data.max_bytes=300000", "trainer.sample_tokens=0", "trainer.progress=false",
+    "data.global_batch_size=8", "data.max_bytes=300000", "model.sample.tokens=0", "trainer.progress=false",
     "optimizer.decay_steps=40", "optimizer.warmup_steps=4", "trainer.eval_batches=2",
 ]
 

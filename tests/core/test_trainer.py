@@ -11,6 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from axlearn_like import cli, params as params_lib, sharding as sharding_lib, trainer
 from axlearn_like.data import make_iterator
+from axlearn_like.evaluation import global_batch
+from axlearn_like.state_setup import is_axes, sharding_for
 from recipes import dense_lm
 from tests.core import helpers
 
@@ -49,15 +51,15 @@ def test_params_and_batch_are_sharded_as_the_rules_say():
     boxed = jax.eval_shape(lambda: setup.task.init(jax.random.PRNGKey(0), {k: jnp.zeros(v.shape, v.dtype) for k, v in setup.batch_spec.items()}))
     axes = params_lib.logical_axes(boxed["params"])
     split = 0
-    for (path, ax), leaf in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=trainer._is_axes)[0], jax.tree.leaves(state.params)):
-        want = trainer._sharding_for(leaf.shape, ax, setup.mesh, setup.rules).spec
+    for (path, ax), leaf in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)[0], jax.tree.leaves(state.params)):
+        want = sharding_for(leaf.shape, ax, setup.mesh, setup.rules).spec
         assert leaf.sharding.spec == want, (jax.tree_util.keystr(path), ax, leaf.sharding.spec, want)
         if "embed" in ax and leaf.shape[ax.index("embed")] % 4 == 0:
             assert "fsdp" in str(want), (path, want)
         if leaf.addressable_shards[0].data.shape != leaf.shape:
             split += 1
     assert split >= 3, "expected several parameters to be split across devices"
-    batch = trainer._global_batch(_batches(cfg, 1)[0], batch_sh)
+    batch = global_batch(_batches(cfg, 1)[0], batch_sh)
     assert batch["inputs"].sharding.spec == P(("fsdp",), None) or batch["inputs"].sharding.spec == P("fsdp", None)
     assert batch["inputs"].addressable_shards[0].data.shape[0] == cfg.data.global_batch_size // 4
 
@@ -75,7 +77,7 @@ def test_sharded_run_matches_single_device(single):
         losses = []
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             for b in batches:
-                state, m = step(state, trainer._global_batch(b, batch_sh))
+                state, m = step(state, global_batch(b, batch_sh))
                 losses.append(float(m["objective"]))
         out[name] = losses
     np.testing.assert_allclose(out["8"], out["1"], rtol=1e-5)
@@ -94,7 +96,7 @@ def test_grad_accumulation_matches_one_big_batch(single):
             setup, step, batch_sh, state = _setup(cfg, jax.devices()[:1])
         with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
             for b in batches:
-                state, m = step(state, trainer._global_batch(b, batch_sh))
+                state, m = step(state, global_batch(b, batch_sh))
         res[name] = (float(m["objective"]), jax.tree.leaves(state.params)[0])
     np.testing.assert_allclose(res["acc"][0], res["base"][0], rtol=2e-3)
     np.testing.assert_allclose(res["acc"][1], res["base"][1], rtol=1e-3, atol=1e-5)
@@ -108,7 +110,7 @@ def test_nonfinite_step_leaves_state_untouched(single):
     b["loss_mask"][0, 0] = np.nan
     before = jax.tree.map(np.asarray, state.params)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-        state, m = step(state, trainer._global_batch(b, batch_sh))
+        state, m = step(state, global_batch(b, batch_sh))
     assert not bool(m["finite"])
     assert int(state.step) == 1
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
@@ -132,10 +134,10 @@ def test_bf16_params_with_float32_masters(single, tmp_path):
     batches = _batches(cfg, 3)
     with jax.set_mesh(base_setup.mesh), nn.logical_axis_rules(base_setup.rules):
         for b in batches:
-            base, bm = base_step(base, trainer._global_batch(b, base_sh))
+            base, bm = base_step(base, global_batch(b, base_sh))
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
         for b in batches:
-            state, m = step(state, trainer._global_batch(b, batch_sh))
+            state, m = step(state, global_batch(b, batch_sh))
             master = state.opt_state.master
             assert isinstance(state.opt_state, MasterWeightsState)
             for p, w in zip(jax.tree.leaves(state.params), jax.tree.leaves(master)):

@@ -294,7 +294,7 @@ def test_more_thinking_lowers_energy_after_training():
 # --- resume -----------------------------------------------------------------------------------------------
 TINY = ["model.d_model=16", "model.num_layers=1", "model.mlp_dim=24", "model.attention.head_dim=4",
         "data.seq_len=16", "data.global_batch_size=4", "model.replay_size=6", "model.replay_fraction=0.5",
-        "trainer.sample_tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "trainer.log_every=1",
+        "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "trainer.log_every=1",
         "checkpoint.every_steps=3", "trainer.steps=9"]
 
 

@@ -9,13 +9,14 @@ import pytest
 from axlearn_like import config as config_lib, sharding as sharding_lib, trainer
 from axlearn_like.checkpoint import CheckpointConfig, Checkpointer
 from axlearn_like.data import make_iterator
+from axlearn_like.evaluation import global_batch
 from models.moe import RoutingBias
 from recipes import moe as moe_recipe
 
 TINY = ["model.d_model=32", "model.num_layers=2", "model.ffn_pattern=mlp,moe", "model.mlp_dim=64",
         "model.attention.num_heads=2", "model.attention.num_kv_heads=1", "model.attention.head_dim=16",
         "model.moe.num_experts=8", "model.moe.expert_dim=16", "model.moe.gamma=0.01", "data.seq_len=16",
-        "data.global_batch_size=8", "data.max_bytes=200000", "trainer.sample_tokens=0", "trainer.progress=false"]
+        "data.global_batch_size=8", "data.max_bytes=200000", "model.sample.tokens=0", "trainer.progress=false"]
 
 
 def _cfg(extra=()):
@@ -33,7 +34,7 @@ def _run(cfg, devices, steps=2):
         state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
         biases.append(_bias(state))
         for b in batches:
-            state, m = step_fn(state, trainer._global_batch(b, batch_sh))
+            state, m = step_fn(state, global_batch(b, batch_sh))
             biases.append(_bias(state))
     return setup, state, biases, m
 

@@ -17,7 +17,7 @@ N = 8
 TINY = [
     "model.d_model=32", "model.num_layers=1", "model.mlp_dim=32", "model.ssm.d_state=8", "model.ssm.head_dim=16",
     "model.ssm.chunk_size=16", "data.seq_len=32", "data.global_batch_size=4", "data.max_bytes=100000",
-    "trainer.sample_tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "optimizer.warmup_steps=2",
+    "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "optimizer.warmup_steps=2",
     "trainer.log_every=1", "trainer.eval_every=1000", "checkpoint.every_steps=4",
 ]
 
