@@ -2,9 +2,13 @@
 
 Layout of RUN_DIR/checkpoints/<step>/: `state` (the TrainState: params, opt_state, step, rng, stats, carry),
 `data` (grain iterator state, one file per process: `process_<i>-of-<n>.json`), `config` (resolved config
-JSON), `meta` (versions, mesh, process count). orbax writes each step to a temporary directory and renames it
-when complete, so a half-written checkpoint is never listed; a complete one that fails to restore (corrupt
-file) is skipped with a warning and the previous one is used.
+JSON), `meta` (versions, mesh, process count), `checksums` (two 32-bit hashes per array, `_array_checksum`).
+orbax writes each step to a temporary directory and renames it when complete, so a half-written checkpoint is
+never listed. Restoring a step checks, in order: its arrays' tree/shapes/dtypes against the target
+(a difference is a config change: CheckpointMismatchError, one line naming the arrays and config fields),
+that every file reads back, and every array against its checksum (silent bit rot). A step failing the
+last two is corrupt: training moves it aside to `<step>.corrupt-<UTC time>` (never deletes it) and falls
+back to the previous step; tools only skip it.
 
 Restoring onto another process count: the model state restores onto any mesh (abstract targets). The data
 iterator state of the map-style pipeline is the next *global* batch index, the same in every process file, so
@@ -14,9 +18,11 @@ derived from the step, which is exact for the map-style pipeline).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -95,14 +101,207 @@ def _grain_handler():
     return grain.checkpoint.CheckpointHandler()  # saves; restore reads the files itself (mapped_data_state)
 
 
-class Checkpointer:
-    """Thin wrapper over ocp.CheckpointManager that knows our four items."""
+class CheckpointMismatchError(ConfigError):
+    """A checkpoint's arrays (tree, shapes, dtypes) differ from the state the config builds (one line)."""
 
-    def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False):
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step does not read back as saved (unreadable file, checksum mismatch); one line."""
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message` (orbax/tensorstore messages run to pages of JSON specs)."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}" if first else type(e).__name__
+
+
+def leaf_name(path) -> str:
+    """A pytree key path -> dotted name as orbax writes it (`opt_state.1.0.mu.embed.embedding`)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return ".".join(parts)
+
+
+def signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of every array leaf of a (possibly abstract) state."""
+    return {leaf_name(p): (tuple(int(d) for d in x.shape), str(x.dtype))
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_signature(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of a checkpoint step's `state` from its metadata (no array is read)."""
+    from etils import epath
+
+    try:
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        sig = {leaf_name(p): (tuple(int(d) for d in x.shape), str(x.dtype)) for p, x in leaves}
+    except Exception as e:  # any unreadable or inconsistent metadata file
+        raise CorruptCheckpointError(f"its state metadata is unreadable ({one_line(e)})") from None
+    if not sig:
+        raise CorruptCheckpointError("its state metadata lists no arrays")
+    return sig
+
+
+def _flat_config(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        return out
+    if isinstance(d, list) and d and any(isinstance(v, (dict, list)) for v in d):
+        out = {f"{prefix}len": len(d)}
+        for i, v in enumerate(d):
+            out.update(_flat_config(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def config_changes(saved: dict, current: dict, limit: int = 6) -> list[str]:
+    """`key (saved -> now)` for config fields that differ; model and optimizer fields first."""
+    a, b = _flat_config(saved), _flat_config(current)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "run_dir"]
+    keys.sort(key=lambda k: (not k.startswith(("model.", "optimizer.")), k))
+    shown = [f"{k} ({a.get(k, '<absent>')} -> {b.get(k, '<absent>')})".replace("._type (", " (") for k in keys[:limit]]
+    return shown + ([f"{len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def _normalized_config(d: Any) -> Any:
+    """A saved config dict as today's code writes it (legacy layouts migrate through from_dict)."""
+    try:
+        return config_lib.to_dict(config_lib.from_dict(d))
+    except Exception:  # written by other code: compare the raw text
+        return d
+
+
+def check_fits(saved: dict, want: dict, *, where: str, saved_config: dict | None = None,
+               config: dict | None = None, advice: str = "") -> None:
+    """Raises CheckpointMismatchError naming the differing arrays and config fields unless saved == want."""
+    if saved == want:
+        return
+    diffs = []
+    for name in sorted(set(saved) | set(want), key=lambda n: (not n.startswith("params."), n)):
+        s, w = saved.get(name), want.get(name)
+        if s == w:
+            continue
+        fmt = lambda x: f"{x[1]}{list(x[0])}"
+        diffs.append(f"{name} not in the checkpoint" if s is None else f"{name} only in the checkpoint" if w is None
+                     else f"{name} saved {fmt(s)} vs {fmt(w)}")
+    fields = ""
+    if saved_config is not None and config is not None:
+        changes = config_changes(_normalized_config(saved_config), config)
+        fields = f"; config fields that differ from the checkpoint's: {', '.join(changes) if changes else 'none'}"
+    raise CheckpointMismatchError(
+        f"{where} does not fit this config: {len(diffs)} of {len(set(saved) | set(want))} arrays differ "
+        f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}){fields}{advice}")
+
+
+_CHECKSUM_SEEDS = (0x243F6A88, 0x85A308D3)
+CHECKSUM_ALGORITHM = "axl-mix32x2-v1"
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer (a bijection that spreads every input bit over the output)."""
+    import jax.numpy as jnp
+
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _array_checksum(x):
+    """uint32[2]: sum_i mix(word_i ^ mix(i + seed)) mod 2^32 for two seeds, over the array's 32-bit words.
+
+    A sum of per-element hashes keyed by the flat global index: any change of any bit (or a swap of two
+    elements) changes it with probability ~1 - 2^-64, and integer sums wrap exactly, so the result is the
+    same however the array is sharded (no gather: each device reduces its own shard).
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        w = x.astype(jnp.uint32)
+    elif x.dtype.itemsize == 8:
+        w = lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    else:
+        u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        w = (x if x.dtype == u else lax.bitcast_convert_type(x, u)).astype(jnp.uint32)
+    idx = jnp.zeros(w.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):
+        idx = idx + lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= w.shape[d]
+    sums = []
+    for seed in _CHECKSUM_SEEDS:
+        h = _fmix32(w ^ _fmix32(idx * jnp.uint32(0x9E3779B9) + jnp.uint32(seed)))
+        sums.append(jnp.sum(h, dtype=jnp.uint32))
+    return jnp.stack(sums)
+
+
+@functools.lru_cache(maxsize=8)
+def _checksum_fn(mesh):
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def fn(leaves):
+        return jnp.stack([_array_checksum(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+    return jax.jit(fn) if mesh is None else jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def state_checksums(state: Any) -> dict[str, str]:
+    """name -> 16 hex digits per array leaf of a (sharded, multi-process) state; one fused device pass."""
+    import numpy as np
+
+    named = jax.tree_util.tree_flatten_with_path(state)[0]
+    leaves = [x for _, x in named]
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+    sums = np.asarray(jax.device_get(_checksum_fn(mesh)(leaves)))
+    return {leaf_name(p): f"{int(s[0]):08x}{int(s[1]):08x}" for (p, _), s in zip(named, sums)}
+
+
+def _agree(ok: bool) -> bool:
+    """True when `ok` holds on every process (a collective in multi-process jobs)."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def _is_resource_error(e: BaseException) -> bool:
+    """Out of memory is no proof of a damaged file: such a step is never moved aside."""
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e)[:2000]
+
+
+class Checkpointer:
+    """ocp.CheckpointManager over our items: state, data, config, meta and checksums (one per array).
+
+    `restore(step, ...)` returns exactly what was saved or raises: CheckpointMismatchError when the saved arrays'
+    tree/shapes/dtypes differ from the target's (nothing is read), CorruptCheckpointError when a file does not
+    read back or an array differs from the checksum saved with it. `restore_latest` moves a corrupt step aside
+    (`<step>.corrupt-<UTC time>`, never deleted) and falls back to the previous one, so training saves that step
+    number again; a read-only checkpointer (tools) only skips it. keep_all: never garbage-collect old steps.
+    """
+
+    def __init__(self, directory: str, cfg: CheckpointConfig, *, read_only: bool = False, keep_all: bool = False):
         self.directory = os.path.abspath(directory)
         self.restore_data = cfg.restore_data
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.max_to_keep,
+            max_to_keep=None if keep_all else cfg.max_to_keep,
             keep_period=cfg.keep_period,
             enable_async_checkpointing=cfg.async_save,
             create=not read_only,
@@ -113,17 +312,22 @@ class Checkpointer:
             "data": _grain_handler(),
             "config": ocp.JsonCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(),
+            "checksums": ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(self, step: int, state: Any, iterator: Any, config_dict: dict, meta: dict, *, force: bool = False) -> bool:
         args = dict(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(config_dict),
             meta=ocp.args.JsonSave(meta),
+            checksums=ocp.args.JsonSave({"algorithm": CHECKSUM_ALGORITHM, "arrays": state_checksums(state)}),
         )
         if iterator is not None:
             import grain
@@ -131,33 +335,108 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointSave(iterator)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, step: int, abstract_state: Any, iterator: Any = None) -> Any:
-        args = dict(state=ocp.args.StandardRestore(abstract_state))
-        data_dir = os.path.join(self.directory, str(step), "data")
-        with_data = iterator is not None and self.restore_data and os.path.isdir(data_dir)
+    def restore(self, step: int, abstract_state: Any, iterator: Any = None, *, config_dict: dict | None = None,
+                advice: str = "") -> Any:
+        """The state of `step` onto `abstract_state`'s shardings; positions `iterator` after it (see class doc).
+
+        config_dict (the current config) names the config fields that differ in a mismatch error; `advice` ends it.
+        """
+        where = f"checkpoint step {step} in {self.directory}"
+        sdir = self.step_dir(step)
+        err = None
+        try:
+            saved = saved_signature(sdir)
+        except CorruptCheckpointError as e:
+            err, saved = str(e), None
+        if not _agree(err is None):
+            raise CorruptCheckpointError(err or "another process could not read its state metadata")
+        saved_config = None
+        if config_dict is not None:
+            try:
+                saved_config = self.read_json(step, "config")
+            except Exception:  # the message then names arrays only
+                saved_config = None
+        check_fits(saved, signature(abstract_state), where=where, saved_config=saved_config, config=config_dict,
+                   advice=advice)
+        data_dir = os.path.join(sdir, "data")
         data_state = None
-        if with_data:
+        if iterator is not None and self.restore_data and os.path.isdir(data_dir):
             # Read before any array, so every process fails fast with the same one-line error.
-            data_state = mapped_data_state(data_dir, jax.process_index(), jax.process_count())
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+            try:
+                data_state = mapped_data_state(data_dir, jax.process_index(), jax.process_count())
+            except DataStateError:
+                raise
+            except (OSError, ValueError) as e:
+                raise CorruptCheckpointError(f"its data iterator state is unreadable ({one_line(e)})") from None
+        err = None
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+        except Exception as e:
+            if _is_resource_error(e):
+                raise
+            err, restored = one_line(e), None
+        if not _agree(err is None):
+            raise CorruptCheckpointError(f"its arrays do not read back ({err or 'failed on another process'})")
+        self._verify(step, restored)
         if data_state is not None:
             iterator.set_state(data_state)
         elif iterator is not None:  # restore_data=false, or a checkpoint saved without data state
             seek_to_step(iterator, step)
-        return restored["state"]
+        return restored
 
-    def restore_latest(self, abstract_state: Any, iterator: Any = None) -> tuple[int | None, Any]:
-        """Restores the newest step that restores cleanly; returns (step, state) or (None, None)."""
-        for step in reversed(self.all_steps()):
+    def _verify(self, step: int, state: Any) -> None:
+        path = os.path.join(self.step_dir(step), "checksums", "metadata")
+        if not os.path.exists(path):
+            return  # saved before checksums were written
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("algorithm") != CHECKSUM_ALGORITHM:
+                return  # written by another version of this code: nothing to compare against
+            saved = dict(saved["arrays"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptCheckpointError(f"its checksums file is unreadable ({one_line(e)})") from None
+        now = state_checksums(state)
+        bad = [n for n, c in saved.items() if now.get(n) != c]
+        if bad:
+            raise CorruptCheckpointError(f"{len(bad)} array(s) differ from the checksums saved with them "
+                                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+    def restore_latest(self, abstract_state: Any, iterator: Any = None, *, config_dict: dict | None = None,
+                       advice: str = "") -> tuple[int | None, Any]:
+        """Restores the newest step that reads back as saved; returns (step, state) or (None, None).
+
+        A mismatching step raises (an older step would silently resume another run); a corrupt one is moved
+        aside (read-only: skipped) and the previous one tried; when none is left this says "starting from scratch".
+        """
+        steps = self.all_steps()
+        for step in reversed(steps):
             try:
-                return step, self.restore(step, abstract_state, iterator)
-            except DataStateError:
-                raise  # every older step has the same layout: falling back would silently restart from scratch
-            except Exception as e:  # corrupt/truncated files: fall back to the previous checkpoint
-                msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-                log.warning("checkpoint step %d in %s could not be restored (%s); trying the previous one", step, self.directory, msg)
-                print(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}); falling back to an earlier one", flush=True)
+                return step, self.restore(step, abstract_state, iterator, config_dict=config_dict, advice=advice)
+            except CorruptCheckpointError as e:
+                self._set_aside(step, str(e))
+        if steps:
+            print(f"no checkpoint in {self.directory} could be restored ({len(steps)} unreadable, kept aside); "
+                  f"starting from scratch", flush=True)
         return None, None
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        where = f"checkpoint step {step} in {self.directory}"
+        if self.read_only:
+            print(f"warning: {where} is unreadable ({reason}); falling back to an earlier step", file=sys.stderr, flush=True)
+            return
+        from axlearn_like.rundir import move_aside
+
+        dest = move_aside(self.step_dir(step)) if jax.process_index() == 0 else None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"axl_move_aside_{step}")
+        self.manager.reload()
+        if jax.process_index() == 0:
+            log.warning("%s moved aside to %s: %s", where, dest, reason)
+            print(f"warning: {where} is unreadable ({reason}); moved it to {os.path.basename(dest)} (kept, not deleted) "
+                  f"and falling back to the previous step", flush=True)
 
     def read_json(self, step: int, item: str) -> dict:
         path = os.path.join(self.directory, str(step), item, "metadata")
@@ -179,29 +458,58 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def read_step_config(ckpt: Checkpointer, step: int) -> Any:
+    """The config saved with a step. A damaged file raises CorruptCheckpointError; one this code cannot rebuild
+    (an unknown `_type`, an unknown key) raises ConfigError naming the file."""
+    from axlearn_like import rundir
+
+    path = os.path.join(ckpt.step_dir(step), "config", "metadata")
+    try:
+        with open(path) as f:
+            text = f.read()
+        json.loads(text)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"its config {path} is unreadable ({one_line(e)})") from None
+    return rundir.config_from_json_text(text, path)
+
+
 def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = False):
     """Research entry point: returns (task, variables, config) from any saved step, no data pipeline needed.
 
     variables = {'params', 'stats', 'carry'} unboxed, placed on the present devices with the config's
     sharding rules (or replicated on one device when the saved mesh does not fit). Runs with
     optimizer.param_dtype=bfloat16 store bf16 params (what the model computed with); masters=True returns the
-    optimizer's float32 master weights as 'params' instead.
+    optimizer's float32 master weights as 'params' instead. step=None: the newest step that reads back as saved
+    (a corrupt newer one is reported on stderr and skipped; nothing in the run dir is changed).
     """
     from axlearn_like.optimizers import master_weights
     from axlearn_like.state_setup import build_state_setup
 
     ckpt = Checkpointer(checkpoint_dir(run_dir), CheckpointConfig(), read_only=True)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(run_dir)}; train first or pass the right run dir")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ValueError(f"step {step} is not saved in {run_dir}; saved steps: {steps}")
-    cfg = config_lib.from_dict(ckpt.read_json(step, "config"))
-    setup = build_state_setup(cfg, mesh=mesh, for_restore=True)
-    state = ckpt.restore(step, setup.abstract_state)
-    ckpt.close()
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(run_dir)}; train first or pass the right run dir")
+        if step is not None and step not in steps:
+            raise ValueError(f"step {step} is not saved in {run_dir}; saved steps: {steps}")
+        reasons = []
+        for s in [step] if step is not None else reversed(steps):
+            try:
+                cfg = read_step_config(ckpt, s)
+                setup = build_state_setup(cfg, mesh=mesh, for_restore=True)
+                state = ckpt.restore(s, setup.abstract_state, advice="; the saved config no longer builds the saved "
+                                     "state (written by another version of this code?)")
+                break
+            except CorruptCheckpointError as e:
+                if step is not None:
+                    raise ValueError(f"checkpoint step {s} in {ckpt.directory} is unreadable ({e}); "
+                                     f"saved steps: {steps}; pick another step") from None
+                ckpt._set_aside(s, str(e))
+                reasons.append(f"step {s}: {e}")
+        else:
+            raise ValueError(f"no checkpoint in {ckpt.directory} can be read ({'; '.join(reasons[:3])})")
+    finally:
+        ckpt.close()
     master = master_weights(state.opt_state) if masters else None
     variables = {"params": state.params if master is None else master, "stats": state.stats, "carry": state.carry}
     return setup.task, variables, cfg

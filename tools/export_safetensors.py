@@ -40,20 +40,45 @@ def unflatten(flat: dict[str, np.ndarray]) -> dict:
     return tree
 
 
-def export(run_dir: str, out_dir: str, step: int | None = None) -> str:
+def check_out_dir(out_dir: str, names: tuple[str, ...], overwrite: bool = False) -> None:
+    """Raises one ValueError line unless `out_dir` can take the export files `names` (checked before loading)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"OUT_DIR {out_dir} is a file; pass a directory (it is created if missing)")
+    if os.path.isdir(os.path.join(out_dir, "checkpoints")):
+        raise ValueError(f"OUT_DIR {out_dir} is a run dir (it has checkpoints/); export into another directory")
+    present = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    if present and not overwrite:
+        raise ValueError(f"OUT_DIR {out_dir} already holds {', '.join(present)}; pass --overwrite to replace them, "
+                         f"or export into another directory")
+
+
+def _write_atomic(path: str, write) -> None:
+    """write(tmp_path), then rename over `path`: a crash never leaves a half-written export."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def export(run_dir: str, out_dir: str, step: int | None = None, *, overwrite: bool = False) -> str:
     import jax
     from safetensors.numpy import save_file
 
     from axlearn_like import checkpoint, config as config_lib
 
+    check_out_dir(out_dir, ("model.safetensors", "config.json"), overwrite)
     task, variables, cfg = checkpoint.load(run_dir, step, masters=True)  # float32 masters where the run keeps them
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables["params"])
     flat = flatten(params)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "model.safetensors")
-    save_file(flat, path, metadata={"format": "axlearn_like", "name": cfg.name})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(cfg))
+    _write_atomic(path, lambda p: save_file(flat, p, metadata={"format": "axlearn_like", "name": cfg.name}))
+    text = config_lib.to_json(cfg)
+    _write_atomic(os.path.join(out_dir, "config.json"), lambda p: _write_text(p, text))
     return path
 
 
@@ -63,8 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--step", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace model.safetensors / config.json in OUT_DIR")
     a = p.parse_args(argv)
-    path = export(a.run_dir, a.out_dir, a.step)
+    path = export(a.run_dir, a.out_dir, a.step, overwrite=a.overwrite)
     print(f"wrote {path} and {os.path.join(a.out_dir, 'config.json')}")
     return 0
 
