@@ -1,12 +1,21 @@
 """Typed, nested configs: plain dataclasses that live beside the code they configure.
 
 A recipe is a function returning the root config. The command line edits it with dotted overrides
-(`--set model.moe.top_k=4`), type-checked against the dataclass field types; every user error is a
+(`--set trainer.steps=200`), type-checked against the dataclass field types; every user error is a
 `ConfigError` whose message is one line naming the key. A config's `validate()` (optional, per class)
-checks combinations; `validate_tree` calls every one of them, parents after children.
+checks combinations; `validate_tree` calls every one of them, parents after children, entries of tuple
+fields included.
+
+Tuple fields of configs (e.g. a decoder's `layer_pattern`) are addressed by entry: `x.layer_pattern.3.w1`
+(index), `x.layer_pattern.simplicial.w1` (every entry whose class declares `kind = "simplicial"`) or
+`x.layer_pattern.*.num_heads` (every entry having that field). A whole tuple is set from a comma list of
+kind names present in it (each a copy of the first such entry) or `module:Class` names (defaults):
+`x.ffn_pattern=mlp,moe,moe`.
 
 Configs serialize to JSON with a `_type` tag per dataclass ("module:QualName"), so a checkpoint's saved
 config rebuilds the exact classes (including model configs the core does not import) with `from_dict`.
+A class may define a classmethod `migrate_dict(d) -> d` rewriting the dict an older version saved
+(raw JSON values, before its fields are parsed), so old run directories keep loading.
 """
 from __future__ import annotations
 
@@ -64,6 +73,9 @@ def from_dict(d: Any) -> Any:
     """Inverse of `to_dict`."""
     if isinstance(d, dict) and "_type" in d:
         cls = _resolve_type(d["_type"])
+        migrate = getattr(cls, "migrate_dict", None)
+        if callable(migrate):
+            d = migrate(dict(d))
         hints = typing.get_type_hints(cls)
         kwargs = {}
         names = {f.name for f in dataclasses.fields(cls)}
@@ -182,6 +194,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if is_config(value):
+            if not isinstance(value, tp):
+                raise ConfigError(f"{key}: expected a {tp.__qualname__}, got a {type(value).__qualname__}")
             return value
         raise ConfigError(f"{key}: is a config section; set its fields ({key}.<field>=...) instead")
     return value
@@ -195,25 +209,104 @@ def _field_names(cfg: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg)]
 
 
+def _kind(entry: Any) -> str | None:
+    return getattr(type(entry), "kind", None)
+
+
+def _select(seq: Any, part: str, parts: list[str], i: int, dotted: str) -> list[Any]:
+    """The entries of a tuple field that `part` (an index, a kind name or "*") selects."""
+    where = ".".join(parts[:i])
+    kinds = ", ".join(sorted({k for k in map(_kind, seq) if k})) or "none"
+    if i == len(parts) - 1:
+        raise ConfigError(
+            f"{dotted}: is a pattern entry; set its fields ({dotted}.<field>=...) or the whole tuple "
+            f"({where}=<kind>,<kind>,...)"
+        )
+    if part.isdigit():
+        if int(part) >= len(seq):
+            raise ConfigError(f"unknown config key {dotted!r}: {where} has {len(seq)} entries (index {part})")
+        return [seq[int(part)]]
+    if part == "*":
+        field = parts[i + 1]
+        found = [e for e in seq if is_config(e) and field in _field_names(e)]
+        if not found:
+            raise ConfigError(f"unknown config key {dotted!r}: no entry of {where} has a field {field!r} (kinds: {kinds})")
+        return found
+    found = [e for e in seq if _kind(e) == part]
+    if not found:
+        raise ConfigError(
+            f"unknown config key {dotted!r}: {where} has no entry of kind {part!r} (kinds: {kinds}); "
+            f"select entries by index, kind or *"
+        )
+    return found
+
+
+def _coerce_tuple_of_configs(current: Any, raw: Any, elem: type, key: str) -> Any:
+    """A comma list of kind names (copies of the first such entry in `current`) or module:Class names."""
+    import copy
+
+    items = _coerce(raw, tuple[str, ...], key)
+    if not items:
+        raise ConfigError(f"{key}: needs at least one entry")
+    present = {}
+    for e in current or ():
+        present.setdefault(_kind(e), e)
+    out = []
+    for name in items:
+        if ":" in name:
+            try:
+                cls = _resolve_type(name)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"{key}: cannot import {name!r} ({e})") from None
+            if not (isinstance(cls, type) and issubclass(cls, elem)):
+                raise ConfigError(f"{key}: {name} is not a {elem.__qualname__}")
+            out.append(cls())
+        elif name in present:
+            out.append(copy.deepcopy(present[name]))
+        else:
+            raise ConfigError(
+                f"{key}: no {name!r} entry to copy (present: {', '.join(k for k in present if k) or 'none'}); "
+                f"name a new kind as module:Class"
+            )
+    return tuple(out)
+
+
+def _config_elem(tp: Any) -> type | None:
+    """X for a field annotated tuple[X, ...] / list[X] with X a config class, else None."""
+    if typing.get_origin(tp) not in (tuple, list):
+        return None
+    args = typing.get_args(tp)
+    if not args or (typing.get_origin(tp) is tuple and (len(args) != 2 or args[1] is not Ellipsis)):
+        return None
+    return args[0] if isinstance(args[0], type) and dataclasses.is_dataclass(args[0]) else None
+
+
 def set_value(cfg: Any, dotted: str, raw: Any) -> None:
     """Sets `cfg.<dotted>` to `raw`, converted to the field's declared type (in place)."""
-    parts = dotted.split(".")
-    node = cfg
-    for i, part in enumerate(parts[:-1]):
-        if not is_config(node) or part not in _field_names(node):
-            where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(
-                f"unknown config key {dotted!r}: {where} has no section {part!r} "
-                f"(known: {', '.join(_field_names(node)) if is_config(node) else 'none'}); see --print-config"
-            )
-        node = getattr(node, part)
-    last = parts[-1]
-    if not is_config(node) or last not in _field_names(node):
-        where = ".".join(parts[:-1]) or "<root>"
+    _set_path(cfg, dotted.split("."), 0, dotted, raw)
+
+
+def _set_path(node: Any, parts: list[str], i: int, dotted: str, raw: Any) -> None:
+    part, last = parts[i], i == len(parts) - 1
+    if isinstance(node, (tuple, list)) and i > 0:
+        for entry in _select(node, part, parts, i, dotted):
+            _set_path(entry, parts, i + 1, dotted, raw)
+        return
+    if not is_config(node) or part not in _field_names(node):
+        where = ".".join(parts[:i]) or "<root>"
         known = ", ".join(_field_names(node)) if is_config(node) else "none"
-        raise ConfigError(f"unknown config key {dotted!r}: {where} has no field {last!r} (known: {known}); see --print-config")
-    hints = typing.get_type_hints(type(node))
-    setattr(node, last, _coerce(raw, hints.get(last, Any), dotted))
+        what = "field" if last else "section"
+        raise ConfigError(f"unknown config key {dotted!r}: {where} has no {what} {part!r} (known: {known}); see --print-config")
+    if not last:
+        _set_path(getattr(node, part), parts, i + 1, dotted, raw)
+        return
+    tp = typing.get_type_hints(type(node)).get(part, Any)
+    elem = _config_elem(tp)
+    if elem is not None and isinstance(raw, str):
+        value = _coerce_tuple_of_configs(getattr(node, part), raw, elem, dotted)
+    else:
+        value = _coerce(raw, tp, dotted)
+    setattr(node, part, value)
 
 
 def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
@@ -232,6 +325,10 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 
 def validate_tree(cfg: Any, prefix: str = "") -> None:
     """Calls `validate()` on every config in the tree (children first); re-raises with the key path."""
+    if isinstance(cfg, (tuple, list)):
+        for i, entry in enumerate(cfg):
+            validate_tree(entry, f"{prefix}{i}.")
+        return
     if not is_config(cfg):
         return
     for f in dataclasses.fields(cfg):

@@ -6,7 +6,7 @@ M is causal and block-diagonal over `segment_ids`, so packed documents never att
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -14,19 +14,29 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import config_class, require
-from kernels.common import backend, resolve_implementation
-from models.layers import DenseGeneral, RMSNorm, apply_rope
+from kernels.attention import IMPLEMENTATIONS, choose_implementation, dot_product_attention, segment_mask  # noqa: F401
+from models.kinds import LayerContext, MixerConfig
+from models.layers import DenseGeneral, RMSNorm, apply_rope, llama3_frequencies, rope_frequencies, yarn_frequencies
 
-IMPLEMENTATIONS = {"xla": ("cpu", "gpu", "tpu"), "cudnn": ("gpu",)}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @config_class
-class AttentionConfig:
-    """num_heads query heads of size head_dim, num_kv_heads shared K/V heads (GQA; = num_heads for MHA).
+class AttentionConfig(MixerConfig):
+    """The "attention" mixer kind: num_heads query heads of size head_dim, num_kv_heads shared K/V heads
+    (GQA; = num_heads for MHA).
 
     implementation: None (cuDNN flash attention on GPU when dtype/head_dim allow it, XLA otherwise),
     "xla" or "cudnn" (forced; errors off-GPU). qk_norm: RMSNorm on q and k per head before RoPE.
+    qkv_bias / out_bias: biases on the q, k, v projections (Qwen2) / on the output projection.
+    rope_type: "default" (theta^(-2i/d)), "linear" (positions / rope_factor), "llama3"
+    (models.layers.llama3_frequencies with rope_factor, rope_original_max_len, rope_low/high_freq_factor) or
+    "yarn" (models.layers.yarn_frequencies with rope_factor, rope_original_max_len and the yarn_* fields;
+    its attention factor scales q and k after the rotation, as Hugging Face scales cos and sin).
     """
+
+    kind: ClassVar[str] = "attention"
+    logical_axes: ClassVar[tuple[str, ...]] = ("embed", "heads", "kv_heads", "head_dim", "norm")
 
     num_heads: int = 4
     num_kv_heads: int = 4
@@ -34,6 +44,42 @@ class AttentionConfig:
     rope_theta: float = 10000.0
     implementation: str | None = None
     qk_norm: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_original_max_len: int = 8192
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 0.0
+    yarn_mscale_all_dim: float = 0.0
+    yarn_attention_factor: float | None = None
+    yarn_truncate: bool = True
+
+    def rope(self) -> tuple[jax.Array, float]:
+        """-> (inv_freq float32 [head_dim / 2], attention factor that multiplies q and k after RoPE)."""
+        d, theta = self.head_dim, self.rope_theta
+        if self.rope_type == "linear":
+            return rope_frequencies(d, theta) / self.rope_factor, 1.0
+        if self.rope_type == "llama3":
+            return llama3_frequencies(d, theta, self.rope_factor, self.rope_original_max_len,
+                                      self.rope_low_freq_factor, self.rope_high_freq_factor), 1.0
+        if self.rope_type == "yarn":
+            return yarn_frequencies(
+                d, theta, self.rope_factor, self.rope_original_max_len, beta_fast=self.yarn_beta_fast,
+                beta_slow=self.yarn_beta_slow, mscale=self.yarn_mscale, mscale_all_dim=self.yarn_mscale_all_dim,
+                attention_factor=self.yarn_attention_factor, truncate=self.yarn_truncate)
+        return rope_frequencies(d, theta), 1.0
+
+    def build(self, ctx: LayerContext, name: str) -> nn.Module:
+        return Attention(self, ctx.dtype, ctx.init_std, ctx.out_init_std, ctx.norm_eps, name=name)
+
+    def extra_flops(self, d_model: int, seq_len: int) -> float:
+        """q.k and p.v: 2 matmuls x 2 FLOPs x seq_len x H*D_h per token forward, x3 with backward, /2 causal."""
+        del d_model
+        return 12.0 * seq_len * self.num_heads * self.head_dim / 2
 
     def validate(self) -> None:
         require(self.num_heads >= 1 and self.num_kv_heads >= 1, "num_heads", "head counts must be >= 1")
@@ -44,6 +90,14 @@ class AttentionConfig:
         )
         require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
         require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        require(self.rope_type in ROPE_TYPES, "rope_type", f"{self.rope_type!r} is not one of {list(ROPE_TYPES)}")
+        require(self.rope_factor > 0, "rope_factor", f"must be > 0, got {self.rope_factor}")
+        require(self.rope_original_max_len >= 1, "rope_original_max_len", f"must be >= 1, got {self.rope_original_max_len}")
+        require(0 < self.rope_low_freq_factor < self.rope_high_freq_factor, "rope_low_freq_factor",
+                f"need 0 < rope_low_freq_factor < rope_high_freq_factor, got {self.rope_low_freq_factor} and "
+                f"{self.rope_high_freq_factor}")
+        require(0 < self.yarn_beta_slow <= self.yarn_beta_fast, "yarn_beta_slow",
+                f"need 0 < yarn_beta_slow <= yarn_beta_fast, got {self.yarn_beta_slow} and {self.yarn_beta_fast}")
         require(
             self.implementation in (None, *IMPLEMENTATIONS),
             "implementation",
@@ -51,48 +105,23 @@ class AttentionConfig:
         )
 
 
-def choose_implementation(implementation: str | None, dtype: Any, head_dim: int) -> str:
-    """None -> 'cudnn' on GPU for 16-bit dtypes and head_dim % 8 == 0, <= 128; else 'xla'."""
-    if implementation is not None:
-        return resolve_implementation("dot_product_attention", implementation, supported=IMPLEMENTATIONS, preferred={})
-    cudnn_ok = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if backend() == "gpu" and cudnn_ok else "xla"
-
-
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """int [B, S] -> bool [B, 1, S, S], True where query and key belong to the same segment."""
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-
-
-def dot_product_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    segment_ids: jax.Array | None = None,
-    *,
-    implementation: str | None = None,
-    scale: float | None = None,
-) -> jax.Array:
-    """Causal GQA attention. q: [B, S, H, D]; k, v: [B, S, K, D]; segment_ids: int [B, S] or None -> [B, S, H, D].
-    scale: the logit scale (default 1/sqrt(D))."""
-    impl = choose_implementation(implementation, q.dtype, q.shape[-1])
-    mask = None if segment_ids is None else segment_mask(segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation=impl)
-
-
-def head_projection(x: jax.Array, name: str, heads: int, head_dim: int, axis: str, dtype: Any, init) -> jax.Array:
+def head_projection(x: jax.Array, name: str, heads: int, head_dim: int, axis: str, dtype: Any, init,
+                    bias: bool = False) -> jax.Array:
     """x [B, S, D] -> [B, S, heads, head_dim] (param `name`: [D, heads, head_dim] with logical axes
-    ("embed", axis, "head_dim")). Call from inside a compact module: the Dense becomes its child."""
-    y = DenseGeneral((heads, head_dim), ("embed", axis, "head_dim"), dtype=dtype, kernel_init=init, name=name)(x)
+    ("embed", axis, "head_dim"), plus bias [heads, head_dim] when `bias`). Call from inside a compact module:
+    the Dense becomes its child."""
+    y = DenseGeneral((heads, head_dim), ("embed", axis, "head_dim"), dtype=dtype, kernel_init=init, use_bias=bias,
+                     name=name)(x)
     return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
 
 
-def output_projection(ctx: jax.Array, d_model: int, dtype: Any, init_std: float, name: str = "out") -> jax.Array:
-    """Per-head context [B, S, H, Dh] -> [B, S, D], with the "attn_context"/"attn_out" checkpoint names that
-    every attention-like mixer shares (so one remat policy covers all of them)."""
+def output_projection(ctx: jax.Array, d_model: int, dtype: Any, init_std: float, name: str = "out",
+                      bias: bool = False) -> jax.Array:
+    """Per-head context [B, S, H, Dh] -> [B, S, D] (bias [D] when `bias`), with the "attn_context"/"attn_out"
+    checkpoint names that every attention-like mixer shares (so one remat policy covers all of them)."""
     ctx = checkpoint_name(nn.with_logical_constraint(ctx, ("batch", "length", "heads", "head_dim")), "attn_context")
     out = DenseGeneral(d_model, ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=dtype,
-                       kernel_init=nn.initializers.normal(init_std), name=name)(ctx)
+                       kernel_init=nn.initializers.normal(init_std), use_bias=bias, name=name)(ctx)
     return checkpoint_name(nn.with_logical_constraint(out, ("batch", "length", "embed")), "attn_out")
 
 
@@ -113,17 +142,21 @@ class Attention(nn.Module):
         del train
         c = self.cfg
         init = nn.initializers.normal(self.init_std)
-        q = head_projection(x, "query", c.num_heads, c.head_dim, "heads", self.dtype, init)
-        k = head_projection(x, "key", c.num_kv_heads, c.head_dim, "kv_heads", self.dtype, init)
-        v = head_projection(x, "value", c.num_kv_heads, c.head_dim, "kv_heads", self.dtype, init)
+        q = head_projection(x, "query", c.num_heads, c.head_dim, "heads", self.dtype, init, c.qkv_bias)
+        k = head_projection(x, "key", c.num_kv_heads, c.head_dim, "kv_heads", self.dtype, init, c.qkv_bias)
+        v = head_projection(x, "value", c.num_kv_heads, c.head_dim, "kv_heads", self.dtype, init, c.qkv_bias)
         if c.qk_norm:
             q = RMSNorm(self.norm_eps, self.dtype, name="query_norm")(q)
             k = RMSNorm(self.norm_eps, self.dtype, name="key_norm")(k)
         pos = self.rope_positions(positions)
-        q = apply_rope(q, pos, c.rope_theta)
-        k = apply_rope(k, pos, c.rope_theta)
+        inv_freq, factor = c.rope()
+        q = apply_rope(q, pos, inv_freq=inv_freq)
+        k = apply_rope(k, pos, inv_freq=inv_freq)
+        if factor != 1.0:  # YaRN: cos and sin scaled by `factor` on both q and k
+            q, k = (t * jnp.asarray(factor, t.dtype) for t in (q, k))
         q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
-        return output_projection(self.core(q, k, v, segment_ids), x.shape[-1], self.dtype, self.out_init_std)
+        return output_projection(self.core(q, k, v, segment_ids), x.shape[-1], self.dtype, self.out_init_std,
+                                 bias=c.out_bias)
 
     # Hooks for attention variants that keep these projections and parameter names (e.g. models.ebt's
     # System-2 and bidirectional attention) but change the core or the rotary positions.

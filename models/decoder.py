@@ -2,73 +2,33 @@
 
 Layer i is a pre-norm residual block (GPT-2/LLaMA style):
     x <- x + mixer_i(RMSNorm(x));   x <- x + ffn_i(RMSNorm(x))
-with mixer_i = MIXERS[layer_pattern[i % len(layer_pattern)]] and ffn_i = FFNS[ffn_pattern[i % len(ffn_pattern)]].
-
-Extending: a new layer kind registers one factory line in its own module, e.g. in models/moe.py
-    FFNS["moe"] = lambda cfg, layer_index, name: MoE(cfg.moe, ..., name=name)
-A factory returns an unbound linen Module named `name`; mixers are called as
-`mixer(x, *, positions, segment_ids, train)` and FFNs as `ffn(x, *, train)`, both [B,S,D] -> [B,S,D].
-Its own hyper-parameters live in a config section the factory reads from `cfg` (a DecoderConfig subclass
-adding e.g. `moe: MoEConfig`, or a field the lead adds here). Modules listed in PLUGIN_MODULES are imported
-on the first unknown name, so a config saved with "moe" in its pattern rebuilds without extra imports.
-Layers may own 'stats'/'carry' variables and sow into 'intermediates' (axlearn_like/state.py).
+with mixer_i = layer_pattern[i % len(layer_pattern)] and ffn_i = ffn_pattern[i % len(ffn_pattern)], config
+instances of the layer kinds of models/kinds.py that build their own layers (an FFN kind that builds None,
+e.g. NoFFNConfig, leaves the block as its mixer half: no ffn_norm, no FFN). Adding a kind is one new module;
+see docs/architecture.md. Layers may own 'stats'/'carry' variables and sow into 'intermediates'
+(axlearn_like/state.py).
 
 Scanned stacks (scan_layers=True) run nn.scan over num_layers / period repeats of one pattern period
 (period = lcm of the two pattern lengths). Every 'params'/'stats'/'intermediates' leaf then has a leading
-"layers" axis; 'carry' leaves are stacked on axis 1 so the global batch stays their leading axis. A factory
-called under scan sees the layer index of the first repeat (i.e. the index within the period).
+"layers" axis; 'carry' leaves are stacked on axis 1 so the global batch stays their leading axis. A kind
+built under scan sees the layer index of the first repeat (i.e. the index within the period).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from axlearn_like.config import ConfigError, config_class, require
+from axlearn_like.sharding import DEFAULT_RULES
 from axlearn_like.task import SampleConfig
-from models.attention import Attention, AttentionConfig
-from models.layers import DTYPES, MLP, Dense, Embed, RMSNorm, get_dtype
-
-LayerFactory = Callable[["DecoderConfig", int, str], nn.Module]
-
-# pattern name -> factory(cfg, layer_index, name) -> nn.Module.
-MIXERS: dict[str, LayerFactory] = {}
-FFNS: dict[str, LayerFactory] = {}
-# pattern name -> fn(cfg, seq_len) -> training FLOPs per token of ONE such layer *beyond* 6 x its parameter
-# count (e.g. the attention score/value matmuls; negative for MoE experts a token does not use).
-MIXER_FLOPS: dict[str, Callable[["DecoderConfig", int], float]] = {}
-FFN_FLOPS: dict[str, Callable[["DecoderConfig", int], float]] = {}
-
-PLUGIN_MODULES: tuple[str, ...] = ("models.simplicial", "models.moe", "models.ssm", "models.ebt")
-
-
-def _import_plugins() -> None:
-    for mod in PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the plugin exists but one of its own imports is missing: surface that
-                raise
-
-
-def lookup(kind: str, name: str) -> LayerFactory:
-    """kind: 'mixer' | 'ffn'. Unknown names raise a one-line ConfigError listing the registered ones."""
-    registry = MIXERS if kind == "mixer" else FFNS
-    if name not in registry:
-        _import_plugins()
-    if name not in registry:
-        key = "layer_pattern" if kind == "mixer" else "ffn_pattern"
-        raise ConfigError(
-            f"{key}: unknown {kind} {name!r}; registered: {sorted(registry)} "
-            f"(register it with {'MIXERS' if kind == 'mixer' else 'FFNS'}[{name!r}] = factory in its module)"
-        )
-    return registry[name]
+from models.attention import AttentionConfig
+from models.kinds import FFNConfig, LayerContext, MixerConfig
+from models.layers import DTYPES, Dense, Embed, MLPConfig, RMSNorm, get_dtype
 
 
 def _remat_policies() -> dict[str, Any]:
@@ -96,22 +56,34 @@ def remat_policy(name: str) -> Any:
     return policies[name]
 
 
+# Kind names of the string patterns saved before layer kinds were typed configs -> (config class, the old
+# DecoderConfig section holding its fields); migrate_dict rewrites such saved configs on load.
+_LEGACY_KINDS: dict[str, tuple[str, str]] = {
+    "attention": ("models.attention:AttentionConfig", "attention"),
+    "simplicial": ("models.simplicial:SimplicialConfig", "simplicial"),
+    "mamba2": ("models.ssm:Mamba2Config", "ssm"),
+    "mlp": ("models.layers:MLPConfig", "mlp_dim"),
+    "moe": ("models.moe:MoEConfig", "moe"),
+}
+_LEGACY_SECTIONS = ("attention", "mlp_dim", "simplicial", "moe", "ssm")
+
+
 @config_class
 class DecoderConfig:
     """Decoder-only LM. `build()` returns the Task (models.lm.LanguageModel) the trainer runs.
 
+    layer_pattern / ffn_pattern: mixer and FFN kind configs (models/kinds.py), repeated cyclically.
     init_std: std of every input-side matrix and the embeddings; output projections (attention out, MLP
     down) use init_std / sqrt(2 * num_layers) when scale_out_init (GPT-2). z_loss_weight: weight of
-    mean(logsumexp(logits)^2) added to the training loss (PaLM).
+    mean(logsumexp(logits)^2) added to the training loss (PaLM). sample: the text sample printed after
+    training (models.lm.NextTokenTask.final_hook).
     """
 
     vocab_size: int = 256
     d_model: int = 256
     num_layers: int = 4
-    layer_pattern: tuple[str, ...] = ("attention",)
-    ffn_pattern: tuple[str, ...] = ("mlp",)
-    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
-    mlp_dim: int = 1024
+    layer_pattern: tuple[MixerConfig, ...] = dataclasses.field(default_factory=lambda: (AttentionConfig(),))
+    ffn_pattern: tuple[FFNConfig, ...] = dataclasses.field(default_factory=lambda: (MLPConfig(),))
     tie_embeddings: bool = False
     scan_layers: bool = False
     remat_policy: str = "none"
@@ -121,22 +93,30 @@ class DecoderConfig:
     scale_out_init: bool = True
     z_loss_weight: float = 0.0
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
-    # Config sections of the plugin layer kinds (set by recipes that use them; None when unused):
-    # models.simplicial.SimplicialConfig, models.moe.MoEConfig, models.ssm.Mamba2Config.
-    simplicial: Any = None
-    moe: Any = None
-    ssm: Any = None
+
+    _LEGACY_KINDS: ClassVar[dict[str, tuple[str, str]]] = _LEGACY_KINDS
 
     @property
     def period(self) -> int:
         return math.lcm(len(self.layer_pattern), len(self.ffn_pattern))
 
-    def layer_kinds(self, layer_index: int) -> tuple[str, str]:
-        """(mixer name, ffn name) of layer `layer_index`."""
+    def layer_kinds(self, layer_index: int) -> tuple[MixerConfig, FFNConfig]:
+        """(mixer config, ffn config) of layer `layer_index`."""
         return (
             self.layer_pattern[layer_index % len(self.layer_pattern)],
             self.ffn_pattern[layer_index % len(self.ffn_pattern)],
         )
+
+    def layer_context(self, layer_index: int) -> LayerContext:
+        return LayerContext(
+            d_model=self.d_model, dtype=self.compute_dtype, init_std=self.init_std, out_init_std=self.out_init_std,
+            norm_eps=self.norm_eps, layer_index=layer_index, num_layers=self.num_layers,
+        )
+
+    @property
+    def recurrent(self) -> bool:
+        """True when every mixer carries its context in a fixed-size state (the stack decodes recurrently)."""
+        return all(m.recurrent for m in self.layer_pattern)
 
     @property
     def compute_dtype(self) -> Any:
@@ -147,19 +127,27 @@ class DecoderConfig:
         return self.init_std / math.sqrt(2 * self.num_layers) if self.scale_out_init else self.init_std
 
     def validate(self) -> None:
-        for key in ("vocab_size", "d_model", "num_layers", "mlp_dim"):
+        for key in ("vocab_size", "d_model", "num_layers"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        require(len(self.layer_pattern) >= 1, "layer_pattern", "needs at least one mixer name")
-        require(len(self.ffn_pattern) >= 1, "ffn_pattern", "needs at least one ffn name")
-        for name in self.layer_pattern:
-            lookup("mixer", name)
-        for name in self.ffn_pattern:
-            lookup("ffn", name)
-        for section, kinds in (("simplicial", self.layer_pattern), ("moe", self.ffn_pattern), ("ssm", self.layer_pattern)):
-            used = any(k == section or k.startswith(section) or (section == "ssm" and k == "mamba2") for k in kinds)
-            require(not used or getattr(self, section) is not None, section,
-                    f"the layer pattern uses {section!r} layers but model.{section} is not set (the recipe must set it)")
         require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}; choose one of {sorted(DTYPES)}")
+        known_axes = {k for k, _ in DEFAULT_RULES}
+        entries = [*self.layer_pattern, *self.ffn_pattern]
+        require(len({id(e) for e in entries}) == len(entries), "layer_pattern",
+                "a layer-kind config object appears twice in the patterns; give each entry its own copy "
+                "(dataclasses.replace(entry)), so an override of one entry does not change the others")
+        for key, pattern, base in (("layer_pattern", self.layer_pattern, MixerConfig),
+                                   ("ffn_pattern", self.ffn_pattern, FFNConfig)):
+            require(len(pattern) >= 1, key, f"needs at least one {base.__name__}")
+            for i, entry in enumerate(pattern):
+                require(isinstance(entry, base), f"{key}.{i}",
+                        f"expected a {base.__name__} (a layer kind, models/kinds.py), got {entry!r}")
+                unknown = sorted(set(entry.logical_axes) - known_axes)
+                require(not unknown, f"{key}.{i}", f"kind {entry.kind!r} uses logical axes {unknown} that "
+                        f"axlearn_like.sharding.DEFAULT_RULES does not map; add rules for them")
+                try:
+                    entry.validate_in(self.layer_context(i))
+                except ConfigError as e:
+                    raise ConfigError(f"{key}.{i}.{e}") from None
         remat_policy(self.remat_policy)
         require(
             not self.scan_layers or self.num_layers % self.period == 0,
@@ -171,31 +159,40 @@ class DecoderConfig:
         require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         require(self.z_loss_weight >= 0, "z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
 
+    @classmethod
+    def migrate_dict(cls, d: dict) -> dict:
+        """A saved config dict with string patterns and the old per-kind sections -> the typed-pattern form."""
+        if not any(k in d for k in _LEGACY_SECTIONS) and not any(
+            isinstance(e, str) for key in ("layer_pattern", "ffn_pattern") for e in d.get(key, ())
+        ):
+            return d
+        sections = {k: d.pop(k) for k in _LEGACY_SECTIONS if k in d}
+        defaults = cls()
+        for key in ("layer_pattern", "ffn_pattern"):
+            names = d.get(key, [type(e).kind for e in getattr(defaults, key)])
+            d[key] = [cls._legacy_entry(name, sections, key) for name in names]
+        return d
+
+    @classmethod
+    def _legacy_entry(cls, name: Any, sections: dict, key: str) -> Any:
+        if not isinstance(name, str):
+            return name
+        if name not in cls._LEGACY_KINDS:
+            raise ConfigError(f"saved config: {key} names an unknown layer kind {name!r} (written by another version?)")
+        type_name, section = cls._LEGACY_KINDS[name]
+        if section == "mlp_dim":
+            fields = {"mlp_dim": sections.get("mlp_dim", 1024)}
+        else:
+            saved = sections.get(section)
+            if saved is None and section != "attention":
+                raise ConfigError(f"saved config: {key} uses {name!r} layers but its {section!r} section is missing")
+            fields = {k: v for k, v in (saved or {}).items() if k != "_type"}
+        return {"_type": type_name, **fields}
+
     def build(self):
         from models.lm import LanguageModel
 
         return LanguageModel(self)
-
-
-# --- built-in layer kinds -------------------------------------------------------------------------------
-def _attention_factory(cfg: DecoderConfig, layer_index: int, name: str) -> nn.Module:
-    del layer_index
-    return Attention(cfg.attention, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, cfg.norm_eps, name=name)
-
-
-def _mlp_factory(cfg: DecoderConfig, layer_index: int, name: str) -> nn.Module:
-    del layer_index
-    return MLP(cfg.mlp_dim, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, name=name)
-
-
-def _attention_flops(cfg: DecoderConfig, seq_len: int) -> float:
-    # q.k and p.v: 2 matmuls x 2 FLOPs x seq_len x H*D_h per token forward, x3 with backward, /2 causal.
-    return 12.0 * seq_len * cfg.attention.num_heads * cfg.attention.head_dim / 2
-
-
-MIXERS["attention"] = _attention_factory
-FFNS["mlp"] = _mlp_factory
-MIXER_FLOPS["attention"] = _attention_flops
 
 
 # --- the stack ------------------------------------------------------------------------------------------
@@ -208,16 +205,19 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, train: bool) -> jax.Array:
         cfg = self.cfg
-        mixer_name, ffn_name = cfg.layer_kinds(self.layer_index)
-        dtype = cfg.compute_dtype
-        h = RMSNorm(cfg.norm_eps, dtype, name="mixer_norm")(x)
-        mixer = lookup("mixer", mixer_name)(cfg, self.layer_index, "mixer")
-        x = x + mixer(h, positions=positions, segment_ids=segment_ids, train=train).astype(x.dtype)
-        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        h = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x)
-        ffn = lookup("ffn", ffn_name)(cfg, self.layer_index, "ffn")
-        x = x + ffn(h, train=train).astype(x.dtype)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        mixer_cfg, ffn_cfg = cfg.layer_kinds(self.layer_index)
+        ctx = cfg.layer_context(self.layer_index)
+        mixer = mixer_cfg.build(ctx, "mixer")
+        if mixer is not None:
+            h = RMSNorm(cfg.norm_eps, ctx.dtype, name="mixer_norm")(x)
+            x = x + mixer(h, positions=positions, segment_ids=segment_ids, train=train).astype(x.dtype)
+            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        ffn = ffn_cfg.build(ctx, "ffn")
+        if ffn is not None:
+            h = RMSNorm(cfg.norm_eps, ctx.dtype, name="ffn_norm")(x)
+            x = x + ffn(h, train=train).astype(x.dtype)
+            x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x
 
 
 def _block_class(cfg: DecoderConfig) -> type[nn.Module]:
@@ -238,7 +238,7 @@ class _PatternRepeat(nn.Module):
     def __call__(self, x, positions, segment_ids):
         block = _block_class(self.cfg)
         for j in range(self.cfg.period):
-            x = block(self.cfg, j, name=f"block_{j}")(x, positions, segment_ids, self.train)
+            x = block(self.cfg, j, name=block_name(j))(x, positions, segment_ids, self.train)
         return x, None
 
 
@@ -246,8 +246,9 @@ class DecoderStack(nn.Module):
     """The block stack plus the final RMSNorm: embeddings [B,S,D] -> normed hidden states [B,S,D] (dtype).
 
     Use it directly to feed your own embeddings (e.g. an energy-based transformer).
-    Params: unscanned {"layer_<i>": Block, "final_norm"}; scanned {"layers": {"block_<j>": Block with a
-    leading "layers" axis}, "final_norm"} (see stack_layer_params / unstack_layer_params).
+    Params: unscanned {layer_name(i): Block, "final_norm"}; scanned {"layers": {block_name(j): Block with a
+    leading "layers" axis}, "final_norm"} (see stack_layer_params / unstack_layer_params, which find this
+    subtree in a model's variables by that layout).
     """
 
     cfg: DecoderConfig
@@ -275,7 +276,7 @@ class DecoderStack(nn.Module):
         else:
             block = _block_class(cfg)
             for i in range(cfg.num_layers):
-                x = block(cfg, i, name=f"layer_{i}")(x, positions, segment_ids, train)
+                x = block(cfg, i, name=layer_name(i))(x, positions, segment_ids, train)
         return RMSNorm(cfg.norm_eps, cfg.compute_dtype, name="final_norm")(x)
 
 
@@ -324,22 +325,39 @@ class Decoder(nn.Module):
 
 
 # --- converting between scanned and unscanned layouts ----------------------------------------------------
-def _find_stack(tree: dict, marker) -> tuple[list[str], dict]:
-    """Path to the first dict (depth-first) for which marker(dict) holds: the DecoderStack's subtree."""
-    if marker(tree):
+def layer_name(i: int) -> str:
+    """Name of layer i's Block in an unscanned DecoderStack."""
+    return f"layer_{i}"
+
+
+def block_name(j: int) -> str:
+    """Name of pattern-period position j's Block inside a scanned DecoderStack's "layers"."""
+    return f"block_{j}"
+
+
+def _is_stack(d: dict, cfg: DecoderConfig, scanned: bool) -> bool:
+    """Whether d has the layout of this cfg's DecoderStack (or a collection's part of it; a collection such
+    as 'stats' may hold only some layers): its children are exactly the stack's own, nothing else."""
+    if scanned:
+        inner = d.get("layers")
+        blocks = {block_name(j) for j in range(cfg.period)}
+        return isinstance(inner, dict) and bool(inner) and set(inner) <= blocks and set(d) <= {"layers", "final_norm"}
+    children = set(d) - {"final_norm"}
+    return bool(children) and children <= {layer_name(i) for i in range(cfg.num_layers)}
+
+
+def _find_stack(tree: dict, cfg: DecoderConfig, scanned: bool) -> tuple[list[str], dict]:
+    """(path, subtree) of the first dict (depth-first) laid out as this cfg's DecoderStack."""
+    if _is_stack(tree, cfg, scanned):
         return [], tree
     for k, v in tree.items():
         if isinstance(v, dict):
             try:
-                path, sub = _find_stack(v, marker)
+                path, sub = _find_stack(v, cfg, scanned)
                 return [k] + path, sub
             except KeyError:
                 pass
     raise KeyError("no DecoderStack layers in this tree")
-
-
-_UNSCANNED = lambda d: any(k.startswith("layer_") for k in d)
-_SCANNED = lambda d: isinstance(d.get("layers"), dict) and any(k.startswith("block_") for k in d["layers"])
 
 
 def _replace_at(tree: dict, path: list[str], new: dict) -> dict:
@@ -351,16 +369,16 @@ def _replace_at(tree: dict, path: list[str], new: dict) -> dict:
 def stack_layer_params(tree: dict, cfg: DecoderConfig, axis: int = 0) -> dict:
     """Unscanned collection (unboxed, e.g. params) -> the scanned layout: layer r*period+j -> block_j[r]."""
     try:
-        path, stack = _find_stack(tree, _UNSCANNED)
+        path, stack = _find_stack(tree, cfg, scanned=False)
     except KeyError:
         return tree  # e.g. a collection no layer of the stack owns
     n_rep = cfg.num_layers // cfg.period
     blocks = {}
     for j in range(cfg.period):  # a collection (e.g. stats) may exist for some layer kinds only
-        names = [f"layer_{r * cfg.period + j}" for r in range(n_rep)]
+        names = [layer_name(r * cfg.period + j) for r in range(n_rep)]
         if any(n in stack for n in names):
-            blocks[f"block_{j}"] = jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *[stack[n] for n in names])
-    new = {k: v for k, v in stack.items() if not k.startswith("layer_")}
+            blocks[block_name(j)] = jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *[stack[n] for n in names])
+    new = {k: v for k, v in stack.items() if k == "final_norm"}
     new["layers"] = blocks
     return _replace_at(tree, path, new)
 
@@ -368,16 +386,16 @@ def stack_layer_params(tree: dict, cfg: DecoderConfig, axis: int = 0) -> dict:
 def unstack_layer_params(tree: dict, cfg: DecoderConfig, axis: int = 0) -> dict:
     """Inverse of stack_layer_params."""
     try:
-        path, stack = _find_stack(tree, _SCANNED)
+        path, stack = _find_stack(tree, cfg, scanned=True)
     except KeyError:
         return tree
     n_rep = cfg.num_layers // cfg.period
     new = {k: v for k, v in stack.items() if k != "layers"}
     for j in range(cfg.period):
-        if f"block_{j}" not in stack["layers"]:
+        if block_name(j) not in stack["layers"]:
             continue
         for r in range(n_rep):
-            new[f"layer_{r * cfg.period + j}"] = jax.tree.map(
-                lambda x: jnp.take(x, r, axis=axis), stack["layers"][f"block_{j}"]
+            new[layer_name(r * cfg.period + j)] = jax.tree.map(
+                lambda x: jnp.take(x, r, axis=axis), stack["layers"][block_name(j)]
             )
     return _replace_at(tree, path, new)

@@ -4,15 +4,15 @@ The model is an energy E_theta(x_{0..i}, p_i) -> R per position: observed tokens
 next-token distribution p [B,S,V] give one scalar energy per position [B,S]. The candidate is embedded by
 a bias-free Linear(V, D) of p ("candidate_proj"); the foundation's DecoderStack (its Blocks: RMSNorm,
 mixer, SwiGLU MLP; scan/remat as configured) reads the stream [observed ; predicted] of length 2S with
-the "ebt_attention" mixer registered here, and a Linear(D, 1) ("energy_head") on the predicted half gives
-the energies.
+the "ebt_attention" mixer kind defined here (System2AttentionConfig), and a Linear(D, 1) ("energy_head")
+on the predicted half gives the energies.
 
 System-2 attention (paper Sec. 3 / App.): observed token i attends causally to observed 0..i; prediction i
 (the candidate for token i+1) attends to observed 0..i and to itself, with the SAME Q/K/V/O weights. The
 default "efficient" form computes the observed stream with ordinary causal attention and the predicted
 stream as one softmax over S+1 logits per query (S causal observed keys + its own key): S x (S+1) scores,
-about half the FLOPs of the equivalent dense 2S x 2S masked form (`attention_form="dense"`, kept as the
-test reference). The observed stream never depends on the candidate, so the efficient form runs it once
+about half the FLOPs of the equivalent dense 2S x 2S masked form (`System2AttentionConfig(form="dense")`,
+kept as the test reference). The observed stream never depends on the candidate, so the efficient form runs it once
 per batch (phase "observe", keys/values kept in the `cache` collection) and every thinking step only the
 predicted stream (phase "predict"). RoPE positions: observed token i at i, prediction i at i+1 (the position it predicts).
 Changing any token after i never changes the energy (or the thinking result) at i.
@@ -32,8 +32,18 @@ the reference's S2 `--truncate_mcmc`: second order only through the last step, t
 being constants while the chain y_0 -> y_K stays attached. K is drawn per step from
 U{think_steps, ..., think_steps + think_steps_random} when training.
 
-Replay buffer: the final logits of earlier training batches (a ring of replay_size rows in the `stats`
-collection, checkpointed with the train state) restart round(replay_fraction * B) rows of each batch.
+Replay buffer (the reference's CausalReplayBuffer): a ring of replay_size rows in the `stats` collection
+(checkpointed with the train state) keeps each training row whole: its tokens, targets, loss mask, positions,
+segment ids and the final logits y_K it reached. Each step appends round(replay_fraction * B) distinct stored
+rows to the batch; they restart thinking from their stored logits, with their own text and targets, and
+count in the trained loss (the reported `loss` is the fresh rows'). Then the fresh rows are written.
+
+Thinking-step conditioning (time_embed = L > 0, the reference's ebt_type=time_embed): a learned token per
+landscape l opens the observed stream; step k uses l = min(k, L - 1).
+
+Evaluation thinks eval_steps() = the trained maximum think_steps + think_steps_random by default and reports
+the loss after 1..eval_report_steps steps too; `think`/`generate` add the inference Langevin noise
+(infer_langevin_std, default langevin_std) to every step, as the reference's inference does.
 
 Inference: `EBT.think(...)` runs any number of steps and self-verification (G candidates from different
 random starts; per position keep the candidate of lowest final energy); `EBT.generate` samples with it.
@@ -42,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -52,8 +62,9 @@ import numpy as np
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init
 from kernels import common, jvp_attention
-from models.attention import Attention, dot_product_attention, segment_mask
-from models.decoder import MIXER_FLOPS, MIXERS, DecoderConfig, DecoderStack, default_positions
+from models.attention import Attention, AttentionConfig, dot_product_attention, segment_mask
+from models.decoder import DecoderConfig, DecoderStack, default_positions
+from models.kinds import LayerContext, MixerConfig
 from models.layers import Dense, Embed
 from models.lm import NextTokenTask, cross_entropy
 
@@ -182,33 +193,50 @@ class System2Attention(Attention):
                                    implementation=self.predicted)
 
 
-def predicted_implementation(cfg) -> str:
-    """The predicted stream's attention (EBTConfig.predicted_attention); None picks the fused Triton kernels on
-    a GPU in jvp mode (measured fastest there, docs/notes/ebt.md) and jnp otherwise."""
-    choice = getattr(cfg, "predicted_attention", None)
-    if choice is not None:
-        return choice
-    fused = getattr(cfg, "second_order", "reverse") == "jvp" and common.backend() == "gpu"
-    if fused and jvp_attention.choose_implementation(None, cfg.attention.head_dim) == "triton":
-        return "triton"
-    return "jnp"
+@config_class
+class System2AttentionConfig(AttentionConfig):
+    """The "ebt_attention" mixer kind: System-2 attention (module doc) on the AttentionConfig projections.
 
+    form: "efficient" (the observed stream once per batch, the predicted stream per thinking step) or "dense"
+    (the 2S x 2S masked reference). query_block: predicted-stream queries per block in the efficient form's
+    jnp path (causal block skipping, `predicted_attention`); None = all queries in one block. predicted: the
+    predicted stream's attention in the efficient form: "jnp" (plain autodiff, any second_order), "xla" /
+    "pallas" / "triton" (`kernels.jvp_attention`: fused, with forward-mode rules; the kernels need
+    EBTConfig.second_order="jvp" since their backward is not differentiable again), or None: "triton" on a GPU
+    in jvp mode (measured), "jnp" otherwise ("pallas" is verified in interpret mode only: opt in on TPU).
+    FLOPs beyond 6N as "attention": per stream token, observed causal S^2/2 + predicted S^2/2 + S self terms
+    over 2S stream tokens.
+    """
 
-def _ebt_attention_factory(cfg, layer_index: int, name: str) -> nn.Module:
-    del layer_index
-    return System2Attention(cfg.attention, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, cfg.norm_eps,
-                            form=getattr(cfg, "attention_form", "efficient"),
-                            query_block=getattr(cfg, "attention_query_block", None),
-                            predicted=predicted_implementation(cfg), name=name)
+    kind: ClassVar[str] = "ebt_attention"
 
+    form: str = "efficient"
+    query_block: int | None = None
+    predicted: str | None = None
 
-def _ebt_attention_flops(cfg, seq_len: int) -> float:
-    # per stream token: observed causal S^2/2 + predicted S^2/2 + S self terms, over 2S stream tokens.
-    return 12.0 * seq_len * cfg.attention.num_heads * cfg.attention.head_dim / 2
+    def validate(self) -> None:
+        super().validate()
+        require(self.form in ATTENTION_FORMS, "form", f"{self.form!r} is not one of {ATTENTION_FORMS}")
+        require(self.predicted in (None, *PREDICTED_ATTENTION), "predicted",
+                f"{self.predicted!r} is not one of None, {', '.join(map(repr, PREDICTED_ATTENTION))}")
+        require(self.query_block is None or self.query_block >= 1, "query_block",
+                f"must be >= 1 or None, got {self.query_block}")
 
+    def predicted_implementation(self, second_order: str) -> str:
+        """`predicted`, or for None: the fused Triton kernels on a GPU in jvp mode (measured fastest there,
+        docs/notes/ebt.md) and jnp otherwise."""
+        if self.predicted is not None:
+            return self.predicted
+        fused = second_order == "jvp" and common.backend() == "gpu"
+        if fused and jvp_attention.choose_implementation(None, self.head_dim) == "triton":
+            return "triton"
+        return "jnp"
 
-MIXERS["ebt_attention"] = _ebt_attention_factory
-MIXER_FLOPS["ebt_attention"] = _ebt_attention_flops
+    def build(self, ctx: LayerContext, name: str) -> nn.Module:
+        # EBTConfig.stack_config() resolves predicted=None for its second_order before the stack is built.
+        return System2Attention(self, ctx.dtype, ctx.init_std, ctx.out_init_std, ctx.norm_eps, form=self.form,
+                                query_block=self.query_block, predicted=self.predicted_implementation("reverse"),
+                                name=name)
 
 
 # --- config ----------------------------------------------------------------------------------------------
@@ -222,23 +250,23 @@ class EBTConfig(DecoderConfig):
     only), loss_steps "last" (S2) | "all" (S1), detach_earlier (second order only through the last step, the
     reference's --truncate_mcmc; see `think`), replay_size rows / replay_fraction of each batch, init_logit_std
     of y_0.
-    eval_think_steps: steps used by the eval loss (None = think_steps).
-    attention_query_block: predicted-stream queries per block in the efficient form (causal block skipping,
-    `predicted_attention`); None = all queries in one block.
+    alpha_learnable: False keeps alpha at alpha_init (the reference S2 runs use a fixed step size 5).
+    time_embed: L > 0 adds the reference's thinking-step conditioning (ebt_type=time_embed): a learned
+    embedding per landscape, prepended to the observed stream as a token every position attends to; step k
+    uses landscape min(k, L-1) (L = the reference's mcmc_num_steps: 1 in its S2 runs). 0 = off.
+    eval_think_steps: steps used by the eval loss (None = the trained maximum think_steps + think_steps_random);
+    eval_report_steps N: the eval also reports loss_think1..loss_thinkN (one N-step run; 0 = off).
+    infer_langevin_std: Langevin noise of `think` / `generate` (self-verification candidates), None = langevin_std
+    (the reference falls back to its training noise when no inference noise is given).
+    layer_pattern: System2AttentionConfig entries (form, query_block and the predicted stream's attention are
+    set there), one form for all layers.
     second_order: how the loss differentiates the inner gradient: "reverse" (autodiff through the inner VJP)
     or "jvp" (custom VJP taking the gradient of a JVP: same gradients, no stored inner backward pass; XLA cost
     analysis of the gpu preset with 2 layers: temp 3.9 vs 9.0 GiB, bytes 41.9 vs 54.2 GB, FLOPs +26%).
-    predicted_attention: the predicted stream's attention in the efficient form: "jnp" (plain autodiff, any
-    second_order), "xla" / "pallas" / "triton" (`kernels.jvp_attention`: fused, with forward-mode rules; the
-    kernels need second_order="jvp" since their backward is not differentiable again), or None: "triton" on a
-    GPU in jvp mode (measured), "jnp" otherwise ("pallas" is verified in interpret mode only: opt in on TPU).
     """
 
-    layer_pattern: tuple[str, ...] = ("ebt_attention",)
-    attention_form: str = "efficient"
-    attention_query_block: int | None = None
+    layer_pattern: tuple[MixerConfig, ...] = dataclasses.field(default_factory=lambda: (System2AttentionConfig(),))
     second_order: str = "reverse"
-    predicted_attention: str | None = None
     alpha_init: float = 10.0
     alpha_lr_scale: float = 30.0
     think_steps: int = 2
@@ -250,22 +278,25 @@ class EBTConfig(DecoderConfig):
     replay_size: int = 0
     replay_fraction: float = 0.0
     init_logit_std: float = 1.0
+    alpha_learnable: bool = True
+    time_embed: int = 0
     eval_think_steps: int | None = None
+    eval_report_steps: int = 8
+    infer_langevin_std: float | None = None
 
     def validate(self) -> None:
         super().validate()
-        require(all(k == "ebt_attention" for k in self.layer_pattern), "layer_pattern",
-                f"an EBT needs System-2 attention in every layer (ebt_attention), got {self.layer_pattern}")
-        require(self.attention_form in ATTENTION_FORMS, "attention_form", f"{self.attention_form!r} is not one of {ATTENTION_FORMS}")
+        kinds = [m.kind for m in self.layer_pattern]
+        require(all(isinstance(m, System2AttentionConfig) for m in self.layer_pattern), "layer_pattern",
+                f"an EBT needs System-2 attention in every layer (ebt_attention), got {kinds}")
+        forms = sorted({m.form for m in self.layer_pattern})
+        require(len(forms) == 1, "layer_pattern", f"all layers need one attention form, got {forms}")
         require(self.second_order in SECOND_ORDER_MODES, "second_order",
                 f"{self.second_order!r} is not one of {SECOND_ORDER_MODES}")
-        require(self.predicted_attention in (None, *PREDICTED_ATTENTION), "predicted_attention",
-                f"{self.predicted_attention!r} is not one of None, {', '.join(map(repr, PREDICTED_ATTENTION))}")
-        require(self.predicted_attention in (None, "jnp", "xla") or self.second_order == "jvp", "predicted_attention",
-                f"{self.predicted_attention!r} has fused first-order and forward-mode rules only: set "
-                "model.second_order=jvp, or use predicted_attention=xla or jnp with second_order=reverse")
-        require(self.attention_query_block is None or self.attention_query_block >= 1, "attention_query_block",
-                f"must be >= 1 or None, got {self.attention_query_block}")
+        for i, m in enumerate(self.layer_pattern):
+            require(m.predicted in (None, "jnp", "xla") or self.second_order == "jvp", f"layer_pattern.{i}.predicted",
+                    f"{m.predicted!r} has fused first-order and forward-mode rules only: set model.second_order=jvp, "
+                    "or use predicted=xla or jnp with second_order=reverse")
         require(self.alpha_init >= ALPHA_MIN, "alpha_init", f"must be >= {ALPHA_MIN}, got {self.alpha_init}")
         require(self.alpha_lr_scale > 0, "alpha_lr_scale", "must be > 0")
         require(self.think_steps >= 1, "think_steps", f"must be >= 1, got {self.think_steps}")
@@ -279,6 +310,44 @@ class EBTConfig(DecoderConfig):
                 "replay_fraction > 0 needs replay_size > 0 (rows kept in the buffer)")
         require(self.init_logit_std > 0, "init_logit_std", "must be > 0")
         require(self.eval_think_steps is None or self.eval_think_steps >= 1, "eval_think_steps", "must be >= 1 or None")
+        require(self.eval_report_steps >= 0, "eval_report_steps", "must be >= 0 (0 = no per-step eval losses)")
+        require(self.time_embed >= 0, "time_embed", f"must be >= 0 (0 = off), got {self.time_embed}")
+        require(self.infer_langevin_std is None or self.infer_langevin_std >= 0, "infer_langevin_std",
+                "must be >= 0 or None (None = langevin_std)")
+
+    def eval_steps(self) -> int:
+        """Thinking steps of the eval loss and of `EBT.think` by default: eval_think_steps, else the trained
+        maximum (the reference evaluates with its maximum random step count)."""
+        return self.eval_think_steps or self.think_steps + self.think_steps_random
+
+    def inference_noise(self) -> float:
+        return self.langevin_std if self.infer_langevin_std is None else self.infer_langevin_std
+
+    @property
+    def attention_form(self) -> str:
+        """The System-2 attention form of every layer ("efficient" or "dense")."""
+        return self.layer_pattern[0].form
+
+    def stack_config(self) -> "EBTConfig":
+        """This config with every layer's predicted=None resolved for second_order (what the stack builds)."""
+        pattern = tuple(dataclasses.replace(m, predicted=m.predicted_implementation(self.second_order))
+                        for m in self.layer_pattern)
+        return dataclasses.replace(self, layer_pattern=pattern)
+
+    # the EBT fields that moved onto the System-2 attention kind -> their names there
+    _LEGACY_ATTENTION_FIELDS: ClassVar[dict[str, str]] = {
+        "attention_form": "form", "attention_query_block": "query_block", "predicted_attention": "predicted"}
+    _LEGACY_KINDS: ClassVar[dict[str, tuple[str, str]]] = {
+        **DecoderConfig._LEGACY_KINDS, "ebt_attention": ("models.ebt:System2AttentionConfig", "attention")}
+
+    @classmethod
+    def migrate_dict(cls, d: dict) -> dict:
+        moved = {new: d.pop(old) for old, new in cls._LEGACY_ATTENTION_FIELDS.items() if old in d}
+        d = super().migrate_dict(d)
+        for entry in d.get("layer_pattern", ()):
+            if isinstance(entry, dict) and entry.get("_type") == "models.ebt:System2AttentionConfig":
+                entry.update(moved)
+        return d
 
     def build(self) -> "EBT":
         return EBT(self)
@@ -292,9 +361,10 @@ class EnergyTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, probs, *, positions=None, segment_ids=None, train: bool = False,
-                 phase: str = "both") -> jax.Array | None:
+                 phase: str = "both", landscape=0) -> jax.Array | None:
         """phase "both" (default), or for the efficient form "observe" (fills the `cache` collection from
-        the tokens; returns None; probs unused) then "predict" (energies from the cache and probs)."""
+        the tokens; returns None; probs unused) then "predict" (energies from the cache and probs).
+        landscape (int, traced ok): the thinking-step embedding used when cfg.time_embed > 0."""
         cfg = self.cfg
         if phase not in ("both", "observe", "predict") or (phase != "both" and cfg.attention_form == "dense"):
             raise ValueError(f"EBT: phase must be 'both', 'observe' or 'predict' (the last two only for "
@@ -310,18 +380,40 @@ class EnergyTransformer(nn.Module):
         embed = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.init_std, name="embed")
         candidate_proj = Dense(cfg.d_model, ("vocab", "embed"), dtype=cfg.compute_dtype,
                                kernel_init=nn.initializers.normal(cfg.init_std), name="candidate_proj")
-        stack = DecoderStack(cfg, name="stack")
+        stack = DecoderStack(cfg.stack_config(), name="stack")
+        cd = cfg.compute_dtype
+        obs = lambda: embed(tokens)
+        pred = lambda: candidate_proj(probs).astype(cd)
+        pos_o, pos_p, seg = positions, positions + 1, segment_ids
+        if cfg.time_embed:
+            # The reference's time_embed: a learned token per landscape opens the observed stream (position 0,
+            # tokens at i+1, predictions at i+2). The predicted stream gets a zero placeholder in front so
+            # prediction i still lines up with observed index i+1; the placeholder's output is dropped. The
+            # token takes the segment id of the row's first token: in a packed row only the first document
+            # attends to it (the reference has one sequence per row).
+            b = tokens.shape[0]
+            table = self.param("time_embed", param_init(nn.initializers.normal(cfg.init_std), (None, "embed")),
+                               (cfg.time_embed, cfg.d_model), jnp.float32)
+            lead = jnp.broadcast_to(table[jnp.asarray(landscape, jnp.int32)].astype(cd), (b, 1, cfg.d_model))
+            obs = lambda: jnp.concatenate([lead, embed(tokens)], axis=1)
+            pred = lambda: jnp.concatenate([jnp.zeros_like(lead), candidate_proj(probs).astype(cd)], axis=1)
+            zero = jnp.zeros((b, 1), positions.dtype)
+            pos_o = jnp.concatenate([zero, positions + 1], axis=1)
+            pos_p = jnp.concatenate([zero + 1, positions + 2], axis=1)
+            seg = None if seg is None else jnp.concatenate([seg[:, :1], seg], axis=1)
+        n = pos_o.shape[1]  # S, or S + 1 with the time token
         if cfg.attention_form == "dense":
-            x = jnp.concatenate([embed(tokens), candidate_proj(probs).astype(cfg.compute_dtype)], axis=1)
-            pos2 = jnp.concatenate([positions, positions + 1], axis=1)
-            seg2 = None if segment_ids is None else jnp.concatenate([segment_ids, segment_ids], axis=1)
-            h = stack(x, positions=pos2, segment_ids=seg2, train=train)[:, s:]
+            x = jnp.concatenate([obs(), pred()], axis=1)
+            pos2 = jnp.concatenate([pos_o, pos_p], axis=1)
+            seg2 = None if seg is None else jnp.concatenate([seg, seg], axis=1)
+            h = stack(x, positions=pos2, segment_ids=seg2, train=train)[:, n:]
         else:
             if phase != "predict":
-                stack(embed(tokens), positions=positions, segment_ids=segment_ids, train=train)
+                stack(obs(), positions=pos_o, segment_ids=seg, train=train)
             if phase == "observe":
                 return None
-            h = stack(candidate_proj(probs), positions=positions + 1, segment_ids=segment_ids, train=train)
+            h = stack(pred(), positions=pos_p, segment_ids=seg, train=train)
+        h = h[:, n - s:]
         e = Dense(1, ("embed", None), dtype=cfg.compute_dtype, out_dtype=jnp.float32,
                   kernel_init=nn.initializers.normal(cfg.init_std), name="energy_head")(h)
         return e[..., 0]
@@ -464,6 +556,20 @@ def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax
 
 
 # --- the Task ------------------------------------------------------------------------------------------
+REPLAY_INT_KEYS = ("inputs", "targets", "positions", "segment_ids")
+
+
+def replay_sample(buf: dict[str, jax.Array], n: int, rng: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """n distinct rows drawn uniformly from the filled part of the replay ring (random.sample in the reference).
+    buf: {inputs, targets, positions, segment_ids int32 [R,S], loss_mask [R,S], logits [R,S,V], count} ->
+    (those rows, valid float32 [n]: 0 for rows not yet written, i.e. while fewer than n rows are filled)."""
+    r = buf["logits"].shape[0]
+    filled = jnp.minimum(buf["count"], r)  # the ring fills slots 0, 1, ... first
+    keys = jnp.where(jnp.arange(r) < filled, jax.random.uniform(rng, (r,)), -1.0)
+    idx = jax.lax.top_k(keys, n)[1]
+    return {k: v[idx] for k, v in buf.items() if k != "count"}, (idx < filled).astype(jnp.float32)
+
+
 def _inputs(batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
     return batch["inputs"], {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
@@ -471,8 +577,9 @@ def _inputs(batch: Batch) -> tuple[jax.Array, dict[str, Any]]:
 class EBT(NextTokenTask):
     """axlearn_like Task for the autoregressive EBT (batch keys as models.lm.LanguageModel).
 
-    Variables: 'params' (transformer, candidate_proj, energy_head, alpha) and 'stats' {"replay": {"logits"
-    float32 [replay_size, S, V], "count" int32}} when replay_size > 0 (checkpointed with the train state).
+    Variables: 'params' (transformer, candidate_proj, energy_head, alpha, time_embed [L, D] when on) and
+    'stats' {"replay": {inputs, targets, positions, segment_ids int32 [R, S], loss_mask float32 [R, S],
+    logits float32 [R, S, V], count int32}} when replay_size R > 0 (checkpointed with the train state).
     """
 
     def __init__(self, cfg: EBTConfig):
@@ -486,32 +593,43 @@ class EBT(NextTokenTask):
         variables = self.module.init({"params": rng}, tokens, probs, **kw)
         stats = {}
         if self.cfg.replay_size:
-            stats["replay"] = {
-                "logits": jnp.zeros((self.cfg.replay_size, tokens.shape[1], self.cfg.vocab_size), jnp.float32),
-                "count": jnp.zeros((), jnp.int32),
-            }
+            r, s = self.cfg.replay_size, tokens.shape[1]
+            stats["replay"] = {**{k: jnp.zeros((r, s), jnp.int32) for k in REPLAY_INT_KEYS},
+                               "loss_mask": jnp.zeros((r, s), jnp.float32),
+                               "logits": jnp.zeros((r, s, self.cfg.vocab_size), jnp.float32),
+                               "count": jnp.zeros((), jnp.int32)}
         return {"params": variables["params"], "stats": stats, "carry": {}}
 
-    def energy(self, params, tokens, probs, *, positions=None, segment_ids=None) -> jax.Array:
-        """E(x, p): tokens [B,S], probs [B,S,V] -> float32 [B,S]."""
+    def energy(self, params, tokens, probs, *, positions=None, segment_ids=None, landscape=0) -> jax.Array:
+        """E(x, p): tokens [B,S], probs [B,S,V] -> float32 [B,S] (landscape: the time_embed step index)."""
         e, _ = self.module.apply({"params": params}, tokens, probs, positions=positions, segment_ids=segment_ids,
-                                 mutable=["cache"])
+                                 landscape=landscape, mutable=["cache"])
         return e
 
     def _energy_fn(self, params, tokens, kw) -> EnergyFn:
-        """p [B,S,V] -> E [B,S] for fixed tokens. The efficient form runs the observed stream here, once,
-        and each call (each thinking step) only the predicted stream against its cached keys/values."""
-        module = self.module
-        aux = (tokens, {k: v for k, v in kw.items() if v is not None})
+        """p [B,S,V] -> E [B,S] for fixed tokens. The efficient form runs the observed stream here, once (once
+        per landscape with time_embed: the time token changes it), and each call (each thinking step) only the
+        predicted stream against its cached keys/values."""
+        module, n_land = self.module, max(self.cfg.time_embed, 1)
+        aux = {"tokens": tokens, "kw": {k: v for k, v in kw.items() if v is not None}}
+        if self.cfg.time_embed:
+            aux["landscape"] = jnp.zeros((), jnp.int32)
+        land = lambda aux: aux.get("landscape", 0)
         if self.cfg.attention_form == "dense":
-            dense = lambda theta, aux, p: self.energy(theta["params"], aux[0], p, **aux[1])
-            return EnergyFn(dense, {"params": params}, aux)
-        _, v = module.apply({"params": params}, tokens, None, phase="observe", mutable=["cache"], **kw)
+            dense = lambda theta, aux, p: self.energy(theta["params"], aux["tokens"], p, landscape=land(aux), **aux["kw"])
+            return EnergyFn(dense, {"params": params}, aux, n_land)
+        caches = [module.apply({"params": params}, tokens, None, phase="observe", landscape=l, mutable=["cache"],
+                               **kw)[1]["cache"] for l in range(n_land)]
+        cache = caches[0] if not self.cfg.time_embed else jax.tree.map(lambda *c: jnp.stack(c), *caches)
 
         def predict(theta, aux, p):
-            return module.apply(theta, aux[0], p, phase="predict", **aux[1])
+            c = theta["cache"]
+            if self.cfg.time_embed:
+                c = jax.tree.map(lambda x: x[aux["landscape"]], c)
+            return module.apply({"params": theta["params"], "cache": c}, aux["tokens"], p, phase="predict",
+                                landscape=land(aux), **aux["kw"])
 
-        return EnergyFn(predict, {"params": params, "cache": v["cache"]}, aux)
+        return EnergyFn(predict, {"params": params, "cache": cache}, aux, n_land)
 
     def initial_logits(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return self.cfg.init_logit_std * jax.random.normal(rng, shape + (self.cfg.vocab_size,), jnp.float32)
@@ -522,60 +640,74 @@ class EBT(NextTokenTask):
         params = variables["params"]
         stats = variables.get("stats", {}) or {}
         tokens, kw = _inputs(batch)
+        targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
         b, s = tokens.shape
         r_init, r_noise, r_scale, r_steps, r_replay = jax.random.split(rng, 5)
         y0 = self.initial_logits(r_init, (b, s))
         alpha = alpha_value(params)
+        if not cfg.alpha_learnable:
+            alpha = jax.lax.stop_gradient(alpha)
         metrics: dict[str, jax.Array] = {}
+        replay = train and "replay" in stats
+        n_re = min(int(round(cfg.replay_fraction * b)), cfg.replay_size) if replay else 0
+        if n_re:
+            # Replayed rows come back whole (tokens, targets, mask, positions, segments with their stored final
+            # logits as y_0) and are appended to the fresh batch, as the reference's CausalReplayBuffer does.
+            rows, valid = replay_sample(stats["replay"], n_re, r_replay)
+            cat = lambda x, r: jnp.concatenate([x, r.astype(x.dtype)], axis=0)
+            tokens, targets = cat(tokens, rows["inputs"]), cat(targets, rows["targets"])
+            mask = cat(mask, rows["loss_mask"] * valid[:, None])
+            kw = {k: None if v is None else cat(v, rows[k]) for k, v in kw.items()}
+            y0 = cat(y0, rows["logits"])
+            metrics["replay_rows"] = jnp.sum(valid)
+        rows_all = tokens.shape[0]
         if train:
-            max_steps = cfg.think_steps + cfg.think_steps_random
+            max_steps = out_steps = cfg.think_steps + cfg.think_steps_random
             active = None
             if cfg.think_steps_random:
                 active = jax.random.randint(r_steps, (), cfg.think_steps, max_steps + 1)
             spread = cfg.step_size_spread
             scale = None
             if spread > 1.0:
-                scale = jax.random.uniform(r_scale, (b, s), jnp.float32, 1.0 / spread, spread)
+                scale = jax.random.uniform(r_scale, (rows_all, s), jnp.float32, 1.0 / spread, spread)
             noise = cfg.langevin_std
-            n_re = int(round(cfg.replay_fraction * b)) if "replay" in stats else 0
-            if n_re:
-                buf = stats["replay"]
-                filled = jnp.minimum(buf["count"], cfg.replay_size)
-                idx = jax.random.randint(r_replay, (n_re,), 0, jnp.maximum(filled, 1))
-                rows = jnp.where(filled > 0, buf["logits"][idx], y0[:n_re])
-                y0 = y0.at[:n_re].set(rows)
-                metrics["replay_rows"] = jnp.where(filled > 0, n_re, 0).astype(jnp.float32)
-        else:
-            max_steps, active, scale, noise = cfg.eval_think_steps or cfg.think_steps, None, None, 0.0
+        else:  # evaluate at eval_steps(); one run long enough to also report losses after 1..eval_report_steps
+            out_steps = cfg.eval_steps()
+            max_steps, active, scale, noise = max(out_steps, cfg.eval_report_steps), None, None, 0.0
         res = think(self._energy_fn(params, tokens, kw), y0, alpha, max_steps, active_steps=active, step_scale=scale,
                     langevin_std=noise, rng=r_noise, detach_earlier=cfg.detach_earlier, second_order=cfg.second_order)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        tokens_n = jnp.sum(mask)
-        denom = jnp.maximum(tokens_n, 1.0)
-        ce_steps = jnp.sum(cross_entropy(res.logits, batch["targets"][None])[0] * mask, axis=(1, 2)) / denom
-        if cfg.loss_steps == "last" or not train:
-            total = ce_steps[-1]
+        ce_rows = jnp.sum(cross_entropy(res.logits, targets[None])[0] * mask, axis=2)  # [K, rows]
+        n_fresh, n_all = jnp.sum(mask[:b]), jnp.sum(mask)
+        ce_fresh = jnp.sum(ce_rows[:, :b], axis=1) / jnp.maximum(n_fresh, 1.0)  # the reported loss
+        ce_all = jnp.sum(ce_rows, axis=1) / jnp.maximum(n_all, 1.0)  # the trained loss (fresh + replayed rows)
+        if not train or cfg.loss_steps == "last":
+            total = ce_all[out_steps - 1]
         else:
             k = jnp.arange(max_steps)
             n_active = max_steps if active is None else active
-            total = jnp.sum(jnp.where(k < n_active, ce_steps, 0.0)) / n_active
-        final = res.logits[-1]
-        correct = (jnp.argmax(final, axis=-1) == batch["targets"]).astype(jnp.float32)
+            total = jnp.sum(jnp.where(k < n_active, ce_all, 0.0)) / n_active
+        final = res.logits[out_steps - 1]
+        fresh_mean = lambda x: jnp.sum(x[:b] * mask[:b]) / jnp.maximum(n_fresh, 1.0)
         metrics.update({
-            "loss": ce_steps[-1], "total_loss": total, "tokens": tokens_n, "accuracy": jnp.sum(correct * mask) / denom,
-            "alpha": alpha, "ce_step1": ce_steps[0],
-            "energy_first": jnp.sum(res.energies[0] * mask) / denom,
-            "energy_last_step": jnp.sum(res.energies[-1] * mask) / denom,
+            "loss": ce_fresh[out_steps - 1], "total_loss": total, "tokens": n_fresh,
+            "accuracy": fresh_mean((jnp.argmax(final, axis=-1) == targets).astype(jnp.float32)),
+            "alpha": alpha, "ce_step1": ce_fresh[0],
+            "energy_first": fresh_mean(res.energies[0]), "energy_last_step": fresh_mean(res.energies[out_steps - 1]),
         })
+        if not train:
+            metrics.update({f"loss_think{k + 1}": ce_fresh[k] for k in range(cfg.eval_report_steps)})
         new_stats = stats
-        if train and "replay" in stats:
+        if replay:
             buf = stats["replay"]
             m = min(b, cfg.replay_size)
             idx = (buf["count"] + jnp.arange(m)) % cfg.replay_size
-            new_stats = {**stats, "replay": {
-                "logits": buf["logits"].at[idx].set(jax.lax.stop_gradient(final[:m])),
-                "count": buf["count"] + m,
-            }}
+            pos, seg = kw.get("positions"), kw.get("segment_ids")
+            fresh = {"inputs": batch["inputs"], "targets": batch["targets"], "loss_mask": batch["loss_mask"],
+                     "positions": default_positions(batch["inputs"]) if pos is None else pos,
+                     "segment_ids": jnp.ones_like(batch["inputs"]) if seg is None else seg,
+                     "logits": jax.lax.stop_gradient(final)}
+            new_stats = {**stats, "replay": {**{k: buf[k].at[idx].set(v[:m].astype(buf[k].dtype)) for k, v in fresh.items()},
+                                             "count": buf["count"] + m}}
         return total, metrics, {"stats": new_stats, "carry": variables.get("carry", {})}
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -586,21 +718,26 @@ class EBT(NextTokenTask):
         cfg = self.cfg
         n = self.param_count(seq_len) - cfg.vocab_size * cfg.d_model  # the embedding lookup is a gather
         steps = cfg.think_steps + cfg.think_steps_random / 2
-        attn = cfg.num_layers * _ebt_attention_flops(cfg, seq_len) / 3  # forward, per stream
+        replayed = 1.0 + (cfg.replay_fraction if cfg.replay_size else 0.0)  # replayed rows ride along each batch
+        # forward, per stream
+        attn = sum(cfg.layer_kinds(i)[0].extra_flops(cfg.d_model, seq_len) for i in range(cfg.num_layers)) / 3
         if cfg.attention_form == "dense":
-            return steps * 3 * 2 * (4.0 * n + 2 * attn)
-        return 3 * (2.0 * n + attn) + steps * 3 * 2 * (2.0 * n + attn)
+            return replayed * steps * 3 * 2 * (4.0 * n + 2 * attn)
+        return replayed * (3 * (2.0 * n + attn) + steps * 3 * 2 * (2.0 * n + attn))
 
     # -- inference --
     def think(self, variables, tokens, rng, *, steps: int | None = None, num_candidates: int = 1,
-              positions=None, segment_ids=None, langevin_std: float = 0.0) -> dict[str, jax.Array]:
-        """Thinking with `steps` (default: eval_think_steps or think_steps) and self-verification over
-        `num_candidates` random starts. tokens int [B,S] ->
+              positions=None, segment_ids=None, langevin_std: float | None = None) -> dict[str, jax.Array]:
+        """Thinking with `steps` (default: cfg.eval_steps(), the trained maximum) and self-verification over
+        `num_candidates` random starts, with Langevin noise `langevin_std` on every step (default:
+        cfg.inference_noise(); the reference infers with noise, which is what makes the candidates differ
+        after the first step). tokens int [B,S] ->
           logits [B,S,V] (chosen candidate's final logits), energy [B,S] (its final energy),
           energies [steps+1, B, S] (its energy before each step and after the last), candidate int [B,S],
           candidate_energy [G, B, S] (final energy of every candidate).
         """
-        steps = steps or self.cfg.eval_think_steps or self.cfg.think_steps
+        steps = steps or self.cfg.eval_steps()
+        langevin_std = self.cfg.inference_noise() if langevin_std is None else langevin_std
         if steps < 1 or num_candidates < 1:
             raise ValueError(f"think: steps and num_candidates must be >= 1, got {steps}, {num_candidates}")
         tokens = jnp.asarray(tokens, jnp.int32)
@@ -613,15 +750,16 @@ class EBT(NextTokenTask):
     def generate(self, variables, prompt_tokens, num_new: int, rng, temperature: float = 1.0,
                  top_k: int | None = None, *, steps: int | None = None, num_candidates: int = 1) -> jax.Array:
         """Samples num_new tokens after prompt_tokens [B,P] -> [B, P+num_new] (axlearn_like.task.Task.generate):
-        each new token thinks `steps` steps (default: eval_think_steps or think_steps) with `num_candidates`
-        on the whole buffer and samples from softmax(final logits / T) at the last written position."""
-        steps = steps or self.cfg.eval_think_steps or self.cfg.think_steps
+        each new token thinks `steps` steps (default: cfg.eval_steps()) with `num_candidates` and the inference
+        Langevin noise on the whole buffer and samples from softmax(final logits / T) at the last written position."""
+        steps = steps or self.cfg.eval_steps()
         return super().generate(variables, prompt_tokens, num_new, rng, temperature, top_k, steps=int(steps),
                                 num_candidates=int(num_candidates))
 
     def logits(self, variables, tokens, rng, *, steps: int, num_candidates: int) -> jax.Array:
         """The chosen candidate's final thinking logits float32 [B, S, V] (see `think`)."""
-        return _think_impl(self, variables["params"], tokens, rng, None, None, steps, num_candidates, 0.0)["logits"]
+        return _think_impl(self, variables["params"], tokens, rng, None, None, steps, num_candidates,
+                           self.cfg.inference_noise())["logits"]
 
 
 def _think_impl(task: EBT, params, tokens, rng, positions, segment_ids, steps, g, langevin_std):

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from axlearn_like.config import ConfigError
+from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.params import param_init
+from models.kinds import FFNConfig, LayerContext
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -140,6 +141,26 @@ class MLP(nn.Module):
         return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
 
+@config_class
+class MLPConfig(FFNConfig):
+    """The "mlp" FFN kind: the SwiGLU `MLP` with hidden width mlp_dim."""
+
+    kind: ClassVar[str] = "mlp"
+    logical_axes: ClassVar[tuple[str, ...]] = ("embed", "mlp")
+
+    mlp_dim: int = 1024
+
+    def validate(self) -> None:
+        require(self.mlp_dim >= 1, "mlp_dim", f"must be >= 1, got {self.mlp_dim}")
+
+    def build(self, ctx: LayerContext, name: str) -> nn.Module:
+        return MLP(self.mlp_dim, ctx.dtype, ctx.init_std, ctx.out_init_std, name=name)
+
+    def extra_flops(self, d_model: int, seq_len: int) -> float:
+        del d_model, seq_len
+        return 0.0  # three matmuls, all counted by 6 x params
+
+
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
     """Inverse frequencies theta^(-2i/d), i = 0..d/2-1 (RoFormer, Su et al. 2021, eq. 15). float32 [d/2]."""
     if head_dim % 2:
@@ -196,6 +217,26 @@ def yarn_frequencies(
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """m(s, a) = 0.1 a ln s + 1 for s > 1, else 1 (YaRN's temperature with DeepSeek's coefficient a)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def llama3_frequencies(
+    head_dim: int, theta: float, factor: float, original_max_len: int, low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+) -> jax.Array:
+    """Llama 3.1's RoPE scaling -> inv_freq float32 [d/2] (Hugging Face transformers' "llama3" rope type).
+
+    With w_i = theta^(-2i/d), wavelength l_i = 2 pi / w_i, L = original_max_len: l_i < L / high_freq_factor
+    keeps w_i; l_i > L / low_freq_factor uses w_i / factor; in between it interpolates,
+    w_i' = (1 - s) w_i / factor + s w_i with s = (L / l_i - low_freq_factor) / (high_freq_factor - low_freq_factor).
+    """
+    inv_freq = rope_frequencies(head_dim, theta)
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = original_max_len / low_freq_factor, original_max_len / high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, *, inv_freq: jax.Array | None = None) -> jax.Array:

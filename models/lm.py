@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from axlearn_like.task import Task, sample_logits
-from models.decoder import FFN_FLOPS, MIXER_FLOPS, Decoder, DecoderConfig
+from models.decoder import Decoder, DecoderConfig
 
 Batch = dict[str, jax.Array]
 _MUTABLE = ["intermediates", "stats", "carry"]
@@ -164,8 +164,8 @@ class LanguageModel(NextTokenTask):
         """Training FLOPs per token: 6 * N + attention-like terms (Kaplan et al. 2020 / Chinchilla convention).
 
         N = non-embedding params + the output matrix (vocab x d_model, counted once whether tied or not;
-        the input lookup is a gather, not a matmul). Norm scales are included (negligible). Each layer kind
-        adds MIXER_FLOPS/FFN_FLOPS[name](cfg, seq_len); for "attention" that is
+        the input lookup is a gather, not a matmul). Norm scales are included (negligible). Each layer adds
+        its kinds' `extra_flops(d_model, seq_len)` (models/kinds.py); for "attention" that is
         12 * seq_len * heads * head_dim / 2 (QK^T and PV, 2 FLOPs/MAC, x3 for backward, /2 causal).
         """
         cfg = self.cfg
@@ -175,8 +175,7 @@ class LanguageModel(NextTokenTask):
         flops = 6.0 * n
         for i in range(cfg.num_layers):
             mixer, ffn = cfg.layer_kinds(i)
-            flops += MIXER_FLOPS.get(mixer, lambda c, s: 0.0)(cfg, seq_len)
-            flops += FFN_FLOPS.get(ffn, lambda c, s: 0.0)(cfg, seq_len)
+            flops += mixer.extra_flops(cfg.d_model, seq_len) + ffn.extra_flops(cfg.d_model, seq_len)
         return flops
 
     # -- generation (axlearn_like.task.Task.generate) --

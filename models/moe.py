@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import flax.linen as nn
 import flax.struct
@@ -29,8 +29,9 @@ from axlearn_like import sharding as shd
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init
 from axlearn_like.state import StepStatistic
+from kernels.grouped_matmul import api as grouped_matmul_op
 from kernels.grouped_matmul import grouped_matmul
-from models import decoder as _decoder
+from models.kinds import FFNConfig, LayerContext, check_implementation
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
 _GROUP_SCORES = ("top2_sum", "max")
@@ -153,8 +154,12 @@ class RoutingBias(StepStatistic):
 
 # ------------------------------------------------------------------------------------------------ config
 @config_class
-class MoEConfig:
-    """DeepSeek MoE layer. Defaults: a tiny V3-style layer (sigmoid gate, aux-loss-free bias)."""
+class MoEConfig(FFNConfig):
+    """The "moe" FFN kind: a DeepSeek MoE layer. Defaults: a tiny V3-style layer (sigmoid gate, aux-loss-free
+    bias)."""
+
+    kind: ClassVar[str] = "moe"
+    logical_axes: ClassVar[tuple[str, ...]] = ("embed", "expert", "expert_mlp", "mlp")
 
     num_experts: int = 8
     top_k: int = 2
@@ -192,6 +197,15 @@ class MoEConfig:
         require(self.device_limited_m is None or self.device_limited_m >= 1, "device_limited_m", "must be None or >= 1")
         require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be None or > 0")
         require(self.gamma >= 0, "gamma", "must be >= 0")
+        check_implementation(self.implementation, grouped_matmul_op._SUPPORTED, "grouped_matmul")
+
+    def build(self, ctx: LayerContext, name: str) -> nn.Module:
+        return MoE(self, d_model=ctx.d_model, dtype=ctx.dtype, name=name)
+
+    def extra_flops(self, d_model: int, seq_len: int) -> float:
+        """6 x params counts every routed expert; a token runs only top_k of them (3 matrices of D x F each)."""
+        del seq_len
+        return -6.0 * (self.num_experts - self.top_k) * 3 * d_model * self.expert_dim
 
 
 # ------------------------------------------------------------------------------------------ expert math
@@ -479,20 +493,3 @@ class MoE(nn.Module):
 def _shards(ep: int) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     return math.prod(int(mesh.shape[a]) for a in _token_axes(ep))
-
-
-# --- registration as a decoder FFN kind (config section DecoderConfig.moe) ----------------------------------
-def _moe_factory(cfg, layer_index: int, name: str) -> nn.Module:
-    del layer_index
-    return MoE(cfg.moe, d_model=cfg.d_model, dtype=cfg.compute_dtype, name=name)
-
-
-def _moe_flops(cfg, seq_len: int) -> float:
-    """6 x params counts every routed expert; a token runs only top_k of them (3 matrices of D x F each)."""
-    del seq_len
-    m = cfg.moe
-    return -6.0 * (m.num_experts - m.top_k) * 3 * cfg.d_model * m.expert_dim
-
-
-_decoder.FFNS["moe"] = _moe_factory
-_decoder.FFN_FLOPS["moe"] = _moe_flops

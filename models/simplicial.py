@@ -24,7 +24,7 @@ where nothing is gated.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -34,18 +34,17 @@ from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import config_class, require
 from kernels.simplicial import IMPLEMENTATIONS, two_simplicial_attention
-from models.decoder import MIXER_FLOPS, MIXERS
 from models.attention import head_projection, output_projection
+from models.kinds import LayerContext, MixerConfig, check_implementation
 from models.layers import apply_rope
 
 _VARIANTS = ("trilinear", "determinant")
 _ROPE = ("none", "q_k1")
-_IMPLEMENTATIONS = (None, *IMPLEMENTATIONS)
 
 
 @config_class
-class SimplicialConfig:
-    """Config section `model.simplicial` of the "simplicial" mixer.
+class SimplicialConfig(MixerConfig):
+    """The "simplicial" mixer kind (`--set model.layer_pattern.simplicial.<field>=...`).
 
     num_heads query heads and num_kv_heads shared K/V/K'/V' heads of size head_dim (the paper's kernel
     uses 64 query heads per K/V head). w1, w2: causal windows of (K, V) and (K', V'); the paper uses
@@ -53,6 +52,9 @@ class SimplicialConfig:
     kernels.simplicial.two_simplicial_attention (None = best for the backend). rope: "none" | "q_k1"
     (module docstring). scale: logit scale, None = 1/sqrt(head_dim).
     """
+
+    kind: ClassVar[str] = "simplicial"
+    logical_axes: ClassVar[tuple[str, ...]] = ("embed", "heads", "kv_heads", "head_dim")
 
     num_heads: int = 8
     num_kv_heads: int = 1
@@ -89,12 +91,23 @@ class SimplicialConfig:
             f"rope={self.rope!r} needs an even head_dim, got {self.head_dim}",
         )
         require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        require(
-            self.implementation in _IMPLEMENTATIONS,
-            "implementation",
-            f"{self.implementation!r} is not one of {list(_IMPLEMENTATIONS)}",
-        )
+        check_implementation(self.implementation, IMPLEMENTATIONS, "simplicial")
         require(self.scale is None or self.scale > 0, "scale", f"must be None or > 0, got {self.scale}")
+
+    def build(self, ctx: LayerContext, name: str) -> nn.Module:
+        return SimplicialAttention(self, ctx.dtype, ctx.init_std, ctx.out_init_std, name=name)
+
+    def extra_flops(self, d_model: int, seq_len: int) -> float:
+        """Training FLOPs per token beyond 6 x its parameters.
+
+        Forward per query head: the logits matmul 2 * Dk * pairs (Dk = head_dim, 2 * head_dim for the
+        determinant form) and the value matmul 2 * head_dim * pairs, pairs = mean allowed (j, k) per query
+        (O(w1 * w2)); training = 3 x forward (backward ~ 2 x forward), as for "attention".
+        """
+        del d_model
+        dk = 2 * self.head_dim if self.variant == "determinant" else self.head_dim
+        forward = 2.0 * (dk + self.head_dim) * mean_window_pairs(seq_len, self.w1, self.w2) * self.num_heads
+        return 3.0 * forward
 
 
 def crossing_queries(segment_ids: jax.Array, window: int) -> jax.Array:
@@ -156,25 +169,3 @@ def mean_window_pairs(seq_len: int, w1: int, w2: int) -> float:
     """Mean over queries i < seq_len of the allowed (j, k) pairs, min(w1, i+1) * min(w2, i+1) (causal ramp)."""
     i = np.arange(1, seq_len + 1, dtype=np.float64)
     return float(np.mean(np.minimum(w1, i) * np.minimum(w2, i)))
-
-
-def simplicial_flops(cfg, seq_len: int) -> float:
-    """Training FLOPs per token of one simplicial layer beyond 6 x its parameters.
-
-    Forward per query head: the logits matmul 2 * Dk * pairs (Dk = head_dim, 2 * head_dim for the
-    determinant form) and the value matmul 2 * head_dim * pairs, pairs = mean allowed (j, k) per query
-    (O(w1 * w2)); training = 3 x forward (backward ~ 2 x forward), as for "attention".
-    """
-    s = cfg.simplicial
-    dk = 2 * s.head_dim if s.variant == "determinant" else s.head_dim
-    forward = 2.0 * (dk + s.head_dim) * mean_window_pairs(seq_len, s.w1, s.w2) * s.num_heads
-    return 3.0 * forward
-
-
-def _simplicial_factory(cfg, layer_index: int, name: str) -> nn.Module:
-    del layer_index
-    return SimplicialAttention(cfg.simplicial, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, name=name)
-
-
-MIXERS["simplicial"] = _simplicial_factory
-MIXER_FLOPS["simplicial"] = simplicial_flops

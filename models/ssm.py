@@ -10,8 +10,9 @@ Block (REFERENCES.md section 4), d_inner = expand * d_model, H = d_inner / head_
 The initial state h_{-1} of a *training* apply is chosen by `Mamba2Config.initial_state`:
   zeros          h_{-1} = 0 (the standard recipe).
   random_noise   h_{-1} ~ N(0, noise_std^2) i.i.d.
-  fitted_noise   h_{-1} ~ N(mean, std^2), elementwise per layer/head/(P, N) entry, from running moments of the
-                 final states recorded during training in the `stats` collection (fs_count, fs_mean, fs_sq).
+  fitted_noise   h_{-1} ~ N(mean, std^2) i.i.d. with one mean/std per layer and head (the paper; or per (head,
+                 P, N) entry with fitted_noise_scope="element"), fitted to the final states that sequences started
+                 from h_{-1} = 0 reach: running moments in the `stats` collection (fs_count, fs_mean, fs_sq).
   state_passing  h_{-1} = the (gradient-stopped) final state of this batch row in the previous step, kept in
                  the `carry` collection.
   tbtt           like state_passing (plus the conv window), for data.mode="tbtt" where row r of step t+1 continues
@@ -20,6 +21,9 @@ Evaluation (train=False) always starts from zeros and never changes `stats` or `
 
 With `track_states` (default) the moments and the last final states are recorded in every mode, so a
 post-training stage can switch `initial_state` and resume the same run directory (same train-state tree).
+The moments only ever see zero-initialised final states: the SSD is linear in h_{-1}, so an apply that started
+from h0 records final - exp(sum_t dt_t A) h0 (exact); in tbtt mode, whose carried conv window is not linear,
+only rows that restarted from zero are recorded. So fitted noise never fits its own noise.
 
 Recurrent inference: when the caller makes the `cache` collection mutable, each mixer continues from its
 cached conv window and SSM state and writes them back, so a sequence can be fed in pieces of any length
@@ -35,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -44,25 +48,29 @@ import numpy as np
 
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.params import param_init
+from kernels.ssd import api as ssd_op
 from kernels.ssd import ssd, ssd_step
 from kernels.ssd.reference import document_index
-from models.decoder import MIXER_FLOPS, MIXERS, Decoder, DecoderConfig, unstack_layer_params
+from models.decoder import Decoder, DecoderConfig, unstack_layer_params
+from models.kinds import LayerContext, MixerConfig, check_implementation
 from models.layers import Dense
 
 F32 = jnp.float32
 INITIAL_STATES = ("zeros", "random_noise", "fitted_noise", "state_passing", "tbtt")
+FITTED_NOISE_SCOPES = ("head", "element")
 
 
 @config_class
-class Mamba2Config:
-    """Hyper-parameters of the "mamba2" mixer (DecoderConfig.ssm).
+class Mamba2Config(MixerConfig):
+    """The "mamba2" mixer kind (`--set model.layer_pattern.mamba2.<field>=...`); recurrent.
 
     d_state N, head_dim P, expand (d_inner = expand * d_model), d_conv (conv width), ngroups (B/C groups),
     chunk_size (SSD chunk), dt init: dt ~ exp(U[log dt_min, log dt_max]) clamped >= dt_init_floor and
     dt_bias = softplus^-1(dt); A ~ U[A_init_range], A_log = log A. implementation: kernels.ssd implementation
     (None = per backend). initial_state / noise_std / stats_momentum / track_states: see the module doc
     (stats_momentum: EMA momentum of the fitted-noise moments; the first 1/(1-momentum) updates are a plain
-    running mean so early statistics are unbiased).
+    running mean so early statistics are unbiased). fitted_noise_scope: "head" (one Gaussian per layer and
+    head, pooled over its P x N entries: the paper's IID fit) or "element" (one per (head, P, N) entry).
 
     document_reset: when True and the apply gets segment_ids (packed rows), each document starts from a zero
     SSM state and an empty conv window, exactly as if it were alone in its row (mamba_ssm's seq_idx). The
@@ -71,6 +79,10 @@ class Mamba2Config:
     cannot be combined with implementation "pallas"/"triton". False (default) is bit-identical to a mixer
     that ignores segment_ids: documents leak state into the next one, which the fused kernels allow.
     """
+
+    kind: ClassVar[str] = "mamba2"
+    logical_axes: ClassVar[tuple[str, ...]] = ("embed", "mlp", "conv", "ssm_heads")
+    recurrent: ClassVar[bool] = True
 
     d_state: int = 128
     head_dim: int = 64
@@ -86,6 +98,7 @@ class Mamba2Config:
     initial_state: str = "zeros"
     noise_std: float = 1.0
     stats_momentum: float = 0.99
+    fitted_noise_scope: str = "head"
     track_states: bool = True
     document_reset: bool = False
 
@@ -100,8 +113,9 @@ class Mamba2Config:
                 f"{self.initial_state!r} is not one of {list(INITIAL_STATES)}")
         require(self.noise_std >= 0, "noise_std", f"must be >= 0, got {self.noise_std}")
         require(0 <= self.stats_momentum < 1, "stats_momentum", f"must be in [0, 1), got {self.stats_momentum}")
-        require(self.implementation in (None, "xla", "pallas", "triton"), "implementation",
-                f"{self.implementation!r} is not one of None, 'xla', 'pallas', 'triton'")
+        require(self.fitted_noise_scope in FITTED_NOISE_SCOPES, "fitted_noise_scope",
+                f"{self.fitted_noise_scope!r} is not one of {list(FITTED_NOISE_SCOPES)}")
+        check_implementation(self.implementation, ssd_op.SUPPORTED, "ssd")
         require(not (self.document_reset and self.implementation in ("pallas", "triton")), "document_reset",
                 f"needs implementation None or 'xla' (the fused {self.implementation!r} SSD has no document "
                 f"reset); set implementation=None or document_reset=False")
@@ -110,11 +124,26 @@ class Mamba2Config:
         """-> (d_inner, num_heads); ConfigError when d_model does not fit head_dim / ngroups."""
         d_inner = self.expand * d_model
         if d_inner % self.head_dim:
-            raise ConfigError(f"ssm.head_dim: expand * d_model = {d_inner} is not a multiple of head_dim={self.head_dim}")
+            raise ConfigError(f"head_dim: expand * d_model = {d_inner} is not a multiple of head_dim={self.head_dim}")
         heads = d_inner // self.head_dim
         if heads % self.ngroups:
-            raise ConfigError(f"ssm.ngroups: {heads} heads are not a multiple of ngroups={self.ngroups}")
+            raise ConfigError(f"ngroups: {heads} heads are not a multiple of ngroups={self.ngroups}")
         return d_inner, heads
+
+    def validate_in(self, ctx: LayerContext) -> None:
+        self.dims(ctx.d_model)
+
+    def build(self, ctx: LayerContext, name: str) -> nn.Module:
+        return Mamba2(self, ctx.dtype, ctx.init_std, ctx.out_init_std, ctx.norm_eps, name=name)
+
+    def extra_flops(self, d_model: int, seq_len: int) -> float:
+        """Training FLOPs/token of the SSD beyond its parameters' 6N (chunked form, chunk Q = min(chunk, seq)):
+        forward per token 2*G*Q*N/2 (C.B^T, causal) + 2*H*Q*P/2 (scores x X) + 2*H*P*N (chunk state) + 2*H*P*N
+        (state output); x3 with backward."""
+        _, H = self.dims(d_model)
+        Q = min(self.chunk_size, seq_len)
+        fwd = self.ngroups * Q * self.d_state + H * Q * self.head_dim + 4 * H * self.head_dim * self.d_state
+        return 3.0 * fwd
 
 
 # --------------------------------------------------------------------------------------------- init
@@ -143,16 +172,40 @@ def _uniform(bound: float):
 
 
 # ------------------------------------------------------------------------------------ fitted-noise stats
-def update_moments(count, mean, sq, batch_states, momentum: float):
+def update_moments(count, mean, sq, batch_states, momentum: float, weights=None):
     """Running first/second moments of final states [b, H, P, N] (stop-gradient), elementwise over [H, P, N].
 
+    weights [b] (0/1, default all 1): the rows that enter this update; an update with no row changes nothing.
     w = max(1 / (count + 1), 1 - momentum): a plain running mean until 1/(1-momentum) updates, then an EMA.
     """
     s = jax.lax.stop_gradient(batch_states.astype(F32))
-    w = jnp.maximum(1.0 / (count + 1.0), 1.0 - momentum)
-    mean = (1 - w) * mean + w * jnp.mean(s, axis=0)
-    sq = (1 - w) * sq + w * jnp.mean(jnp.square(s), axis=0)
-    return count + 1.0, mean, sq
+    rows = jnp.ones(s.shape[:1], F32) if weights is None else weights.astype(F32)
+    n = jnp.sum(rows)
+    bmean = jnp.einsum("b,bhpn->hpn", rows, s) / jnp.maximum(n, 1.0)
+    bsq = jnp.einsum("b,bhpn->hpn", rows, jnp.square(s)) / jnp.maximum(n, 1.0)
+    w = jnp.where(n > 0, jnp.maximum(1.0 / (count + 1.0), 1.0 - momentum), 0.0)
+    return count + (n > 0).astype(F32), (1 - w) * mean + w * bmean, (1 - w) * sq + w * bsq
+
+
+def fitted_noise_moments(mean, sq, scope: str = "head"):
+    """(mean, std) of the fitted-noise initial state from the elementwise moments [H, P, N]: "head" pools
+    each head's P x N entries (the paper's IID Gaussian per layer and head), "element" keeps one Gaussian
+    per (head, P, N) entry. Broadcastable to [b, H, P, N]."""
+    if scope == "head":
+        mean, sq = jnp.mean(mean, axis=(1, 2), keepdims=True), jnp.mean(sq, axis=(1, 2), keepdims=True)
+    return mean, jnp.sqrt(jnp.maximum(sq - jnp.square(mean), 0.0))
+
+
+def zero_start_final_states(final, h0, dt, A, docs=None):
+    """final [b, H, P, N] of an SSD apply that started from h0 ([b, H, P, N] or None) -> the final states the same
+    rows reach from h_{-1} = 0. The recurrence is linear in h_{-1}: final = exp(sum_t dt_t A) h_{-1} + final|0,
+    dt [b, L, H], A [H]; with a document reset (docs [b, L]) only a row whose last document is its first saw h0."""
+    if h0 is None:
+        return final
+    decay = jnp.exp(jnp.sum(dt.astype(F32), axis=1) * A)  # [b, H]
+    if docs is not None:
+        decay = jnp.where((docs[:, -1] == 0)[:, None], decay, 0.0)
+    return final - decay[:, :, None, None] * h0
 
 
 # ------------------------------------------------------------------------------------------- the mixer
@@ -258,7 +311,16 @@ class Mamba2(nn.Module):
             cache_conv.value = new_conv_state.astype(self.dtype)
             cache_ssm.value = final
         if train and stats is not None:
-            cnt, mean, sq = update_moments(stats[0].value, stats[1].value, stats[2].value, final, c.stats_momentum)
+            # Fitted noise is fitted to the states zero-initialised sequences reach (the paper records them in
+            # pretraining): take out this apply's own initial state, so noise-started states never feed back.
+            clean = zero_start_final_states(final, init_state, dt, A, docs)
+            rows = None
+            if conv_state is not None:  # tbtt: a carried conv window is not linear in the inputs; keep rows that
+                # restarted (first token opens a document) or whose last document began after a reset
+                rows = positions[:, 0] == 0 if positions is not None else jnp.zeros((b,), bool)
+                if docs is not None:
+                    rows = rows | (docs[:, -1] > 0)
+            cnt, mean, sq = update_moments(stats[0].value, stats[1].value, stats[2].value, clean, c.stats_momentum, rows)
             stats[0].value, stats[1].value, stats[2].value = cnt, mean, sq
         if train and carry is not None:
             carry.value = jax.lax.stop_gradient(final)
@@ -284,7 +346,7 @@ class Mamba2(nn.Module):
             return c.noise_std * jax.random.normal(self.make_rng("dropout"), shape, F32), None
         if mode == "fitted_noise":
             cnt, mean, sq = (v.value for v in stats)
-            std = jnp.sqrt(jnp.maximum(sq - jnp.square(mean), 0.0))
+            mean, std = fitted_noise_moments(mean, sq, c.fitted_noise_scope)
             noise = mean + std * jax.random.normal(self.make_rng("dropout"), shape, F32)
             return jax.lax.stop_gradient(jnp.where(cnt > 0, noise, 0.0)), None
         h0 = jax.lax.stop_gradient(carry.value)
@@ -296,40 +358,19 @@ class Mamba2(nn.Module):
         return h0 * keep[:, None, None, None], conv.astype(self.dtype)
 
 
-def _mamba2_factory(cfg: DecoderConfig, layer_index: int, name: str) -> nn.Module:
-    del layer_index
-    if cfg.ssm is None:
-        raise ConfigError("ssm: the layer pattern uses 'mamba2' layers but model.ssm is not set (the recipe must set it)")
-    return Mamba2(cfg.ssm, cfg.compute_dtype, cfg.init_std, cfg.out_init_std, cfg.norm_eps, name=name)
-
-
-def _mamba2_flops(cfg: DecoderConfig, seq_len: int) -> float:
-    """Training FLOPs/token of the SSD beyond its parameters' 6N (chunked form, chunk Q = min(chunk, seq)):
-    forward per token 2*G*Q*N/2 (C.B^T, causal) + 2*H*Q*P/2 (scores x X) + 2*H*P*N (chunk state) + 2*H*P*N
-    (state output); x3 with backward."""
-    c = cfg.ssm
-    d_inner, H = c.dims(cfg.d_model)
-    Q = min(c.chunk_size, seq_len)
-    fwd = c.ngroups * Q * c.d_state + H * Q * c.head_dim + 4 * H * c.head_dim * c.d_state
-    return 3.0 * fwd
-
-
-MIXERS["mamba2"] = _mamba2_factory
-MIXER_FLOPS["mamba2"] = _mamba2_flops
-
-
 # ------------------------------------------------------------------------------- recurrent inference API
 def supports_recurrent_decode(cfg: DecoderConfig) -> bool:
-    """True when every mixer carries its context in a fixed-size state (pure Mamba-2 stacks)."""
-    return all(k == "mamba2" for k in cfg.layer_pattern)
+    """True when every mixer carries its context in a fixed-size state (e.g. pure Mamba-2 stacks)."""
+    return cfg.recurrent
 
 
 def _unscanned(lm, variables: dict) -> tuple[nn.Module, dict]:
     """(Decoder module, {'params', 'stats'}) in the unscanned layout (the cache needs per-layer variables)."""
     cfg = lm.cfg
     if not supports_recurrent_decode(cfg):
-        raise ValueError(f"recurrent decode needs a pure 'mamba2' layer_pattern, got {cfg.layer_pattern}; "
-                         f"use LanguageModel.generate (full recompute) for models with attention")
+        kinds = [m.kind for m in cfg.layer_pattern]
+        raise ValueError(f"recurrent decode needs recurrent mixers only (e.g. a pure 'mamba2' layer_pattern), got "
+                         f"{kinds}; use LanguageModel.generate (full recompute) for models with attention")
     keep = {k: variables[k] for k in ("params", "stats") if k in variables}
     if not cfg.scan_layers:
         return lm.module, keep

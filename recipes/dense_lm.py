@@ -14,6 +14,7 @@ from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.optimizers import OptimizerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
+from models.layers import MLPConfig
 
 
 def config() -> ExperimentConfig:
@@ -23,8 +24,8 @@ def config() -> ExperimentConfig:
             vocab_size=258,
             d_model=192,
             num_layers=4,
-            attention=AttentionConfig(num_heads=6, num_kv_heads=2, head_dim=32),
-            mlp_dim=512,
+            layer_pattern=(AttentionConfig(num_heads=6, num_kv_heads=2, head_dim=32),),
+            ffn_pattern=(MLPConfig(mlp_dim=512),),
             tie_embeddings=True,
             dtype="float32",
         ),
@@ -42,8 +43,8 @@ def gpu_1b() -> ExperimentConfig:
         vocab_size=32768,
         d_model=2048,
         num_layers=16,
-        attention=AttentionConfig(num_heads=16, num_kv_heads=8, head_dim=128),
-        mlp_dim=8192,
+        layer_pattern=(AttentionConfig(num_heads=16, num_kv_heads=8, head_dim=128),),
+        ffn_pattern=(MLPConfig(mlp_dim=8192),),
         tie_embeddings=False,
         dtype="bfloat16",
         # Measured on one H200 (docs/benchmarks.md): unrolled layers with every named activation saved fit

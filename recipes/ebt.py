@@ -19,10 +19,14 @@ from axlearn_like.task import SampleConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
-from models.ebt import EBTConfig
+from models.ebt import EBTConfig, System2AttentionConfig
+from models.layers import MLPConfig
 
-_DIMS = dict(vocab_size=258, d_model=96, num_layers=2, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=24),
-             mlp_dim=256, dtype="float32")
+
+def _dims(attention: type[AttentionConfig]) -> dict:
+    """The shared model size; `attention` is the mixer kind (System-2 for the EBT, plain for the decoder)."""
+    return dict(vocab_size=258, d_model=96, num_layers=2, layer_pattern=(attention(num_heads=4, num_kv_heads=2, head_dim=24),),
+                ffn_pattern=(MLPConfig(mlp_dim=256),), dtype="float32")
 
 
 def _dyck_data() -> DataConfig:
@@ -38,7 +42,7 @@ def config() -> ExperimentConfig:
     return ExperimentConfig(
         name="ebt",
         model=EBTConfig(
-            **_DIMS,
+            **_dims(System2AttentionConfig),
             think_steps=2,
             think_steps_random=1,
             step_size_spread=1.5,
@@ -67,7 +71,7 @@ def text() -> ExperimentConfig:
 
 def _decoder(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     cfg.name = name
-    cfg.model = DecoderConfig(**_DIMS, sample=cfg.model.sample)  # the same sample as the EBT it is compared with
+    cfg.model = DecoderConfig(**_dims(AttentionConfig), sample=cfg.model.sample)  # the same sample as the EBT it is compared with
     return cfg
 
 
@@ -82,15 +86,17 @@ def decoder_text() -> ExperimentConfig:
 def gpu() -> ExperimentConfig:
     cfg = text()
     cfg.name = "ebt_gpu"
-    cfg.model = EBTConfig(vocab_size=258, d_model=512, num_layers=8, attention=AttentionConfig(num_heads=8, num_kv_heads=8, head_dim=64),
-                          mlp_dim=2048, dtype="bfloat16", think_steps=2, think_steps_random=0, langevin_std=0.1,
+    cfg.model = EBTConfig(vocab_size=258, d_model=512, num_layers=8,
+                          # the query blocks only apply if predicted="jnp" is set (see second_order below)
+                          layer_pattern=(System2AttentionConfig(num_heads=8, num_kv_heads=8, head_dim=64, query_block=128),),
+                          ffn_pattern=(MLPConfig(mlp_dim=2048),), dtype="bfloat16", think_steps=2, think_steps_random=0,
+                          langevin_std=0.1,
                           replay_size=0, replay_fraction=0.0,
                           # measured fastest on the H200 (tools.bench_ebt, docs/notes/ebt.md): jvp second order with
                           # the predicted stream on the fused kernels.jvp_attention Triton kernels (the GPU default
                           # in jvp mode): 41.2 ms/step, 2.83-2.90x the decoder per inner step, 4.9 GiB XLA temp
-                          # (jnp attention: 62.3 ms; reverse mode: 80.5 ms, 27 GiB). The query blocks only
-                          # apply if predicted_attention=jnp is set.
-                          second_order="jvp", attention_query_block=128)
+                          # (jnp attention: 62.3 ms; reverse mode: 80.5 ms, 27 GiB).
+                          second_order="jvp")
     cfg.data.seq_len, cfg.data.global_batch_size = 512, 16
     cfg.model.sample.tokens = 0
     return cfg

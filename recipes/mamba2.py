@@ -5,10 +5,10 @@ Default: a tiny pure Mamba-2 stack (each layer: Mamba-2 mixer + small SwiGLU MLP
   lengthgen  pretrain at seq_len 64 (cosine schedule ending at step 400), then post-train with a state
              intervention at the schedule's floor LR (Buitrago & Gu 2025: ~0.1% extra steps). Two commands,
              the second resuming the first run directory with overrides (the train-state tree is the same
-             in every initial_state mode because `model.ssm.track_states` keeps the buffers):
+             in every initial_state mode because the mamba2 layers' `track_states` keeps the buffers):
                python -m recipes.mamba2 --preset lengthgen --run-dir runs/m2_sp
                python -m recipes.mamba2 --preset lengthgen --run-dir runs/m2_sp \
-                   --set trainer.steps=500 --set model.ssm.initial_state=state_passing
+                   --set trainer.steps=500 --set model.layer_pattern.mamba2.initial_state=state_passing
              (or initial_state=fitted_noise; for tbtt also --set data.mode=tbtt). Evaluate with
                python -m tools.length_eval runs/m2_sp --lengths 512,2048
   hybrid     Mamba-2 layers with one attention layer in four (pattern mamba2, mamba2, mamba2, attention).
@@ -17,6 +17,7 @@ Default: a tiny pure Mamba-2 stack (each layer: Mamba-2 mixer + small SwiGLU MLP
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from axlearn_like.checkpoint import CheckpointConfig
@@ -26,6 +27,7 @@ from axlearn_like.optimizers import OptimizerConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
+from models.layers import MLPConfig
 from models.ssm import Mamba2Config
 
 
@@ -36,12 +38,10 @@ def config() -> ExperimentConfig:
             vocab_size=258,
             d_model=128,
             num_layers=3,
-            layer_pattern=("mamba2",),
-            ffn_pattern=("mlp",),
-            mlp_dim=256,
+            layer_pattern=(Mamba2Config(d_state=32, head_dim=32, expand=2, chunk_size=32),),
+            ffn_pattern=(MLPConfig(mlp_dim=256),),
             tie_embeddings=True,
             dtype="float32",
-            ssm=Mamba2Config(d_state=32, head_dim=32, expand=2, chunk_size=32),
         ),
         data=DataConfig(source="text", paths=("stdlib",), seq_len=128, global_batch_size=16, max_bytes=4_000_000),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=30, weight_decay=0.1),
@@ -64,8 +64,9 @@ def hybrid() -> ExperimentConfig:
     cfg = config()
     cfg.name = "mamba2_hybrid"
     cfg.model.num_layers = 4
-    cfg.model.layer_pattern = ("mamba2", "mamba2", "mamba2", "attention")
-    cfg.model.attention = AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=32)
+    ssm = cfg.model.layer_pattern[0]
+    cfg.model.layer_pattern = (*(dataclasses.replace(ssm) for _ in range(3)),
+                               AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=32))
     return cfg
 
 
@@ -73,9 +74,10 @@ def gpu_340m() -> ExperimentConfig:
     cfg = config()
     cfg.name = "mamba2_340m"
     cfg.model = DecoderConfig(
-        vocab_size=32768, d_model=1024, num_layers=24, layer_pattern=("mamba2",), ffn_pattern=("mlp",),
-        mlp_dim=2048, tie_embeddings=True, dtype="bfloat16", scan_layers=True, remat_policy="full",
-        ssm=Mamba2Config(d_state=128, head_dim=64, expand=2, chunk_size=256),
+        vocab_size=32768, d_model=1024, num_layers=24,
+        layer_pattern=(Mamba2Config(d_state=128, head_dim=64, expand=2, chunk_size=256),),
+        ffn_pattern=(MLPConfig(mlp_dim=2048),), tie_embeddings=True, dtype="bfloat16", scan_layers=True,
+        remat_policy="full",
     )
     cfg.data = DataConfig(source="text", paths=("stdlib",), seq_len=2048, global_batch_size=16, max_bytes=40_000_000)
     cfg.optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=100)

@@ -7,12 +7,13 @@ Presets reproduce Wang et al.'s comparison in miniature (compare `train/.../maxv
   aux_loss      gamma 0, V1/V2 expert-level balance loss (alpha 1e-2)
   aux_free      bias balancing only (gamma 1e-3 x steps scale)
   aux_free_seq  bias balancing + V3 sequence-wise loss (alpha 1e-4)   [default]
-Scale out: `--set mesh.expert=4 --set model.moe.device_limited_m=2` (device-limited routing over the expert axis).
+Scale out: `--set mesh.expert=4 --set model.ffn_pattern.moe.device_limited_m=2` (device-limited routing over the expert axis).
 Preset `gpu_0p8b`: a DeepSeek-V3-like ~0.8B-parameter model (64 routed experts top-6 + 1 shared, bf16, seq 2048)
 for one or several H200s (used by tools.bench_scaling moe).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from axlearn_like.checkpoint import CheckpointConfig
@@ -22,7 +23,13 @@ from axlearn_like.optimizers import OptimizerConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
+from models.layers import MLPConfig
 from models.moe import MoEConfig
+
+
+def _first_dense(mlp: MLPConfig, moe: MoEConfig, num_moe: int) -> tuple:
+    """(mlp, moe, ..., moe): the first layer dense, then num_moe MoE layers (each its own copy)."""
+    return (mlp,) + tuple(dataclasses.replace(moe) for _ in range(num_moe))
 
 
 def _base(moe: MoEConfig, name: str) -> ExperimentConfig:
@@ -32,12 +39,10 @@ def _base(moe: MoEConfig, name: str) -> ExperimentConfig:
             vocab_size=258,
             d_model=128,
             num_layers=4,
-            ffn_pattern=("mlp", "moe", "moe", "moe"),
-            attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=32),
-            mlp_dim=384,
+            layer_pattern=(AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=32),),
+            ffn_pattern=_first_dense(MLPConfig(mlp_dim=384), moe, 3),
             tie_embeddings=True,
             dtype="float32",
-            moe=moe,
         ),
         data=DataConfig(source="text", paths=("stdlib",), seq_len=128, global_batch_size=16, max_bytes=4_000_000),
         optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=30),
@@ -76,17 +81,16 @@ def no_balance() -> ExperimentConfig:
 def gpu_0p8b() -> ExperimentConfig:
     """~0.82B total / ~0.18B active parameters: 8 layers (first dense, 7 MoE), d_model 1024, 64 routed experts
     of width 512 (top-6, sigmoid gate, aux-loss-free bias + sequence loss) + 1 shared, vocab 32768, seq 2048."""
-    cfg = _base(_moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5), "moe_0p8b")
+    moe = _moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5)
+    cfg = _base(moe, "moe_0p8b")
     cfg.model = DecoderConfig(
         vocab_size=32768,
         d_model=1024,
         num_layers=8,
-        ffn_pattern=("mlp",) + ("moe",) * 7,
-        attention=AttentionConfig(num_heads=8, num_kv_heads=4, head_dim=128),
-        mlp_dim=4096,
+        layer_pattern=(AttentionConfig(num_heads=8, num_kv_heads=4, head_dim=128),),
+        ffn_pattern=_first_dense(MLPConfig(mlp_dim=4096), moe, 7),
         tie_embeddings=False,
         dtype="bfloat16",
-        moe=cfg.model.moe,
     )
     cfg.data = DataConfig(source="text", paths=("stdlib",), seq_len=2048, global_batch_size=16, max_bytes=40_000_000)
     # bf16 model weights with float32 masters in the optimizer state: the expert weights (6.4x the active ones)

@@ -24,10 +24,14 @@ import sys
 from axlearn_like.cli import recipe_main
 from axlearn_like.config import config_class
 from axlearn_like.trainer import ExperimentConfig
+from models.attention import AttentionConfig
 from models.simplicial import SimplicialConfig
 from recipes import dense_lm
 
-PATTERN = ("attention", "attention", "attention", "simplicial")
+
+def _hybrid(attention: AttentionConfig, simplicial: SimplicialConfig) -> tuple:
+    """(attention, attention, attention, simplicial): 2-simplicial every 4th layer, each entry its own copy."""
+    return tuple(dataclasses.replace(attention) for _ in range(3)) + (simplicial,)
 
 
 @config_class
@@ -54,8 +58,8 @@ def _dense() -> SimplicialExperimentConfig:
 def config():
     cfg = _dense()
     cfg.name = "simplicial"
-    cfg.model.layer_pattern = PATTERN
-    cfg.model.simplicial = SimplicialConfig(num_heads=4, num_kv_heads=1, head_dim=32, w1=32, w2=4)
+    cfg.model.layer_pattern = _hybrid(cfg.model.layer_pattern[0],
+                                      SimplicialConfig(num_heads=4, num_kv_heads=1, head_dim=32, w1=32, w2=4))
     return cfg
 
 
@@ -75,8 +79,8 @@ def compare():
 def gpu_1b():
     cfg = _recipe_config(dense_lm.gpu_1b())
     cfg.name = "simplicial_1b"
-    cfg.model.layer_pattern = PATTERN
-    cfg.model.simplicial = SimplicialConfig(num_heads=64, num_kv_heads=1, head_dim=128, w1=512, w2=32)
+    cfg.model.layer_pattern = _hybrid(cfg.model.layer_pattern[0],
+                                      SimplicialConfig(num_heads=64, num_kv_heads=1, head_dim=128, w1=512, w2=32))
     cfg.data.packing = False
     return cfg
 
@@ -85,10 +89,9 @@ PRESETS = {"default": config, "dense": dense, "compare": compare, "gpu_1b": gpu_
 
 
 def dense_twin(cfg):
-    """The dense baseline of a hybrid config: every mixer global attention, everything else equal."""
+    """The dense baseline of a hybrid config: every mixer its first attention layer, everything else equal."""
     twin = copy.deepcopy(cfg)
-    twin.model.layer_pattern = ("attention",)
-    twin.model.simplicial = None
+    twin.model.layer_pattern = (next(m for m in twin.model.layer_pattern if isinstance(m, AttentionConfig)),)
     return twin
 
 

@@ -56,6 +56,7 @@ def time_step(cfg, iters: int, profile: str | None = None) -> float:
 
 def main(argv=None) -> int:
     from axlearn_like import config as config_lib
+    from models.attention import AttentionConfig
     from models.decoder import DecoderConfig
     from recipes import ebt
 
@@ -71,13 +72,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     cfg = config_lib.apply_overrides(ebt.gpu(), list(a.set) + ["checkpoint.enabled=false"])
     m = cfg.model
-    dec = dataclasses.replace(cfg, model=DecoderConfig(**{f.name: getattr(m, f.name) for f in dataclasses.fields(DecoderConfig)} | {"layer_pattern": ("attention",)}))
+    # the same-size decoder: every System-2 layer as plain causal attention with the same projections
+    plain = tuple(AttentionConfig(**{f.name: getattr(e, f.name) for f in dataclasses.fields(AttentionConfig)})
+                  for e in m.layer_pattern)
+    fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(DecoderConfig)}
+    dec = dataclasses.replace(cfg, model=DecoderConfig(**fields | {"layer_pattern": plain}))
     rows = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "batch": cfg.data.global_batch_size,
             "seq_len": cfg.data.seq_len, "d_model": m.d_model, "layers": m.num_layers, "think_steps": m.think_steps}
     t, rows["decoder_temp_gib"] = time_step(dec, a.iters, "decoder" if a.profile else None)
     rows["decoder_ms"] = 1e3 * t
     print(f"decoder: {rows['decoder_ms']:.2f} ms/step, XLA temp {rows['decoder_temp_gib']:.2f} GiB", flush=True)
-    variants = [(f, [f"model.attention_form={f}"]) for f in a.forms.split(",") if f]
+    variants = [(f, [f"model.layer_pattern.ebt_attention.form={f}"]) for f in a.forms.split(",") if f]
     variants += [(v.split(":", 1)[0], v.split(":", 1)[1].split(",")) for v in a.variant]
     for i, (label, sets) in enumerate(variants):
         c = config_lib.apply_overrides(cfg, sets)

@@ -5,7 +5,7 @@
       MFU, and per-device throughput relative to the 1-device run (the goal is >= 90% at 8).
   python -m tools.bench_scaling moe    --devices N --limited-m M [--preset gpu_0p8b]
       Expert parallelism (mesh.expert=N, all-to-all inside shard_map): device-limited routing
-      (model.moe.device_limited_m=M) vs unrestricted, same steps: tokens/s, MaxVio, final loss, and the
+      (model.ffn_pattern.moe.device_limited_m=M) vs unrestricted, same steps: tokens/s, MaxVio, final loss, and the
       share of step time in all-to-all kernels (jax.profiler trace; 'n/a' with the reason if it fails).
   python -m tools.bench_scaling resume --devices N [--preset default]
       Kill-and-resume on N devices (FSDP): an uninterrupted run, a run SIGKILLed after its first checkpoint
@@ -204,7 +204,7 @@ def moe(a, gpus) -> dict:
         print(f"device-limited M={a.limited_m} needs M < devices={n}; running the unrestricted row only", flush=True)
     rows = []
     for name, m in variants:
-        sets = common + ([f"model.moe.device_limited_m={m}"] if m else [])
+        sets = common + ([f"model.ffn_pattern.moe.device_limited_m={m}"] if m else [])
         tag = f"moe_{n}_{'all' if m is None else f'm{m}'}"
         r = _bench(a.out, tag, n, gpus, a.recipe, a.preset, sets, a, a.profile_steps)
         rows.append(dict(routing=name, devices=n, **r))

@@ -123,7 +123,10 @@ def evaluate(run_dirs, lengths, *, num_seqs: int = 4, chunk: int | None = None, 
             batch = held_out(cfg, lengths[-1], num_seqs)
         loss, count = per_position_loss(task, variables, batch, chunk or max(cfg.data.seq_len, 256))
         rows = summarize(loss, count, lengths)
-        label = f"{os.path.basename(os.path.normpath(rd))} ({cfg.model.ssm.initial_state if getattr(cfg.model, 'ssm', None) else 'no ssm'})"
+        from models.ssm import Mamba2Config
+
+        states = sorted({m.initial_state for m in cfg.model.layer_pattern if isinstance(m, Mamba2Config)})
+        label = f"{os.path.basename(os.path.normpath(rd))} ({','.join(states) or 'no ssm'})"
         results[rd] = {"label": label, "train_len": cfg.data.seq_len, "rows": rows, "loss": loss, "count": count}
         curves[label] = (loss, count)
     print(f"{'run':<40} {'length':>8} {'x train':>8} {'mean [0,L)':>11} {'mean (L/2,L]':>13}", file=stream)

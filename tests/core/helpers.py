@@ -9,8 +9,8 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 TINY = [
-    "model.d_model=64", "model.num_layers=2", "model.mlp_dim=128", "model.attention.num_heads=4",
-    "model.attention.num_kv_heads=2", "model.attention.head_dim=16", "data.seq_len=32",
+    "model.d_model=64", "model.num_layers=2", "model.ffn_pattern.mlp.mlp_dim=128", "model.layer_pattern.*.num_heads=4",
+    "model.layer_pattern.*.num_kv_heads=2", "model.layer_pattern.*.head_dim=16", "data.seq_len=32",
     "data.global_batch_size=8", "data.max_bytes=300000", "model.sample.tokens=0", "trainer.progress=false",
     "optimizer.decay_steps=40", "optimizer.warmup_steps=4", "trainer.eval_batches=2",
 ]

@@ -178,7 +178,7 @@ def _cli(argv, capsys):
     (["data.seq_len=100000000", "data.max_bytes=20000"], "seq_len"),
     (["data.global_batch_size=6", "mesh.data=-1"], "divisible"),
     (["mesh.data=3", "mesh.fsdp=1"], "mesh"),
-    (["model.attention.num_heads=5"], "num_heads"),
+    (["model.layer_pattern.attention.num_heads=5"], "num_heads"),
     (["trainer.nan_policy=ignore"], "trainer.nan_policy"),
     (["optimizer.param_dtype=float16"], "optimizer.param_dtype"),
     (["model.no_such_field=1"], "unknown config key"),

@@ -1,15 +1,23 @@
-"""Small configs, batches and a test-only mixer that owns stats/carry and sows aux losses and metrics."""
+"""Small configs, batches and a test-only mixer kind that owns stats/carry and sows aux losses and metrics."""
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from axlearn_like.config import validate_tree
+from axlearn_like.config import config_class, validate_tree
 from axlearn_like.params import param_init
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
+from models.kinds import LayerContext, MixerConfig
+from models.layers import MLPConfig
 
 VOCAB = 37
+
+
+def attention(**kw) -> AttentionConfig:
+    return AttentionConfig(**{"num_heads": 4, "num_kv_heads": 2, "head_dim": 6, **kw})
 
 
 def small_cfg(**kw) -> DecoderConfig:
@@ -17,8 +25,8 @@ def small_cfg(**kw) -> DecoderConfig:
         vocab_size=VOCAB,
         d_model=24,
         num_layers=2,
-        mlp_dim=40,
-        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6),
+        layer_pattern=(attention(),),
+        ffn_pattern=(MLPConfig(mlp_dim=40),),
         dtype="float32",
     )
     base.update(kw)
@@ -80,5 +88,15 @@ class DummyMixer(nn.Module):
         return x * w.astype(x.dtype)
 
 
-def dummy_factory(cfg, layer_index, name):
-    return DummyMixer(name=name)
+@config_class
+class DummyMixerConfig(MixerConfig):
+    """The test-only "test_dummy" mixer kind (DummyMixer)."""
+
+    kind: ClassVar[str] = "test_dummy"
+    logical_axes: ClassVar[tuple[str, ...]] = ("embed",)
+
+    def build(self, ctx: LayerContext, name: str) -> nn.Module:
+        return DummyMixer(name=name)
+
+    def extra_flops(self, d_model: int, seq_len: int) -> float:
+        return 0.0

@@ -1,6 +1,7 @@
 """EBT: System-2 attention vs the dense 2S x 2S mask and a float64 NumPy oracle, no leakage, the inner-loop
 gradient vs finite differences, second-order gradients, self-verification, thinking lowers energy after a
 short training, replay buffer + alpha across kill-and-resume."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,15 +16,24 @@ import pytest
 from axlearn_like.config import ConfigError, validate_tree
 from axlearn_like.params import unbox_values
 from models.attention import AttentionConfig
-from models.ebt import EBTConfig, alpha_value, predicted_attention, system2_attention, system2_attention_dense, system2_mask, think
+from models.ebt import (EBTConfig, System2AttentionConfig, alpha_value, predicted_attention, system2_attention,
+                        system2_attention_dense, system2_mask, think)
+from models.layers import MLPConfig
 from tests.oracle import rel_err
 
 V = 13
 
 
-def small_cfg(**kw) -> EBTConfig:
-    base = dict(vocab_size=V, d_model=16, num_layers=2, mlp_dim=24, dtype="float32",
-                attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=4))
+# keyword -> the System2AttentionConfig field it sets
+_ATTENTION_KW = {"attention_form": "form", "attention_query_block": "query_block", "predicted_attention": "predicted"}
+
+
+def small_cfg(attention: AttentionConfig | None = None, **kw) -> EBTConfig:
+    """A tiny EBT; `attention` (projection sizes) and the _ATTENTION_KW keywords set its System-2 layers."""
+    dims = dataclasses.asdict(attention or AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=4))
+    dims.update({field: kw.pop(key) for key, field in _ATTENTION_KW.items() if key in kw})
+    base = dict(vocab_size=V, d_model=16, num_layers=2, dtype="float32", layer_pattern=(System2AttentionConfig(**dims),),
+                ffn_pattern=(MLPConfig(mlp_dim=24),))
     base.update(kw)
     cfg = EBTConfig(**base)
     validate_tree(cfg)
@@ -243,7 +253,7 @@ def test_alpha_clamp_and_lr_scale():
     assert lr_scales(boxed["params"])["alpha"] == 7.0
     assert float(alpha_value({"alpha": jnp.float32(-3.0)})) == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match="layer_pattern"):
-        small_cfg(layer_pattern=("attention",))
+        small_cfg(layer_pattern=(AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=4),))
 
 
 # --- inference --------------------------------------------------------------------------------------------
@@ -291,8 +301,142 @@ def test_more_thinking_lowers_energy_after_training():
     assert mean_e[0] > mean_e[1] > mean_e[3], mean_e
 
 
+# --- fidelity to the reference code (issue 22) --------------------------------------------------------------
+def _replay_setup(**kw):
+    cfg = small_cfg(num_layers=1, think_steps=2, replay_size=4, replay_fraction=1.0, **kw)
+    task = cfg.build()
+    bt = batch(4, 6, seed=41)
+    v = unbox_values(task.init(jax.random.key(0), bt))
+    return task, v
+
+
+def test_replay_buffer_replays_rows_whole():
+    """The ring stores each training row's tokens, targets and mask with the final logits it reached; a later
+    step appends the stored rows (their own text, restarting from their logits) to its fresh batch, as the
+    reference's CausalReplayBuffer does. Checked against an explicit think on the stored rows."""
+    from models.ebt import think as think_fn
+
+    task, v = _replay_setup()
+    a, b = batch(4, 6, seed=42), batch(4, 6, seed=43)
+    b["loss_mask"] = b["loss_mask"].at[:, :2].set(0.0)
+    rng1, rng2 = jax.random.key(5), jax.random.key(6)
+    total1, m1, st1 = task.loss(v, a, rng1, train=True)
+    assert float(m1["replay_rows"]) == 0 and float(total1) == pytest.approx(float(m1["loss"]), rel=1e-6)  # empty ring
+    buf = st1["stats"]["replay"]
+    assert int(buf["count"]) == 4
+    for k in ("inputs", "targets", "loss_mask"):
+        np.testing.assert_array_equal(np.asarray(buf[k]), np.asarray(a[k]))
+    alpha = alpha_value(v["params"])
+    y0 = task.initial_logits(jax.random.split(rng1, 5)[0], (4, 6))
+    want = think_fn(task._energy_fn(v["params"], a["inputs"], {}), y0, alpha, 2).logits[-1]
+    np.testing.assert_allclose(np.asarray(buf["logits"]), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+    total2, m2, st2 = task.loss({**v, "stats": st1["stats"]}, b, rng2, train=True)
+    assert float(m2["replay_rows"]) == 4 and int(st2["stats"]["replay"]["count"]) == 8
+    np.testing.assert_array_equal(np.asarray(st2["stats"]["replay"]["inputs"]), np.asarray(b["inputs"]))
+    # the replayed rows' CE (all four rows, any order): think on their own tokens from their stored logits
+    rep = think_fn(task._energy_fn(v["params"], buf["inputs"], {}), buf["logits"], alpha, 2).logits[-1]
+    from models.lm import cross_entropy
+
+    ce_rep = float(jnp.sum(cross_entropy(rep, buf["targets"])[0] * buf["loss_mask"]))
+    n_a, n_b = float(jnp.sum(a["loss_mask"])), float(jnp.sum(b["loss_mask"]))
+    assert float(m2["tokens"]) == n_b  # the reported loss and token count are the fresh rows'
+    assert float(total2) == pytest.approx((float(m2["loss"]) * n_b + ce_rep) / (n_a + n_b), rel=1e-5)
+
+
+def test_replay_sample_draws_distinct_filled_rows():
+    from models.ebt import replay_sample
+
+    r = 6
+    buf = {"inputs": jnp.arange(r)[:, None] * jnp.ones((1, 3), jnp.int32), "logits": jnp.zeros((r, 3, 2)),
+           "count": jnp.int32(3)}
+    seen = set()
+    for i in range(20):
+        rows, valid = replay_sample(buf, 4, jax.random.key(i))
+        ids = np.asarray(rows["inputs"][:, 0])
+        assert len(set(ids)) == 4 and sorted(ids[np.asarray(valid) > 0]) == [0, 1, 2]  # 3 filled, 1 invalid
+        seen.update(ids[np.asarray(valid) > 0][:1].tolist())
+    assert seen == {0, 1, 2}  # every filled row gets drawn first sometimes
+    rows, valid = replay_sample({**buf, "count": jnp.int32(40)}, 4, jax.random.key(0))
+    assert float(jnp.sum(valid)) == 4 and len(set(np.asarray(rows["inputs"][:, 0]))) == 4
+
+
+def test_eval_thinks_the_trained_maximum_and_reports_each_step():
+    cfg = small_cfg(think_steps=2, think_steps_random=1, eval_report_steps=5)
+    task = cfg.build()
+    bt = batch(2, 6, seed=44)
+    v = unbox_values(task.init(jax.random.key(0), bt))
+    _, m, _ = task.loss(v, bt, jax.random.key(1), train=False)
+    assert cfg.eval_steps() == 3 and float(m["loss"]) == float(m["loss_think3"])
+    assert [k for k in m if k.startswith("loss_think")] == [f"loss_think{k}" for k in range(1, 6)]
+    _, m1, _ = small_cfg(eval_think_steps=1, eval_report_steps=0).build().loss(v, bt, jax.random.key(1), train=False)
+    assert float(m1["loss"]) == pytest.approx(float(m["loss_think1"]), rel=1e-6)
+    assert not any(k.startswith("loss_think") for k in m1)
+    out = task.think(v, bt["inputs"], jax.random.key(2))
+    assert out["energies"].shape[0] == 4  # 3 steps (+ the final energy)
+
+
+def test_think_defaults_to_the_inference_langevin_noise():
+    """think/generate add Langevin noise to every step by default (infer_langevin_std, else langevin_std), as the
+    reference infers with noise; self-verification's candidates then differ by noise, not only by start."""
+    bt = batch(2, 6, seed=45)
+    v = unbox_values(small_cfg().build().init(jax.random.key(0), bt))
+    run = lambda cfg, **kw: np.asarray(cfg.build().think(v, bt["inputs"], jax.random.key(3), steps=3, num_candidates=4,
+                                                         **kw)["logits"])
+    quiet, noisy = run(small_cfg(), langevin_std=0.0), run(small_cfg(), langevin_std=1.0)
+    assert np.abs(quiet - noisy).max() > 1e-3
+    np.testing.assert_array_equal(run(small_cfg(langevin_std=1.0)), noisy)  # training noise as the fallback
+    np.testing.assert_array_equal(run(small_cfg(langevin_std=0.2, infer_langevin_std=1.0)), noisy)
+    np.testing.assert_array_equal(run(small_cfg(langevin_std=1.0, infer_langevin_std=0.0)), quiet)
+    gen = lambda cfg: np.asarray(cfg.build().generate(v, bt["inputs"][:, :3], 2, jax.random.key(4), temperature=0.0,
+                                                      num_candidates=2))
+    assert (gen(small_cfg(langevin_std=0.0)) != gen(small_cfg(langevin_std=3.0))).any()
+
+
+def test_fixed_alpha_gets_no_gradient():
+    bt = batch(2, 5, seed=46)
+    for learnable in (True, False):
+        task = small_cfg(alpha_learnable=learnable).build()
+        params = unbox_values(task.init(jax.random.key(1), bt))["params"]
+        g = jax.grad(lambda p: task.loss({"params": p, "stats": {}}, bt, jax.random.key(2), train=True)[0])(params)
+        assert (abs(float(g["alpha"])) > 0) == learnable
+
+
+def test_time_embed_conditions_on_the_thinking_step():
+    """time_embed = L: a learned token per landscape opens the observed stream; step k uses min(k, L-1). The
+    efficient form equals the dense reference, and causality still holds."""
+    from models.ebt import think as think_fn
+
+    task = small_cfg(time_embed=2).build()
+    dense = small_cfg(time_embed=2, attention_form="dense").build()
+    bt = batch(2, 7, seed=47)
+    params = unbox_values(task.init(jax.random.key(0), bt))["params"]
+    assert params["time_embed"].shape == (2, 16)
+    p = jax.nn.softmax(jax.random.normal(jax.random.key(4), (2, 7, V)))
+    e0, e1 = (task.energy(params, bt["inputs"], p, landscape=l) for l in (0, 1))
+    assert float(jnp.abs(e0 - e1).max()) > 1e-4
+    f = lambda t: jax.value_and_grad(lambda pr, pp: jnp.sum(jnp.sin(t.energy(pr, bt["inputs"], pp, landscape=1))),
+                                     argnums=(0, 1))(params, p)
+    (a1, (ga, gpa)), (a2, (gb, gpb)) = f(task), f(dense)
+    assert rel_err(np.asarray(a1), np.asarray(a2)) < 1e-5 and rel_err(np.asarray(gpa), np.asarray(gpb)) < 1e-4
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert rel_err(np.asarray(x), np.asarray(y)) < 1e-4
+    tok2 = bt["inputs"].at[:, 4:].set((bt["inputs"][:, 4:] + 3) % V)
+    np.testing.assert_allclose(task.energy(params, tok2, p, landscape=1)[:, :4], e1[:, :4], rtol=1e-6, atol=1e-6)
+    # think: steps 0, 1, 2 on landscapes 0, 1, 1
+    y0 = jax.random.normal(jax.random.key(5), (2, 7, V))
+    alpha = alpha_value(params)
+    res = think_fn(task._energy_fn(params, bt["inputs"], {}), y0, alpha, 3, final_energy=True)
+    y = y0
+    for k, land in enumerate((0, 1, 1)):
+        pk = jax.nn.softmax(y)
+        g = jax.grad(lambda q: jnp.sum(task.energy(params, bt["inputs"], q, landscape=land)))(pk)
+        y = pk - alpha * g
+    np.testing.assert_allclose(np.asarray(res.logits[-1]), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
 # --- resume -----------------------------------------------------------------------------------------------
-TINY = ["model.d_model=16", "model.num_layers=1", "model.mlp_dim=24", "model.attention.head_dim=4",
+TINY = ["model.d_model=16", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=24", "model.layer_pattern.*.head_dim=4",
         "data.seq_len=16", "data.global_batch_size=4", "model.replay_size=6", "model.replay_fraction=0.5",
         "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "trainer.log_every=1",
         "checkpoint.every_steps=3", "trainer.steps=9"]
@@ -346,13 +490,11 @@ def test_replay_buffer_and_alpha_survive_kill_and_resume(tmp_path):
 def test_triton_predicted_attention_matches_jnp_on_gpu():
     """On the GPU the jvp-mode default is the fused Triton attention; its training gradients equal the jnp
     path's (float32 model: the kernels use full-precision dots)."""
-    from models.ebt import predicted_implementation
-
     kw = dict(loss_steps="all", think_steps=2, step_size_spread=2.0, langevin_std=0.3, second_order="jvp",
               attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=16), d_model=32)
     bt = batch(2, 37, seed=22)
     tri, ref = small_cfg(**kw), small_cfg(predicted_attention="jnp", **kw)
-    assert predicted_implementation(tri) == "triton"
+    assert tri.layer_pattern[0].predicted_implementation(tri.second_order) == "triton"
     params = unbox_values(ref.build().init(jax.random.key(3), bt))["params"]
     g = lambda t: jax.jit(jax.grad(lambda p: t.loss({"params": p, "stats": {}}, bt, jax.random.key(4), train=True)[0]))(params)
     with jax.default_matmul_precision("highest"):  # XLA's float32 dots on a GPU default to tf32

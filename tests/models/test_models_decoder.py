@@ -8,9 +8,7 @@ import pytest
 
 from axlearn_like.config import ConfigError, apply_overrides
 from axlearn_like.params import Param, logical_axes, weight_decay_mask
-from models.attention import AttentionConfig
 from models.decoder import (
-    MIXERS,
     REMAT_POLICY_NAMES,
     Decoder,
     DecoderConfig,
@@ -18,12 +16,7 @@ from models.decoder import (
     unstack_layer_params,
 )
 from tests.oracle import assert_close
-from tests.models.model_helpers import VOCAB, dummy_factory, fake_init, make_batch, randn, small_cfg
-
-
-@pytest.fixture
-def dummy_mixer(monkeypatch):
-    monkeypatch.setitem(MIXERS, "test_dummy", dummy_factory)
+from tests.models.model_helpers import VOCAB, DummyMixerConfig, attention, fake_init, make_batch, randn, small_cfg
 
 
 def _init(cfg, tokens, seed=0):
@@ -87,10 +80,10 @@ def test_packed_documents_are_isolated():
     assert np.abs(leaky[:, 5:] - packed[:, 5:]).max() > 1e-4
 
 
-@pytest.mark.usefixtures("dummy_mixer")
 def test_scan_equals_unscanned_with_restacked_params():
-    kw = dict(num_layers=4, layer_pattern=("attention", "test_dummy"), remat_policy="save_qkv_proj")
-    cfg, cfg_scan = small_cfg(**kw), small_cfg(scan_layers=True, **kw)
+    kw = dict(num_layers=4, remat_policy="save_qkv_proj")
+    cfg = small_cfg(layer_pattern=(attention(), DummyMixerConfig()), **kw)
+    cfg_scan = small_cfg(layer_pattern=(attention(), DummyMixerConfig()), scan_layers=True, **kw)
     b = make_batch(2, 9, seed=3)
     variables = nn.unbox(_init(cfg, b["inputs"]))
     params = variables["params"]
@@ -154,10 +147,9 @@ def test_remat_policies_give_identical_loss_and_grads():
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6, err_msg=what)
 
 
-@pytest.mark.usefixtures("dummy_mixer")
 @pytest.mark.parametrize("scan", [False, True])
-def test_mixed_pattern_with_registered_mixer(scan):
-    cfg = small_cfg(num_layers=4, layer_pattern=("attention", "test_dummy"), scan_layers=scan, remat_policy="full")
+def test_mixed_pattern_with_a_test_defined_mixer(scan):
+    cfg = small_cfg(num_layers=4, layer_pattern=(attention(), DummyMixerConfig()), scan_layers=scan, remat_policy="full")
     b = make_batch(3, 6, seed=6)
     lm = cfg.build()
     variables = fake_init(lambda: lm.init(jax.random.key(0), b))
@@ -184,7 +176,7 @@ def test_mixed_pattern_with_registered_mixer(scan):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_param_metadata_weight_decay_and_logical_axes(scan):
-    cfg = small_cfg(scan_layers=scan, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6, qk_norm=True))
+    cfg = small_cfg(scan_layers=scan, layer_pattern=(attention(qk_norm=True),))
     boxed = _init(cfg, make_batch(1, 4)["inputs"])["params"]
     leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves
@@ -206,7 +198,7 @@ def test_param_metadata_weight_decay_and_logical_axes(scan):
     [
         (["layer_pattern=attention,nope"], "layer_pattern"),
         (["ffn_pattern=mlp,bogus_ffn"], "ffn_pattern"),
-        (["attention.num_kv_heads=3"], "attention.num_kv_heads"),
+        (["layer_pattern.attention.num_kv_heads=3"], "layer_pattern.0.num_kv_heads"),
         (["remat_policy=everything"], "remat_policy"),
         (["layer_pattern=attention,attention", "num_layers=3", "scan_layers=true"], "scan_layers"),
         (["dtype=float16"], "dtype"),
@@ -224,7 +216,7 @@ def test_config_errors_are_one_line(overrides, key):
 
 def test_unscannable_layer_count_allowed_without_scan():
     cfg = apply_overrides(DecoderConfig(), ["layer_pattern=attention,attention", "num_layers=3"])
-    assert [cfg.layer_kinds(i) for i in range(3)] == [("attention", "mlp")] * 3
+    assert [tuple(k.kind for k in cfg.layer_kinds(i)) for i in range(3)] == [("attention", "mlp")] * 3
 
 
 def test_sharded_forward_matches_single_device():
@@ -233,7 +225,7 @@ def test_sharded_forward_matches_single_device():
 
     from axlearn_like.sharding import DEFAULT_RULES, MeshConfig, logical_rules, logical_to_spec, make_mesh
 
-    cfg = small_cfg(vocab_size=40, scan_layers=True, attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6))
+    cfg = small_cfg(vocab_size=40, scan_layers=True, layer_pattern=(attention(),))
     b = make_batch(4, 8, seed=9, vocab=40)
     boxed = _init(cfg, b["inputs"])["params"]
     known = {k for k, _ in DEFAULT_RULES}

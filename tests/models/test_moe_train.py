@@ -13,9 +13,10 @@ from axlearn_like.evaluation import global_batch
 from models.moe import RoutingBias
 from recipes import moe as moe_recipe
 
-TINY = ["model.d_model=32", "model.num_layers=2", "model.ffn_pattern=mlp,moe", "model.mlp_dim=64",
-        "model.attention.num_heads=2", "model.attention.num_kv_heads=1", "model.attention.head_dim=16",
-        "model.moe.num_experts=8", "model.moe.expert_dim=16", "model.moe.gamma=0.01", "data.seq_len=16",
+TINY = ["model.d_model=32", "model.num_layers=2", "model.ffn_pattern=mlp,moe", "model.ffn_pattern.mlp.mlp_dim=64",
+        "model.layer_pattern.*.num_heads=2", "model.layer_pattern.*.num_kv_heads=1", "model.layer_pattern.*.head_dim=16",
+        "model.ffn_pattern.moe.num_experts=8", "model.ffn_pattern.moe.expert_dim=16", "model.ffn_pattern.moe.gamma=0.01",
+        "data.seq_len=16",
         "data.global_batch_size=8", "data.max_bytes=200000", "model.sample.tokens=0", "trainer.progress=false"]
 
 

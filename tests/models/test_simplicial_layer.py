@@ -12,10 +12,10 @@ import pytest
 
 from axlearn_like.config import ConfigError, apply_overrides
 from kernels.simplicial import two_simplicial_attention
-from models.decoder import MIXER_FLOPS, Decoder, stack_layer_params
+from models.decoder import Decoder, stack_layer_params
 from models.layers import apply_rope
-from models.simplicial import SimplicialAttention, SimplicialConfig, crossing_queries, simplicial_flops
-from tests.models.model_helpers import fake_init, make_batch, randn, small_cfg
+from models.simplicial import SimplicialAttention, SimplicialConfig, crossing_queries
+from tests.models.model_helpers import attention, fake_init, make_batch, randn, small_cfg
 
 D = 16
 CFG = SimplicialConfig(num_heads=4, num_kv_heads=2, head_dim=6, w1=5, w2=3)
@@ -152,21 +152,29 @@ def test_packed_documents_are_isolated(rope):
 
 
 def test_flops_count_window_pairs():
-    cfg = small_cfg(layer_pattern=("attention", "simplicial"), simplicial=SimplicialConfig(num_heads=3, head_dim=6, w1=4, w2=2))
+    simp = SimplicialConfig(num_heads=3, head_dim=6, w1=4, w2=2)
+    cfg = small_cfg(layer_pattern=(attention(), simp))
     pairs = np.mean([min(4, i) * min(2, i) for i in range(1, 11)])  # 1 + 4 + 6 + 7 * 8 = 67 over 10 queries
     assert pairs == 6.7
-    assert MIXER_FLOPS["simplicial"](cfg, 10) == pytest.approx(3 * 2 * (6 + 6) * 6.7 * 3)
-    det = dataclasses.replace(cfg, simplicial=dataclasses.replace(cfg.simplicial, variant="determinant"))
-    assert simplicial_flops(det, 10) == pytest.approx(3 * 2 * (12 + 6) * 6.7 * 3)
+    assert cfg.layer_kinds(1)[0].extra_flops(cfg.d_model, 10) == pytest.approx(3 * 2 * (6 + 6) * 6.7 * 3)
+    det = dataclasses.replace(simp, variant="determinant")
+    assert det.extra_flops(cfg.d_model, 10) == pytest.approx(3 * 2 * (12 + 6) * 6.7 * 3)
     # long sequences: O(w1 * w2) per token, independent of seq_len
-    assert simplicial_flops(cfg, 10_000) == pytest.approx(3 * 2 * 12 * 3 * 8, rel=1e-3)
+    assert simp.extra_flops(cfg.d_model, 10_000) == pytest.approx(3 * 2 * 12 * 3 * 8, rel=1e-3)
+    # the LM's count adds it once per simplicial layer
+    lm = small_cfg(layer_pattern=(attention(),)).build()
+    hybrid = cfg.build()
+    extra = hybrid.flops_per_token(10) - lm.flops_per_token(10)
+    params = 6.0 * (hybrid.param_count(10) - lm.param_count(10))
+    attn = attention().extra_flops(cfg.d_model, 10)
+    assert extra == pytest.approx(params + simp.extra_flops(cfg.d_model, 10) - attn)
 
 
 def _hybrid(**kw):
     base = dict(
         num_layers=4,
-        layer_pattern=("attention", "attention", "attention", "simplicial"),
-        simplicial=SimplicialConfig(num_heads=4, num_kv_heads=1, head_dim=6, w1=5, w2=3),
+        layer_pattern=(attention(), attention(), attention(),
+                       SimplicialConfig(num_heads=4, num_kv_heads=1, head_dim=6, w1=5, w2=3)),
     )
     base.update(kw)
     return small_cfg(**base)
@@ -215,12 +223,12 @@ def test_hybrid_trains():
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["model.simplicial.num_kv_heads=3"], "model.simplicial.num_kv_heads"),
-        (["model.simplicial.variant=determinant"], "model.simplicial.head_dim"),
-        (["model.simplicial.variant=quadrilinear"], "model.simplicial.variant"),
-        (["model.simplicial.rope=alibi"], "model.simplicial.rope"),
-        (["model.simplicial.w2=0"], "model.simplicial.w2"),
-        (["model.simplicial.implementation=cuda"], "model.simplicial.implementation"),
+        (["model.layer_pattern.simplicial.num_kv_heads=3"], "model.layer_pattern.3.num_kv_heads"),
+        (["model.layer_pattern.simplicial.variant=determinant"], "model.layer_pattern.3.head_dim"),
+        (["model.layer_pattern.simplicial.variant=quadrilinear"], "model.layer_pattern.3.variant"),
+        (["model.layer_pattern.simplicial.rope=alibi"], "model.layer_pattern.3.rope"),
+        (["model.layer_pattern.simplicial.w2=0"], "model.layer_pattern.3.w2"),
+        (["model.layer_pattern.3.implementation=cuda"], "model.layer_pattern.3.implementation"),
     ],
 )
 def test_config_errors_are_one_line(overrides, key):
@@ -236,17 +244,20 @@ def test_recipe_configs():
     from recipes import simplicial
 
     cfg = apply_overrides(simplicial.config(), [])
-    assert cfg.model.layer_pattern[3] == "simplicial" and len(cfg.model.layer_pattern) == 4
+    assert [m.kind for m in cfg.model.layer_pattern] == ["attention"] * 3 + ["simplicial"]
     assert cfg.data.packing is False
     twin = simplicial.dense_twin(cfg)
-    assert twin.model.layer_pattern == ("attention",) and twin.model.simplicial is None
+    assert twin.model.layer_pattern == cfg.model.layer_pattern[:1]
     apply_overrides(twin, [])
     # everything but the mixers is the dense baseline preset's
     base = simplicial.dense()
     assert dataclasses.replace(twin, name=base.name) == base
-    ok = apply_overrides(simplicial.config(), ["model.simplicial.variant=determinant", "model.simplicial.head_dim=30"])
-    assert ok.model.simplicial.head_dim == 30
+    sets = ["model.layer_pattern.simplicial.variant=determinant", "model.layer_pattern.simplicial.head_dim=30"]
+    ok = apply_overrides(simplicial.config(), sets)
+    assert ok.model.layer_pattern[3].head_dim == 30
     from recipes import dense_lm
 
-    with pytest.raises(ConfigError, match=r"^model\.simplicial: .*not set"):
+    with pytest.raises(ConfigError, match=r"^model\.layer_pattern: no 'simplicial' entry to copy"):
         apply_overrides(dense_lm.config(), ["model.layer_pattern=attention,simplicial"])
+    new = apply_overrides(dense_lm.config(), ["model.layer_pattern=attention,models.simplicial:SimplicialConfig"])
+    assert [type(m) for m in new.model.layer_pattern] == [type(cfg.model.layer_pattern[0]), SimplicialConfig]

@@ -11,7 +11,8 @@ import pytest
 from axlearn_like.config import ConfigError
 from axlearn_like.params import weight_decay_mask
 from models.decoder import DecoderConfig
-from models.ssm import Mamba2, Mamba2Config, chunked_logits, decode_step, generate
+from models.layers import MLPConfig
+from models.ssm import Mamba2, Mamba2Config, chunked_logits, decode_step, fitted_noise_moments, generate
 from tests.oracle import assert_close, rel_err
 
 SSM = Mamba2Config(d_state=8, head_dim=8, expand=2, ngroups=2, chunk_size=8)
@@ -94,8 +95,8 @@ def test_config_errors():
 # ---------------------------------------------------------------------------------------------- model level
 def _model(initial_state="zeros", scan=False, layers=2, **ssm_kw):
     ssm = dataclasses.replace(SSM, initial_state=initial_state, **ssm_kw)
-    cfg = DecoderConfig(vocab_size=40, d_model=16, num_layers=layers, layer_pattern=("mamba2",), mlp_dim=32,
-                        dtype="float32", scan_layers=scan, ssm=ssm)
+    cfg = DecoderConfig(vocab_size=40, d_model=16, num_layers=layers, layer_pattern=(ssm,),
+                        ffn_pattern=(MLPConfig(mlp_dim=32),), dtype="float32", scan_layers=scan)
     return cfg.build()
 
 
@@ -220,8 +221,9 @@ def test_random_noise_only_in_training():
 def test_hybrid_pattern_and_flops():
     from models.attention import AttentionConfig
 
-    cfg = DecoderConfig(vocab_size=40, d_model=16, num_layers=2, layer_pattern=("mamba2", "attention"), mlp_dim=32,
-                        dtype="float32", attention=AttentionConfig(num_heads=2, num_kv_heads=2, head_dim=8), ssm=SSM)
+    cfg = DecoderConfig(vocab_size=40, d_model=16, num_layers=2,
+                        layer_pattern=(dataclasses.replace(SSM), AttentionConfig(num_heads=2, num_kv_heads=2, head_dim=8)),
+                        ffn_pattern=(MLPConfig(mlp_dim=32),), dtype="float32")
     cfg.validate()
     lm = cfg.build()
     batch = _batch(2, 9)
@@ -274,3 +276,67 @@ def test_document_reset_model_level_and_config():
     assert_close(logits[0, 9:], logits[1, :9], jnp.float32, "doc 2 packed vs alone")
     with pytest.raises(ConfigError, match="document_reset"):
         dataclasses.replace(SSM, document_reset=True, implementation="triton").validate()
+
+
+# --- fitted noise: fitted to zero-initialised states only, one Gaussian per layer and head ---------------------
+@pytest.mark.parametrize("mode, reset", [("fitted_noise", False), ("random_noise", False), ("state_passing", True),
+                                         ("tbtt", False)])
+def test_moments_record_only_zero_initialised_final_states(mode, reset):
+    """Whatever initial state a training apply starts from, the moments it records are those of the same rows
+    started from h_{-1} = 0 (the paper fits the final states of zero-initialised sequences); so fitted noise never
+    absorbs its own noise. tbtt (a carried conv window: not linear) records only the rows that restarted."""
+    cfg0 = dataclasses.replace(SSM, document_reset=reset)
+    cfg = dataclasses.replace(cfg0, initial_state=mode, noise_std=2.0)
+    b, L = 3, 13
+    u = jax.random.normal(jax.random.key(1), (b, L, 16))
+    layer, v = _init_layer(cfg, u)
+    rng = np.random.default_rng(0)
+    H, P, N = v["stats"]["fs_mean"].shape
+    mean = jnp.asarray(rng.normal(size=(H, P, N)), jnp.float32)
+    stats = {"fs_count": jnp.float32(3.0), "fs_mean": mean,
+             "fs_sq": mean ** 2 + jnp.asarray(rng.uniform(0.5, 2.0, size=(H, P, N)), jnp.float32)}
+    carry = {k: jnp.asarray(rng.normal(size=x.shape), jnp.float32) for k, x in v["carry"].items()}
+    v = {**v, "stats": stats, "carry": carry}
+    positions = jnp.broadcast_to(jnp.arange(L) + 5, (b, L)).at[0].set(jnp.arange(L)) if mode == "tbtt" else None
+    seg = jnp.asarray([[1] * L, [1] * 6 + [2] * (L - 6), [1] * L], jnp.int32) if reset else None
+
+    def apply(m, v, u, pos, sg):
+        return m.apply(v, u, positions=pos, segment_ids=sg, train=True, rngs={"dropout": jax.random.key(7)},
+                       mutable=["stats", "carry"])[1]
+
+    got = apply(layer, v, u, positions, seg)
+    rows = slice(0, 1) if mode == "tbtt" else slice(None)  # tbtt: only row 0 restarted
+    zero = Mamba2(dataclasses.replace(cfg0, initial_state="zeros"), jnp.float32)
+    want = apply(zero, v, u[rows], None if positions is None else positions[rows], None if seg is None else seg[rows])
+    assert float(got["stats"]["fs_count"]) == float(want["stats"]["fs_count"]) == 4.0
+    for k in ("fs_mean", "fs_sq"):
+        assert rel_err(np.asarray(got["stats"][k]), np.asarray(want["stats"][k])) < 1e-5, k
+    # the initial state did change the final states (the carry holds them as they are)
+    started = slice(1, None) if mode == "tbtt" else slice(None)
+    want_all = apply(zero, v, u, positions, seg)["carry"]["ssm_state"]
+    assert rel_err(np.asarray(got["carry"]["ssm_state"][started]), np.asarray(want_all[started])) > 1e-2
+
+
+def test_fitted_noise_is_one_gaussian_per_layer_and_head():
+    """scope "head": each head's P x N entries share the pooled mean and std of their moments (the paper's IID
+    Gaussian per layer and head); "element" keeps each entry's own; each layer keeps its own stats."""
+    rng = np.random.default_rng(1)
+    mean = rng.normal(size=(3, 4, 5))
+    var = rng.uniform(0.1, 3.0, size=(3, 4, 5))
+    mu, sd = (np.asarray(x, np.float64) for x in fitted_noise_moments(jnp.asarray(mean), jnp.asarray(mean ** 2 + var)))
+    for h in range(3):
+        pooled = np.concatenate([rng.normal(mean[h].ravel()[i], np.sqrt(var[h].ravel()[i]), 20000) for i in range(20)])
+        np.testing.assert_allclose(mu[h], mean[h].mean(), rtol=1e-5)
+        np.testing.assert_allclose(sd[h], np.sqrt((mean[h] ** 2 + var[h]).mean() - mean[h].mean() ** 2), rtol=1e-5)
+        np.testing.assert_allclose(sd[h], pooled.std(), rtol=2e-2)  # = the std of all the head's state entries
+    mu_e, sd_e = fitted_noise_moments(jnp.asarray(mean), jnp.asarray(mean ** 2 + var), "element")
+    np.testing.assert_allclose(np.asarray(mu_e), mean, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sd_e), np.sqrt(var), rtol=1e-4)
+    assert Mamba2Config().fitted_noise_scope == "head"
+    with pytest.raises(ConfigError, match="fitted_noise_scope"):
+        dataclasses.replace(SSM, fitted_noise_scope="layer").validate()
+    lm = _model("fitted_noise")  # per layer: every layer keeps (and updates) its own moments
+    batch = _batch()
+    _, _, tr = lm.loss(_vars(lm, batch), batch, jax.random.key(1), train=True)
+    means = _leaves(tr["stats"], "fs_mean")
+    assert len(means) == 2 and rel_err(np.asarray(means[0]), np.asarray(means[1])) > 1e-2

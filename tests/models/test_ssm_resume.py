@@ -15,8 +15,8 @@ from tests.core import helpers
 
 N = 8
 TINY = [
-    "model.d_model=32", "model.num_layers=1", "model.mlp_dim=32", "model.ssm.d_state=8", "model.ssm.head_dim=16",
-    "model.ssm.chunk_size=16", "data.seq_len=32", "data.global_batch_size=4", "data.max_bytes=100000",
+    "model.d_model=32", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=32", "model.layer_pattern.mamba2.d_state=8",
+    "model.layer_pattern.mamba2.head_dim=16", "model.layer_pattern.mamba2.chunk_size=16", "data.seq_len=32", "data.global_batch_size=4", "data.max_bytes=100000",
     "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "optimizer.warmup_steps=2",
     "trainer.log_every=1", "trainer.eval_every=1000", "checkpoint.every_steps=4",
 ]
@@ -37,14 +37,14 @@ def _steps(run_dir):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("m2_ref")
-    r = helpers.run(_recipe(run_dir, [f"trainer.steps={N}", "model.ssm.initial_state=state_passing"]))
+    r = helpers.run(_recipe(run_dir, [f"trainer.steps={N}", "model.layer_pattern.mamba2.initial_state=state_passing"]))
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
 
 def test_state_passing_kill_and_resume_bitwise(reference, tmp_path):
     run_dir = tmp_path / "killed"
-    cmd = _recipe(run_dir, [f"trainer.steps={N}", "model.ssm.initial_state=state_passing"])
+    cmd = _recipe(run_dir, [f"trainer.steps={N}", "model.layer_pattern.mamba2.initial_state=state_passing"])
     proc = subprocess.Popen(cmd, cwd=helpers.REPO, env=helpers.env(1, AXL_FAULT_SLEEP_S=0.5),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -78,7 +78,7 @@ def test_post_training_stage_switches_mode_on_resume(reference, tmp_path):
     """Stage 2 of the lengthgen recipe: same run dir, more steps, initial_state=fitted_noise."""
     run_dir = tmp_path / "stage2"
     shutil.copytree(reference, run_dir)
-    r = helpers.run(_recipe(run_dir, [f"trainer.steps={N + 2}", "model.ssm.initial_state=fitted_noise"]))
+    r = helpers.run(_recipe(run_dir, [f"trainer.steps={N + 2}", "model.layer_pattern.mamba2.initial_state=fitted_noise"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Resuming from checkpoint at step {N}" in r.stdout
     losses = helpers.losses(run_dir)

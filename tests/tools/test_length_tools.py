@@ -12,8 +12,8 @@ def run_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("m2_tools")
     cfg = config_lib.apply_overrides(mamba2.config(), [
-        "model.d_model=32", "model.num_layers=1", "model.mlp_dim=32", "model.ssm.d_state=8", "model.ssm.head_dim=16",
-        "model.ssm.chunk_size=16", "data.seq_len=32", "data.global_batch_size=8", "data.max_bytes=200000",
+        "model.d_model=32", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=32", "model.layer_pattern.mamba2.d_state=8",
+        "model.layer_pattern.mamba2.head_dim=16", "model.layer_pattern.mamba2.chunk_size=16", "data.seq_len=32", "data.global_batch_size=8", "data.max_bytes=200000",
         "trainer.steps=2", "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=1",
         "optimizer.warmup_steps=1", f"run_dir={d}", "checkpoint.async_save=false",
     ])
