@@ -10,6 +10,10 @@ Presets reproduce Wang et al.'s comparison in miniature (compare `train/.../maxv
 Scale out: `--set mesh.expert=4 --set model.ffn_pattern.moe.device_limited_m=2` (device-limited routing over the expert axis).
 Preset `gpu_0p8b`: a DeepSeek-V3-like ~0.8B-parameter model (64 routed experts top-6 + 1 shared, bf16, seq 2048)
 for one or several H200s (used by tools.bench_scaling moe).
+Presets `deepseek_v3` (tiny, CPU) and `deepseek_v3_gpu` (~0.8B total, one H200): DeepSeek-V3-shaped end to end,
+MLA attention (models/mla.py) in every layer, the first layer dense, then shared + routed experts with the
+sigmoid gate, group-limited routing and the aux-loss-free bias; the layout `tools.import_hf` gives DeepSeek
+checkpoints (tools/hf/deepseek.py).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
 from models.layers import MLPConfig
+from models.mla import MLAConfig
 from models.moe import MoEConfig
 
 
@@ -102,8 +107,34 @@ def gpu_0p8b() -> ExperimentConfig:
     return cfg
 
 
+def deepseek_v3() -> ExperimentConfig:
+    """Tiny DeepSeek-V3 shape for CPU: 4 layers of MLA (4 heads, KV latent 32, query latent 48, d_n 16 + d_r 8,
+    d_v 16), the first FFN dense, then 16 routed experts (4 groups, best 2 kept, top-4, route_scale 2.5) + 1 shared."""
+    mla = MLAConfig(num_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    moe = _moe(num_experts=16, top_k=4, num_groups=4, topk_groups=2, route_scale=2.5)
+    cfg = _base(moe, "moe_deepseek_v3")
+    cfg.model.layer_pattern = (mla,)
+    return cfg
+
+
+def deepseek_v3_gpu() -> ExperimentConfig:
+    """DeepSeek-V3 shape at ~0.8B total / ~0.18B active parameters for one H200: 8 layers, d_model 1024; MLA with 16
+    heads, KV latent 256, query latent 512, d_n 64 + d_r 32, d_v 64 (V3's 128 + 64 / 128 halved, so the padded
+    head dim 96 takes cuDNN flash attention); first FFN dense (4096), then 64 routed experts of width 512 in 8
+    groups (best 4 kept, top-6, sigmoid, route_scale 2.5, aux-loss-free bias + sequence loss) + 1 shared;
+    vocab 32768, seq 2048, bf16."""
+    cfg = gpu_0p8b()
+    cfg.name = "moe_deepseek_v3_gpu"
+    cfg.model.layer_pattern = (MLAConfig(num_heads=16, kv_lora_rank=256, q_lora_rank=512, qk_nope_head_dim=64,
+                                         qk_rope_head_dim=32, v_head_dim=64),)
+    cfg.model.ffn_pattern = tuple(dataclasses.replace(f, num_groups=8, topk_groups=4) if isinstance(f, MoEConfig) else f
+                                  for f in cfg.model.ffn_pattern)
+    return cfg
+
+
 PRESETS = {"default": config, "aux_free_seq": aux_free_seq, "aux_free": aux_free, "aux_loss": aux_loss,
-           "no_balance": no_balance, "gpu_0p8b": gpu_0p8b}
+           "no_balance": no_balance, "gpu_0p8b": gpu_0p8b, "deepseek_v3": deepseek_v3,
+           "deepseek_v3_gpu": deepseek_v3_gpu}
 
 if __name__ == "__main__":
     sys.exit(recipe_main("moe"))  # the same path as `python -m recipes moe`
