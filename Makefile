@@ -5,15 +5,19 @@ RECIPE ?= dense_lm
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test test-gpu clean
+.PHONY: venv interop train test test-gpu clean
 
 venv:
 	@bash scripts/bootstrap.sh
 
+# .venv plus .venv-interop (Python 3.11 + torch CPU + transformers) for the Hugging Face interop tests
+interop:
+	@bash scripts/bootstrap.sh --interop
+
 train: venv
 	$(PY) -m recipes $(RECIPE) $(ARGS)
 
-test: venv
+test: interop
 	XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadscope --timeout 600 --durations=12 $(PYTEST_ARGS)
 
 test-gpu:

@@ -32,3 +32,36 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -c "import jax, flax, optax, orbax.checkpoint, grain" || { echo "error: dependency install failed; see the pip output above" >&2; exit 1; }
   touch "$stamp"
 fi
+# --interop: also .venv-interop (Python 3.11) with pyproject.toml's `interop` extra, for the Hugging Face tests.
+if [ "${1:-}" = "--interop" ]; then
+  IVENV=${INTEROP_VENV:-.venv-interop}
+  find_python311() {
+    for cand in "${INTEROP_PYTHON:-}" python3.11; do
+      [ -n "$cand" ] || continue
+      if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+        echo "$cand"; return 0
+      fi
+    done
+    if command -v pyenv >/dev/null 2>&1; then
+      for v in $(pyenv versions --bare 2>/dev/null | grep -E "^3\.11" | sort -V); do
+        p="$(pyenv root)/versions/$v/bin/python3"
+        [ -x "$p" ] && { echo "$p"; return 0; }
+      done
+    fi
+    return 1
+  }
+  if [ ! -x "$IVENV/bin/python" ]; then
+    IPY=$(find_python311) || { echo "error: the interop tests need Python 3.11 (torch's CPU wheel); install it (e.g. 'pyenv install 3.11') or set INTEROP_PYTHON=/path/to/python3.11" >&2; exit 1; }
+    echo "bootstrap: creating $IVENV with $($IPY --version 2>&1)"
+    "$IPY" -m venv "$IVENV"
+  fi
+  istamp="$IVENV/.installed"
+  if [ ! -f "$istamp" ] || [ pyproject.toml -nt "$istamp" ]; then
+    reqs=$("$IVENV/bin/python" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["interop"]))')
+    echo "bootstrap: installing the interop extra into $IVENV: $(echo $reqs)"
+    # shellcheck disable=SC2086
+    "$IVENV/bin/python" -m pip install -q $reqs 2>&1 | grep -v -E "^WARNING: (Location|The directory)" || true
+    "$IVENV/bin/python" -c "import torch, transformers, safetensors" || { echo "error: interop install failed; see the pip output above" >&2; exit 1; }
+    touch "$istamp"
+  fi
+fi
