@@ -9,7 +9,8 @@ Default: a tiny pure Mamba-2 stack (each layer: Mamba-2 mixer + small SwiGLU MLP
                python -m recipes.mamba2 --preset lengthgen --run-dir runs/m2_sp
                python -m recipes.mamba2 --preset lengthgen --run-dir runs/m2_sp \
                    --set trainer.steps=500 --set model.layer_pattern.mamba2.initial_state=state_passing
-             (or initial_state=fitted_noise; for tbtt also --set data.mode=tbtt). Evaluate with
+             (or initial_state=fitted_noise; for tbtt also --set data.mode=tbtt). Packed documents are reset
+             (document_reset), so the zeros control starts every document from zero. Evaluate with
                python -m tools.length_eval runs/m2_sp --lengths 512,2048
   hybrid     Mamba-2 layers with one attention layer in four (pattern mamba2, mamba2, mamba2, attention).
   gpu_340m   a ~340M Mamba-2 + MLP stack (24 layers of d_model 1024, d_state 128; 343M params with the tied embedding) at
@@ -57,6 +58,10 @@ def lengthgen() -> ExperimentConfig:
     cfg.trainer.steps = 400
     cfg.optimizer.decay_steps = 400  # fixed, so post-training steps beyond 400 run at the floor LR
     cfg.checkpoint.every_steps = 100
+    # The rows are packed: with a document reset every document starts from h_{-1} = 0 and an empty conv
+    # window, so the zeros control is the paper's zero-initialised training; an intervention sets the state
+    # that opens each row (its first, cut document), one initial state per training sequence as in the paper.
+    cfg.model.layer_pattern = tuple(dataclasses.replace(m, document_reset=True) for m in cfg.model.layer_pattern)
     return cfg
 
 

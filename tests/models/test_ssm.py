@@ -340,3 +340,23 @@ def test_fitted_noise_is_one_gaussian_per_layer_and_head():
     _, _, tr = lm.loss(_vars(lm, batch), batch, jax.random.key(1), train=True)
     means = _leaves(tr["stats"], "fs_mean")
     assert len(means) == 2 and rel_err(np.asarray(means[0]), np.asarray(means[1])) > 1e-2
+
+
+def test_lengthgen_zeros_control_starts_every_packed_document_from_zero():
+    """recipes.mamba2 lengthgen packs documents into rows; its zeros control (the default initial_state) must
+    run each document exactly as if it were alone in its row: zero state, empty conv window (issue 22, item 8)."""
+    from recipes import mamba2
+
+    cfg = mamba2.lengthgen()
+    assert cfg.data.packing and all(m.initial_state == "zeros" for m in cfg.model.layer_pattern)
+    lm = cfg.model.build()
+    s, cut = cfg.data.seq_len, 23
+    tok = jax.random.randint(jax.random.key(3), (1, s), 0, 256)
+    packed = {"inputs": tok, "segment_ids": jnp.asarray([[1] * cut + [2] * (s - cut)], jnp.int32),
+              "positions": jnp.concatenate([jnp.arange(cut), jnp.arange(s - cut)])[None]}
+    alone = {"inputs": jnp.zeros_like(tok).at[0, :s - cut].set(tok[0, cut:]),
+             "segment_ids": jnp.asarray([[1] * (s - cut) + [0] * cut], jnp.int32),
+             "positions": jnp.concatenate([jnp.arange(s - cut), jnp.zeros(cut, jnp.int32)])[None]}
+    v = _vars(lm, packed)
+    run = lambda b: lm.apply(v, b, jax.random.key(0), train=True)[0]
+    assert_close(run(packed)[0, cut:], run(alone)[0, :s - cut], jnp.float32, "2nd packed document vs alone")
