@@ -19,6 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from kernels import common
 
@@ -43,27 +44,52 @@ _NN = ((1,), (0,))  # a @ b
 _TN = ((0,), (0,))  # a.T @ b
 
 
-def _query_rows(q_ref, k2_ref, v2_ref, do_ref, t, i, *, cfg, g, w2p, f2):
-    """Rows r = (h, k) of query i: b_r = scale q_h * k2_k, e_r = dO_h * v2_k (if do_ref), validity [w2p]."""
+def _align(dtype) -> int:
+    """Sublane tile of a dtype in VMEM: 8 rows of 32-bit, 16 of bf16."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+def _window(ref, start, n: int):
+    """ref[start : start + n] as float32 [n, D] for a traced start. Mosaic loads only at offsets it can prove
+    tile-aligned, so this loads the aligned window [floor(start), + n + A) and rotates the wanted rows to the
+    top (one sublane rotate; the layouts pad A = _align rows behind every window)."""
+    a = _align(ref.dtype)
+    base = pl.multiple_of(start // a * a, a)
+    win = ref[pl.ds(base, n + a), :].astype(jnp.float32)
+    return pltpu.roll(win, (n + a - (start - base)) % (n + a), 0)[:n]  # out[r] = win[r + start - base]
+
+
+def _query_rows(q_ref, k2_ref, v2_ref, do_ref, t, i, start, *, cfg, g, w2p):
+    """Rows r = (h, k) of query i (row t of the query-side refs; its k2 window starts at row `start` of the
+    k2/v2 refs): b_r = scale q_h * k2_k, e_r = dO_h * v2_k (if do_ref), validity [w2p]."""
     w2 = cfg.w2
-    start = i + f2 - w2 + 1
-    k2w = k2_ref[pl.ds(start, w2p), :].astype(jnp.float32)
+    k2w = _window(k2_ref, start, w2p)
     kk = jax.lax.broadcasted_iota(jnp.int32, (w2p,), 0)
     valid = (kk < w2) & (i - w2 + 1 + kk >= 0)
     qi = q_ref[t].astype(jnp.float32)  # [g, dk]
     rows = ((qi * cfg.scale)[:, None, :] * k2w[None]).reshape(g * w2p, -1)
     if do_ref is None:
         return qi, k2w, rows, valid
-    v2w = v2_ref[pl.ds(start, w2p), :].astype(jnp.float32)
+    v2w = _window(v2_ref, start, w2p)
     doi = do_ref[t].astype(jnp.float32)
     e = (doi[:, None, :] * v2w[None]).reshape(g * w2p, -1)
     return qi, k2w, rows, valid, v2w, doi, e
 
 
-def _per_row(x_g, valid, w2p, fill):
-    """Per-head values [g] -> per-row [g*w2p], `fill` on invalid rows."""
+def _row_valid(i, w2: int, m_rows: int, w2p: int):
+    """[m_rows] bool: row r = (h, k) of query i holds a key k2 inside the window and the sequence."""
+    kk = jax.lax.broadcasted_iota(jnp.int32, (m_rows,), 0) % w2p
+    return (kk < w2) & (i - w2 + 1 + kk >= 0)
+
+
+def _per_row(x_g, valid_r, w2p, fill):
+    """Per-head values [g] -> per-row [g*w2p] (row r = (h, k) takes x_g[h]), `fill` where not valid_r. A masked
+    lane reduction instead of a [g, w2p] -> [g*w2p] reshape, which Mosaic cannot lay out."""
     g = x_g.shape[0]
-    return jnp.where(valid[None, :], jnp.broadcast_to(x_g[:, None], (g, w2p)), fill).reshape(g * w2p)
+    r = jax.lax.broadcasted_iota(jnp.int32, (g * w2p, g), 0)
+    h = jax.lax.broadcasted_iota(jnp.int32, (g * w2p, g), 1)
+    x_r = jnp.sum(jnp.where(r // w2p == h, x_g[None, :], 0.0), axis=1)
+    return jnp.where(valid_r, x_r, fill)
 
 
 def _fwd_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, o_ref, lse_ref, *, cfg, tq, g, bj, w1p, w2p, f1, f2):
@@ -73,16 +99,17 @@ def _fwd_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, o_ref, lse_ref, *, cfg, t
 
     def per_query(t, _):
         i = q0 + t
-        _, _, rows, valid = _query_rows(q_ref, k2_ref, None, None, t, i, cfg=cfg, g=g, w2p=w2p, f2=f2)
+        k2_start = t + f2 - cfg.w2 + 1  # the key windows start at key position q0 - f
+        _, _, rows, valid = _query_rows(q_ref, k2_ref, None, None, t, i, k2_start, cfg=cfg, g=g, w2p=w2p)
         rows = rows.astype(dt)
-        v2w = v2_ref[pl.ds(i + f2 - cfg.w2 + 1, w2p), :].astype(jnp.float32)
+        v2w = _window(v2_ref, k2_start, w2p)
         m_rows = g * w2p
 
         def j_block(n, carry):
             m, l, acc = carry
             j0 = i - w1 + 1 + n * bj
-            k1b = k1_ref[pl.ds(j0 + f1, bj), :]
-            v1b = v1_ref[pl.ds(j0 + f1, bj), :]
+            k1b = _window(k1_ref, j0 + f1 - q0, bj).astype(dt)
+            v1b = _window(v1_ref, j0 + f1 - q0, bj).astype(dt)
             jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
             cvalid = (jpos >= 0) & (jpos <= i)
             s = jnp.where(cvalid, _dot(rows, k1b, _NT), _NEG)
@@ -116,17 +143,18 @@ def _bwd_q_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, do_ref, lse_ref, delta_
 
     def per_query(t, _):
         i = q0 + t
-        qi, k2w, rows, valid, _, doi, e = _query_rows(
-            q_ref, k2_ref, v2_ref, do_ref, t, i, cfg=cfg, g=g, w2p=w2p, f2=f2)
+        qi, k2w, rows, _, _, doi, e = _query_rows(
+            q_ref, k2_ref, v2_ref, do_ref, t, i, t + f2 - cfg.w2 + 1, cfg=cfg, g=g, w2p=w2p)
         rows, e = rows.astype(dt), e.astype(dt)
-        lse = _per_row(lse_ref[t], valid, w2p, jnp.inf)  # invalid rows get P = 0
-        delta = _per_row(delta_ref[t], valid, w2p, 0.0)
+        valid_r = _row_valid(i, cfg.w2, g * w2p, w2p)
+        lse = _per_row(lse_ref[t], valid_r, w2p, jnp.inf)  # invalid rows get P = 0
+        delta = _per_row(delta_ref[t], valid_r, w2p, 0.0)
 
         def j_block(n, carry):
             f_acc, c_acc = carry
             j0 = i - w1 + 1 + n * bj
-            k1b = k1_ref[pl.ds(j0 + f1, bj), :]
-            v1b = v1_ref[pl.ds(j0 + f1, bj), :]
+            k1b = _window(k1_ref, j0 + f1 - q0, bj).astype(dt)
+            v1b = _window(v1_ref, j0 + f1 - q0, bj).astype(dt)
             jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
             cvalid = (jpos >= 0) & (jpos <= i)
             p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, _NT) - lse[:, None]), 0.0)
@@ -148,35 +176,57 @@ def _bwd_q_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, do_ref, lse_ref, delta_
 
 
 def _bwd_k_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, do_ref, lse_ref, delta_ref, dk1_ref, dv1_ref,
-                  *, cfg, seq, g, bj, w2p, f1, f2):
+                  dk1_acc, dv1_acc, *, cfg, seq, g, bj, tc, w2p, f2):
+    """Grid (b, kv, k1 block n, query chunk c): chunk c holds queries [j0 + c tc, + tc) (the query-side refs;
+    k2/v2 from key position j0 + c tc - f2); dk1/dv1 accumulate in float32 scratch over c."""
     w1 = cfg.w1
     dt = k1_ref.dtype
     j0 = pl.program_id(2) * bj
-    k1b = k1_ref[pl.ds(j0 + f1, bj), :]
-    v1b = v1_ref[pl.ds(j0 + f1, bj), :]
+    c = pl.program_id(3)
+    i0 = j0 + c * tc
+    k1b, v1b = k1_ref[...], v1_ref[...]
     jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
+
+    @pl.when(c == 0)
+    def _():
+        dk1_acc[...] = jnp.zeros_like(dk1_acc)
+        dv1_acc[...] = jnp.zeros_like(dv1_acc)
 
     def per_query(i, carry):
         dk1, dv1 = carry
-        _, _, rows, valid, _, _, e = _query_rows(q_ref, k2_ref, v2_ref, do_ref, i, i, cfg=cfg, g=g, w2p=w2p, f2=f2)
+        t = i - i0
+        _, _, rows, _, _, _, e = _query_rows(q_ref, k2_ref, v2_ref, do_ref, t, i, t + f2 - cfg.w2 + 1, cfg=cfg,
+                                             g=g, w2p=w2p)
         rows, e = rows.astype(dt), e.astype(dt)
-        lse = _per_row(lse_ref[i], valid, w2p, jnp.inf)
-        delta = _per_row(delta_ref[i], valid, w2p, 0.0)
+        valid_r = _row_valid(i, cfg.w2, g * w2p, w2p)
+        lse = _per_row(lse_ref[t], valid_r, w2p, jnp.inf)  # invalid rows get P = 0
+        delta = _per_row(delta_ref[t], valid_r, w2p, 0.0)
         cvalid = (jpos <= i) & (jpos > i - w1)
         p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, _NT) - lse[:, None]), 0.0)
         ds = p * (_dot(e, v1b, _NT) - delta[:, None])
         return dk1 + _dot(ds.astype(dt), rows, _TN), dv1 + _dot(p.astype(dt), e, _TN)
 
-    init = (jnp.zeros((bj, k1_ref.shape[-1]), jnp.float32), jnp.zeros((bj, v1_ref.shape[-1]), jnp.float32))
     hi = jnp.minimum(j0 + bj - 1 + w1 - 1, seq - 1)  # last query that sees this block
-    dk1, dv1 = jax.lax.fori_loop(jnp.minimum(j0, seq), hi + 1, per_query, init)
-    dk1_ref[...] = dk1.astype(dk1_ref.dtype)
-    dv1_ref[...] = dv1.astype(dv1_ref.dtype)
+
+    @pl.when(i0 <= hi)
+    def _():
+        dk1, dv1 = jax.lax.fori_loop(i0, jnp.minimum(i0 + tc - 1, hi) + 1, per_query, (dk1_acc[...], dv1_acc[...]))
+        dk1_acc[...] = dk1
+        dv1_acc[...] = dv1
+
+    @pl.when(c == pl.num_programs(3) - 1)
+    def _():
+        dk1_ref[...] = dk1_acc[...].astype(dk1_ref.dtype)
+        dv1_ref[...] = dv1_acc[...].astype(dv1_ref.dtype)
 
 
 def _layout(q, k1, v1, k2, v2, cfg):
-    """[B,S,H,D] -> q [B,Hkv,Sq,G,Dk] (Sq padded to the query tile), keys [B,Hkv,L,D] front-padded so every
-    window slice starts at index >= 0, rear-padded so it ends inside."""
+    """[B,S,H,D] -> q [B,Hkv,LQ,G,Dk], keys [B,Hkv,L,D]. Every program sees only windows of the sequence (VMEM
+    use independent of its length): a query tile [q0, q0 + tq) the keys k1 from q0 - f1 (span W1) and k2 from
+    q0 - f2 (span W2); a k1 block [j0, j0 + bj) the queries in chunks of tc from j0 up to j0 + bj + w1p and
+    k2 from each chunk's start - f2 (span tc + f2 + w2p + A).
+    Keys are front-padded by f1 = w1p / f2 = w2p (window starts >= 0) and rear-padded, queries rear-padded,
+    so that every window ends inside."""
     b, s, hq, dk = q.shape
     hkv = k1.shape[2]
     g = hq // hkv
@@ -184,17 +234,22 @@ def _layout(q, k1, v1, k2, v2, cfg):
     sq = _round_up(s, tq)
     sj = _round_up(s, bj)
     f1, f2 = w1p, w2p
-    qt = jnp.pad(q.reshape(b, s, hkv, g, dk).transpose(0, 2, 1, 3, 4), ((0, 0), (0, 0), (0, sq - s), (0, 0), (0, 0)))
+    a = _align(k1.dtype)  # _window reads up to one tile past a window
+    tc = min(32, bj)  # query chunk of the dk1/dv1 kernel (divides bj)
+    lq = _round_up(max(sq, sj + w1p), tc)  # the last k1 block's queries end at sj + w1p
+    qt = jnp.pad(q.reshape(b, s, hkv, g, dk).transpose(0, 2, 1, 3, 4), ((0, 0), (0, 0), (0, lq - s), (0, 0), (0, 0)))
     tr = lambda x, f, tail: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (f, tail), (0, 0)))
-    keys1 = [tr(x, f1, max(sq, sj) - s + w1p) for x in (k1, v1)]
-    keys2 = [tr(x, f2, sq - s + w2p) for x in (k2, v2)]
-    dims = dict(b=b, s=s, hkv=hkv, g=g, tq=tq, bj=bj, w1p=w1p, w2p=w2p, sq=sq, sj=sj, f1=f1, f2=f2)
+    keys1 = [tr(x, f1, max(sq, sj) - s + w1p + a) for x in (k1, v1)]
+    keys2 = [tr(x, f2, lq - s + w2p + a) for x in (k2, v2)]
+    dims = dict(b=b, s=s, hkv=hkv, g=g, tq=tq, bj=bj, w1p=w1p, w2p=w2p, sq=sq, sj=sj, f1=f1, f2=f2, lq=lq,
+                tc=tc, w1=tq + f1 + w1p + a, w2=tq + f2 + w2p + a, w2c=tc + f2 + w2p + a)
     return qt, keys1, keys2, dims
 
 
-def _full(x):
-    """BlockSpec: the whole sequence of one (batch, kv head)."""
-    return pl.BlockSpec((None, None, *x.shape[2:]), lambda b, h, n: (b, h) + (0,) * (x.ndim - 2))
+def _window_spec(x, span: int, step: int):
+    """BlockSpec over grid (b, kv, n): rows [n * step, n * step + span) of the sequence axis (2) of x."""
+    return pl.BlockSpec((None, None, pl.Element(span), *map(pl.Element, x.shape[3:])),
+                        lambda b, h, n: (b, h, n * step) + (0,) * (x.ndim - 3))
 
 
 def _qtile(shape, tq):
@@ -213,7 +268,8 @@ def forward(q, k1, v1, k2, v2, cfg):
     out, lse = pl.pallas_call(
         kern,
         grid=(b, hkv, sq // tq),
-        in_specs=[_qtile(qt.shape, tq)] + [_full(x) for x in (k1p, v1p, k2p, v2p)],
+        in_specs=[_qtile(qt.shape, tq)] + [_window_spec(x, d["w1"], tq) for x in (k1p, v1p)]
+        + [_window_spec(x, d["w2"], tq) for x in (k2p, v2p)],
         out_specs=[_qtile(o_shape, tq), _qtile(lse_shape, tq)],
         out_shape=[jax.ShapeDtypeStruct(o_shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
         interpret=common.pallas_interpret(),
@@ -229,8 +285,9 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
     qt, (k1p, v1p), (k2p, v2p), d = _layout(q, k1, v1, k2, v2, cfg)
     b, s, hkv, g, sq, tq, bj, w2p = (d[n] for n in ("b", "s", "hkv", "g", "sq", "tq", "bj", "w2p"))
     dk, dv = q.shape[-1], v1.shape[-1]
-    dot = jnp.pad(do.reshape(b, s, hkv, g, dv).transpose(0, 2, 1, 3, 4), ((0, 0), (0, 0), (0, sq - s), (0, 0), (0, 0)))
-    per_head = lambda x: jnp.pad(x.reshape(b, s, hkv, g).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, sq - s), (0, 0)))
+    lq = d["lq"]
+    dot = jnp.pad(do.reshape(b, s, hkv, g, dv).transpose(0, 2, 1, 3, 4), ((0, 0), (0, 0), (0, lq - s), (0, 0), (0, 0)))
+    per_head = lambda x: jnp.pad(x.reshape(b, s, hkv, g).transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, lq - s), (0, 0)))
     lset, deltat = per_head(lse), per_head(delta)
     keys = (k1p, v1p, k2p, v2p)
     interpret = common.pallas_interpret()
@@ -238,26 +295,36 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
     kern_q = functools.partial(_bwd_q_kernel, cfg=cfg, tq=tq, g=g, bj=bj, w1p=d["w1p"], w2p=w2p,
                                f1=d["f1"], f2=d["f2"])
     t_shape = (b, hkv, sq, w2p)
+    dq_shape = (b, hkv, sq, g, dk)
     dq, t2, u2 = pl.pallas_call(
         kern_q,
         grid=(b, hkv, sq // tq),
-        in_specs=[_qtile(qt.shape, tq)] + [_full(x) for x in keys]
+        in_specs=[_qtile(qt.shape, tq)] + [_window_spec(x, d["w1"], tq) for x in keys[:2]]
+        + [_window_spec(x, d["w2"], tq) for x in keys[2:]]
         + [_qtile(dot.shape, tq), _qtile(lset.shape, tq), _qtile(deltat.shape, tq)],
-        out_specs=[_qtile(qt.shape, tq), _qtile(t_shape + (dk,), tq), _qtile(t_shape + (dv,), tq)],
-        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct(t_shape + (dk,), jnp.float32),
+        out_specs=[_qtile(dq_shape, tq), _qtile(t_shape + (dk,), tq), _qtile(t_shape + (dv,), tq)],
+        out_shape=[jax.ShapeDtypeStruct(dq_shape, q.dtype), jax.ShapeDtypeStruct(t_shape + (dk,), jnp.float32),
                    jax.ShapeDtypeStruct(t_shape + (dv,), jnp.float32)],
         interpret=interpret,
     )(qt, *keys, dot, lset, deltat)
 
     sj = d["sj"]
-    kern_k = functools.partial(_bwd_k_kernel, cfg=cfg, seq=s, g=g, bj=bj, w2p=w2p, f1=d["f1"], f2=d["f2"])
-    kblock = lambda dd: pl.BlockSpec((None, None, bj, dd), lambda b_, h, n: (b_, h, n, 0))
+    tc = d["tc"]
+    kern_k = functools.partial(_bwd_k_kernel, cfg=cfg, seq=s, g=g, bj=bj, tc=tc, w2p=w2p, f2=d["f2"])
+    kblock = lambda dd, skip=0: pl.BlockSpec((None, None, bj, dd), lambda b_, h, n, c: (b_, h, n + skip, 0))
+    chunk = lambda x: pl.BlockSpec((None, None, tc, *x.shape[3:]),
+                                   lambda b_, h, n, c: (b_, h, n * (bj // tc) + c) + (0,) * (x.ndim - 3))
+    k2win = lambda x: pl.BlockSpec((None, None, pl.Element(d["w2c"]), pl.Element(x.shape[3])),
+                                   lambda b_, h, n, c: (b_, h, (n * (bj // tc) + c) * tc, 0))
     dk1, dv1 = pl.pallas_call(
         kern_k,
-        grid=(b, hkv, sj // bj),
-        in_specs=[_full(qt)] + [_full(x) for x in keys] + [_full(dot), _full(lset), _full(deltat)],
+        grid=(b, hkv, sj // bj, (bj + d["w1p"]) // tc),
+        in_specs=[chunk(qt)] + [kblock(x.shape[-1], d["f1"] // bj) for x in keys[:2]]
+        + [k2win(x) for x in keys[2:]] + [chunk(x) for x in (dot, lset, deltat)],
         out_specs=[kblock(dk), kblock(dv)],
         out_shape=[jax.ShapeDtypeStruct((b, hkv, sj, dk), k1.dtype), jax.ShapeDtypeStruct((b, hkv, sj, dv), v1.dtype)],
+        scratch_shapes=[pltpu.VMEM((bj, dk), jnp.float32), pltpu.VMEM((bj, dv), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
     )(qt, *keys, dot, lset, deltat)
 
