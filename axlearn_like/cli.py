@@ -98,7 +98,7 @@ def main(config_fn: Callable, argv=None, presets: Mapping[str, Callable] | None 
     if args.print_config:
         print(config_lib.to_json(cfg))
         return 0
-    from axlearn_like import launch, trainer
+    from axlearn_like import launch, rundir, trainer
 
     try:
         launch.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -107,7 +107,8 @@ def main(config_fn: Callable, argv=None, presets: Mapping[str, Callable] | None 
         return 2
     try:
         (run_fn or trainer.run)(cfg)
-    except (ConfigError, trainer.UserError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+    except (ConfigError, rundir.RunDirError, trainer.UserError, FileNotFoundError, PermissionError,
+            FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,3 +27,29 @@ class SigtermFlag:
         if self._prev is not None:
             signal.signal(signal.SIGTERM, self._prev)
             self._prev = None
+
+
+class DeferSigint:
+    """Context manager: a Ctrl-C (SIGINT) inside the block is held back and raised as KeyboardInterrupt when the
+    block ends, so a checkpoint save is never cut off in its synchronous part (which would leave only a
+    temporary directory). Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.received = False
+        self._prev = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._prev is not None:
+            signal.signal(signal.SIGINT, self._prev)
+            self._prev = None
+        if self.received and exc[0] is None:
+            raise KeyboardInterrupt

@@ -2,11 +2,14 @@
 complete checkpoint at the start, save every `checkpoint.every_steps`, at the last step and on SIGTERM."""
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import jax
 
 from axlearn_like.checkpoint import Checkpointer, checkpoint_dir
+from axlearn_like.signals import DeferSigint
 
 
 class RunCheckpoints:
@@ -17,8 +20,11 @@ class RunCheckpoints:
 
     def __init__(self, cfg, run_dir: str, config_dict: dict, meta: dict):
         self.cfg = cfg
+        self.run_dir = run_dir
         self.config_dict = config_dict
         self.meta = meta
+        self.last_saved: int | None = None
+        self._closed = False
         self.ckpt = Checkpointer(checkpoint_dir(run_dir), cfg.checkpoint) if cfg.checkpoint.enabled else None
 
     @property
@@ -29,7 +35,10 @@ class RunCheckpoints:
         """-> (step, state) of the newest checkpoint that restores (iterator positioned after it), or (None, None)."""
         if self.ckpt is None or not self.ckpt.all_steps():
             return None, None
-        step, state = self.ckpt.restore_latest(abstract_state, iterator)
+        # A checkpoint that does not fit this config fails naming the fix; nothing is read, moved or written.
+        advice = (f"; to resume it, undo the change or use its config (--config {os.path.join(self.run_dir, 'config.json')}"
+                  f", --set on top); to train this config, pass a new --run-dir")
+        step, state = self.ckpt.restore_latest(abstract_state, iterator, config_dict=self.config_dict, advice=advice)
         if state is not None and jax.process_index() == 0:
             print(f"Resuming from checkpoint at step {step} in {self.ckpt.directory}", flush=True)
         return step, state
@@ -38,8 +47,23 @@ class RunCheckpoints:
         return self.ckpt is not None and (step % self.cfg.checkpoint.every_steps == 0 or final or preempted)
 
     def save(self, step: int, state: Any, iterator: Any, *, force: bool = False) -> None:
-        self.ckpt.save(step, state, iterator, self.config_dict, dict(self.meta, step=step), force=force)
+        self.last_saved = step
+        with DeferSigint():
+            self.ckpt.save(step, state, iterator, self.config_dict, dict(self.meta, step=step), force=force)
 
-    def close(self) -> None:
-        if self.ckpt is not None:
+    def close(self, *, interrupted: bool = False) -> None:
+        """Waits for an async save in flight, then closes. interrupted (Ctrl-C): says it waits; a second Ctrl-C
+        abandons that save (its temporary directory is never taken for a checkpoint) and says so."""
+        if self.ckpt is None or self._closed:
+            return
+        self._closed = True
+        if interrupted and self.ckpt.manager.is_saving_in_progress() and jax.process_index() == 0:
+            print(f"interrupted: waiting for the checkpoint of step {self.last_saved} to finish writing "
+                  f"(Ctrl-C again abandons it)", file=sys.stderr, flush=True)
+        try:
             self.ckpt.close()
+        except KeyboardInterrupt:
+            done = [s for s in self.ckpt.all_steps() if s != self.last_saved]
+            print(f"abandoned the checkpoint of step {self.last_saved}; the latest complete one is "
+                  f"{done[-1] if done else 'none'}", file=sys.stderr, flush=True)
+            raise

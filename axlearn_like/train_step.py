@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from axlearn_like import sharding as sharding_lib
+from axlearn_like.guards import all_finite
 from axlearn_like.state import TrainState, finalize_step_statistics
 from axlearn_like.state_setup import StateSetup
 
@@ -66,7 +67,9 @@ def make_train_step(setup: StateSetup, cfg):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, stats=stats, carry=carry)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # An update can overflow with a finite loss and gradient (learning rate 1e39), so the updated state
+        # itself is checked too: one fused reduction over its float leaves.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params, opt_state, stats, carry)
         # Under both nan policies a non-finite step changes nothing but the step counter, so a NaN never
         # reaches the state (or a checkpoint); "stop" then halts on the host, "skip" carries on.
         kept = state.replace(step=state.step + 1)

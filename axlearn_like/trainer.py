@@ -8,6 +8,7 @@ The pieces (docs/architecture.md, "Tasks and the trainer"):
   evaluation        the eval split, then the Task's eval hooks
   train_checkpoint  restore at the start, the save policy
   signals           SIGTERM -> save and exit
+  rundir, guards    the run dir's lock and saved config; preflight checks, the finiteness check, skip accounting
   trainer (here)    the configs and the loop: prepare -> restore or init -> steps (log, eval, save) -> finish
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 from axlearn_like import config as config_lib
+from axlearn_like import guards, rundir
 from axlearn_like import sharding as sharding_lib
 from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.config import ConfigError, config_class, require
@@ -55,6 +57,7 @@ class TrainerConfig:
     eval_every: int = 100
     eval_batches: int = 8  # 0 = no evaluation
     nan_policy: str = "stop"  # "stop": raise and save nothing; "skip": drop the update and continue
+    max_skipped_steps: int = 20  # nan_policy=skip: more skipped steps than this in one run attempt stops it
     seed: int = 0
     progress: bool = True
 
@@ -64,6 +67,7 @@ class TrainerConfig:
         require(self.log_every >= 1, "trainer.log_every", "must be >= 1")
         require(self.eval_every >= 1, "trainer.eval_every", "must be >= 1")
         require(self.nan_policy in ("stop", "skip"), "trainer.nan_policy", f"{self.nan_policy!r} is not 'stop' or 'skip'")
+        require(self.max_skipped_steps >= 0, "trainer.max_skipped_steps", "must be >= 0")
 
 
 # Saved by earlier versions as trainer.sample_*; now the model's `sample` section (axlearn_like.task.SampleConfig).
@@ -163,30 +167,38 @@ class _Run:
     train_iter: Any
     checkpoints: RunCheckpoints
     is_main: bool
+    lock: rundir.RunDirLock
+    writer: MetricsWriter | None = None
 
 
 def _prepare(cfg: ExperimentConfig) -> _Run:
+    """Validates, takes the run dir's lock and builds the state setup; writes nothing else in the run dir."""
     config_lib.validate_tree(cfg)
+    guards.preflight(cfg, process_index=jax.process_index(), process_count=jax.process_count())
     run_dir = cfg.resolved_run_dir()
     _check_writable(run_dir)
-    mesh = sharding_lib.make_mesh(cfg.mesh)
-    _check_batch_layout(cfg, mesh)
-    train_iter = cfg.data.make_iterator(split="train", process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-    setup = build_state_setup(cfg, mesh=mesh)
-    is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(cfg))
-    meta = {"mesh": dict(mesh.shape), "process_count": jax.process_count(), "jax": jax.__version__,
-            "global_batch_size": cfg.data.global_batch_size, "seq_len": getattr(cfg.data, "seq_len", None)}
-    checkpoints = RunCheckpoints(cfg, run_dir, config_lib.to_dict(cfg), meta)
-    return _Run(cfg, run_dir, setup, train_iter, checkpoints, is_main)
+    lock = rundir.lock_all_processes(run_dir)
+    try:
+        mesh = sharding_lib.make_mesh(cfg.mesh)
+        _check_batch_layout(cfg, mesh)
+        train_iter = cfg.data.make_iterator(split="train", process_index=jax.process_index(),
+                                            process_count=jax.process_count())
+        setup = build_state_setup(cfg, mesh=mesh)
+        meta = {"mesh": dict(mesh.shape), "process_count": jax.process_count(), "jax": jax.__version__,
+                "global_batch_size": cfg.data.global_batch_size, "seq_len": getattr(cfg.data, "seq_len", None)}
+        checkpoints = RunCheckpoints(cfg, run_dir, config_lib.to_dict(cfg), meta)
+    except BaseException:
+        lock.release()
+        raise
+    return _Run(cfg, run_dir, setup, train_iter, checkpoints, jax.process_index() == 0, lock)
 
 
 def _restore_or_init(r: _Run):
-    """-> the train state: the latest checkpoint's (data iterator positioned after it), else a fresh init."""
+    """-> the train state: the latest checkpoint's (data iterator positioned after it), else a fresh init.
+    Only once the resume is validated does the run dir's config.json become this run's config."""
     _, state = r.checkpoints.restore_latest(r.setup.abstract_state, r.train_iter)
+    if r.is_main:
+        rundir.write_config(r.run_dir, config_lib.to_json(r.cfg))
     if state is None:
         state = jax.jit(r.setup.init_fn, out_shardings=r.setup.state_sharding)(jax.random.PRNGKey(r.cfg.trainer.seed))
         if r.is_main:
@@ -223,7 +235,7 @@ class _Throughput:
 def _check_finite(metrics, step: int) -> None:
     if not bool(jax.device_get(metrics["finite"])):
         raise FloatingPointError(
-            f"non-finite loss or gradient at step {step}; nothing was saved from this step "
+            f"non-finite loss, gradient or updated state at step {step}; nothing was saved from this step "
             f"(set trainer.nan_policy=skip to skip such steps, or lower optimizer.learning_rate)"
         )
 
@@ -231,17 +243,36 @@ def _check_finite(metrics, step: int) -> None:
 def run(cfg: ExperimentConfig) -> dict:
     """Trains `cfg` to cfg.trainer.steps, resuming from the latest complete checkpoint in the run dir.
 
+    Holds the run dir's lock (axlearn_like.rundir) throughout; a checkpoint that does not fit `cfg` fails
+    before anything is written, a corrupt one is moved aside (axlearn_like.checkpoint).
+
     Returns {"start_step", "final_step", "state", "last_train" (the last logged row), "eval" (the last eval
     metrics), plus what the task's final_hook returns (e.g. "sample")}.
     """
     r = _prepare(cfg)
+    interrupted = False
+    try:
+        return _train(r)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:  # after an error too: wait for the save in flight (no half-written step), flush metrics, unlock
+        r.checkpoints.close(interrupted=interrupted)
+        if r.writer is not None:
+            r.writer.close()
+        r.lock.release()
+
+
+def _train(r: _Run) -> dict:
+    cfg = r.cfg
     tcfg, task = cfg.trainer, r.setup.task
     with jax.set_mesh(r.setup.mesh), nn.logical_axis_rules(r.setup.rules):
         train_step, batch_sh = make_train_step(r.setup, cfg)
         eval_step = make_eval_step(r.setup, batch_sh)
         state = _restore_or_init(r)
-        writer = MetricsWriter(r.run_dir)
         start_step = step = int(jax.device_get(state.step))
+        writer = r.writer = MetricsWriter(r.run_dir, resume_step=start_step)
+        skips = guards.SkipLedger(tcfg.max_skipped_steps)
         result: dict = {"start_step": start_step}
         bar = None
         if r.is_main and tcfg.progress:
@@ -261,7 +292,10 @@ def run(cfg: ExperimentConfig) -> dict:
                 want_log = step % tcfg.log_every == 0 or final
                 if tcfg.nan_policy == "stop":
                     _check_finite(metrics, step)
+                else:
+                    skips.add(step, metrics["finite"])
                 if want_log:
+                    skips.settle()
                     host = to_host(metrics)
                     row = {f"train/{k}": v for k, v in host.items() if k != "finite"}
                     row["train/skipped"] = float(not bool(host["finite"]))
@@ -276,6 +310,7 @@ def run(cfg: ExperimentConfig) -> dict:
                     result["eval"] = ev
                     if bar is not None:
                         bar.write(f"step {step}: eval {task.describe_eval(ev)}")
+                writer.flush()  # a step's metrics are on disk before its checkpoint
                 if r.checkpoints.should_save(step, final=final, preempted=sigterm.set):
                     r.checkpoints.save(step, state, r.train_iter, force=sigterm.set)
                 if fault_sleep:
@@ -286,6 +321,9 @@ def run(cfg: ExperimentConfig) -> dict:
                     break
         if bar is not None:
             bar.close()
+        skips.settle()
+        if skips.summary() and r.is_main:
+            print(skips.summary(), flush=True)
         if start_step >= tcfg.steps and r.is_main:
             print(f"Already trained to step {start_step} (trainer.steps={tcfg.steps}); "
                   f"pass --set trainer.steps=N with N > {start_step} to train further", flush=True)
