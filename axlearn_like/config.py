@@ -230,7 +230,9 @@ def _select(seq: Any, part: str, parts: list[str], i: int, dotted: str) -> list[
         field = parts[i + 1]
         found = [e for e in seq if is_config(e) and field in _field_names(e)]
         if not found:
-            raise ConfigError(f"unknown config key {dotted!r}: no entry of {where} has a field {field!r} (kinds: {kinds})")
+            raise ConfigError(
+                f"unknown config key {dotted!r}: no entry of {where} has a field {field!r} (kinds: {kinds})"
+            )
         return found
     found = [e for e in seq if _kind(e) == part]
     if not found:
@@ -296,7 +298,9 @@ def _set_path(node: Any, parts: list[str], i: int, dotted: str, raw: Any) -> Non
         where = ".".join(parts[:i]) or "<root>"
         known = ", ".join(_field_names(node)) if is_config(node) else "none"
         what = "field" if last else "section"
-        raise ConfigError(f"unknown config key {dotted!r}: {where} has no {what} {part!r} (known: {known}); see --print-config")
+        raise ConfigError(
+            f"unknown config key {dotted!r}: {where} has no {what} {part!r} (known: {known}); see --print-config"
+        )
     if not last:
         _set_path(getattr(node, part), parts, i + 1, dotted, raw)
         return

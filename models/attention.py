@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import config_class, require
 from kernels.attention import IMPLEMENTATIONS, choose_implementation, dot_product_attention, segment_mask  # noqa: F401
-from models.kinds import LayerContext, MixerConfig
+from models.kinds import LayerContext, MixerConfig, check_implementation
 from models.layers import DenseGeneral, RMSNorm, apply_rope, llama3_frequencies, rope_frequencies, yarn_frequencies
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -98,11 +98,7 @@ class AttentionConfig(MixerConfig):
                 f"{self.rope_high_freq_factor}")
         require(0 < self.yarn_beta_slow <= self.yarn_beta_fast, "yarn_beta_slow",
                 f"need 0 < yarn_beta_slow <= yarn_beta_fast, got {self.yarn_beta_slow} and {self.yarn_beta_fast}")
-        require(
-            self.implementation in (None, *IMPLEMENTATIONS),
-            "implementation",
-            f"{self.implementation!r} is not one of None, {', '.join(map(repr, IMPLEMENTATIONS))}",
-        )
+        check_implementation(self.implementation, IMPLEMENTATIONS, "attention")
 
 
 def head_projection(x: jax.Array, name: str, heads: int, head_dim: int, axis: str, dtype: Any, init,

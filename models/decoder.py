@@ -56,15 +56,7 @@ def remat_policy(name: str) -> Any:
     return policies[name]
 
 
-# Kind names of the string patterns saved before layer kinds were typed configs -> (config class, the old
-# DecoderConfig section holding its fields); migrate_dict rewrites such saved configs on load.
-_LEGACY_KINDS: dict[str, tuple[str, str]] = {
-    "attention": ("models.attention:AttentionConfig", "attention"),
-    "simplicial": ("models.simplicial:SimplicialConfig", "simplicial"),
-    "mamba2": ("models.ssm:Mamba2Config", "ssm"),
-    "mlp": ("models.layers:MLPConfig", "mlp_dim"),
-    "moe": ("models.moe:MoEConfig", "moe"),
-}
+# The DecoderConfig fields that held the kinds' settings before layer kinds were typed configs.
 _LEGACY_SECTIONS = ("attention", "mlp_dim", "simplicial", "moe", "ssm")
 
 
@@ -94,7 +86,15 @@ class DecoderConfig:
     z_loss_weight: float = 0.0
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
-    _LEGACY_KINDS: ClassVar[dict[str, tuple[str, str]]] = _LEGACY_KINDS
+    # Kind names of the string patterns saved before layer kinds were typed configs -> (config class, the old
+    # section holding its fields); migrate_dict rewrites such saved configs on load. Subclasses extend it.
+    _LEGACY_KINDS: ClassVar[dict[str, tuple[str, str]]] = {
+        "attention": ("models.attention:AttentionConfig", "attention"),
+        "simplicial": ("models.simplicial:SimplicialConfig", "simplicial"),
+        "mamba2": ("models.ssm:Mamba2Config", "ssm"),
+        "mlp": ("models.layers:MLPConfig", "mlp_dim"),
+        "moe": ("models.moe:MoEConfig", "moe"),
+    }
 
     @property
     def period(self) -> int:

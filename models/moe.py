@@ -23,14 +23,14 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from axlearn_like import sharding as shd
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init
 from axlearn_like.state import StepStatistic
-from kernels.grouped_matmul import api as grouped_matmul_op
-from kernels.grouped_matmul import grouped_matmul
+from kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMUL_IMPLEMENTATIONS, grouped_matmul
 from models.kinds import FFNConfig, LayerContext, check_implementation
 
 _SCORE_FUNCS = ("sigmoid", "softmax")
@@ -197,7 +197,7 @@ class MoEConfig(FFNConfig):
         require(self.device_limited_m is None or self.device_limited_m >= 1, "device_limited_m", "must be None or >= 1")
         require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be None or > 0")
         require(self.gamma >= 0, "gamma", "must be >= 0")
-        check_implementation(self.implementation, grouped_matmul_op._SUPPORTED, "grouped_matmul")
+        check_implementation(self.implementation, GROUPED_MATMUL_IMPLEMENTATIONS, "grouped_matmul")
 
     def build(self, ctx: LayerContext, name: str) -> nn.Module:
         return MoE(self, d_model=ctx.d_model, dtype=ctx.dtype, name=name)
@@ -332,6 +332,36 @@ def _fp(ids, s_norm, num_experts, top_k):
     f = counts * num_experts / (top_k * t)
     p = jnp.mean(s_norm, axis=-2)
     return f, p
+
+
+def maxvio(load) -> np.ndarray:
+    """MaxVio (Wang et al. 2408.15664) = (max_i Load_i - mean Load) / mean Load over the last axis of load [..., E]."""
+    load = np.asarray(load, np.float64)
+    return load.max(-1) / np.maximum(load.mean(-1), 1e-30) - 1.0
+
+
+def maxvio_global(mean_metrics: dict[str, Any]) -> dict[str, float]:
+    """MaxVio_global: MaxVio of the expert loads counted over a whole eval set (not per batch), per MoE layer.
+
+    mean_metrics: the eval metrics averaged over the eval batches; each MoE layer's "<path>/expert_load" (load
+    fractions [E], or [layers, E] from a scanned stack) averages to the set's load fractions because every eval
+    batch routes the same number of tokens. -> {"<path>/maxvio_global" (or "<path>/maxvio_global/<layer>"),
+    "maxvio_global": mean over the MoE layers, "maxvio_global_max": their maximum}.
+    """
+    out, every = {}, []
+    for key, load in mean_metrics.items():
+        if not key.endswith("/expert_load"):
+            continue
+        path = key[: -len("expert_load")]
+        vio = maxvio(load)
+        if vio.ndim == 0:
+            out[f"{path}maxvio_global"] = float(vio)
+        else:
+            out.update({f"{path}maxvio_global/{i}": float(v) for i, v in enumerate(vio)})
+        every.extend(np.atleast_1d(vio).tolist())
+    if every:
+        out["maxvio_global"], out["maxvio_global_max"] = float(np.mean(every)), float(np.max(every))
+    return out
 
 
 def balance_losses(ids, s, *, cfg: MoEConfig, batch: int, num_devices: int, m: int) -> dict[str, jax.Array]:

@@ -25,7 +25,8 @@ from models.layers import MLPConfig
 
 def _dims(attention: type[AttentionConfig]) -> dict:
     """The shared model size; `attention` is the mixer kind (System-2 for the EBT, plain for the decoder)."""
-    return dict(vocab_size=258, d_model=96, num_layers=2, layer_pattern=(attention(num_heads=4, num_kv_heads=2, head_dim=24),),
+    return dict(vocab_size=258, d_model=96, num_layers=2,
+                layer_pattern=(attention(num_heads=4, num_kv_heads=2, head_dim=24),),
                 ffn_pattern=(MLPConfig(mlp_dim=256),), dtype="float32")
 
 
@@ -88,7 +89,8 @@ def gpu() -> ExperimentConfig:
     cfg.name = "ebt_gpu"
     cfg.model = EBTConfig(vocab_size=258, d_model=512, num_layers=8,
                           # the query blocks only apply if predicted="jnp" is set (see second_order below)
-                          layer_pattern=(System2AttentionConfig(num_heads=8, num_kv_heads=8, head_dim=64, query_block=128),),
+                          layer_pattern=(System2AttentionConfig(num_heads=8, num_kv_heads=8, head_dim=64,
+                                                                query_block=128),),
                           ffn_pattern=(MLPConfig(mlp_dim=2048),), dtype="bfloat16", think_steps=2, think_steps_random=0,
                           langevin_std=0.1,
                           replay_size=0, replay_fraction=0.0,

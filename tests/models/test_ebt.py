@@ -32,8 +32,8 @@ def small_cfg(attention: AttentionConfig | None = None, **kw) -> EBTConfig:
     """A tiny EBT; `attention` (projection sizes) and the _ATTENTION_KW keywords set its System-2 layers."""
     dims = dataclasses.asdict(attention or AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=4))
     dims.update({field: kw.pop(key) for key, field in _ATTENTION_KW.items() if key in kw})
-    base = dict(vocab_size=V, d_model=16, num_layers=2, dtype="float32", layer_pattern=(System2AttentionConfig(**dims),),
-                ffn_pattern=(MLPConfig(mlp_dim=24),))
+    base = dict(vocab_size=V, d_model=16, num_layers=2, dtype="float32",
+                layer_pattern=(System2AttentionConfig(**dims),), ffn_pattern=(MLPConfig(mlp_dim=24),))
     base.update(kw)
     cfg = EBTConfig(**base)
     validate_tree(cfg)

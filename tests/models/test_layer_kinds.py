@@ -38,7 +38,8 @@ class ShiftMix(nn.Module):
     def __call__(self, x, *, positions, segment_ids, train):
         del positions, segment_ids, train
         d = x.shape[-1]
-        w = self.param("w", param_init(nn.initializers.normal(self.init_std), ("mlp", "embed")), (2 * d, d), jnp.float32)
+        init = param_init(nn.initializers.normal(self.init_std), ("mlp", "embed"))
+        w = self.param("w", init, (2 * d, d), jnp.float32)
         prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]
         return jnp.concatenate([x, prev], axis=-1) @ w.astype(x.dtype)
 
@@ -145,11 +146,13 @@ def test_no_ffn_block_is_the_mixer_half_only():
     assert logits.shape == (2, 6, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
     # the FFN-free block is x + mixer(norm(x)): with the mixer's output projection zeroed, the stack is identity
     zeroed = jax.tree.map(lambda x: x, params)
-    zeroed["stack"]["layer_0"]["mixer"]["out_proj"]["kernel"] = jnp.zeros_like(params["stack"]["layer_0"]["mixer"]["out_proj"]["kernel"])
-    zeroed["stack"]["layer_1"]["mixer"]["out_proj"]["kernel"] = jnp.zeros_like(params["stack"]["layer_1"]["mixer"]["out_proj"]["kernel"])
+    for layer in ("layer_0", "layer_1"):
+        out = zeroed["stack"][layer]["mixer"]["out_proj"]
+        out["kernel"] = jnp.zeros_like(out["kernel"])
     h = lm.module.apply({"params": zeroed}, b["inputs"], return_hidden=True)
     emb = zeroed["embed"]["embedding"][b["inputs"]]
-    ref = emb * jax.lax.rsqrt(jnp.mean(emb ** 2, -1, keepdims=True) + cfg.norm_eps) * zeroed["stack"]["final_norm"]["scale"]
+    scale = zeroed["stack"]["final_norm"]["scale"]
+    ref = emb * jax.lax.rsqrt(jnp.mean(emb ** 2, -1, keepdims=True) + cfg.norm_eps) * scale
     np.testing.assert_allclose(np.asarray(h), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
@@ -214,7 +217,8 @@ def test_set_reaches_entries_by_index_kind_and_star():
     ("model.layer_pattern.3=attention", "model.layer_pattern.3: is a pattern entry; set its fields"),
     ("model.layer_pattern.simplicial.w1=wide", "model.layer_pattern.simplicial.w1: expected an integer"),
     ("model.ffn_pattern=mlp,moe", "model.ffn_pattern: no 'moe' entry to copy (present: mlp)"),
-    ("model.ffn_pattern=models.simplicial:SimplicialConfig", "model.ffn_pattern: models.simplicial:SimplicialConfig is not a FFNConfig"),
+    ("model.ffn_pattern=models.simplicial:SimplicialConfig",
+     "model.ffn_pattern: models.simplicial:SimplicialConfig is not a FFNConfig"),
     ("model.ffn_pattern=models.nope:X", "model.ffn_pattern: cannot import 'models.nope:X'"),
 ])
 def test_pattern_override_errors_are_one_line(override, message):
@@ -250,7 +254,8 @@ def test_stacking_finds_the_stack_by_its_layout_not_by_name_prefixes():
     assert back["adapter"] is tree["adapter"]
     assert jax.tree.map(jnp.shape, back["stack"]) == jax.tree.map(jnp.shape, params["stack"])
     # a model whose layer count differs from the config's is not mistaken for this stack
-    assert stack_layer_params({"stack": {"layer_0": {}, "layer_5": {}}}, cfg) == {"stack": {"layer_0": {}, "layer_5": {}}}
+    other = {"stack": {"layer_0": {}, "layer_5": {}}}
+    assert stack_layer_params(other, cfg) == other
 
 
 def test_decoder_config_round_trips_patterns():
@@ -264,7 +269,8 @@ def test_migrate_dict_rewrites_the_old_layout():
     old = {"_type": "models.decoder:DecoderConfig", "d_model": 24, "layer_pattern": ["attention", "mamba2"],
            "ffn_pattern": ["mlp", "moe"], "mlp_dim": 40, "attention": {"_type": "models.attention:AttentionConfig",
            "num_heads": 2, "num_kv_heads": 1, "head_dim": 12}, "simplicial": None,
-           "moe": {"_type": "models.moe:MoEConfig", "num_experts": 4}, "ssm": {"_type": "models.ssm:Mamba2Config", "d_state": 8}}
+           "moe": {"_type": "models.moe:MoEConfig", "num_experts": 4},
+           "ssm": {"_type": "models.ssm:Mamba2Config", "d_state": 8}}
     cfg = config_lib.from_dict(old)
     assert cfg.layer_pattern == (AttentionConfig(num_heads=2, num_kv_heads=1, head_dim=12), Mamba2Config(d_state=8))
     assert cfg.ffn_pattern == (MLPConfig(mlp_dim=40), MoEConfig(num_experts=4))
@@ -276,3 +282,17 @@ def test_migrate_dict_rewrites_the_old_layout():
                                 "attention_form": "dense", "attention_query_block": 8, "predicted_attention": "xla"})
     assert ebt.layer_pattern == (System2AttentionConfig(form="dense", query_block=8, predicted="xla"),)
     assert ebt.attention_form == "dense"
+
+
+@pytest.mark.parametrize("kind, op", [
+    (AttentionConfig(), "attention"), (SimplicialConfig(), "simplicial"), (Mamba2Config(), "ssd"),
+    (MoEConfig(), "grouped_matmul"),
+], ids=lambda x: getattr(x, "kind", x))
+def test_implementation_is_checked_against_the_ops_table(kind, op):
+    import importlib
+
+    table = importlib.import_module(f"kernels.{op}").IMPLEMENTATIONS
+    for name in table:
+        config_lib.validate_tree(dataclasses.replace(kind, implementation=name))
+    with pytest.raises(ConfigError, match=rf"^implementation: 'cuda9' is not one of None, .*kernels\.{op}\.IMPL"):
+        config_lib.validate_tree(dataclasses.replace(kind, implementation="cuda9"))

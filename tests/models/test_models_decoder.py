@@ -149,7 +149,8 @@ def test_remat_policies_give_identical_loss_and_grads():
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_mixed_pattern_with_a_test_defined_mixer(scan):
-    cfg = small_cfg(num_layers=4, layer_pattern=(attention(), DummyMixerConfig()), scan_layers=scan, remat_policy="full")
+    cfg = small_cfg(num_layers=4, layer_pattern=(attention(), DummyMixerConfig()), scan_layers=scan,
+                    remat_policy="full")
     b = make_batch(3, 6, seed=6)
     lm = cfg.build()
     variables = fake_init(lambda: lm.init(jax.random.key(0), b))
