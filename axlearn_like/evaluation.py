@@ -1,6 +1,6 @@
 """Evaluation during training: the eval split through the jitted eval step, then the Task's eval hooks.
 
-    ev = task.eval_metrics(sums, cfg)  with sums = {"loss_sum", "tokens", means of other scalars}
+    ev = task.eval_metrics(sums, cfg)  with sums = {"loss_sum", "tokens", means of the other metrics (arrays too)}
     ev.update(task.eval_hook(cfg, variables, step))
 """
 from __future__ import annotations
@@ -37,8 +37,9 @@ def evaluate(cfg, task: Task, state: TrainState, eval_step, batch_sh) -> dict[st
         loss_sum += float(out.pop("loss_sum"))
         tokens += float(out.pop("tokens"))
         for k, v in out.items():
-            extra.setdefault(k, []).append(float(v))
-    sums = {"loss_sum": loss_sum, "tokens": tokens, **{k: float(np.mean(v)) for k, v in extra.items()}}
+            extra.setdefault(k, []).append(np.asarray(v, np.float64))
+    means = {k: np.mean(np.stack(v), axis=0) for k, v in extra.items()}  # elementwise for array metrics
+    sums = {"loss_sum": loss_sum, "tokens": tokens, **{k: float(v) if v.ndim == 0 else v for k, v in means.items()}}
     ev = dict(task.eval_metrics(sums, cfg))
     ev.update(task.eval_hook(cfg, variables_of(state), int(jax.device_get(state.step))))
     return ev

@@ -123,10 +123,11 @@ class Task(abc.ABC):
 
     # -- evaluation hooks ----------------------------------------------------------------------------------
     def eval_metrics(self, sums: dict[str, float], cfg: Any) -> dict[str, float]:
-        """The reported eval metrics. `sums`: "loss_sum" (sum of loss x tokens), "tokens", and each other
-        scalar metric averaged over the eval batches; `cfg` the root (experiment) config."""
+        """The reported eval metrics (scalars). `sums`: "loss_sum" (sum of loss x tokens), "tokens", and each
+        other metric averaged over the eval batches (arrays elementwise: a subclass may derive scalars from
+        them); `cfg` the root (experiment) config."""
         tokens = sums["tokens"]
-        rest = {k: v for k, v in sums.items() if k not in ("loss_sum", "tokens")}
+        rest = {k: v for k, v in sums.items() if k not in ("loss_sum", "tokens") and jnp.ndim(v) == 0}
         return {"loss": sums["loss_sum"] / max(tokens, 1.0), "tokens": tokens, **rest}
 
     def eval_hook(self, cfg: Any, variables: Variables, step: int) -> dict[str, float]:

@@ -89,7 +89,8 @@ def make_train_step(setup: StateSetup, cfg):
 
 
 def make_eval_step(setup: StateSetup, batch_sh):
-    """-> jitted eval_step(state, batch) -> {"loss_sum": loss x tokens, "tokens", other scalar metrics}."""
+    """-> jitted eval_step(state, batch) -> {"loss_sum": loss x tokens, "tokens", the other metrics (scalars and
+    small arrays, e.g. an MoE layer's expert loads, which the task's eval_metrics may aggregate)}."""
     task = setup.task
 
     def eval_step(state: TrainState, batch):
@@ -97,6 +98,6 @@ def make_eval_step(setup: StateSetup, batch_sh):
         loss, metrics, _ = task.loss(variables, batch, jax.random.PRNGKey(0), train=False)
         tokens = metrics.get("tokens", jnp.asarray(1.0))
         return {"loss_sum": metrics.get("loss", loss) * tokens, "tokens": tokens,
-                **{k: v for k, v in metrics.items() if k not in ("loss", "tokens") and jnp.ndim(v) == 0}}
+                **{k: v for k, v in metrics.items() if k not in ("loss", "tokens")}}
 
     return jax.jit(eval_step, in_shardings=(setup.state_sharding, batch_sh))

@@ -160,6 +160,15 @@ class LanguageModel(NextTokenTask):
         }
         return total, metrics, new
 
+    def eval_metrics(self, sums: dict[str, Any], cfg: Any) -> dict[str, float]:
+        """NextTokenTask's, plus MaxVio_global of the MoE layers over the whole eval set (models.moe)."""
+        ev = super().eval_metrics(sums, cfg)
+        if any(f.kind == "moe" for f in self.cfg.ffn_pattern):
+            from models.moe import maxvio_global
+
+            ev.update(maxvio_global(sums))
+        return ev
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 * N + attention-like terms (Kaplan et al. 2020 / Chinchilla convention).
 

@@ -5,9 +5,14 @@ Presets reproduce Wang et al.'s comparison in miniature (compare `train/.../maxv
 `python -m tools.plot_moe RUN_DIR`):
   no_balance    gamma 0, no balance loss
   aux_loss      gamma 0, V1/V2 expert-level balance loss (alpha 1e-2)
-  aux_free      bias balancing only (gamma 1e-3 x steps scale)
+  aux_free      bias balancing only
   aux_free_seq  bias balancing + V3 sequence-wise loss (alpha 1e-4)   [default]
-Scale out: `--set mesh.expert=4 --set model.ffn_pattern.moe.device_limited_m=2` (device-limited routing over the expert axis).
+  limited       aux_free_seq with group-limited routing (16 experts of half width in 4 groups, the best 2
+                kept, top-4: the same active parameters); with `--set mesh.expert=4` the groups are the expert
+                devices (device-limited, M = 2)
+The bias update speed gamma is set per preset: the paper's u = 1e-3 (Wang et al., 1B) for the ~1B presets; the
+tiny CPU presets use 1e-2 (docs/notes/moe.md: over their 300 steps a bias moving 1e-3 per step balances too late).
+The eval reports MaxVio_global (eval/maxvio_global: MaxVio of the loads over the whole eval set, per MoE layer).
 Preset `gpu_0p8b`: a DeepSeek-V3-like ~0.8B-parameter model (64 routed experts top-6 + 1 shared, bf16, seq 2048)
 for one or several H200s (used by tools.bench_scaling moe).
 Presets `deepseek_v3` (tiny, CPU) and `deepseek_v3_gpu` (~0.8B total, one H200): DeepSeek-V3-shaped end to end,
@@ -71,6 +76,11 @@ def aux_free_seq() -> ExperimentConfig:
     return _base(_moe(), "moe")
 
 
+def limited() -> ExperimentConfig:
+    moe = _moe(expert_dim=32, top_k=4, num_groups=4, topk_groups=2, device_limited_m=2)
+    return _base(moe, "moe_limited")
+
+
 def aux_free() -> ExperimentConfig:
     return _base(_moe(seq_aux_alpha=0.0), "moe_aux_free")
 
@@ -86,7 +96,7 @@ def no_balance() -> ExperimentConfig:
 def gpu_0p8b() -> ExperimentConfig:
     """~0.82B total / ~0.18B active parameters: 8 layers (first dense, 7 MoE), d_model 1024, 64 routed experts
     of width 512 (top-6, sigmoid gate, aux-loss-free bias + sequence loss) + 1 shared, vocab 32768, seq 2048."""
-    moe = _moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5)
+    moe = _moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5, gamma=1e-3)  # Wang et al.'s u at 1B
     cfg = _base(moe, "moe_0p8b")
     cfg.model = DecoderConfig(
         vocab_size=32768,
@@ -133,7 +143,7 @@ def deepseek_v3_gpu() -> ExperimentConfig:
 
 
 PRESETS = {"default": config, "aux_free_seq": aux_free_seq, "aux_free": aux_free, "aux_loss": aux_loss,
-           "no_balance": no_balance, "gpu_0p8b": gpu_0p8b, "deepseek_v3": deepseek_v3,
+           "no_balance": no_balance, "limited": limited, "gpu_0p8b": gpu_0p8b, "deepseek_v3": deepseek_v3,
            "deepseek_v3_gpu": deepseek_v3_gpu}
 
 if __name__ == "__main__":

@@ -87,3 +87,47 @@ def test_stacked_bias_finalizes_per_layer():
     out = stat.finalize(np.int32(0))
     np.testing.assert_array_equal(np.asarray(out.bias), [[-0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, -0.5]])
     np.testing.assert_array_equal(np.asarray(out.load), 0.0)
+
+
+def test_maxvio_global_is_computed_over_the_eval_set(single_device_run):
+    """eval/maxvio_global (Wang et al.): MaxVio of the expert loads counted over all eval batches together, not
+    a mean of per-batch MaxVio; checked against the loads counted batch by batch here."""
+    from axlearn_like.evaluation import evaluate
+    from models.moe import maxvio
+
+    setup, state, _, _ = single_device_run
+    cfg = config_lib.apply_overrides(_cfg(), ["trainer.eval_batches=3"])
+    mesh = sharding_lib.make_mesh(cfg.mesh, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+        _, batch_sh = trainer.make_train_step(setup, cfg)
+        eval_step = trainer.make_eval_step(setup, batch_sh)
+        ev = evaluate(cfg, setup.task, state, eval_step, batch_sh)
+        variables = {"params": state.params, "stats": state.stats, "carry": state.carry}
+        loads, per_batch = [], []
+        for _, b in zip(range(3), make_iterator(cfg.data, split="eval")):
+            _, m, _ = setup.task.loss(variables, global_batch(b, batch_sh), jax.random.key(0), train=False)
+            (key,) = [k for k in m if k.endswith("/expert_load")]
+            loads.append(np.asarray(m[key], np.float64))
+            per_batch.append(float(m[key.replace("expert_load", "maxvio_batch")]))
+    want = float(maxvio(np.sum(loads, axis=0)))
+    np.testing.assert_allclose(ev[key.replace("expert_load", "maxvio_global")], want, rtol=1e-5)
+    np.testing.assert_allclose(ev["maxvio_global"], want, rtol=1e-5)  # one MoE layer in TINY
+    assert want < np.mean(per_batch) - 1e-4  # loads even out over the set: the per-batch mean overstates it
+    assert all(np.ndim(v) == 0 for v in ev.values())
+
+
+@pytest.mark.parametrize("mesh", [(), ("mesh.data=2", "mesh.expert=4")])
+def test_limited_preset_routes_each_token_to_at_most_two_groups(mesh):
+    """recipes.moe limited: top-4 among 4 expert groups, the best 2 kept; on one device the groups are expert
+    blocks (group-limited), on an expert axis of 4 they are its devices (device-limited, M = 2). Without the limit
+    the same router sends some tokens to more than two groups."""
+    over = TINY + ["model.ffn_pattern.moe.expert_dim=8", *mesh]
+    limited = config_lib.apply_overrides(moe_recipe.limited(), over)
+    moe = [f for f in limited.model.ffn_pattern if f.kind == "moe"][0]
+    assert (moe.top_k, moe.num_groups, moe.topk_groups, moe.device_limited_m) == (4, 4, 2, 2)
+    free = config_lib.apply_overrides(limited, ["model.ffn_pattern.moe.topk_groups=4",
+                                                "model.ffn_pattern.moe.device_limited_m=null"])
+    devices = jax.devices()[:8] if mesh else jax.devices()[:1]
+    spread = lambda cfg: max(float(v) for k, v in _run(cfg, devices, steps=1)[3].items()
+                             if k.endswith("max_devices_per_token"))
+    assert spread(limited) <= 2 < spread(free)
