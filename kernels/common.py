@@ -1,17 +1,15 @@
-"""Shared plumbing for every kernel package: backend detection and `implementation=` dispatch.
+"""Shared plumbing for every kernel package: backend detection and the helpers Pallas / Triton kernels share.
 
 Each op lives in `kernels/<op>/` as api.py (public function + custom_vjp), reference.py (pure jnp oracle
 and portable fallback), pallas_*.py (TPU path; CPU tests run it with interpret=True) and triton_*.py /
-mosaic_*.py (GPU). The api module calls `resolve_implementation` so that every op picks and validates
-implementations the same way.
+cudnn_*.py (GPU). The api module's `kernels.op.Op` subclass validates arguments and picks implementations
+the same way for every op (docs/architecture.md, "Kernel ops").
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
-from collections.abc import Mapping, Sequence
-
 import jax
 import jax.numpy as jnp
 
@@ -58,38 +56,43 @@ def has_jax_triton() -> bool:
     return True
 
 
-def resolve_implementation(
-    op: str,
-    implementation: str | None,
-    *,
-    supported: Mapping[str, Sequence[str]],
-    preferred: Mapping[str, str],
-) -> str:
-    """Validates or picks an implementation name.
-
-    Args:
-      op: op name for error messages, e.g. "two_simplicial_attention".
-      implementation: the user's choice, or None for the best one on this backend.
-      supported: implementation name -> backends it runs on ("cpu", "gpu", "tpu").
-      preferred: backend -> implementation picked when `implementation` is None.
-    """
-    plat = backend()
-    if implementation is None:
-        return preferred.get(plat, "xla")
-    if implementation not in supported:
-        raise ValueError(
-            f"{op}: unknown implementation={implementation!r}; choose one of {sorted(supported)} or None (auto)"
-        )
-    if plat not in supported[implementation]:
-        raise ValueError(
-            f"{op}: implementation={implementation!r} does not run on backend {plat!r}; "
-            f"it needs one of {list(supported[implementation])} (use implementation=None to pick automatically)"
-        )
-    return implementation
-
-
 def mxu_dot(a: jax.Array, b: jax.Array, contract: tuple) -> jax.Array:
     """2-D matmul for Pallas kernels on the input dtype with float32 accumulation; float32 inputs get full
     precision (the TPU default would round them to bf16 passes). contract: ((lhs dims), (rhs dims))."""
     prec = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return jax.lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=jnp.float32)
+
+
+# --- constants and shape helpers shared by the Pallas and Triton kernels ------------------------------------
+NEG_INF = -1e30  # finite "minus infinity" for masked logits and running maxima: exp(m - m_new) never sees inf - inf
+LOG2E = 1.4426950408889634  # Triton kernels keep logits in log2 units, so every exponential is a bare exp2
+LN2 = 0.6931471805599453
+# mxu_dot / dot_general contractions of 2-D tiles
+NT = ((1,), (1,))  # a @ b.T
+NN = ((1,), (0,))  # a @ b
+TN = ((0,), (0,))  # a.T @ b
+
+
+def cdiv(x: int, m: int) -> int:
+    """ceil(x / m) for positive ints."""
+    return -(-x // m)
+
+
+def round_up(x: int, m: int) -> int:
+    """The smallest multiple of m that is >= x."""
+    return cdiv(x, m) * m
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """x padded with `value` at the end of `axis` to length `size` (>= its length)."""
+    pad = size - x.shape[axis]
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths, constant_values=value)

@@ -24,6 +24,7 @@ where nothing is gated.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -50,7 +51,9 @@ class SimplicialConfig(MixerConfig):
     uses 64 query heads per K/V head). w1, w2: causal windows of (K, V) and (K', V'); the paper uses
     (512, 32). variant: "trilinear" or "determinant" (head_dim % 3 == 0). implementation: passed to
     kernels.simplicial.two_simplicial_attention (None = best for the backend). rope: "none" | "q_k1"
-    (module docstring). scale: logit scale, None = 1/sqrt(head_dim).
+    (module docstring). scale: logit scale, None = 1/sqrt(head_dim). k2_bias, v2_bias: scalars added to K' and
+    V' inside the op, as in Meta's reference (None = 1/head_dim, and 1.0); 0.0 and 0.0 give the bias-free form.
+    Saved configs from before these fields load bias-free (migrate_dict), as they were trained.
     """
 
     kind: ClassVar[str] = "simplicial"
@@ -66,6 +69,15 @@ class SimplicialConfig(MixerConfig):
     rope: str = "none"
     rope_theta: float = 10000.0
     scale: float | None = None
+    k2_bias: float | None = None
+    v2_bias: float = 1.0
+
+    @classmethod
+    def migrate_dict(cls, d: dict) -> dict:
+        """A config saved before k2_bias / v2_bias existed ran the bias-free op: keep it so."""
+        if "k2_bias" not in d and "v2_bias" not in d:
+            d.update(k2_bias=0.0, v2_bias=0.0)
+        return d
 
     def validate(self) -> None:
         require(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
@@ -93,6 +105,9 @@ class SimplicialConfig(MixerConfig):
         require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         check_implementation(self.implementation, IMPLEMENTATIONS, "simplicial")
         require(self.scale is None or self.scale > 0, "scale", f"must be None or > 0, got {self.scale}")
+        require(self.k2_bias is None or math.isfinite(self.k2_bias), "k2_bias",
+                f"must be None (1/head_dim) or a finite number, got {self.k2_bias}")
+        require(math.isfinite(self.v2_bias), "v2_bias", f"must be a finite number, got {self.v2_bias}")
 
     def build(self, ctx: LayerContext, name: str) -> nn.Module:
         return SimplicialAttention(self, ctx.dtype, ctx.init_std, ctx.out_init_std, name=name)
@@ -156,7 +171,8 @@ class SimplicialAttention(nn.Module):
             k1 = apply_rope(k1, positions, c.rope_theta)
         q, k1, v1, k2, v2 = (checkpoint_name(t, "qkv_proj") for t in (q, k1, v1, k2, v2))
         ctx = two_simplicial_attention(
-            q, k1, v1, k2, v2, w1=c.w1, w2=c.w2, variant=c.variant, scale=c.scale, implementation=c.implementation
+            q, k1, v1, k2, v2, w1=c.w1, w2=c.w2, variant=c.variant, scale=c.scale, k2_bias=c.k2_bias,
+            v2_bias=c.v2_bias, implementation=c.implementation
         )
         if segment_ids is not None:
             # Exact isolation without a segment argument in the op: drop queries whose windows cross.

@@ -22,11 +22,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels import common
+from kernels.op import PLATFORMS, Op, requires_jax_triton
 
 _OP = "grouped_matmul"
-_SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
-_PREFERRED = {"cpu": "xla", "gpu": "triton", "tpu": "pallas"}
 
 
 def _xla_gmm(lhs, rhs, group_sizes, transpose_rhs=False):
@@ -104,17 +102,28 @@ def _match_varying_axes(x: jax.Array, like: jax.Array) -> jax.Array:
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _check(lhs, rhs, group_sizes):
-    if lhs.ndim != 2 or rhs.ndim != 3:
-        raise ValueError(f"{_OP}: need lhs [m, k] and rhs [groups, k, n]; got {lhs.shape} and {rhs.shape}")
-    if lhs.shape[1] != rhs.shape[1]:
-        raise ValueError(f"{_OP}: lhs has k={lhs.shape[1]} but rhs has k={rhs.shape[1]}; rhs must be [groups, k, n]")
-    if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(
-            f"{_OP}: group_sizes must be an integer array of shape ({rhs.shape[0]},), got {group_sizes.dtype}{group_sizes.shape}"
-        )
-    if not jnp.issubdtype(lhs.dtype, jnp.floating) or not jnp.issubdtype(rhs.dtype, jnp.floating):
-        raise ValueError(f"{_OP}: lhs and rhs must be floating point, got {lhs.dtype} and {rhs.dtype}")
+class GroupedMatmul(Op):
+    name = _OP
+    implementations = {"xla": PLATFORMS, "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
+    preference = {"gpu": ("triton",), "tpu": ("pallas",)}
+
+    def validate(self, lhs, rhs, group_sizes):
+        if lhs.ndim != 2 or rhs.ndim != 3:
+            raise ValueError(f"{_OP}: need lhs [m, k] and rhs [groups, k, n]; got {lhs.shape} and {rhs.shape}")
+        if lhs.shape[1] != rhs.shape[1]:
+            raise ValueError(f"{_OP}: lhs has k={lhs.shape[1]} but rhs has k={rhs.shape[1]}; rhs must be [groups, k, n]")
+        if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+            raise ValueError(f"{_OP}: group_sizes must be an integer array of shape ({rhs.shape[0]},), got "
+                             f"{group_sizes.dtype}{group_sizes.shape}")
+        if not jnp.issubdtype(lhs.dtype, jnp.floating) or not jnp.issubdtype(rhs.dtype, jnp.floating):
+            raise ValueError(f"{_OP}: lhs and rhs must be floating point, got {lhs.dtype} and {rhs.dtype}")
+
+    def unsupported(self, implementation):
+        return requires_jax_triton() if implementation == "triton" else None
+
+
+OP = GroupedMatmul()
+IMPLEMENTATIONS = OP.IMPLEMENTATIONS
 
 
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, implementation: str | None = None):
@@ -125,10 +134,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, im
     rhs is cast to lhs's dtype for the product (bf16 compute with f32 master weights); its gradient comes
     back in rhs's own dtype.
     """
-    _check(lhs, rhs, group_sizes)
-    name = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=_PREFERRED)
-    if name == "triton" and not common.has_jax_triton():
-        raise ValueError(f"{_OP}: implementation='triton' needs jax-triton 0.3.1 (pip install jax-triton==0.3.1)")
+    name = OP.select(implementation, lhs, rhs, group_sizes)
     lhs, rhs = _match_varying_axes(lhs, rhs), _match_varying_axes(rhs, lhs)
     group_sizes = _match_varying_axes(group_sizes.astype(jnp.int32), lhs)
     return _op(name, jnp.dtype(rhs.dtype))(lhs, rhs, group_sizes)
@@ -138,5 +144,5 @@ def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.
     """out[g] = lhs_g^T @ dout_g over group g's rows: lhs [m, k], dout [m, n] -> [G, k, n] (forward only)."""
     if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
         raise ValueError(f"transposed_{_OP}: need lhs [m, k] and dout [m, n]; got {lhs.shape} and {dout.shape}")
-    name = common.resolve_implementation(_OP, implementation, supported=_SUPPORTED, preferred=_PREFERRED)
+    name = OP.pick(implementation)
     return _launches(name)[1](lhs, dout.astype(lhs.dtype), group_sizes.astype(jnp.int32))

@@ -76,12 +76,7 @@ def visits(group_sizes: jax.Array, m_tiles: int, tm: int) -> Visits:
 
 
 def _pad_to(x: jax.Array, axis: int, mult: int) -> jax.Array:
-    pad = -x.shape[axis] % mult
-    if not pad:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
+    return common.pad_axis(x, axis, common.round_up(x.shape[axis], mult))
 
 
 def _row_mask(tile, group, starts_ref, ends_ref, tm):
@@ -114,10 +109,10 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling = 
     """lhs [m, k] @ rhs[g] ([G, k, n], or [G, n, k] used transposed) per row group -> [m, n] (lhs dtype)."""
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tk, tn = min(tiling.tm, _ceil8(m)), min(tiling.tk, k), min(tiling.tn, n)
+    tm, tk, tn = min(tiling.tm, common.round_up(m, 8)), min(tiling.tk, k), min(tiling.tn, n)
     lhs_p = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
     rhs_p = _pad_to(_pad_to(rhs, 1, tn if transpose_rhs else tk), 2, tk if transpose_rhs else tn)
-    m_tiles, k_tiles, n_tiles = lhs_p.shape[0] // tm, lhs_p.shape[1] // tk, -(-n // tn)
+    m_tiles, k_tiles, n_tiles = lhs_p.shape[0] // tm, lhs_p.shape[1] // tk, common.cdiv(n, tn)
     vis = visits(group_sizes, m_tiles, tm)
     nv = vis.tile.shape[0]
     if transpose_rhs:
@@ -165,7 +160,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling(), out_dtype=None):
     m, k = lhs.shape
     n = dout.shape[1]
     g = group_sizes.shape[0]
-    tm, tk, tn = min(tiling.tm, _ceil8(m)), min(tiling.tk, k), min(tiling.tn, n)
+    tm, tk, tn = min(tiling.tm, common.round_up(m, 8)), min(tiling.tk, k), min(tiling.tn, n)
     lhs_p = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
     dout_p = _pad_to(_pad_to(dout, 0, tm), 1, tn)
     m_tiles, k_tiles, n_tiles = lhs_p.shape[0] // tm, lhs_p.shape[1] // tk, dout_p.shape[1] // tn
@@ -189,7 +184,3 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling(), out_dtype=None):
     )(vis.tile, vis.group, vis.valid, vis.first_group, vis.starts, vis.ends, lhs_p, dout_p)
     # Empty groups are never visited, so their blocks hold whatever the buffer held.
     return jnp.where((group_sizes > 0)[:, None, None], out[:, :k, :n], 0).astype(out_dtype)
-
-
-def _ceil8(x: int) -> int:
-    return -(-x // 8) * 8

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import common
+
 
 def group_bounds(group_sizes, m: int):
     """starts, ends [G] int32 row bounds of each group (ends clipped to m). Works for jnp and np."""
@@ -30,7 +32,7 @@ def work_items(group_sizes, m: int, bm: int):
     n_group_items = cum[-1]
     total = ends[-1]
     n_tail = (m - total + bm - 1) // bm
-    v = xp.arange(-(-m // bm) + g + 1, dtype=xp.int32)
+    v = xp.arange(common.cdiv(m, bm) + g + 1, dtype=xp.int32)
     # compare_all: one small fused compare-and-count on GPU instead of a while loop of launches
     kw = {"method": "compare_all"} if xp is jnp else {}
     gi = xp.minimum(xp.searchsorted(cum, v, side="right", **kw), g - 1)

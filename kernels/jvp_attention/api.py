@@ -25,11 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from kernels import common
 from kernels.jvp_attention import reference
+from kernels.op import PLATFORMS, Op, requires_jax_triton
 
 _OP = "jvp_attention"
-IMPLEMENTATIONS = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
 _FORWARD_MODE = contextvars.ContextVar("jvp_attention_forward_mode", default=False)
 F32 = jnp.float32
 
@@ -134,26 +133,43 @@ def _ops(impl: str):
     return rev, fwd_mode
 
 
-def _check(q, k, v, segment_ids):
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        raise ValueError(f"{_OP}: q must be [batch, seq, heads, head_dim] and k, v one shape [batch, seq, "
-                         f"kv_heads, head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}")
-    if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
-        raise ValueError(f"{_OP}: q {q.shape} and k {k.shape} must agree in batch, seq and head_dim")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"{_OP}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]}")
-    if len({q.dtype, k.dtype, v.dtype}) != 1 or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"{_OP}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-        raise ValueError(f"{_OP}: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
+class JVPAttention(Op):
+    name = _OP
+    implementations = {"xla": PLATFORMS, "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
+    preference = {"gpu": ("triton",), "tpu": ("pallas",)}
+
+    def validate(self, q, k, v, segment_ids=None):
+        if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+            raise ValueError(f"{_OP}: q must be [batch, seq, heads, head_dim] and k, v one shape [batch, seq, "
+                             f"kv_heads, head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}")
+        if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
+            raise ValueError(f"{_OP}: q {q.shape} and k {k.shape} must agree in batch, seq and head_dim")
+        if q.shape[2] % k.shape[2]:
+            raise ValueError(f"{_OP}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]}")
+        if len({q.dtype, k.dtype, v.dtype}) != 1 or not jnp.issubdtype(q.dtype, jnp.floating):
+            raise ValueError(f"{_OP}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+            raise ValueError(f"{_OP}: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
+
+    def facts(self, q, k, v, segment_ids=None):
+        return {"head_dim": q.shape[-1]}
+
+    def unsupported(self, implementation, *, head_dim):
+        if implementation != "triton":
+            return None
+        if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+            return f"needs a power-of-two head_dim in [16, 256], got {head_dim} (use implementation='xla')"
+        return requires_jax_triton()
+
+
+OP = JVPAttention()
+IMPLEMENTATIONS = OP.IMPLEMENTATIONS
 
 
 def choose_implementation(implementation: str | None, head_dim: int) -> str:
-    """None -> 'triton' on a GPU with jax-triton and a power-of-two head_dim in [16, 256], 'pallas' on a TPU,
-    else 'xla'."""
-    triton_ok = common.has_jax_triton() and 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
-    return common.resolve_implementation(_OP, implementation, supported=IMPLEMENTATIONS,
-                                         preferred={"gpu": "triton" if triton_ok else "xla", "tpu": "pallas"})
+    """The implementation a call with this head_dim uses here: None -> 'triton' on a GPU with jax-triton and a
+    power-of-two head_dim in [16, 256], 'pallas' on a TPU, else 'xla'."""
+    return OP.pick(implementation, head_dim=head_dim)
 
 
 def attention(q, k, v, segment_ids=None, *, forward_mode: bool | None = None, implementation: str | None = None):
@@ -170,11 +186,7 @@ def attention(q, k, v, segment_ids=None, *, forward_mode: bool | None = None, im
     Returns:
       o [batch, seq, heads, head_dim] in q.dtype and lse float32 [batch, heads, seq].
     """
-    _check(q, k, v, segment_ids)
-    impl = choose_implementation(implementation, q.shape[-1])
-    if impl == "triton" and (q.shape[-1] & (q.shape[-1] - 1) or not 16 <= q.shape[-1] <= 256):
-        raise ValueError(f"{_OP}: implementation='triton' needs a power-of-two head_dim in [16, 256], got "
-                         f"{q.shape[-1]} (use implementation='xla')")
+    impl = OP.select(implementation, q, k, v, segment_ids)
     rev, fwd_mode = _ops(impl)
     use_fwd = _FORWARD_MODE.get() if forward_mode is None else forward_mode
     return (fwd_mode if use_fwd else rev)(q, k, v, segment_ids)

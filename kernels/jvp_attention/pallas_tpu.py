@@ -20,10 +20,6 @@ from jax.experimental import pallas as pl
 from kernels import common
 from kernels.jvp_attention.reference import tile_terms
 
-_NEG = -1e30
-_NT = ((1,), (1,))  # a @ b.T
-_NN = ((1,), (0,))  # a @ b
-_TN = ((0,), (0,))  # a.T @ b
 _dot = common.mxu_dot
 
 
@@ -31,7 +27,7 @@ MAX_TILE = 128  # query/key positions per tile (MXU-sized); tests lower it to cr
 
 
 def _tile(s: int) -> int:
-    return min(MAX_TILE, -(-s // 8) * 8)
+    return min(MAX_TILE, common.round_up(s, 8))
 
 
 class _Dims:
@@ -40,14 +36,12 @@ class _Dims:
         self.kv = k.shape[2]
         self.g = self.h // self.kv
         self.t = _tile(self.s)
-        self.sp = -(-self.s // self.t) * self.t
+        self.sp = common.round_up(self.s, self.t)
         self.scale = 1.0 / math.sqrt(self.d)
 
 
 def _pad(x, dims, axis=2, value=0):
-    width = [(0, 0)] * x.ndim
-    width[axis] = (0, dims.sp - dims.s)
-    return jnp.pad(x, width, constant_values=value)
+    return common.pad_axis(x, axis, dims.sp, value)
 
 
 def _to_heads(x, dims):
@@ -110,21 +104,21 @@ def _fwd_kernel(*refs, dims, has_t):
         m, l, acc, dl, acc_t = carry
         kb, vb = k_ref[pl.ds(n * t, t)], v_ref[pl.ds(n * t, t)]
         ok = _visible(seg_ref, qpos, q0, n * t, dims)
-        s = jnp.where(ok, _dot(rows, kb, _NT) * dims.scale, _NEG)
+        s = jnp.where(ok, _dot(rows, kb, common.NT) * dims.scale, common.NEG_INF)
         m_new = jnp.maximum(m, s.max(-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)  # rows with no key yet keep l = 0
         l = l * alpha + p.sum(-1)
-        acc = acc * alpha[:, None] + _dot(p.astype(dt), vb, _NN)
+        acc = acc * alpha[:, None] + _dot(p.astype(dt), vb, common.NN)
         if has_t:
-            pts = p * (_dot(trows, kb, _NT) * dims.scale)
+            pts = p * (_dot(trows, kb, common.NT) * dims.scale)
             dl = dl * alpha + pts.sum(-1)
-            acc_t = acc_t * alpha[:, None] + _dot(pts.astype(dt), vb, _NN)
+            acc_t = acc_t * alpha[:, None] + _dot(pts.astype(dt), vb, common.NN)
         return m_new, l, acc, dl, acc_t
 
     z = jnp.zeros((m_rows,), jnp.float32)
     za = jnp.zeros((m_rows, dims.d), jnp.float32)
-    m, l, acc, dl, acc_t = jax.lax.fori_loop(0, nq + 1, block, (z + _NEG, z, za, z, za))
+    m, l, acc, dl, acc_t = jax.lax.fori_loop(0, nq + 1, block, (z + common.NEG_INF, z, za, z, za))
     l = jnp.where(l > 0, l, 1.0)  # padded rows see no key
     o = acc / l[:, None]
     o_ref[...] = o.reshape(t, dims.g, -1).astype(o_ref.dtype)
@@ -144,13 +138,13 @@ def _bwd_terms(ins, q_off, q0, k0, dims, has_t):
     rows = {n: _rows(ins[n], q_off, dims) for n in (("q", "go", "tq", "gto") if has_t else ("q", "go"))}
     kb, vb = ins["k"][pl.ds(k0, t)], ins["v"][pl.ds(k0, t)]
     ok = _visible(ins["seg"], qpos, q0, k0, dims)
-    p = jnp.where(ok, jnp.exp(_dot(rows["q"], kb, _NT) * dims.scale - stat("lse")[:, None]), 0.0)
-    dpo = _dot(rows["go"], vb, _NT)
+    p = jnp.where(ok, jnp.exp(_dot(rows["q"], kb, common.NT) * dims.scale - stat("lse")[:, None]), 0.0)
+    dpo = _dot(rows["go"], vb, common.NT)
     if not has_t:
         gs, gt, tp = tile_terms(p, dpo, stat("r"))
     else:
-        ts = _dot(rows["tq"], kb, _NT) * dims.scale
-        gs, gt, tp = tile_terms(p, dpo, stat("r"), ts, _dot(rows["gto"], vb, _NT), stat("tlse"), stat("gd"))
+        ts = _dot(rows["tq"], kb, common.NT) * dims.scale
+        gs, gt, tp = tile_terms(p, dpo, stat("r"), ts, _dot(rows["gto"], vb, common.NT), stat("tlse"), stat("gd"))
     return rows, kb, p, gs, gt, tp
 
 
@@ -163,9 +157,9 @@ def _bwd_row_kernel(*refs, dims, has_t, names):
     def block(n, carry):
         gq, gtq = carry
         _, kb, _, gs, gt, _ = _bwd_terms(ins, 0, q0, n * dims.t, dims, has_t)
-        gq = gq + _dot(gs.astype(dt), kb, _NN)
+        gq = gq + _dot(gs.astype(dt), kb, common.NN)
         if has_t:
-            gtq = gtq + _dot(gt.astype(dt), kb, _NN)
+            gtq = gtq + _dot(gt.astype(dt), kb, common.NN)
         return gq, gtq
 
     za = jnp.zeros((dims.t * dims.g, dims.d), jnp.float32)
@@ -183,11 +177,11 @@ def _bwd_col_kernel(*refs, dims, has_t, names):
     def block(m, carry):
         gk, gv = carry
         rows, _, p, gs, gt, tp = _bwd_terms(ins, m * dims.t, m * dims.t, k0, dims, has_t)
-        gk = gk + _dot(gs.astype(dt), rows["q"], _TN)
-        gv = gv + _dot(p.astype(dt), rows["go"], _TN)
+        gk = gk + _dot(gs.astype(dt), rows["q"], common.TN)
+        gv = gv + _dot(p.astype(dt), rows["go"], common.TN)
         if has_t:
-            gk = gk + _dot(gt.astype(dt), rows["tq"], _TN)
-            gv = gv + _dot(tp.astype(dt), rows["gto"], _TN)
+            gk = gk + _dot(gt.astype(dt), rows["tq"], common.TN)
+            gv = gv + _dot(tp.astype(dt), rows["gto"], common.TN)
         return gk, gv
 
     za = jnp.zeros((dims.t, dims.d), jnp.float32)

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-_NEG = tl.constexpr(-1.0e30)
+from kernels import common
+
+_LOG2E = tl.constexpr(common.LOG2E)  # Triton kernels may only read constexpr globals
+_LN2 = tl.constexpr(common.LN2)
+_NEG = tl.constexpr(common.NEG_INF)
 
 # Launch settings (tools.bench_ebt times them on the H200 inside the EBT step).
 FWD_LAUNCH = dict(BM=64, BN=64, num_warps=4, num_stages=2)

@@ -16,12 +16,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels import common
+from kernels.op import PLATFORMS, Op, requires_jax_triton
 from kernels.simplicial import cudnn_gpu, reference
 
 _OP = "two_simplicial_attention"
 _VARIANTS = ("trilinear", "determinant")
-IMPLEMENTATIONS = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",), "cudnn": ("gpu",)}
 
 
 class Config(NamedTuple):
@@ -80,41 +79,66 @@ def _backend_op(name: str):
     raise AssertionError(name)
 
 
-def _check(q, k1, v1, k2, v2, w1, w2, variant):
-    if q.ndim != 4:
-        raise ValueError(f"{_OP}: q must be [batch, seq, q_heads, head_dim], got shape {q.shape}")
-    kshape = k1.shape
-    for name, x in (("k1", k1), ("v1", v1), ("k2", k2), ("v2", v2)):
-        if x.shape != kshape or x.ndim != 4:
+class TwoSimplicialAttention(Op):
+    name = _OP
+    implementations = {"xla": PLATFORMS, "pallas": ("cpu", "tpu"), "triton": ("gpu",), "cudnn": ("gpu",)}
+    # cudnn measured fastest on the GPU (docs/notes/simplicial.md); what it cannot take goes to Triton
+    preference = {"gpu": ("cudnn", "triton"), "tpu": ("pallas",)}
+
+    def validate(self, q, k1, v1, k2, v2, *, w1, w2, variant, k2_bias, v2_bias):
+        if q.ndim != 4:
+            raise ValueError(f"{_OP}: q must be [batch, seq, q_heads, head_dim], got shape {q.shape}")
+        kshape = k1.shape
+        for name, x in (("k1", k1), ("v1", v1), ("k2", k2), ("v2", v2)):
+            if x.shape != kshape or x.ndim != 4:
+                raise ValueError(
+                    f"{_OP}: k1, v1, k2, v2 must share one shape [batch, seq, kv_heads, head_dim]; "
+                    f"got k1 {k1.shape}, {name} {x.shape}"
+                )
+        b, s, hq, d = q.shape
+        if (kshape[0], kshape[1], kshape[3]) != (b, s, d):
+            raise ValueError(f"{_OP}: q {q.shape} and k1 {kshape} must agree in batch, seq and head_dim")
+        if hq % kshape[2]:
             raise ValueError(
-                f"{_OP}: k1, v1, k2, v2 must share one shape [batch, seq, kv_heads, head_dim]; "
-                f"got k1 {k1.shape}, {name} {x.shape}"
+                f"{_OP}: q_heads={hq} must be a multiple of kv_heads={kshape[2]} (grouped-query attention)"
             )
-    b, s, hq, d = q.shape
-    if (kshape[0], kshape[1], kshape[3]) != (b, s, d):
-        raise ValueError(f"{_OP}: q {q.shape} and k1 {kshape} must agree in batch, seq and head_dim")
-    if hq % kshape[2]:
-        raise ValueError(
-            f"{_OP}: q_heads={hq} must be a multiple of kv_heads={kshape[2]} (grouped-query attention)"
-        )
-    dtypes = {x.dtype for x in (q, k1, v1, k2, v2)}
-    if len(dtypes) != 1 or not jnp.issubdtype(q.dtype, jnp.floating):
-        raise ValueError(f"{_OP}: q, k1, v1, k2, v2 must share one floating dtype, got {sorted(map(str, dtypes))}")
-    for name, w in (("w1", w1), ("w2", w2)):
-        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
-            raise ValueError(f"{_OP}: {name} must be a positive int window size, got {w!r}")
-    if variant not in _VARIANTS:
-        raise ValueError(f"{_OP}: unknown variant={variant!r}; choose one of {_VARIANTS}")
-    if variant == "determinant" and d % 3:
-        raise ValueError(
-            f"{_OP}: variant='determinant' splits head_dim into 3-dim chunks; head_dim={d} is not a multiple "
-            "of 3 (use e.g. 96 or 129, or variant='trilinear')"
-        )
+        dtypes = {x.dtype for x in (q, k1, v1, k2, v2)}
+        if len(dtypes) != 1 or not jnp.issubdtype(q.dtype, jnp.floating):
+            raise ValueError(f"{_OP}: q, k1, v1, k2, v2 must share one floating dtype, got {sorted(map(str, dtypes))}")
+        for name, w in (("w1", w1), ("w2", w2)):
+            if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+                raise ValueError(f"{_OP}: {name} must be a positive int window size, got {w!r}")
+        if variant not in _VARIANTS:
+            raise ValueError(f"{_OP}: unknown variant={variant!r}; choose one of {_VARIANTS}")
+        if variant == "determinant" and d % 3:
+            raise ValueError(
+                f"{_OP}: variant='determinant' splits head_dim into 3-dim chunks; head_dim={d} is not a multiple "
+                "of 3 (use e.g. 96 or 129, or variant='trilinear')"
+            )
+        for name, bias in (("k2_bias", k2_bias), ("v2_bias", v2_bias)):
+            if name == "k2_bias" and bias is None:
+                continue  # the reference default, 1 / head_dim
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+                default = " or None (1 / head_dim)" if name == "k2_bias" else ""
+                raise ValueError(f"{_OP}: {name} must be a finite number (0 = no bias){default}, got {bias!r}")
+
+    def facts(self, q, k1, v1, k2, v2, *, variant, **_):
+        d = q.shape[-1]
+        return {"dtype": q.dtype, "d_qk": 2 * d if variant == "determinant" else d, "d_v": v1.shape[-1]}
+
+    def unsupported(self, implementation, *, dtype, d_qk, d_v):
+        if implementation == "cudnn":
+            return cudnn_gpu.unsupported(dtype, d_qk, d_v)
+        return requires_jax_triton() if implementation == "triton" else None
+
+
+OP = TwoSimplicialAttention()
+IMPLEMENTATIONS = OP.IMPLEMENTATIONS
 
 
 def two_simplicial_attention(
     q, k1, v1, k2, v2, *, w1: int, w2: int, variant: str = "trilinear", scale: float | None = None,
-    implementation: str | None = None,
+    k2_bias: float | None = None, v2_bias: float = 1.0, implementation: str | None = None,
 ):
     """2-simplicial attention with causal sliding windows (Roy et al. 2025, Eq. 5-7; determinant Eq. 8-9).
 
@@ -125,22 +149,23 @@ def two_simplicial_attention(
       variant: "trilinear" A_ijk = scale * <q_i, k1_j * k2_k>, or "determinant" A_ijk = scale * sum over
         3-chunks of det[q_i; k1_j; k2_k] (rotation invariant; head_dim a multiple of 3).
       scale: logit scale, default 1/sqrt(head_dim).
+      k2_bias, v2_bias: scalars added to every element of k2 and v2 before the variant's logits and values,
+        as in Meta's reference (defaults: k2_bias None = 1/head_dim, v2_bias 1.0; 0.0 and 0.0 give the
+        bias-free form of the paper's equations). See reference.biased_operands.
       implementation: "xla" (chunked jnp reference), "pallas" (TPU; interpret mode on CPU), "triton"
         (jax-triton, GPU), "cudnn" (GPU, bf16: one cuDNN flash-attention call per k2 offset, merged
-        exactly) or None for the best one on this backend and dtype.
+        exactly) or None for the best one on this backend and dtype (kernels.op rule).
     Returns:
-      [batch, seq, q_heads, head_dim] in q.dtype: o_i = sum_jk softmax_jk(A_ijk) v1_j * v2_k.
+      [batch, seq, q_heads, head_dim] in q.dtype: o_i = sum_jk softmax_jk(A_ijk) v1_j * v2'_k (v2' = v2 + v2_bias).
     """
-    _check(q, k1, v1, k2, v2, w1, w2, variant)
+    impl = OP.select(implementation, q, k1, v1, k2, v2, w1=w1, w2=w2, variant=variant, k2_bias=k2_bias,
+                     v2_bias=v2_bias)
     d = q.shape[-1]
-    no_cudnn = cudnn_gpu.unsupported(q.dtype, 2 * d if variant == "determinant" else d, v1.shape[-1])
-    # cudnn measured fastest on the GPU (docs/notes/simplicial.md); what it cannot take stays on Triton
-    gpu = "cudnn" if no_cudnn is None else "triton" if common.has_jax_triton() else "xla"
-    preferred = {"cpu": "xla", "tpu": "pallas", "gpu": gpu}
-    impl = common.resolve_implementation(_OP, implementation, supported=IMPLEMENTATIONS, preferred=preferred)
-    if impl == "cudnn" and no_cudnn:
-        raise ValueError(f"{_OP}: {no_cudnn}")
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
+    k2_bias = reference.default_k2_bias(d) if k2_bias is None else float(k2_bias)
+    # One exact path for every implementation: the kernels see the shifted operands (XLA fuses the add into
+    # k2/v2's producer) and autodiff passes dk2/dv2 straight through it.
+    k2, v2 = reference.biased_operands(k2, v2, k2_bias, float(v2_bias))
     if variant == "determinant":
         q, k1, k2 = reference.determinant_operands(q, k1, k2)
     w1e, w2e = reference.effective_windows(q.shape[1], w1, w2)

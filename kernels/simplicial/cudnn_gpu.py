@@ -43,11 +43,12 @@ def _fa():
 
 
 def unsupported(dtype, d_qk: int, d_v: int) -> str | None:
-    """Why cuDNN's flash attention cannot take these inputs (one line naming the fix), or None."""
+    """Why cuDNN's flash attention cannot take these inputs (a phrase naming the fix, following
+    "implementation='cudnn'"), or None."""
     if dtype != jnp.bfloat16:  # float16: the delta carrier O' = D e / |e|^2 can leave float16's range
-        return f"implementation='cudnn' needs bfloat16 inputs, got {dtype}; use 'triton' or None"
+        return f"needs bfloat16 inputs, got {dtype}; use 'triton' or None"
     if d_qk % 8 or d_qk > 256 or d_v % 8 or d_v > 256:
-        return (f"implementation='cudnn' needs head dims that are multiples of 8 and <= 256 (determinant: q/k "
+        return (f"needs head dims that are multiples of 8 and <= 256 (determinant: q/k "
                 f"is 2x head_dim); got q/k {d_qk}, v {d_v}; use 'triton' or None")
     return None
 

@@ -23,25 +23,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import common
 
-_NEG = -1e30  # finite "minus infinity" for running maxima: keeps exp(m - m_new) free of inf - inf
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _tiles(seq: int, w1: int, w2: int):
     """(query tile, j block, padded w1 span, padded w2 rows): sublane multiples of 8, j blocks <= 128."""
     bj = min(128, max(8, 1 << (w1 - 1).bit_length()))
-    return min(32, _round_up(seq, 8)), bj, _round_up(w1, bj), _round_up(w2, 8)
+    return min(32, common.round_up(seq, 8)), bj, common.round_up(w1, bj), common.round_up(w2, 8)
 
 
 _dot = common.mxu_dot
-
-
-_NT = ((1,), (1,))  # a @ b.T
-_NN = ((1,), (0,))  # a @ b
-_TN = ((0,), (0,))  # a.T @ b
 
 
 def _align(dtype) -> int:
@@ -112,18 +100,18 @@ def _fwd_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, o_ref, lse_ref, *, cfg, t
             v1b = _window(v1_ref, j0 + f1 - q0, bj).astype(dt)
             jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
             cvalid = (jpos >= 0) & (jpos <= i)
-            s = jnp.where(cvalid, _dot(rows, k1b, _NT), _NEG)
+            s = jnp.where(cvalid, _dot(rows, k1b, common.NT), common.NEG_INF)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp(m - m_new)
             p = jnp.where(cvalid, jnp.exp(s - m_new[:, None]), 0.0)
-            acc = acc * alpha[:, None] + _dot(p.astype(dt), v1b, _NN)
+            acc = acc * alpha[:, None] + _dot(p.astype(dt), v1b, common.NN)
             return m_new, l * alpha + p.sum(axis=1), acc
 
-        init = (jnp.full((m_rows,), _NEG, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
+        init = (jnp.full((m_rows,), common.NEG_INF, jnp.float32), jnp.zeros((m_rows,), jnp.float32),
                 jnp.zeros((m_rows, v1_ref.shape[-1]), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, w1p // bj, j_block, init)
         # Merge the rows of each head: every valid row saw j = i, so its m is finite.
-        m = jnp.where(valid[None, :], m.reshape(g, w2p), _NEG)
+        m = jnp.where(valid[None, :], m.reshape(g, w2p), common.NEG_INF)
         m_head = m.max(axis=1)
         wgt = jnp.where(valid[None, :], jnp.exp(m - m_head[:, None]), 0.0)  # [g, w2p]
         l_head = (wgt * l.reshape(g, w2p)).sum(axis=1)
@@ -157,9 +145,9 @@ def _bwd_q_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, do_ref, lse_ref, delta_
             v1b = _window(v1_ref, j0 + f1 - q0, bj).astype(dt)
             jpos = j0 + jax.lax.broadcasted_iota(jnp.int32, (1, bj), 1)
             cvalid = (jpos >= 0) & (jpos <= i)
-            p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, _NT) - lse[:, None]), 0.0)
-            ds = p * (_dot(e, v1b, _NT) - delta[:, None])
-            return f_acc + _dot(ds.astype(dt), k1b, _NN), c_acc + _dot(p.astype(dt), v1b, _NN)
+            p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, common.NT) - lse[:, None]), 0.0)
+            ds = p * (_dot(e, v1b, common.NT) - delta[:, None])
+            return f_acc + _dot(ds.astype(dt), k1b, common.NN), c_acc + _dot(p.astype(dt), v1b, common.NN)
 
         m_rows = g * w2p
         init = (jnp.zeros((m_rows, k1_ref.shape[-1]), jnp.float32),
@@ -202,9 +190,9 @@ def _bwd_k_kernel(q_ref, k1_ref, v1_ref, k2_ref, v2_ref, do_ref, lse_ref, delta_
         lse = _per_row(lse_ref[t], valid_r, w2p, jnp.inf)  # invalid rows get P = 0
         delta = _per_row(delta_ref[t], valid_r, w2p, 0.0)
         cvalid = (jpos <= i) & (jpos > i - w1)
-        p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, _NT) - lse[:, None]), 0.0)
-        ds = p * (_dot(e, v1b, _NT) - delta[:, None])
-        return dk1 + _dot(ds.astype(dt), rows, _TN), dv1 + _dot(p.astype(dt), e, _TN)
+        p = jnp.where(cvalid, jnp.exp(_dot(rows, k1b, common.NT) - lse[:, None]), 0.0)
+        ds = p * (_dot(e, v1b, common.NT) - delta[:, None])
+        return dk1 + _dot(ds.astype(dt), rows, common.TN), dv1 + _dot(p.astype(dt), e, common.TN)
 
     hi = jnp.minimum(j0 + bj - 1 + w1 - 1, seq - 1)  # last query that sees this block
 
@@ -231,12 +219,12 @@ def _layout(q, k1, v1, k2, v2, cfg):
     hkv = k1.shape[2]
     g = hq // hkv
     tq, bj, w1p, w2p = _tiles(s, cfg.w1, cfg.w2)
-    sq = _round_up(s, tq)
-    sj = _round_up(s, bj)
+    sq = common.round_up(s, tq)
+    sj = common.round_up(s, bj)
     f1, f2 = w1p, w2p
     a = _align(k1.dtype)  # _window reads up to one tile past a window
     tc = min(32, bj)  # query chunk of the dk1/dv1 kernel (divides bj)
-    lq = _round_up(max(sq, sj + w1p), tc)  # the last k1 block's queries end at sj + w1p
+    lq = common.round_up(max(sq, sj + w1p), tc)  # the last k1 block's queries end at sj + w1p
     qt = jnp.pad(q.reshape(b, s, hkv, g, dk).transpose(0, 2, 1, 3, 4), ((0, 0), (0, 0), (0, lq - s), (0, 0), (0, 0)))
     tr = lambda x, f, tail: jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (f, tail), (0, 0)))
     keys1 = [tr(x, f1, max(sq, sj) - s + w1p + a) for x in (k1, v1)]

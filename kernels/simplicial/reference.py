@@ -11,6 +11,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels import common
+
 # Sarrus' rule: det(a, b, c) = <a, b_(2,3,1) * c_(3,1,2)> - <a, b_(3,1,2) * c_(2,3,1)> on each 3-chunk.
 _PERM_231 = (1, 2, 0)
 _PERM_312 = (2, 0, 1)
@@ -22,6 +24,25 @@ _CHUNK_ELEMENTS = 1 << 26
 def effective_windows(seq: int, w1: int, w2: int) -> tuple[int, int]:
     """Windows larger than the sequence behave as full causal windows."""
     return min(w1, seq), min(w2, seq)
+
+
+def default_k2_bias(head_dim: int) -> float:
+    """The k2 bias of Meta's reference (FBGEMM simplicial_attention, torch_fwd_ref): 1 / head_dim."""
+    return 1.0 / head_dim
+
+
+def biased_operands(k2: jax.Array, v2: jax.Array, k2_bias: float, v2_bias: float) -> tuple[jax.Array, jax.Array]:
+    """(k2 + k2_bias, v2 + v2_bias), scalars added to every element (a zero bias leaves its operand as is).
+
+    With c = k2_bias: <q_i, k1_j * (k2_k + c)> = <q_i, k1_j * k2_k> + c <q_i, k1_j>, and with v2_bias = 1,
+    v1_j * (v2_k + 1) = v1_j * v2_k + v1_j: the layer gains a plain windowed-attention component
+    (docs/notes/simplicial.md). The gradients w.r.t. k2, v2 are those w.r.t. the shifted operands.
+    """
+    if k2_bias:
+        k2 = k2 + jnp.asarray(k2_bias, k2.dtype)
+    if v2_bias:
+        v2 = v2 + jnp.asarray(v2_bias, v2.dtype)
+    return k2, v2
 
 
 def _permute_chunks(x: jax.Array, perm: tuple[int, int, int]) -> jax.Array:
@@ -50,20 +71,23 @@ def _windows(x: jax.Array, start: jax.Array, chunk: int, w: int) -> jax.Array:
     return span[:, idx]
 
 
-def two_simplicial_reference(q, k1, v1, k2, v2, *, w1: int, w2: int, scale: float, chunk: int | None = None):
+def two_simplicial_reference(q, k1, v1, k2, v2, *, w1: int, w2: int, scale: float, k2_bias: float = 0.0,
+                             v2_bias: float = 0.0, chunk: int | None = None):
     """Trilinear 2-simplicial attention with causal sliding windows.
 
     q: [B, S, Hq, Dk]; k1, k2: [B, S, Hkv, Dk]; v1, v2: [B, S, Hkv, Dv]. Returns [B, S, Hq, Dv] in q.dtype.
-    A_ijk = scale * sum_l q_il k1_jl k2_kl for i-w1 < j <= i, i-w2 < k <= i; P = softmax over (j, k);
-    o_i = sum_jk P_ijk v1_j * v2_k. Accumulation is float32 (preferred_element_type).
+    With k2 <- k2 + k2_bias, v2 <- v2 + v2_bias (`biased_operands`; the public op applies them before its
+    variant's transform and passes 0 here): A_ijk = scale * sum_l q_il k1_jl k2_kl for i-w1 < j <= i,
+    i-w2 < k <= i; P = softmax over (j, k); o_i = sum_jk P_ijk v1_j * v2_k. Accumulation is float32.
     """
+    k2, v2 = biased_operands(k2, v2, k2_bias, v2_bias)
     b, s, hq, dk = q.shape
     hkv, dv = k1.shape[2], v1.shape[-1]
     g = hq // hkv
     w1, w2 = effective_windows(s, w1, w2)
     if chunk is None:
         chunk = max(1, min(s, _CHUNK_ELEMENTS // max(1, b * hq * w1 * w2)))
-    n_chunks = -(-s // chunk)
+    n_chunks = common.cdiv(s, chunk)
     s_pad = n_chunks * chunk
 
     def pad(x, w):  # front pad by the window, rear pad to the chunked length

@@ -16,14 +16,12 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
-_NEG = tl.constexpr(-1.0e30)  # Triton kernels may only read constexpr globals
+from kernels import common
+
+_NEG = tl.constexpr(common.NEG_INF)  # Triton kernels may only read constexpr globals
 _INF = tl.constexpr(float("inf"))
-_LOG2E = tl.constexpr(1.4426950408889634)  # logits in log2 units: exp2 without a multiply
-_LN2 = tl.constexpr(0.6931471805599453)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+_LOG2E = tl.constexpr(common.LOG2E)  # logits in log2 units: exp2 without a multiply
+_LN2 = tl.constexpr(common.LN2)
 
 
 @triton.jit
@@ -245,12 +243,12 @@ def _params(q, k1, v1, cfg, rows=128):
     b, s, hq, dk = q.shape
     hkv, dv = k1.shape[2], v1.shape[-1]
     g = hq // hkv
-    w2p = max(16, _next_pow2(cfg.w2))
-    gh = min(_next_pow2(g), max(1, rows // w2p))
+    w2p = max(16, common.next_pow2(cfg.w2))
+    gh = min(common.next_pow2(g), max(1, rows // w2p))
     if gh * w2p < 16:
         gh = 16 // w2p
-    return dict(S=s, HKV=hkv, G=g, W1=cfg.w1, W2=cfg.w2, DK=dk, DV=dv, DKP=max(16, _next_pow2(dk)),
-                DVP=max(16, _next_pow2(dv)), W2P=w2p, GH=gh, BJ=64, SCALE=cfg.scale,
+    return dict(S=s, HKV=hkv, G=g, W1=cfg.w1, W2=cfg.w2, DK=dk, DV=dv, DKP=max(16, common.next_pow2(dk)),
+                DVP=max(16, common.next_pow2(dv)), W2P=w2p, GH=gh, BJ=64, SCALE=cfg.scale,
                 PREC="ieee" if q.dtype == jnp.float32 else "tf32")  # float32 inputs: exact fp32 dots
 
 
@@ -268,7 +266,7 @@ def _split(launch):
 
 def _tile_splits(n_tiles, n_programs, want=0):
     """Largest divisor of n_tiles <= want (want = 0: enough programs for 4 per SM on 132 SMs)."""
-    want = want or -(-4 * 132 // n_programs)
+    want = want or common.cdiv(4 * 132, n_programs)
     return max(x for x in range(1, n_tiles + 1) if n_tiles % x == 0 and x <= max(1, want))
 
 

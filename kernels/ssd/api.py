@@ -23,13 +23,10 @@ import types
 import jax
 import jax.numpy as jnp
 
-from kernels.common import resolve_implementation
+from kernels.op import PLATFORMS, Op, requires_jax_triton
 from kernels.ssd import reference
 
 F32 = jnp.float32
-
-SUPPORTED = {"xla": ("cpu", "gpu", "tpu"), "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
-PREFERRED = {"cpu": "xla", "gpu": "triton", "tpu": "pallas"}
 
 _XLA_STAGES = types.SimpleNamespace(
     chunk_state=reference.chunk_state,
@@ -48,45 +45,58 @@ def _stages(implementation: str):
 
         return pallas_tpu.STAGES
     if implementation == "triton":
-        from kernels.common import has_jax_triton
-
-        if not has_jax_triton():
-            raise ValueError("ssd: implementation='triton' needs jax-triton (pip install jax-triton==0.3.1)")
         from kernels.ssd import triton_gpu
 
         return triton_gpu.STAGES
     raise AssertionError(implementation)
 
 
-def _check(x, dt, A, B, C, D, initial_state, chunk_size, segment_ids=None):
-    def err(msg):
-        raise ValueError(f"ssd: {msg}")
+class SSD(Op):
+    name = "ssd"
+    implementations = {"xla": PLATFORMS, "pallas": ("cpu", "tpu"), "triton": ("gpu",)}
+    preference = {"gpu": ("triton",), "tpu": ("pallas",)}
 
-    if x.ndim != 4:
-        err(f"x must be [batch, seq, heads, head_dim], got shape {x.shape}")
-    b, L, h, P = x.shape
-    if dt.shape != (b, L, h):
-        err(f"dt must be [batch, seq, heads] = {(b, L, h)}, got {dt.shape}")
-    if A.shape != (h,):
-        err(f"A must be [heads] = {(h,)}, got {A.shape}")
-    if B.ndim != 4 or B.shape[:2] != (b, L):
-        err(f"B must be [batch, seq, groups, d_state] with batch, seq = {(b, L)}, got {B.shape}")
-    if C.shape != B.shape:
-        err(f"C must have B's shape {B.shape}, got {C.shape}")
-    g, N = B.shape[2], B.shape[3]
-    if g < 1 or h % g:
-        err(f"heads ({h}) must be a multiple of groups ({g})")
-    if D is not None and D.shape != (h,):
-        err(f"D must be [heads] = {(h,)} or None, got {D.shape}")
-    if initial_state is not None and initial_state.shape != (b, h, P, N):
-        err(f"initial_state must be [batch, heads, head_dim, d_state] = {(b, h, P, N)}, got {initial_state.shape}")
-    if segment_ids is not None and (segment_ids.shape != (b, L) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
-        err(f"segment_ids must be int [batch, seq] = {(b, L)} or None, got {segment_ids.dtype}{list(segment_ids.shape)}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        err(f"chunk_size must be a positive int, got {chunk_size!r}")
-    for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        if not jnp.issubdtype(v.dtype, jnp.floating):
-            err(f"{name} must be floating point, got {v.dtype}")
+    def validate(self, x, dt, A, B, C, D, initial_state, chunk_size, segment_ids=None):
+        def err(msg):
+            raise ValueError(f"ssd: {msg}")
+
+        if x.ndim != 4:
+            err(f"x must be [batch, seq, heads, head_dim], got shape {x.shape}")
+        b, L, h, P = x.shape
+        if dt.shape != (b, L, h):
+            err(f"dt must be [batch, seq, heads] = {(b, L, h)}, got {dt.shape}")
+        if A.shape != (h,):
+            err(f"A must be [heads] = {(h,)}, got {A.shape}")
+        if B.ndim != 4 or B.shape[:2] != (b, L):
+            err(f"B must be [batch, seq, groups, d_state] with batch, seq = {(b, L)}, got {B.shape}")
+        if C.shape != B.shape:
+            err(f"C must have B's shape {B.shape}, got {C.shape}")
+        g, N = B.shape[2], B.shape[3]
+        if g < 1 or h % g:
+            err(f"heads ({h}) must be a multiple of groups ({g})")
+        if D is not None and D.shape != (h,):
+            err(f"D must be [heads] = {(h,)} or None, got {D.shape}")
+        if initial_state is not None and initial_state.shape != (b, h, P, N):
+            err(f"initial_state must be [batch, heads, head_dim, d_state] = {(b, h, P, N)}, got {initial_state.shape}")
+        if segment_ids is not None and (segment_ids.shape != (b, L) or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+            err(f"segment_ids must be int [batch, seq] = {(b, L)} or None, got {segment_ids.dtype}{list(segment_ids.shape)}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            err(f"chunk_size must be a positive int, got {chunk_size!r}")
+        for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
+            if not jnp.issubdtype(v.dtype, jnp.floating):
+                err(f"{name} must be floating point, got {v.dtype}")
+
+    def facts(self, x, dt, A, B, C, D, initial_state, chunk_size, segment_ids=None):
+        return {"segments": segment_ids is not None}
+
+    def unsupported(self, implementation, *, segments=False):
+        if segments and implementation != "xla":
+            return "has no segment_ids (document resets); pass implementation='xla' (or None)"
+        return requires_jax_triton() if implementation == "triton" else None
+
+
+OP = SSD()
+IMPLEMENTATIONS = OP.IMPLEMENTATIONS
 
 
 def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_final_state=False,
@@ -107,16 +117,7 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
     """
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids)
-    _check(x, dt, A, B, C, D, initial_state, chunk_size, segment_ids)
-    if segment_ids is not None and implementation not in (None, "xla"):
-        raise ValueError(f"ssd: segment_ids (document resets) are implemented only by implementation='xla', "
-                         f"got implementation={implementation!r}; pass implementation='xla' (or None)")
-    impl = "xla" if segment_ids is not None else resolve_implementation(
-        "ssd", implementation, supported=SUPPORTED, preferred=PREFERRED)
-    if implementation is None and impl == "triton":
-        from kernels.common import has_jax_triton
-
-        impl = impl if has_jax_triton() else "xla"  # auto never fails for a missing optional package
+    impl = OP.select(implementation, x, dt, A, B, C, D, initial_state, chunk_size, segment_ids)
     b, L, h, P = x.shape
     N = B.shape[3]
     if D is None:

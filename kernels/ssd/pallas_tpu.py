@@ -14,15 +14,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.common import pallas_interpret
+from kernels.common import mxu_dot, pallas_interpret
 from kernels.ssd import reference
 
 F32 = jnp.float32
 
 
 def _dot(a, b, ta=False, tb=False):
-    return jax.lax.dot_general(a, b, (((0 if ta else 1,), (1 if tb else 0,)), ((), ())),
-                               preferred_element_type=F32)
+    return mxu_dot(a, b, ((0 if ta else 1,), (1 if tb else 0,)))
 
 
 def _decay(cs):

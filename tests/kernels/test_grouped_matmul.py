@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.grouped_matmul import grouped_matmul, pallas_tpu, reference, transposed_grouped_matmul
+from kernels.grouped_matmul import OP, grouped_matmul, pallas_tpu, reference, transposed_grouped_matmul
+from tests.kernels.op_test_base import Call, OpTestBase
 from tests.oracle import assert_close
 
 CASES = [  # (m, k, n, group_sizes): uneven, empty first/middle/last groups, rows past the total
@@ -36,26 +37,41 @@ def _inputs(seed, m, k, n, g, dtype):
     return cast(r.normal(size=(m, k))), cast(r.normal(size=(g, k, n))), cast(r.normal(size=(m, n)))
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("case", range(len(CASES)))
-def test_forward_and_grads(impl, dtype, case):
-    m, k, n, sizes = CASES[case]
-    gs = jnp.asarray(sizes, jnp.int32)
-    lhs, rhs, dout = _inputs(case, m, k, n, len(sizes), dtype)
-    ref_out, ref_dl, ref_dr = _oracle(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes, dout.astype(jnp.float32))
+class TestGroupedMatmul(OpTestBase):
+    OP = OP
+    CASES = {f"{i}_{jnp.dtype(d).name}": (i, d) for i in range(len(CASES)) for d in (jnp.float32, jnp.bfloat16)}
+    GRAD_NAMES = ("lhs", "rhs")
+    AUTO_CASE = "0_float32"
+    # GPU without jax-triton: the reference with a warning, like every op (it used to raise here).
+    AUTO = {("cpu", False): "xla", ("tpu", False): "pallas", ("gpu", True): "triton", ("gpu", False): "xla"}
 
-    f = lambda l, r: grouped_matmul(l, r, gs, implementation=impl)
-    out, vjp = jax.vjp(f, lhs, rhs)
-    dl, dr = vjp(dout)
-    assert out.dtype == dtype and dl.dtype == dtype and dr.dtype == dtype
-    assert_close(out, ref_out, dtype, "out")
-    assert_close(dl, ref_dl, dtype, "dlhs")
-    assert_close(dr, ref_dr, dtype, "drhs")
-    assert np.all(np.asarray(out[sum(sizes):], np.float32) == 0), "rows past sum(group_sizes) must be zero"
-    # The pure-jnp reference agrees with the oracle too (it is the portable fallback's definition).
-    assert_close(reference.grouped_matmul(lhs, rhs, gs), ref_out, dtype, "reference")
-    assert_close(reference.transposed_grouped_matmul(lhs, dout, gs), ref_dr, dtype, "reference tgmm")
+    def make(self, case, rng):
+        idx, dtype = self.CASES[case]
+        m, k, n, sizes = CASES[idx]
+        lhs, rhs, dout = _inputs(idx, m, k, n, len(sizes), dtype)
+        return Call((lhs, rhs), dout, dtype, {"gs": jnp.asarray(sizes, jnp.int32), "sizes": sizes})
+
+    def apply(self, impl, call, *args):
+        return grouped_matmul(*args, call.extra["gs"], implementation=impl)
+
+    def oracle(self, case, call):
+        (lhs, rhs), dout = call.args, call.cotangent
+        out, dl, dr = _oracle(lhs.astype(jnp.float32), rhs.astype(jnp.float32), call.extra["sizes"],
+                              dout.astype(jnp.float32))
+        return (out,), (dl, dr)
+
+    def facts(self, call):
+        return {}
+
+    def check_outputs(self, impl, call, outs):
+        (out,), (lhs, rhs), sizes, gs = outs, call.args, call.extra["sizes"], call.extra["gs"]
+        assert out.dtype == call.dtype
+        assert np.all(np.asarray(out[sum(sizes):], np.float32) == 0), "rows past sum(group_sizes) must be zero"
+        # The pure-jnp reference agrees with the oracle too (it is the portable fallback's definition).
+        ref_out, _, ref_dr = _oracle(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes,
+                                     call.cotangent.astype(jnp.float32))
+        assert_close(reference.grouped_matmul(lhs, rhs, gs), ref_out, call.dtype, "reference")
+        assert_close(reference.transposed_grouped_matmul(lhs, call.cotangent, gs), ref_dr, call.dtype, "reference tgmm")
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas", pytest.param("triton", marks=pytest.mark.gpu)])

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.jvp_attention import api, attention, forward_mode, reference
+from kernels.jvp_attention import OP, api, attention, forward_mode, reference
+from tests.kernels.attention_oracle import np_attention_vjp
+from tests.kernels.op_test_base import Call, OpTestBase
 from tests.oracle import assert_close, rel_err
 
 # (batch, seq, heads, kv_heads, head_dim, segmented)
@@ -72,6 +74,43 @@ def test_forward_and_jvp_match_oracle(case, dtype, impl):
         assert_close(got, want, dtype, what)
     o2, lse2 = attention(q, k, v, seg, implementation=impl)
     assert rel_err(o2, o) < 1e-6 and rel_err(lse2, lse) < 1e-6
+
+
+class TestJVPAttention(OpTestBase):
+    """Reverse mode (the custom VJP, with an lse cotangent) vs the hand-written float64 VJP."""
+
+    OP = OP
+    CASES = {f"{i}_{jnp.dtype(d).name}": (c, d) for i, c in enumerate(CASES) for d in (jnp.float32, jnp.bfloat16)}
+    OUT_NAMES = ("o", "lse")
+    GRAD_NAMES = ("q", "k", "v")
+    AUTO_CASE = "0_float32"  # head_dim 8: Triton needs a power of two >= 16
+    AUTO = {("cpu", False): "xla", ("tpu", False): "pallas", ("gpu", True): "xla", ("gpu", False): "xla"}
+
+    def make(self, case, rng):
+        shape, dtype = self.CASES[case]
+        q, k, v, _, seg = _inputs(*shape, dtype, seed=int(rng.integers(1 << 30)))
+        go = jnp.asarray(rng.standard_normal(q.shape), jnp.float32).astype(dtype)
+        glse = jnp.asarray(rng.standard_normal((q.shape[0], q.shape[2], q.shape[1])), jnp.float32)
+        return Call((q, k, v), (go, glse), dtype, {"seg": seg})
+
+    def apply(self, impl, call, *args):
+        return attention(*args, call.extra["seg"], implementation=impl)
+
+    def oracle(self, case, call):
+        f32 = lambda x: np.asarray(x.astype(jnp.float32))
+        return np_attention_vjp(*map(f32, call.args), call.extra["seg"], *map(f32, call.cotangent))
+
+    def facts(self, call):
+        return OP.facts(*call.args, call.extra["seg"])
+
+    def test_gpu_picks_triton_for_power_of_two_head_dims(self, monkeypatch):
+        from kernels import common
+
+        monkeypatch.setattr(common, "has_jax_triton", lambda: True)
+        with common.target_backend("gpu"):
+            assert OP.pick(None, head_dim=64) == "triton"
+            with pytest.raises(ValueError, match="implementation='triton' needs a power-of-two head_dim"):
+                OP.pick("triton", head_dim=48)
 
 
 def _weights(o_like, lse_like, seed):

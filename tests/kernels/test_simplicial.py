@@ -2,7 +2,8 @@
 
 The oracle builds the full [B, Hq, S, S, S] logit tensor (determinant via the Levi-Civita symbol, not
 Sarrus' rule) and its gradients from the paper's Eq. 10-16 written out by hand, so it shares no code path
-with the kernels; it is itself checked against finite differences.
+with the kernels; it is itself checked against finite differences. The k2/v2 biases of Meta's reference
+(k2 + 1/d, v2 + 1 by default) enter it as plain shifted operands.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.simplicial import two_simplicial_attention
+from kernels import common
+from kernels.simplicial import OP, two_simplicial_attention
+from tests.kernels.op_test_base import Call, OpTestBase
 from tests.oracle import assert_close
 
 IMPLS = ["xla", "pallas"]
@@ -45,12 +48,14 @@ def _logits_parts(q, k1, k2, variant):
     return a, dq, dk1, dk2
 
 
-def oracle(q, k1, v1, k2, v2, do, *, w1, w2, scale, variant="trilinear"):
-    """float64 forward and (dq, dk1, dv1, dk2, dv2) for cotangent `do` (Eq. 5-7, 10-16)."""
+def oracle(q, k1, v1, k2, v2, do, *, w1, w2, scale, variant="trilinear", k2_bias=0.0, v2_bias=0.0):
+    """float64 forward and (dq, dk1, dv1, dk2, dv2) for cotangent `do` (Eq. 5-7, 10-16), on k2 + k2_bias and
+    v2 + v2_bias (so dk2, dv2 are also the gradients w.r.t. the unshifted k2, v2)."""
     q = np.asarray(q, np.float64)
     hkv = k1.shape[2]
     g = q.shape[2] // hkv
     k1, v1, k2, v2 = (_expand(x, g) for x in (k1, v1, k2, v2))
+    k2, v2 = k2 + k2_bias, v2 + v2_bias
     do = np.asarray(do, np.float64)
     s = q.shape[1]
     i, j, k = np.arange(s)[:, None, None], np.arange(s)[None, :, None], np.arange(s)[None, None, :]
@@ -77,13 +82,27 @@ def _inputs(rng, b, s, hq, hkv, d, dtype):
     return (q, k1, v1, k2, v2), do
 
 
-# (batch, seq, q_heads, kv_heads, head_dim, w1, w2, dtype, variant)
+# (batch, seq, q_heads, kv_heads, head_dim, w1, w2, dtype, variant, bias): bias None = bias-free (k2_bias=0,
+# v2_bias=0), "reference" = the op's defaults (Meta's k2 + 1/head_dim, v2 + 1), or (k2_bias, v2_bias)
 CASES = {
-    "gqa2_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear"),
-    "ratio64_seq_lt_w1_w2_gt_w1_bf16": (1, 7, 64, 1, 4, 9, 12, jnp.bfloat16, "trilinear"),
-    "mqa_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear"),
-    "determinant_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant"),
+    "gqa2_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear", None),
+    "ratio64_seq_lt_w1_w2_gt_w1_bf16": (1, 7, 64, 1, 4, 9, 12, jnp.bfloat16, "trilinear", None),
+    "mqa_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear", None),
+    "determinant_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant", None),
+    "gqa2_reference_bias_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear", "reference"),
+    "mqa_reference_bias_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear", "reference"),
+    "gqa2_custom_bias_bf16": (2, 11, 4, 2, 8, 4, 3, jnp.bfloat16, "trilinear", (0.3, -0.5)),
+    "determinant_reference_bias_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant", "reference"),
 }
+
+
+def _bias_kwargs(bias, head_dim):
+    """-> (op keyword arguments, the oracle's k2_bias / v2_bias)."""
+    if bias is None:
+        return {"k2_bias": 0.0, "v2_bias": 0.0}, {"k2_bias": 0.0, "v2_bias": 0.0}
+    if bias == "reference":
+        return {}, {"k2_bias": 1.0 / head_dim, "v2_bias": 1.0}
+    return {"k2_bias": bias[0], "v2_bias": bias[1]}, {"k2_bias": bias[0], "v2_bias": bias[1]}
 
 
 def test_oracle_gradient_matches_finite_differences():
@@ -104,27 +123,79 @@ def test_oracle_gradient_matches_finite_differences():
                 np.testing.assert_allclose(grads[n][idx], fd, rtol=1e-5, atol=1e-7)
 
 
-# The determinant variant is an input transform shared by all implementations (its kernel is the trilinear
-# one), so its gradients are checked on "xla" only; "pallas" meets it in the rotation test. Keeps the file
-# under its 90 s budget on 2 cores.
-_PAIRS = [(i, c) for i in IMPLS for c in CASES if not (i == "pallas" and c == "determinant_f32")]
+class TestTwoSimplicialAttention(OpTestBase):
+    OP = OP
+    CASES = CASES
+    GRAD_NAMES = ("q", "k1", "v1", "k2", "v2")
+    GRAD_FACTOR = 2.0
+    # The determinant variant and the bias shift are input transforms shared by all implementations (the
+    # kernel is the trilinear one), so the determinant and the custom-bias case run on "xla" only; "pallas"
+    # meets the determinant in the rotation test and the reference bias in both dtypes. Keeps the file under
+    # its 90 s budget on 2 cores.
+    SKIP_PAIRS = frozenset(("pallas", c) for c in CASES if CASES[c][8] == "determinant" or c == "gqa2_custom_bias_bf16")
+    AUTO_CASE = "mqa_bf16"  # bf16, head_dim 16: cuDNN can take it
+    AUTO = {("cpu", False): "xla", ("cpu", True): "xla", ("tpu", False): "pallas", ("gpu", True): "cudnn",
+            ("gpu", False): "cudnn"}
+
+    def make(self, case, rng):
+        b, s, hq, hkv, d, w1, w2, dtype, variant, bias = CASES[case]
+        args, do = _inputs(rng, b, s, hq, hkv, d, dtype)
+        op_bias, oracle_bias = _bias_kwargs(bias, d)
+        return Call(args, do, dtype, dict(w1=w1, w2=w2, variant=variant, op_bias=op_bias, oracle_bias=oracle_bias))
+
+    def apply(self, impl, call, *args):
+        e = call.extra
+        return two_simplicial_attention(*args, w1=e["w1"], w2=e["w2"], variant=e["variant"], implementation=impl,
+                                        **e["op_bias"])
+
+    def oracle(self, case, call):
+        e = call.extra
+        d = call.args[0].shape[-1]
+        out, grads = oracle(*call.args, call.cotangent, w1=e["w1"], w2=e["w2"], scale=1.0 / np.sqrt(d),
+                            variant=e["variant"], **e["oracle_bias"])
+        return (out,), grads
+
+    def facts(self, call):
+        q, k1, v1, k2, v2 = call.args
+        return OP.facts(q, k1, v1, k2, v2, variant=call.extra["variant"])
+
+    def check_outputs(self, impl, call, outs):
+        q = call.args[0]
+        assert outs[0].dtype == call.dtype and outs[0].shape == q.shape
+
+    def test_float32_on_gpu_picks_triton_else_falls_back(self, monkeypatch):
+        """cuDNN needs bfloat16: float32 goes to Triton, or (no jax-triton) to xla with one warning."""
+        from kernels.op import KernelFallbackWarning
+
+        call = self.make("gqa2_f32", np.random.default_rng(0))
+        facts = self.facts(call)
+        monkeypatch.setattr("kernels.op._WARNED", set())
+        with common.target_backend("gpu"):
+            monkeypatch.setattr(common, "has_jax_triton", lambda: True)
+            assert OP.pick(None, **facts) == "triton"
+            with pytest.raises(ValueError, match="implementation='cudnn' needs bfloat16"):
+                OP.pick("cudnn", **facts)
+            monkeypatch.setattr(common, "has_jax_triton", lambda: False)
+            with pytest.warns(KernelFallbackWarning, match="'cudnn' needs bfloat16.*'triton' needs jax-triton"):
+                assert OP.pick(None, **facts) == "xla"
+            with pytest.raises(ValueError, match="implementation='triton' needs jax-triton"):
+                OP.pick("triton", **facts)
 
 
-@pytest.mark.parametrize("impl,case", _PAIRS)
-def test_forward_and_gradients_match_oracle(impl, case):
-    b, s, hq, hkv, d, w1, w2, dtype, variant = CASES[case]
-    rng = np.random.default_rng()  # fresh inputs on every run
-    args, do = _inputs(rng, b, s, hq, hkv, d, dtype)
-    scale = 1.0 / np.sqrt(d)
-    fn = lambda *a: two_simplicial_attention(*a, w1=w1, w2=w2, variant=variant, implementation=impl)
-    out, vjp = jax.vjp(jax.jit(fn), *args)
-    grads = vjp(do)
-    ref_out, ref_grads = oracle(*args, do, w1=w1, w2=w2, scale=scale, variant=variant)
-    assert out.dtype == dtype and out.shape == (b, s, hq, d)
-    assert_close(out, ref_out, dtype, f"{impl} output")
-    for name, g, rg, x in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads, args):
-        assert g.dtype == x.dtype and g.shape == x.shape
-        assert_close(g, rg, dtype, f"{impl} {name}", factor=2.0)
+def test_bias_changes_the_output_and_zero_bias_is_the_paper_form():
+    """The reference default is not a no-op (it adds a windowed-attention term), k2_bias=None is 1/head_dim,
+    and the bias-free call equals the op on explicitly unbiased operands."""
+    rng = np.random.default_rng()
+    args, _ = _inputs(rng, 1, 9, 4, 2, 8, jnp.float32)
+    f = jax.jit(lambda *a, **kw: two_simplicial_attention(*a, w1=4, w2=3, implementation="xla", **kw),
+                static_argnames=("k2_bias", "v2_bias"))
+    default = np.asarray(f(*args))
+    np.testing.assert_allclose(default, np.asarray(f(*args, k2_bias=1 / 8, v2_bias=1.0)), rtol=1e-6, atol=1e-6)
+    free = np.asarray(f(*args, k2_bias=0.0, v2_bias=0.0))
+    assert np.abs(default - free).max() > 1e-2
+    q, k1, v1, k2, v2 = args
+    shifted = np.asarray(f(q, k1, v1, k2 + 0.25, v2 - 2.0, k2_bias=0.0, v2_bias=0.0))
+    np.testing.assert_allclose(np.asarray(f(*args, k2_bias=0.25, v2_bias=-2.0)), shifted, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -132,7 +203,8 @@ def test_keys_outside_windows_do_not_matter(impl):
     b, s, hq, hkv, d, w1, w2 = 1, 12, 4, 2, 8, 5, 3
     rng = np.random.default_rng()
     args, _ = _inputs(rng, b, s, hq, hkv, d, jnp.float32)
-    fn = jax.jit(lambda *a: two_simplicial_attention(*a, w1=w1, w2=w2, implementation=impl))
+    fn = jax.jit(lambda *a: two_simplicial_attention(*a, w1=w1, w2=w2, k2_bias=0.0, v2_bias=0.0,
+                                                     implementation=impl))
     base = np.asarray(fn(*args))
     for i in (2, 7, 11):
         for n, w in ((1, w1), (2, w1), (3, w2), (4, w2)):  # k1, v1 (window w1); k2, v2 (window w2)
@@ -162,7 +234,8 @@ def test_determinant_is_rotation_invariant_and_trilinear_is_not(impl):
     q, k1, v1, k2, v2 = args
     rotated = (turn(q), turn(k1), v1, turn(k2), v2)
     for variant, invariant in (("determinant", True), ("trilinear", False)):
-        fn = jax.jit(lambda *a: two_simplicial_attention(*a, w1=4, w2=3, variant=variant, implementation=impl))
+        fn = jax.jit(lambda *a: two_simplicial_attention(*a, w1=4, w2=3, variant=variant, k2_bias=0.0, v2_bias=0.0,
+                                                         implementation=impl))
         diff = float(jnp.max(jnp.abs(fn(*rotated) - fn(*args))))
         assert (diff < 1e-4) == invariant, (variant, diff)
 
@@ -183,6 +256,10 @@ def test_clear_errors():
         two_simplicial_attention(*args, w1=2, w2=2, variant="quadrilinear")
     with pytest.raises(ValueError, match="positive int"):
         two_simplicial_attention(*args, w1=0, w2=2)
+    with pytest.raises(ValueError, match="k2_bias must be a finite number"):
+        two_simplicial_attention(*args, w1=2, w2=2, k2_bias=float("nan"))
+    with pytest.raises(ValueError, match="v2_bias must be a finite number"):
+        two_simplicial_attention(*args, w1=2, w2=2, v2_bias=None)
 
 
 def test_reference_chunking_matches_oracle():
@@ -192,6 +269,14 @@ def test_reference_chunking_matches_oracle():
     args, do = _inputs(rng, 2, 10, 4, 2, 8, jnp.float32)
     out = two_simplicial_reference(*args, w1=4, w2=3, scale=0.4, chunk=3)  # 4 chunks, last one ragged
     assert_close(out, oracle(*args, do, w1=4, w2=3, scale=0.4)[0], jnp.float32, "chunked reference")
+    for dtype in (jnp.float32, jnp.bfloat16):  # with biases, forward and gradients
+        args, do = _inputs(rng, 2, 10, 4, 2, 8, dtype)
+        fn = lambda *a: two_simplicial_reference(*a, w1=4, w2=3, scale=0.4, k2_bias=0.125, v2_bias=1.0, chunk=3)
+        out, vjp = jax.vjp(fn, *args)
+        ref_out, ref_grads = oracle(*args, do, w1=4, w2=3, scale=0.4, k2_bias=0.125, v2_bias=1.0)
+        assert_close(out, ref_out, dtype, "biased chunked reference")
+        for name, g, rg in zip(("dq", "dk1", "dv1", "dk2", "dv2"), vjp(do), ref_grads):
+            assert_close(g, rg, dtype, f"biased chunked reference {name}", factor=2.0)
 
 
 # --- Triton kernels on CPU through Triton's interpreter (float32: its bf16 dot is not exact) -------------------
@@ -342,6 +427,24 @@ def test_cudnn_decomposition_matches_oracle(case, group_bytes, monkeypatch):
     for name, g, rg, x in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads, args):
         assert g.dtype == x.dtype and g.shape == x.shape
         assert_close(g, rg, dtype, f"cudnn-decomposition {name}", factor=2.0)
+
+
+def test_cudnn_public_op_with_biases_matches_oracle(monkeypatch):
+    """The public op with the reference biases, dispatched to "cudnn" as on a GPU (kernels.common.target_backend)
+    with its cuDNN calls emulated: the bias reaches the cuDNN path and its gradients."""
+    from kernels.simplicial import cudnn_gpu
+
+    monkeypatch.setattr(cudnn_gpu, "_attend", _emulated_attend)
+    monkeypatch.setattr(cudnn_gpu, "_attend_bwd", _emulated_attend_bwd)
+    b, s, hq, hkv, d, w1, w2 = _CUDNN_CASES["gqa2"]
+    args, do = _inputs(np.random.default_rng(), b, s, hq, hkv, d, jnp.bfloat16)
+    with common.target_backend("gpu"):
+        out, vjp = jax.vjp(lambda *a: two_simplicial_attention(*a, w1=w1, w2=w2, implementation="cudnn"), *args)
+        grads = vjp(do)
+    ref_out, ref_grads = oracle(*args, do, w1=w1, w2=w2, scale=1 / np.sqrt(d), k2_bias=1 / d, v2_bias=1.0)
+    assert_close(out, ref_out, jnp.bfloat16, "cudnn-decomposition biased output")
+    for name, g, rg in zip(("dq", "dk1", "dv1", "dk2", "dv2"), grads, ref_grads):
+        assert_close(g, rg, jnp.bfloat16, f"cudnn-decomposition biased {name}", factor=2.0)
 
 
 def test_cudnn_delta_carrier():

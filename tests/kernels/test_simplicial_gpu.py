@@ -24,6 +24,14 @@ CASES = {
     "seq_lt_w1_w2_gt_w1_f32": (2, 45, 8, 2, 32, 100, 60, jnp.float32, "trilinear"),
     "determinant_bf16": (1, 131, 16, 2, 96, 40, 8, jnp.bfloat16, "determinant"),
 }
+# k2/v2 biases per case: {} = the op's defaults (Meta's reference k2 + 1/head_dim, v2 + 1); both forms and
+# custom values reach every GPU backend.
+BIASES = {
+    "paper_like_bf16": {},
+    "gqa_odd_bf16": {"k2_bias": 0.0, "v2_bias": 0.0},
+    "seq_lt_w1_w2_gt_w1_f32": {"k2_bias": 0.3, "v2_bias": -0.5},
+    "determinant_bf16": {},
+}
 # Launch overrides per case: on the paper-like case also BJ = 128 (whole and partial k1 blocks: w1 = 128 over
 # 389 positions) in the forward and M = 64 rows in both backward kernels; on the GQA case a 4-warp forward
 # and unpipelined (num_stages 1) backward kernels.
@@ -42,7 +50,7 @@ def _case(case):
     mk = lambda h: jnp.asarray(rng.standard_normal((b, s, h, d)), dtype)
     args = (mk(hq), mk(hkv), mk(hkv), mk(hkv), mk(hkv))
     do = mk(hq)
-    kw = dict(w1=w1, w2=w2, variant=variant)
+    kw = dict(w1=w1, w2=w2, variant=variant, **BIASES[case])
     ref = lambda *a: two_simplicial_attention(*a, implementation="xla", **kw)
     with jax.default_matmul_precision("highest"):  # no TF32 in the reference
         ref_out, ref_vjp = jax.vjp(jax.jit(ref), *[a.astype(jnp.float32) for a in args])
@@ -101,5 +109,6 @@ def test_gpu_default_picks_cudnn_for_bf16_and_triton_for_float32():
                                  implementation="cudnn")
     for dtype in (jnp.float32, jnp.bfloat16):
         y = x.astype(dtype)
-        out = two_simplicial_attention(y, y[:, :, :1], y[:, :, :1], y[:, :, :1], y[:, :, :1], w1=4, w2=2)
+        out = two_simplicial_attention(y, y[:, :, :1], y[:, :, :1], y[:, :, :1], y[:, :, :1], w1=4, w2=2,
+                                       k2_bias=0.0, v2_bias=0.0)
         np.testing.assert_allclose(np.asarray(out, np.float32), 1.0, rtol=1e-2)  # all-ones values average to 1

@@ -7,7 +7,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.ssd import ssd, ssd_step
+from kernels import common
+from kernels.ssd import OP, ssd, ssd_step
+from tests.kernels.op_test_base import Call, OpTestBase
 from tests.oracle import assert_close, rel_err
 
 CPU_IMPLS = ["xla", "pallas"]
@@ -94,23 +96,54 @@ def ssd_and_grads(impl, chunk, dy, dfinal, *inputs):
     return y, final, vjp((dy.astype(y.dtype), dfinal))
 
 
-@pytest.mark.parametrize("impl", CPU_IMPLS)
-@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
-def test_forward_and_gradients_match_float64_recurrence(impl, dtype):
-    rng = np.random.default_rng()
-    b, L, h, P, g, N, chunk = 2, 45, 4, 8, 2, 16, 16  # seq not a multiple of the chunk, groups > 1
-    inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
-    y_ref, final_ref = np_ssd(*inputs)
-    dy = rng.standard_normal(y_ref.shape).astype(dtype)  # cotangent in y's dtype, as a training step gives it
-    dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
-    y, final, grads = ssd_and_grads(impl, chunk, dy, dfinal, *inputs)
-    assert y.dtype == dtype and y.shape == (b, L, h, P) and final.dtype == jnp.float32
-    assert_close(y, y_ref, np.dtype(dtype), "y")
-    assert_close(final, final_ref, np.dtype(dtype), "final_state")
-    refs = np_ssd_grads(*inputs, dy, dfinal)
-    for name, got, want, arg in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs, inputs):
-        assert got.shape == np.shape(arg) and got.dtype == np.asarray(arg).dtype, name
-        assert_close(got, want, np.dtype(dtype), f"d{name}", factor=2.0 if name in ("dt", "A") else 1.0)
+class TestSSD(OpTestBase):
+    """Forward, final state and all seven gradients vs the float64 recurrence; seq not a multiple of the chunk,
+    groups > 1."""
+
+    OP = OP
+    CASES = {"f32": np.float32, "bf16": ml_dtypes.bfloat16}
+    OUT_NAMES = ("y", "final_state")
+    GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
+    GRAD_FACTORS = {"dt": 2.0, "A": 2.0}
+    AUTO_CASE = "f32"
+    AUTO = {("cpu", False): "xla", ("tpu", False): "pallas", ("gpu", True): "triton", ("gpu", False): "xla"}
+    SHAPE = (2, 45, 4, 8, 2, 16, 16)  # b, L, h, P, g, N, chunk
+
+    def make(self, case, rng):
+        dtype = self.CASES[case]
+        b, L, h, P, g, N, chunk = self.SHAPE
+        inputs = make_inputs(rng, b, L, h, P, g, N, dtype)
+        dy = rng.standard_normal((b, L, h, P)).astype(dtype)  # cotangent in y's dtype, as a training step gives it
+        dfinal = rng.standard_normal((b, h, P, N)).astype(np.float32)
+        return Call(inputs, (dy, dfinal), np.dtype(dtype), {"chunk": chunk})
+
+    def apply(self, impl, call, *args):
+        return run_ssd(impl, call.extra["chunk"], *args)
+
+    def oracle(self, case, call):
+        return np_ssd(*call.args), np_ssd_grads(*call.args, *call.cotangent)
+
+    def facts(self, call):
+        return {"segments": False}
+
+    def check_outputs(self, impl, call, outs):
+        y, final = outs
+        b, L, h, P = self.SHAPE[:4]
+        assert y.dtype == call.dtype and y.shape == (b, L, h, P) and final.dtype == jnp.float32
+
+    def test_segment_ids_run_on_xla_only(self, monkeypatch):
+        """Packed rows (segment_ids) fall back to xla under implementation=None with one warning where a faster
+        kernel exists; an explicit fused choice is a one-line error."""
+        from kernels.op import KernelFallbackWarning
+
+        monkeypatch.setattr("kernels.op._WARNED", set())
+        monkeypatch.setattr(common, "has_jax_triton", lambda: True)
+        with common.target_backend("gpu"):
+            with pytest.warns(KernelFallbackWarning, match="'triton' has no segment_ids"):
+                assert OP.pick(None, segments=True) == "xla"
+            with pytest.raises(ValueError, match="implementation='triton' has no segment_ids"):
+                OP.pick("triton", segments=True)
+        assert OP.pick(None, segments=True) == "xla"  # on this CPU: the only candidate, no warning needed
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)

@@ -55,8 +55,9 @@ def test_shape_dtype_and_params(dtype):
 
 @pytest.mark.parametrize(
     "cfg",
-    [CFG, dataclasses.replace(CFG, rope="q_k1", num_kv_heads=1, w2=7), dataclasses.replace(CFG, variant="determinant", scale=0.3)],
-    ids=["trilinear", "rope_q_k1", "determinant"],
+    [CFG, dataclasses.replace(CFG, rope="q_k1", num_kv_heads=1, w2=7), dataclasses.replace(CFG, variant="determinant", scale=0.3),
+     dataclasses.replace(CFG, k2_bias=0.0, v2_bias=0.0), dataclasses.replace(CFG, k2_bias=0.4, v2_bias=-1.5)],
+    ids=["trilinear", "rope_q_k1", "determinant", "bias_free", "custom_bias"],
 )
 def test_layer_equals_direct_op_call(cfg):
     p = _params(cfg, seed=3)
@@ -67,7 +68,8 @@ def test_layer_equals_direct_op_call(cfg):
     if cfg.rope == "q_k1":
         q, k1 = apply_rope(q, pos), apply_rope(k1, pos)
     ctx = two_simplicial_attention(
-        q, k1, v1, k2, v2, w1=cfg.w1, w2=cfg.w2, variant=cfg.variant, scale=cfg.scale, implementation="xla"
+        q, k1, v1, k2, v2, w1=cfg.w1, w2=cfg.w2, variant=cfg.variant, scale=cfg.scale, k2_bias=cfg.k2_bias,
+        v2_bias=cfg.v2_bias, implementation="xla"
     )
     want = np.asarray(jnp.einsum("bshk,hkd->bsd", ctx, p["out"]["kernel"]))
     got = np.asarray(_apply(cfg)(p, x, pos, None))
@@ -229,6 +231,8 @@ def test_hybrid_trains():
         (["model.layer_pattern.simplicial.rope=alibi"], "model.layer_pattern.3.rope"),
         (["model.layer_pattern.simplicial.w2=0"], "model.layer_pattern.3.w2"),
         (["model.layer_pattern.3.implementation=cuda"], "model.layer_pattern.3.implementation"),
+        (["model.layer_pattern.simplicial.v2_bias=inf"], "model.layer_pattern.3.v2_bias"),
+        (["model.layer_pattern.simplicial.k2_bias=nan"], "model.layer_pattern.3.k2_bias"),
     ],
 )
 def test_config_errors_are_one_line(overrides, key):
@@ -238,6 +242,22 @@ def test_config_errors_are_one_line(overrides, key):
         apply_overrides(simplicial.config(), overrides)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(key + ":"), msg
+
+
+def test_k2_v2_bias_defaults_and_legacy_configs():
+    """New configs take Meta's reference biases; a config saved before the fields existed loads bias-free (what
+    it was trained with), and the two layers differ."""
+    from axlearn_like.config import from_dict, to_dict
+
+    assert (CFG.k2_bias, CFG.v2_bias) == (None, 1.0)
+    saved = to_dict(CFG)
+    assert from_dict(saved) == CFG  # today's saved configs round-trip with their biases
+    legacy = {k: v for k, v in saved.items() if k not in ("k2_bias", "v2_bias")}
+    old = from_dict(legacy)
+    assert (old.k2_bias, old.v2_bias) == (0.0, 0.0) and dataclasses.replace(old, k2_bias=None, v2_bias=1.0) == CFG
+    p = _params(seed=5)
+    x, pos = randn(6, (1, 9, D)), _pos(1, 9)
+    assert np.abs(np.asarray(_apply(CFG)(p, x, pos, None)) - np.asarray(_apply(old)(p, x, pos, None))).max() > 1e-3
 
 
 def test_recipe_configs():

@@ -1,0 +1,83 @@
+"""Public causal GQA attention op: argument checks and `implementation=` dispatch (kernels.op rule).
+
+    o_i = softmax_j(scale q_i . k_j + M_ij) v_j,   M_ij = 0 where j <= i and segment(j) = segment(i), else -inf
+(Vaswani et al. 2017; GQA, Ainslie et al. 2023: query head h reads kv head h // (H / K)).
+Both implementations are backends of jax.nn.dot_product_attention: "xla" (the reference: materialised
+scores, any platform, differentiated by XLA autodiff) and "cudnn" (cuDNN flash attention, GPU, 16-bit
+inputs, head_dim a multiple of 8 and <= 128). implementation=None takes cudnn where it can run, else xla.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kernels.op import PLATFORMS, Op
+
+
+class DotProductAttention(Op):
+    name = "dot_product_attention"
+    implementations = {"xla": PLATFORMS, "cudnn": ("gpu",)}
+    preference = {"gpu": ("cudnn",)}
+
+    def validate(self, q, k, v, segment_ids=None):
+        if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+            raise ValueError(f"{self.name}: q must be [batch, seq, heads, head_dim] and k, v one shape [batch, seq, "
+                             f"kv_heads, head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}")
+        if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
+            raise ValueError(f"{self.name}: q {q.shape} and k {k.shape} must agree in batch, seq and head_dim")
+        if q.shape[2] % k.shape[2]:
+            raise ValueError(f"{self.name}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]}")
+        if segment_ids is not None and tuple(segment_ids.shape) != q.shape[:2]:
+            raise ValueError(f"{self.name}: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
+
+    def facts(self, q, k, v, segment_ids=None):
+        return {"dtype": q.dtype, "head_dim": q.shape[-1]}
+
+    def unsupported(self, implementation, *, dtype, head_dim):
+        if implementation != "cudnn":
+            return None
+        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return f"needs bfloat16 or float16 inputs, got {jnp.dtype(dtype)}; use 'xla' or None"
+        if head_dim % 8 or head_dim > 128:
+            return f"needs head_dim a multiple of 8 and <= 128, got {head_dim}; use 'xla' or None"
+        return None
+
+
+OP = DotProductAttention()
+IMPLEMENTATIONS = OP.IMPLEMENTATIONS
+
+
+def choose_implementation(implementation: str | None, dtype: Any, head_dim: int) -> str:
+    """The implementation a call with this dtype and head_dim uses here (None: cudnn on GPU where it can run)."""
+    return OP.pick(implementation, dtype=dtype, head_dim=head_dim)
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """int [B, S] -> bool [B, 1, S, S], True where query and key belong to the same segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    segment_ids: jax.Array | None = None,
+    *,
+    implementation: str | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Causal GQA attention within segments.
+
+    Args:
+      q: [B, S, H, D]; k, v: [B, S, K, D] with H a multiple of K.
+      segment_ids: int [B, S] or None (packed documents never attend across each other).
+      implementation: "xla", "cudnn" or None (best here).
+      scale: the logit scale, default 1/sqrt(D).
+    Returns:
+      [B, S, H, D] in q.dtype.
+    """
+    impl = OP.select(implementation, q, k, v, segment_ids)
+    mask = None if segment_ids is None else segment_mask(segment_ids)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation=impl)
