@@ -1,128 +1,95 @@
 """Bidirectional EBT vs a same-size denoiser on scikit-learn's bundled 8x8 digits (models.ebt_denoise).
 
-`python -m recipes.ebt_denoise [--set train_steps=600 --set noise_std=0.2 ...]` trains both models (a small
-self-contained loop: the data are 1,797 images held in memory, not a token pipeline), then prints the PSNR
-table at the training noise and at 2x, writing RUN_DIR/denoise_results.json. Pixels are scaled to [0, 1];
-PSNR = 10 log10(1 / MSE) over the held-out images, outputs clipped to [0, 1].
+    python -m recipes.ebt_denoise [--set trainer.steps=600 --set model.noise_std=0.2 ...]
+
+trains both models on the shared trainer (progress, checkpoints, resume, metrics.jsonl) into
+<run dir>/ebt and <run dir>/denoiser (same data order and optimizer; `--set` overrides apply to both), then
+prints the PSNR table at the training noise and at 2x and writes <run dir>/denoise_results.json.
+`--set compare=false` trains only `model.kind` in the run dir itself. Pixels are in [0, 1]; PSNR =
+10 log10(1 / MSE) over the held-out images, outputs clipped to [0, 1] (DenoiseTask.eval_hook).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-import math
 import os
 import sys
-import time
 
-from axlearn_like.config import config_class, require
-from models.attention import AttentionConfig
-from models.ebt_denoise import DenoiseConfig
+from axlearn_like.checkpoint import CheckpointConfig
+from axlearn_like.cli import recipe_main
+from axlearn_like.config import config_class
+from axlearn_like.data.images import ImageDataConfig
+from axlearn_like.optimizers import OptimizerConfig
+from axlearn_like.trainer import ExperimentConfig, TrainerConfig
+from models.ebt_denoise import BidirectionalAttentionConfig, DenoiseConfig
+from models.layers import MLPConfig
+
+KINDS = ("ebt", "denoiser")
 
 
 @config_class
-class DenoiseExperimentConfig:
-    name: str = "ebt_denoise"
-    model: DenoiseConfig = dataclasses.field(default_factory=lambda: DenoiseConfig(
-        vocab_size=1, d_model=64, num_layers=2, mlp_dim=128, dtype="float32",
-        attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16), think_steps=3))
-    noise_std: float = 0.2
-    train_steps: int = 600
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    eval_images: int = 297
-    seed: int = 0
-    run_dir: str = ""
+class DenoiseExperimentConfig(ExperimentConfig):
+    """ExperimentConfig plus `compare`: `run` trains model.kind "ebt" and "denoiser" and prints both."""
 
-    def validate(self) -> None:
-        require(self.noise_std > 0, "noise_std", "must be > 0")
-        require(self.train_steps >= 1, "train_steps", "must be >= 1")
-        require(0 < self.eval_images < 1797, "eval_images", "must be in (0, 1797)")
+    compare: bool = True
 
 
 def config() -> DenoiseExperimentConfig:
-    return DenoiseExperimentConfig()
+    return DenoiseExperimentConfig(
+        name="ebt_denoise",
+        model=DenoiseConfig(
+            vocab_size=1, d_model=64, num_layers=2, dtype="float32", think_steps=3, noise_std=0.2,
+            layer_pattern=(BidirectionalAttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16),),
+            ffn_pattern=(MLPConfig(mlp_dim=128),)),
+        data=ImageDataConfig(dataset="digits", global_batch_size=64, eval_examples=297),
+        # Adam at a constant 2e-3 (b2 0.999), no decay or clipping: the setting the comparison was tuned with.
+        optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=0, schedule="constant", b2=0.999,
+                                  weight_decay=0.0, clip_norm=None),
+        trainer=TrainerConfig(steps=600, log_every=100, eval_every=600, eval_batches=5),
+        checkpoint=CheckpointConfig(every_steps=300, max_to_keep=2),
+    )
 
 
-def _psnr(x, clean):
-    import numpy as np
-
-    mse = float(np.mean((np.clip(np.asarray(x), 0, 1) - np.asarray(clean)) ** 2))
-    return 10 * math.log10(1.0 / mse)
+def _table(results: dict, noise_std: float, steps: int) -> list[str]:
+    ebt, den = results["ebt"], results["denoiser"]
+    return [f"| model | params | forward passes | PSNR @ sigma={noise_std:g} | PSNR @ sigma={2 * noise_std:g} |",
+            "|---|---|---|---|---|",
+            f"| noisy input | - | - | {ebt['psnr_noisy_1x']:.2f} | {ebt['psnr_noisy_2x']:.2f} |",
+            f"| denoiser | {den['params']} | 1 | {den['psnr_1x']:.2f} | {den['psnr_2x']:.2f} |",
+            f"| EBT, {steps} steps | {ebt['params']} | {steps} (+grad) | {ebt['psnr_1x']:.2f} | {ebt['psnr_2x']:.2f} |",
+            f"| EBT, {2 * steps} steps | {ebt['params']} | {2 * steps} (+grad) | {ebt['psnr_1x_2x_steps']:.2f} | "
+            f"{ebt['psnr_2x_2x_steps']:.2f} |"]
 
 
 def run(cfg: DenoiseExperimentConfig) -> dict:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from sklearn.datasets import load_digits
+    """The recipe's run (axlearn_like.cli.recipe_main): both kinds and the table when cfg.compare, else the
+    trainer on cfg alone. -> {kind: final eval metrics + "params"} (+ "table")."""
+    from axlearn_like import trainer
 
-    from axlearn_like.params import lr_scales, unbox_values
-    from models.ebt_denoise import PatchTransformer, denoise
+    if not cfg.compare:
+        return trainer.run(cfg)
+    if cfg.trainer.eval_batches < 1:
+        from axlearn_like.config import ConfigError
 
-    images = load_digits().images.astype(np.float32) / 16.0
-    rng = np.random.default_rng(cfg.seed)
-    order = rng.permutation(len(images))
-    test, train = images[order[: cfg.eval_images]], images[order[cfg.eval_images:]]
-    run_dir = cfg.run_dir or os.path.join("runs", cfg.name)
-    os.makedirs(run_dir, exist_ok=True)
-    key = jax.random.PRNGKey(cfg.seed)
-    noisy_test = {m: test + m * cfg.noise_std * rng.normal(size=test.shape).astype(np.float32) for m in (1, 2)}
-    results = {"noise_std": cfg.noise_std, "psnr_noisy": {f"{m}x": _psnr(noisy_test[m], test) for m in (1, 2)}}
-    for kind in ("ebt", "denoiser"):
-        mcfg = dataclasses.replace(cfg.model, kind=kind)
-        module = PatchTransformer(mcfg)
-        boxed = module.init(key, jnp.zeros((1, 8, 8)))["params"]
-        params = unbox_values(boxed)
-        scales = lr_scales(boxed)
-        opt = optax.adam(cfg.learning_rate)
-        state = opt.init(params)
-
-        def loss_fn(p, clean, noisy):
-            x, _ = denoise(module, p, noisy)
-            return jnp.mean((x - clean) ** 2)
-
-        @jax.jit
-        def step(p, state, clean, k):
-            noisy = clean + cfg.noise_std * jax.random.normal(k, clean.shape)
-            l, g = jax.value_and_grad(loss_fn)(p, clean, noisy)
-            g = jax.tree.map(lambda gi, s: gi * s, g, scales)
-            up, state = opt.update(g, state)
-            return optax.apply_updates(p, up), state, l
-
-        t0 = time.time()
-        for i in range(cfg.train_steps):
-            idx = rng.integers(0, len(train), cfg.batch_size)
-            params, state, l = step(params, state, jnp.asarray(train[idx]), jax.random.fold_in(key, i))
-            if (i + 1) % 100 == 0:
-                print(f"{kind} step {i + 1}: train mse {float(l):.5f}", flush=True)
-        n = sum(x.size for x in jax.tree.leaves(params))
-        row = {"params": int(n), "train_s": time.time() - t0}
-        for m in (1, 2):
-            out, es = denoise(module, params, jnp.asarray(noisy_test[m]))
-            row[f"psnr_{m}x"] = _psnr(out, test)
-            if kind == "ebt":
-                row[f"energy_{m}x"] = [float(e) for e in np.asarray(es).mean(-1)]
-                out2, _ = denoise(module, params, jnp.asarray(noisy_test[m]), steps=2 * mcfg.think_steps)
-                row[f"psnr_{m}x_2x_steps"] = _psnr(out2, test)
-        if kind == "ebt":
-            row["alpha"] = float(params["alpha"])
-        results[kind] = row
-    lines = [f"| model | params | forward passes | PSNR @ sigma={cfg.noise_std} | PSNR @ sigma={2 * cfg.noise_std} |",
-             "|---|---|---|---|---|",
-             f"| noisy input | - | - | {results['psnr_noisy']['1x']:.2f} | {results['psnr_noisy']['2x']:.2f} |",
-             f"| denoiser | {results['denoiser']['params']} | 1 | {results['denoiser']['psnr_1x']:.2f} | {results['denoiser']['psnr_2x']:.2f} |",
-             f"| EBT, {cfg.model.think_steps} steps | {results['ebt']['params']} | {cfg.model.think_steps} (+grad) | {results['ebt']['psnr_1x']:.2f} | {results['ebt']['psnr_2x']:.2f} |",
-             f"| EBT, {2 * cfg.model.think_steps} steps | {results['ebt']['params']} | {2 * cfg.model.think_steps} (+grad) | {results['ebt']['psnr_1x_2x_steps']:.2f} | {results['ebt']['psnr_2x_2x_steps']:.2f} |"]
-    print("\n".join(lines))
-    with open(os.path.join(run_dir, "denoise_results.json"), "w") as f:
+        raise ConfigError("trainer.eval_batches: the comparison reads the final eval (PSNR); set it >= 1")
+    root = cfg.resolved_run_dir()
+    results: dict = {"noise_std": cfg.model.noise_std}
+    for kind in KINDS:
+        c = copy.deepcopy(cfg)
+        c.compare = False  # each saved config.json then resumes its own run alone
+        c.name, c.run_dir = f"{cfg.name}_{kind}", os.path.join(root, kind)
+        c.model = dataclasses.replace(cfg.model, kind=kind)
+        r = trainer.run(c)
+        results[kind] = dict(r["eval"], params=c.model.build().param_count())
+    lines = _table(results, cfg.model.noise_std, cfg.model.think_steps)
+    print("\n".join(lines), flush=True)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "denoise_results.json"), "w") as f:
         json.dump(results, f, indent=2)
     results["table"] = lines
     return results
 
 
 if __name__ == "__main__":
-    from axlearn_like.cli import main
-    from recipes.ebt_denoise import config, run  # the classes' module is recipes.ebt_denoise, not __main__
-
-    sys.exit(main(config, prog="python -m recipes.ebt_denoise", run_fn=run))
+    sys.exit(recipe_main("ebt_denoise"))  # the same path as `python -m recipes ebt_denoise`
