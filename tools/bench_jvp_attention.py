@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.common import backend
-from kernels.jvp_attention import IMPLEMENTATIONS, attention
+from kernels.jvp_attention import IMPLEMENTATIONS, OP, attention
 from tools import benchutil
 
 UNITS = {"fwd": 2, "fwd+bwd": 9, "jvp": 4, "grad-of-jvp": 18}
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
         triton_gpu.FWD_LAUNCH, triton_gpu.BWD_LAUNCH = dict(best[1]), dict(best[1])
         rows["launch"] = best[1]
     print("| implementation | pass | ms | TFLOP/s (executed GEMMs) |\n|---|---|---|---|")
-    for impl, backends in IMPLEMENTATIONS.items():
-        if backend() not in backends:
+    for impl in IMPLEMENTATIONS:
+        if not OP.supported_on(impl, backend(), head_dim=args[0].shape[-1]):
             continue
         for name, f in fns(impl).items():
             ms = benchutil.timeit(f, args)[0]
