@@ -72,3 +72,52 @@ def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m <module> args...` in the project venv (a real command line, as a user runs it)."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+CLEAN_LOADING = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+
+
+def random_run(recipe: str, run_dir: str, overrides: list[str], seed: int = 0):
+    """A run of recipes.<recipe> (+ overrides) whose every parameter is random, norms and biases included
+    (initial values would hide a mis-mapped norm or bias). Returns its config."""
+    import importlib
+
+    import jax
+
+    from axlearn_like import config as config_lib
+    from axlearn_like.state_setup import build_state_setup
+    from tools.import_safetensors import write_run
+
+    cfg = config_lib.apply_overrides(importlib.import_module(f"recipes.{recipe}").config(), overrides)
+    abstract = build_state_setup(cfg).abstract_state.params
+    rng = np.random.RandomState(seed)
+    params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.2).astype(np.float32), abstract)
+    write_run(run_dir, cfg, params, source="test")
+    return cfg
+
+
+def assert_same_tensors(a_dir: str, b_dir: str) -> None:
+    """Two HF folders hold the same tensor names, dtypes and values (bit for bit)."""
+    a, b = folder_tensors(a_dir), folder_tensors(b_dir)
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))[:5]
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert np.array_equal(a[name].view(np.uint8), b[name].view(np.uint8)), name
+
+
+def assert_same_run(run_a: str, run_b: str, collections=("params",)) -> None:
+    """The latest checkpoints of two run dirs hold equal arrays in `collections` and the same model config."""
+    import dataclasses
+
+    import jax
+
+    from axlearn_like import checkpoint
+
+    _, va, ca = checkpoint.load(run_a)
+    _, vb, cb = checkpoint.load(run_b)
+    for col in collections:
+        la, lb = (jax.tree_util.tree_flatten_with_path(v[col])[0] for v in (va, vb))
+        assert [p for p, _ in la] == [p for p, _ in lb], col
+        for (p, xa), (_, xb) in zip(la, lb):
+            assert np.array_equal(np.asarray(xa), np.asarray(xb)), (col, p)
+    assert dataclasses.replace(cb.model, sample=ca.model.sample) == ca.model

@@ -10,6 +10,7 @@ imported source's, else float32). A model without an exact counterpart is a one-
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="shard the weights above this size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
     a = p.parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers are not for the user
     from tools.hf.common import export_hf
 
     model_type, files = export_hf(a.run_dir, a.out_dir, step=a.step, model_type=a.model_type, dtype=a.dtype,

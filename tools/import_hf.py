@@ -13,6 +13,7 @@ open it with `axlearn_like.checkpoint.load(RUN_DIR)`, write it back with `python
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from axlearn_like.cli import tool_main
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--add-to-existing", action="store_true",
                    help="RUN_DIR already holds a run: add the import as a later checkpoint (--step after its latest)")
     a = p.parse_args(argv)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's notes on read-only managers are not for the user
     from tools.hf.common import import_hf
 
     ckpt, recipe = import_hf(a.hf_dir, a.run_dir, step=a.step, overrides=a.set, add_to_existing=a.add_to_existing)

@@ -71,6 +71,18 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def _hf_model_type(cfg_path: str) -> str | None:
+    """The `model_type` of a Hugging Face config.json (which has no `_type`), else None."""
+    import json
+
+    try:
+        with open(cfg_path) as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return d.get("model_type") if isinstance(d, dict) and "_type" not in d else None
+
+
 def import_(in_dir: str, run_dir: str, step: int = 0, *, add_to_existing: bool = False) -> str:
     import jax
 
@@ -79,6 +91,9 @@ def import_(in_dir: str, run_dir: str, step: int = 0, *, add_to_existing: bool =
     from tools.export_safetensors import flatten, unflatten
 
     st_path, cfg_path = os.path.join(in_dir, "model.safetensors"), os.path.join(in_dir, "config.json")
+    if _hf_model_type(cfg_path) is not None:
+        raise ValueError(f"{in_dir} is a Hugging Face model folder (model_type {_hf_model_type(cfg_path)!r}); "
+                         f"import it with python -m tools.import_hf {in_dir} {run_dir}")
     for pth in (st_path, cfg_path):
         if not os.path.exists(pth):
             raise FileNotFoundError(f"{pth} is missing; IN_DIR must hold model.safetensors and config.json")

@@ -252,6 +252,24 @@ def test_alpha_clamp_and_lr_scale():
     boxed = cfg.build().init(jax.random.key(0), batch(1, 3))
     assert lr_scales(boxed["params"])["alpha"] == 7.0
     assert float(alpha_value({"alpha": jnp.float32(-3.0)})) == pytest.approx(1e-4)
+    # the update the optimizer applies: alpha's is 7x what it would be at scale 1, every other one unchanged
+    from axlearn_like.optimizers import OptimizerConfig, make_optimizer
+    from axlearn_like.params import weight_decay_mask
+
+    params = unbox_values(boxed["params"])
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.01, p.dtype), params)
+    ocfg = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, weight_decay=0.0)
+    decay = weight_decay_mask(boxed["params"])
+    ones = jax.tree.map(lambda s: 1.0, lr_scales(boxed["params"]))
+    updates = {}
+    for name, scales in (("scaled", lr_scales(boxed["params"])), ("plain", ones)):
+        opt, _ = make_optimizer(ocfg, 10, decay_mask=decay, lr_scales=scales)
+        updates[name], _ = opt.update(grads, opt.init(params), params)
+    assert float(updates["plain"]["alpha"]) != 0.0
+    np.testing.assert_allclose(float(updates["scaled"]["alpha"]), 7.0 * float(updates["plain"]["alpha"]), rtol=1e-6)
+    rest = lambda u: [x for path, x in jax.tree_util.tree_leaves_with_path(u) if path[0].key != "alpha"]
+    for a, b in zip(rest(updates["scaled"]), rest(updates["plain"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ConfigError, match="layer_pattern"):
         small_cfg(layer_pattern=(AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=4),))
 

@@ -308,6 +308,9 @@ def flat_names(tree: dict, prefix: str = "") -> dict[str, Any]:
     for k, v in tree.items():
         if isinstance(v, dict):
             out.update(flat_names(v, f"{prefix}{k}/"))
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):  # a stats struct, e.g. MoE's RoutingBias
+            fields = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if f.metadata.get("pytree_node", True)}
+            out.update(flat_names(fields, f"{prefix}{k}/"))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -469,6 +472,8 @@ def export_hf(run_dir: str, out_dir: str, *, step: int | None = None, model_type
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}")
     check_out_dir(out_dir, ("config.json", SINGLE_NAME, INDEX_NAME), overwrite)
+    if not os.path.isdir(checkpoint.checkpoint_dir(run_dir)):
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/; pass a run dir (written by a recipe or tools.import_hf)")
     base = _source_config(run_dir)
     _, variables, cfg = checkpoint.load(run_dir, step, masters=True)
     model = cfg.model
@@ -487,8 +492,8 @@ def export_hf(run_dir: str, out_dir: str, *, step: int | None = None, model_type
     hf_cfg = {**hf_cfg, "dtype": name}
     hf_cfg.pop("torch_dtype", None)
     os.makedirs(out_dir, exist_ok=True)
-    for stale in (SINGLE_NAME, INDEX_NAME):  # --overwrite: never leave a single file beside new shards (or back)
-        if os.path.exists(os.path.join(out_dir, stale)):
+    for stale in os.listdir(out_dir):  # --overwrite: an earlier export's weights must not mix with these
+        if stale in (SINGLE_NAME, INDEX_NAME) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale):
             os.remove(os.path.join(out_dir, stale))
     files = write_folder(out_dir, tensors, max_bytes)
     _write_json(os.path.join(out_dir, "config.json"), hf_cfg)
