@@ -272,9 +272,9 @@ def test_tool_user_errors_are_one_line(reference, tmp_path):
 def test_data_mismatches_fail_before_step_1(tmp_path, change, words):
     d = tmp_path / "run"
     r = helpers.run(helpers.recipe_cmd(d, ["trainer.steps=4", "trainer.eval_batches=2", change]))
+    assert not os.path.exists(d / "checkpoints") and not os.path.exists(d / "metrics.jsonl"), "it trained first"
     err = _error(r)
     assert all(w in err for w in words), err
-    assert not os.path.exists(d / "checkpoints") and not os.path.exists(d / "metrics.jsonl")
 
 
 def test_ctrl_c_waits_for_the_async_save(tmp_path):
