@@ -23,8 +23,11 @@ import sys
 
 
 def _patch_mamba2_group_norm(n_groups: int):
+    """-> a function that undoes the patch."""
     import torch
     from transformers.models.mamba2 import modeling_mamba2 as m
+
+    original = m.MambaRMSNormGated.forward
 
     def forward(self, hidden_states, gate=None):
         dtype = hidden_states.dtype
@@ -37,10 +40,19 @@ def _patch_mamba2_group_norm(n_groups: int):
 
     m.MambaRMSNormGated.forward = forward
 
+    def undo():
+        m.MambaRMSNormGated.forward = original
 
-def _apply_patch(job: dict, config) -> None:
+    return undo
+
+
+def _apply_patch(job: dict, config):
+    """Applies job["patch"] (None: nothing); -> a function that undoes it."""
     if job.get("patch") == "mamba2_group_norm":
-        _patch_mamba2_group_norm(config.n_groups)
+        return _patch_mamba2_group_norm(config.n_groups)
+    if job.get("patch") is not None:
+        raise ValueError(f"unknown patch {job['patch']!r}")
+    return lambda: None
 
 
 def _perturb(model, seed: int) -> None:
@@ -85,10 +97,13 @@ def run(job: dict) -> dict:
         return info
     if op == "logits":
         config = AutoConfig.from_pretrained(job["dir"])
-        _apply_patch(job, config)
-        model, loading = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32, output_loading_info=True)
-        model.eval()
-        np.save(job["logits"], _logits(model, job["tokens"]))
+        undo = _apply_patch(job, config)
+        try:
+            model, loading = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32, output_loading_info=True)
+            model.eval()
+            np.save(job["logits"], _logits(model, job["tokens"]))
+        finally:
+            undo()
         return {"class": type(model).__name__,
                 "loading": {k: sorted(map(str, v)) for k, v in loading.items() if k != "error_msgs"},
                 "error_msgs": [str(e) for e in loading.get("error_msgs", [])]}

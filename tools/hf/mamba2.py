@@ -38,12 +38,22 @@ RECIPE = "mamba2"
 STRUCTURE = ("d_state", "head_dim", "expand", "d_conv", "ngroups")  # what the weights' meaning depends on
 
 
+def _float(v: Any) -> float:
+    """A config.json number, including transformers 5's {"__float__": "Infinity"} spelling."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise UnsupportedError(f"time_step_limit: {v!r} is not a number") from None
+
+
 def _check_supported(hf: dict) -> None:
     check(hf.get("hidden_act", "silu") == "silu", "hidden_act", f"{hf.get('hidden_act')!r}: only 'silu' maps")
     check(not hf.get("use_bias", False), "use_bias", "true is not supported (the mixer's projections have no biases)")
     check(hf.get("use_conv_bias", True), "use_conv_bias", "false is not supported (the mixer's conv has a bias)")
     lo, hi = (list(hf.get("time_step_limit") or (0.0, math.inf)) + [math.inf])[:2]
-    check(float(lo) == 0.0 and math.isinf(float(hi)), "time_step_limit",
+    check(_float(lo) == 0.0 and _float(hi) == math.inf, "time_step_limit",
           f"{hf.get('time_step_limit')}: dt clamping is not supported; only (0.0, inf) maps")
     expand = hf.get("expand", 2)
     check(float(expand).is_integer(), "expand", f"{expand}: only integer expansion factors map")
