@@ -1,8 +1,14 @@
-"""`python -m tools.bench_train [--preset gpu_1b] [--steps 20] [--set k=v ...]`: train-step time, tokens/s and
-MFU of a recipe preset on the present devices (synthetic tokens, so the input pipeline is not measured), plus
-the async-checkpoint stall: the time a save blocks the loop, as a share of the step time between saves.
+"""`python -m tools.bench_train [--recipe R] [--preset gpu_1b] [--steps 20] [--set k=v ...]`: train-step time,
+tokens/s and MFU of a recipe preset on the present devices (synthetic tokens, so the input pipeline is not
+measured), peak device memory, plus the async-checkpoint stall: the time a save blocks the loop, as a share of
+the step time between saves.
 
-Anchor measured in the same run: a bf16 matmul of 8192^3 through jax.jit (the achievable matmul ceiling).
+Anchors measured in the same run: a bf16 matmul of 8192^3 through jax.jit (the achievable matmul ceiling), and
+the preset's hot op alone (`hot_op`: the kernel of its most expensive non-GEMM layer kind at the preset's
+shapes, forward + backward), so each preset's model TFLOP/s reads against its own kernel-level ceiling.
+
+`--all` runs every recipe's GPU presets (`ALL`), each in its own process (an OOM stays that preset's row), and
+prints one table.
 
 `--json PATH` also writes every number as one JSON object (read by tools.bench_scaling); `--profile-steps N`
 traces N more steps with jax.profiler and reports the share of step time spent in each collective kind
@@ -39,6 +45,69 @@ def _matmul_anchor(n: int = 8192, reps: int = 10) -> float:
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(times)
+
+
+def _timed_fwd_bwd(loss, args, reps: int = 10) -> float:
+    from tools import benchutil
+
+    g = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
+    return benchutil.timeit(g, args, reps, warmup=2)[0] / 1e3  # seconds
+
+
+def hot_op(model, batch: int, seq: int):
+    """(name, forward+backward FLOPs, seconds) of the preset's hot op alone at its shapes, bf16 random inputs,
+    or None when the stack has none (or this is the CPU). The hot op is the kernel of the layer kind whose
+    extra (non-GEMM) FLOPs or expert GEMMs dominate: 2-simplicial attention, the SSD scan, the MoE grouped
+    matmul, or (for plain attention stacks) cuDNN flash attention. FLOP conventions as the kernels' benches."""
+    from models.attention import AttentionConfig
+    from models.moe import MoEConfig
+    from models.simplicial import SimplicialConfig
+    from models.ssm import Mamba2Config
+
+    if jax.default_backend() == "cpu":
+        return None
+    kinds = [k for i in range(model.num_layers) for k in model.layer_kinds(i)]
+    ks = jax.random.split(jax.random.PRNGKey(1), 8)
+    bf = jnp.bfloat16
+    rnd = lambda k, shape: jax.random.normal(k, shape, bf)  # noqa: E731
+    for cls in (SimplicialConfig, MoEConfig, Mamba2Config, AttentionConfig):
+        kind = next((k for k in kinds if isinstance(k, cls)), None)
+        if kind is None:
+            continue
+        if cls is SimplicialConfig:
+            from kernels.simplicial import two_simplicial_attention
+            from tools.bench_simplicial import simplicial_flops
+
+            h, kv, d = kind.num_heads, kind.num_kv_heads, kind.head_dim
+            args = (rnd(ks[0], (batch, seq, h, d)), *[rnd(k, (batch, seq, kv, d)) for k in ks[1:5]])
+            f = lambda *a: two_simplicial_attention(*a, w1=kind.w1, w2=kind.w2, variant=kind.variant,  # noqa: E731
+                                                    implementation=kind.implementation).astype(jnp.float32).sum()
+            return "simplicial", 3.5 * simplicial_flops(batch, seq, h, d, kind.w1, kind.w2), _timed_fwd_bwd(f, args)
+        if cls is MoEConfig:
+            from kernels.grouped_matmul import grouped_matmul
+
+            m, e, dm, n = batch * seq * kind.top_k, kind.num_experts, model.d_model, kind.expert_dim
+            sizes = jnp.full((e,), m // e, jnp.int32).at[0].add(m - (m // e) * e)
+            args = (rnd(ks[0], (m, dm)), rnd(ks[1], (e, dm, n)))
+            f = lambda x, w: grouped_matmul(x, w, sizes, implementation=kind.implementation  # noqa: E731
+                                            ).astype(jnp.float32).sum()
+            return "grouped_matmul", 3 * 2.0 * m * dm * n, _timed_fwd_bwd(f, args)
+        if cls is Mamba2Config:
+            from kernels.ssd import ssd
+            from tools.bench_ssd import make, ssd_flops
+
+            di = kind.expand * model.d_model
+            h, p, g, n = di // kind.head_dim, kind.head_dim, kind.ngroups, kind.d_state
+            x, dt, a_, b_, c_, d_ = make(batch, seq, h, p, g, n, bf)
+            f = lambda x, b_, c_: ssd(x, dt, a_, b_, c_, chunk_size=kind.chunk_size, D=d_,  # noqa: E731
+                                      implementation=kind.implementation).astype(jnp.float32).sum()
+            return "ssd", 3.0 * ssd_flops(batch, seq, h, p, g, n, kind.chunk_size), _timed_fwd_bwd(f, (x, b_, c_))
+        h, kv, d = kind.num_heads, kind.num_kv_heads, kind.head_dim
+        args = (rnd(ks[0], (batch, seq, h, d)), rnd(ks[1], (batch, seq, kv, d)), rnd(ks[2], (batch, seq, kv, d)))
+        f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
+                                                         implementation="cudnn").astype(jnp.float32).sum()
+        return "attention (cudnn)", 3.5 * 4.0 * batch * h * seq * seq * d / 2, _timed_fwd_bwd(f, args)
+    return None
 
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
@@ -96,7 +165,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true", help="skip the async-checkpoint stall measurement")
     p.add_argument("--profile-steps", type=int, default=0, help="trace N more steps; report collective shares")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--all", action="store_true", help="every recipe's GPU preset (ALL), one process each; one table")
+    p.add_argument("--no-hot-op", action="store_true", help="skip timing the preset's hot op alone")
     a = p.parse_args(argv)
+    if a.all:
+        return run_all(a)
 
     from axlearn_like import config as config_lib, sharding as sharding_lib, trainer
     from axlearn_like.evaluation import global_batch
@@ -164,6 +237,7 @@ def main(argv=None) -> int:
     except Exception:
         pass
     anchor = None if a.no_anchor or jax.default_backend() == "cpu" else _matmul_anchor()
+    hot = None if a.no_hot_op else hot_op(cfg.model, g, s)
     print(f"\ndevice: {jax.devices()[0].device_kind} x{ndev}  jax {jax.__version__}")
     print(f"model: {a.recipe}:{a.preset}  params {nparams/1e9:.3f}B  batch {g} x seq {s}  FLOPs/token {fpt/1e9:.2f} G")
     print("| metric | value |\n|---|---|")
@@ -180,6 +254,9 @@ def main(argv=None) -> int:
         print(f"| async save: blocking time (first save / warm save) | {blocks[0]*1e3:.0f} / {block_s*1e3:.0f} ms |")
         print(f"| async save: next-step slowdown | {max(0.0, next_step_s-step_s)*1e3:.0f} ms |")
         print(f"| checkpoint stall at a save every {a.save_every} steps (warm save) | {100*stall_s/(a.save_every*step_s):.2f}% of step time |")
+    if hot:
+        print(f"| hot op alone: {hot[0]} fwd+bwd at this shape | {hot[2]*1e3:.2f} ms, {hot[1]/hot[2]/1e12:.0f} TFLOP/s |")
+        print(f"| model TFLOP/s as a share of the hot op's | {100*fpt*tokens/step_s/ndev/(hot[1]/hot[2]):.1f}% |")
     if mem:
         print(f"| peak device memory | {mem/2**30:.1f} GiB |")
     res = None
@@ -200,6 +277,8 @@ def main(argv=None) -> int:
             "final_step": int(jax.device_get(state.step)),
             "maxvio_batch_mean": float(np.mean(maxvio)) if maxvio else None,
             "maxvio_batch_max": float(np.max(maxvio)) if maxvio else None,
+            "hot_op": hot[0] if hot else None, "hot_op_tflops": hot[1] / hot[2] / 1e12 if hot else None,
+            "hot_op_ms": hot[2] * 1e3 if hot else None,
             "collective_share": None, "profile_steps": a.profile_steps,
             "profile_error": "profiling did not finish" if a.profile_steps > 0 else "not profiled",
         }
@@ -229,6 +308,56 @@ def main(argv=None) -> int:
             res.update(collective_share=shares or None, profile_error=profile_error)
             _write_json(a.json, res)
     return 0
+
+
+# The GPU presets `--all` runs: (recipe, preset). EBT's per-inner-step ratio is tools.bench_ebt's job.
+ALL = (("dense_lm", "gpu_1b"), ("moe", "gpu_0p8b"), ("moe", "deepseek_v3_gpu"), ("mamba2", "gpu_340m"),
+       ("simplicial", "gpu_1b"), ("ebt", "gpu"))
+
+
+def run_all(a) -> int:
+    """Each preset of ALL in its own process (`--json`), then one table; a preset that fails (OOM) keeps its
+    row with the error's last line."""
+    import subprocess
+
+    anchor = None if a.no_anchor or jax.default_backend() == "cpu" else _matmul_anchor()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for recipe, preset in ALL:
+            path = os.path.join(d, f"{recipe}_{preset}.json")
+            cmd = [sys.executable, "-m", "tools.bench_train", "--recipe", recipe, "--preset", preset, "--steps",
+                   str(a.steps), "--warmup", str(a.warmup), "--no-anchor", "--no-save", "--json", path]
+            for kv in a.set:
+                cmd += ["--set", kv]
+            t = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            print(f"{recipe}:{preset}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
+            if p.returncode == 0 and os.path.exists(path):
+                with open(path) as f:
+                    rows.append(json.load(f))
+            else:
+                tail = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
+                rows.append({"recipe": recipe, "preset": preset, "error": (tail[-1] if tail else "failed")[:160]})
+    print(f"\ndevice: {jax.devices()[0].device_kind}  jax {jax.__version__}"
+          + (f"  anchor: jax bf16 matmul 8192^3 {anchor/1e12:.0f} TFLOP/s" if anchor else ""))
+    print("| preset | step | tokens/s | model TFLOP/s | MFU | of matmul anchor | hot op alone | of hot op | peak mem |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        name = f"{r['recipe']}:{r['preset']}"
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | | | | | |")
+            continue
+        tf = r["model_tflops_per_device"]
+        mfu = f"{100*r['mfu']:.1f}%" if r.get("mfu") else "-"
+        anc = f"{100*tf*1e12/anchor:.1f}%" if anchor else "-"
+        hot = f"{r['hot_op']} {r['hot_op_tflops']:.0f} TFLOP/s" if r.get("hot_op") else "-"
+        share = f"{100*tf/r['hot_op_tflops']:.1f}%" if r.get("hot_op") else "-"
+        mem = f"{r['peak_memory_bytes']/2**30:.1f} GiB" if r.get("peak_memory_bytes") else "-"
+        print(f"| {name} | {r['step_s']*1e3:.1f} ms | {r['tokens_per_s']:,.0f} | {tf:.1f} | {mfu} | {anc} | {hot} "
+              f"| {share} | {mem} |")
+    if a.json:
+        _write_json(a.json, {"anchor_matmul_tflops": anchor / 1e12 if anchor else None, "presets": rows})
+    return 0 if all("error" not in r for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ delta = rowsum(dO' * O') from the O' it is handed (O' is used for nothing else),
 dv1; dv2's rows u2 come from o^t, from the forward call of the same offsets.
 Offsets are processed in groups folded into the head axis (heads ordered [kv head, offset, group head], so
 cuDNN's GQA sums dk1/dv1 over the offsets of a group). Nothing O(S * w1 * w2) exists; a call alone needs
-O(S * Hq * D * group). The backward re-calls cuDNN's forward on the same rows for o^t: inside one jit (a train
-step) XLA merges that with the forward's call instead of recomputing, which keeps every offset's rows and o^t
-alive between forward and backward: O(w2 * S * Hq * D), 30.6 GiB peak at the paper's B2 S8192 Hq64 setting
-(the Triton kernels: 1.7 GiB). It is the faster trade: 117.9 vs 206 ms forward+backward there.
+O(S * Hq * D * group). The backward re-calls cuDNN's forward on the same rows for o^t, one group at a time:
+optimization barriers keep XLA from merging those calls with the forward pass's (which kept every offset's
+rows and o^t alive between forward and backward, O(w2 * S * Hq * D): 30.6 GiB per layer at the paper's
+B2 S8192 Hq64 setting, 166 GiB for the simplicial:gpu_1b preset). Residuals are the op's inputs, O and LSE,
+as for the Triton kernels; the price is one more forward pass of cuDNN calls in the backward.
 
 bfloat16 only (float16's range cannot hold the delta carrier); other dtypes use the Triton kernels. The backward binds cuDNN's backward
 primitive from jax._src (the public API derives its delta from the forward output and cannot take these
@@ -137,6 +138,9 @@ def forward(q, k1, v1, k2, v2, cfg):
     run = jnp.full((b, s, kv, g), -jnp.inf, _F32)
     for offsets in _groups(cfg.w2, _group_size(q, cfg.w2)):
         t = len(offsets)
+        # One group's rows at a time: the barrier orders the groups after the previous merge, so XLA cannot
+        # materialise every group's rows b^t at once.
+        q, k1, v1, k2, v2, acc, run = jax.lax.optimization_barrier((q, k1, v1, k2, v2, acc, run))
         o, lse = _attend(_rows(q, k2, offsets), k1, v1, cfg, s)
         lse = _group_stats(lse, b, s, kv, t, g, offsets)  # [B,S,K,T,G]
         new = jnp.logaddexp(run, jax.nn.logsumexp(lse, axis=3))
@@ -155,7 +159,6 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
     lse_h = lse.reshape(b, s, kv, g)
     delta_h = delta.reshape(b, s, kv, g).astype(_F32)
     do_h = do.reshape(b, s, kv, g, dv).astype(_F32)
-    q_h = q.reshape(b, s, kv, g, d).astype(_F32)
     dq = jnp.zeros((b, s, kv, g, d), _F32)
     dk1 = jnp.zeros(k1.shape, _F32)
     dv1 = jnp.zeros(v1.shape, _F32)
@@ -163,9 +166,14 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
     for offsets in _groups(cfg.w2, _group_size(q, cfg.w2)):
         t = len(offsets)
         n = kv * t * g
+        # The barrier ties this group's inputs to dO and the running gradients: the rows and the forward call
+        # below are recomputed here, group by group, instead of being merged (CSE) with the forward pass's
+        # identical calls, which would keep every group's rows and o^t alive from the forward to the backward.
+        q, k1, v1, k2, v2, do_h, dq, dk1, dv1 = jax.lax.optimization_barrier(
+            (q, k1, v1, k2, v2, do_h, dq, dk1, dv1))
+        q_h = q.reshape(b, s, kv, g, d).astype(_F32)
         rows = _rows(q, k2, offsets)
-        # u2: this query's dv2 rows need the joint-normalized P^t @ v1 = o^t * exp(lse^t - LSE) (the forward's
-        # cuDNN calls on the same rows; XLA merges them with the forward's when both are in one jit).
+        # u2: this query's dv2 rows need the joint-normalized P^t @ v1 = o^t * exp(lse^t - LSE).
         o, lse_t = _attend(rows, k1, v1, cfg, s)
         wt = jnp.exp(_group_stats(lse_t, b, s, kv, t, g, offsets) - lse_h[:, :, :, None])  # [B,S,K,T,G]
         c = o.reshape(b, s, kv, t, g, dv).astype(_F32) * wt[..., None]

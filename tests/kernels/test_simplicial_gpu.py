@@ -112,3 +112,27 @@ def test_gpu_default_picks_cudnn_for_bf16_and_triton_for_float32():
         out = two_simplicial_attention(y, y[:, :, :1], y[:, :, :1], y[:, :, :1], y[:, :, :1], w1=4, w2=2,
                                        k2_bias=0.0, v2_bias=0.0)
         np.testing.assert_allclose(np.asarray(out, np.float32), 1.0, rtol=1e-2)  # all-ones values average to 1
+
+
+def test_cudnn_backward_keeps_one_offset_group_alive(monkeypatch):
+    """In one jit (a train step) the cuDNN path's temporaries stay O(group), not O(w2): the backward recomputes
+    each group's rows and outputs instead of XLA merging them with the forward pass's calls (which kept every
+    offset's rows b^t and o^t alive, 166 GiB for the simplicial:gpu_1b preset)."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU")
+    from kernels.simplicial import cudnn_gpu
+
+    b, s, hq, d, w1, w2 = 1, 2048, 64, 128, 256, 32
+    per_offset = b * s * hq * d * 2  # one offset's rows b^t in bf16: 32 MiB
+    monkeypatch.setattr(cudnn_gpu, "GROUP_BYTES", 2 * per_offset)
+    x = jax.ShapeDtypeStruct((b, s, hq, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, s, 1, d), jnp.bfloat16)
+
+    def loss(*a):
+        return two_simplicial_attention(*a, w1=w1, w2=w2, implementation="cudnn").astype(jnp.float32).sum()
+
+    temp = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(x, kv, kv, kv, kv).compile()
+    temp = temp.memory_analysis().temp_size_in_bytes
+    # all offsets' rows and outputs would be >= 2 * w2 * per_offset = 2 GiB; one group's plus float32
+    # accumulators (dq, the per-query t2/u2 rows) fit well under a third of that
+    assert temp < 2 * w2 * per_offset / 3, f"temporaries {temp / 2**20:.0f} MiB"
