@@ -7,7 +7,7 @@
    uniform loads and keeps the best for the rest. Tiling = (BM, BN, BK, warps, stages, persistent programs
    or 0); H200: 132 SMs.
 2. MoE layer (E=64, top-6, 2 shared, F=1408, d_model 2048, 8192 tokens, bf16) fwd+bwd and fwd with the
-   gather-only dispatch, and (fwd+bwd) with round 1's scatter-add dispatch/combine; vs a dense SwiGLU FFN of
+   gather-only dispatch, and (fwd+bwd) with a scatter-add dispatch/combine for comparison; vs a dense SwiGLU FFN of
    equal active width (6 + 2) x 1408. Breakdown rows (fwd+bwd): the routed experts alone (3 gmm + SwiGLU on
    T*k = 49152 expert-sorted rows), the shared experts alone (dense SwiGLU width 2 x 1408), and the rest
    (layer minus both: router, sort, gathers, combine, balance statistics).
@@ -171,7 +171,7 @@ def _grouped_local_round1(x, ids, w, w_gate, w_up, w_down, implementation):
 
 
 def bench_layer(reps, rows, variants, small=False, profile=False):
-    """variants: (label, implementation, round-1 dispatch)."""
+    """variants: (label, implementation, scatter-add dispatch instead of the gather-only one)."""
     import models.moe as moe_mod
 
     dims = (1, 256, 128, 16, 6, 64, 2) if small else (4, 2048, 2048, 64, 6, 1408, 2)
@@ -297,7 +297,7 @@ def main(argv=None):
     else:
         bench_gmm(32768, 2048, 1408, 64, reps, args, rows)
     triton_ok = backend() == "gpu" and has_jax_triton()
-    variants = ([("triton", "triton", False), ("triton, round-1 scatter dispatch", "triton", True)] if triton_ok else [])
+    variants = ([("triton", "triton", False), ("triton, scatter-add dispatch", "triton", True)] if triton_ok else [])
     if args.xla or not triton_ok:
         variants.append(("xla", "xla", False))
     bench_layer(reps, rows, variants, args.small, args.profile)

@@ -10,8 +10,8 @@ grouped matmul, `transposed_grouped_matmul`). Every implementation provides both
   triton  kernels/grouped_matmul/triton_gpu.py (jax-triton, GPU)
 Accumulation is float32; outputs take lhs's dtype.
 
-(A fused SwiGLU gate+up kernel was tried in round 1 and removed: its backward lost, 2.49 vs 2 x 1.12 ms,
-and the MoE layer with it was slower, 9.94 vs 9.70 ms fwd+bwd on the H200; see docs/notes/moe.md.)
+(There is no fused SwiGLU gate+up kernel: measured on the H200, its backward lost, 2.49 vs 2 x 1.12 ms, and the
+MoE layer with it was slower, 9.94 vs 9.70 ms fwd+bwd; see docs/notes/moe.md.)
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _op(name: str, rhs_dtype):
     [G, k, n] round trip: at 64 experts x 2048 x 1408 that is 0.74 GB of traffic per weight per step).
     The copy costs 0.78 ms per MoE layer step on the H200; casting float32 rhs tiles inside the Triton kernel
     instead was measured slower (the layer's 6 gmms 7.05 ms with the cast operand as wgmma's B, 14.4 ms layer
-    with it swapped into A, vs 3.42 ms + the copy; session 3, docs/notes/moe.md)."""
+    with it swapped into A, vs 3.42 ms + the copy; docs/notes/moe.md)."""
     gmm, tgmm = _launches(name)
 
     def fwd(lhs, rhs, group_sizes):

@@ -38,7 +38,7 @@ class Tiling(NamedTuple):
 # `fit_columns` halves BN where N is not a multiple of it.
 GMM_TILING = Tiling(bm=128, bn=128, bk=64, num_warps=8, num_stages=3, programs=264)
 GMM_T_TILING = Tiling(bm=256, bn=128, bk=64, num_warps=8, num_stages=3)  # dlhs = dout @ rhs[g]^T
-# tgmm re-measured at the MoE layer's shapes (session 3, 12:46 UTC; 49152 rows, 768 per group, f32 out): 32-row
+# tgmm tiled for the MoE layer's shapes (49152 rows, 768 per group, f32 out; docs/notes/moe.md): 32-row
 # steps with 4 warps and 4 stages 0.674 / 0.613 ms (k2048 n1408 / k1408 n2048) vs 0.725 / 0.745 for (64, 128, 128,
 # 8, 3); the same outputs bit for bit.
 TGMM_TILING = Tiling(bm=32, bn=128, bk=128, num_warps=4, num_stages=4)

@@ -38,7 +38,7 @@ def _check_triton_vs_float64(dtype, shape):
     refs = np_ssd_grads(*inputs, dy, dfinal)
     # dA sums dt * (reverse cumsum of the cumsum cotangent) over every token: large terms that cancel (one entry
     # per head; sum |terms| / |dA| ~ 8 at these shapes), so the bf16 rounding of matmul operands shows up
-    # amplified: measured 0.03-0.12, and 0.204 once on a 4-head case (session 3), hence 15 x tol = 0.3. A wrong
+    # amplified: measured 0.03-0.12, and 0.204 once on a 4-head case (H200), hence 15 x tol = 0.3. A wrong
     # kernel term gives O(1). The XLA path computes in f32 from the same bf16 inputs (dA error ~5e-6).
     loose = {"A": 15.0, "dt": 3.0} if dt != np.float32 else {}
     for name, got, want in zip(["x", "dt", "A", "B", "C", "D", "initial_state"], grads, refs):
