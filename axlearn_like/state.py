@@ -1,6 +1,6 @@
 """The train state and the protocol for non-gradient state that layers own.
 
-Model variables are split by collection, each with one meaning (DESIGN.md):
+Model variables are split by collection, each with one meaning (docs/architecture.md, "State collections"):
   params         trained by the optimizer (f32 master copy).
   stats          non-gradient state a layer updates itself during the training apply (MoE routing
                  bias, fitted-noise statistics, the EBT replay buffer). Within one step the micro-batches

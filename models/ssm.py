@@ -1,6 +1,6 @@
 """Mamba-2 mixer (Dao & Gu 2024) with length-generalization initial states (Buitrago & Gu, arXiv 2507.02782).
 
-Block (REFERENCES.md section 4), d_inner = expand * d_model, H = d_inner / head_dim heads, G groups, N = d_state:
+Block (docs/equations.md §2), d_inner = expand * d_model, H = d_inner / head_dim heads, G groups, N = d_state:
     [z, xBC, dt_raw] = in_proj(u)                         z, x: [B,L,H*P]; B, C: [B,L,G*N]; dt_raw: [B,L,H]
     xBC = silu(causal_depthwise_conv1d(xBC))              width d_conv, per channel, with bias
     dt  = softplus(dt_raw + dt_bias);  A = -exp(A_log)

@@ -1,4 +1,4 @@
-"""Helpers for comparing kernels with float64 oracles (tolerances per the device tool's METHOD.md)."""
+"""Helpers for comparing kernels with float64 oracles (tolerances: docs/benchmarks.md, "Method")."""
 from __future__ import annotations
 
 import numpy as np

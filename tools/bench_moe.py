@@ -29,7 +29,7 @@ from kernels.common import backend, has_jax_triton
 from kernels.grouped_matmul import grouped_matmul
 from tools import benchutil
 
-ANCHORS = {"ragged_dot_fwd_tflops": 11.0, "dense_bf16_jax_tflops": 608.0, "source": "shared/GPU.md, H200"}
+ANCHORS = {"ragged_dot_fwd_tflops": 11.0, "dense_bf16_jax_tflops": 608.0, "source": "docs/benchmarks.md anchors, H200"}
 
 
 def timeit(f, args, reps=20, warmup=3):

@@ -163,7 +163,7 @@ def main():
                best_bwd=(str(best_b[0]), t_fb), peak_gib_after_triton=peak)
     rows.append(("triton", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb, 3.5 * flops / t_fb / 1e9))
     _cudnn(rows, log, a, args, make, timed, flops, (b, s, hq, hkv, d))
-    rows.append(("FBGEMM Triton (anchor, GPU.md)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
+    rows.append(("FBGEMM Triton (anchor)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
                  375.0, 3.5 * 8.47e12 / 375e-3 / 1e12))
 
     if a.contrast:

@@ -5,7 +5,7 @@ a table of every implementation; --sweep first times each Triton stage group und
 keeps the best; --set overrides triton_gpu.CONFIG (tile sizes, warps, stages), e.g. --set scan_bm=128.
 
 Times forward and forward+backward (gradients into x, dt, A, B, C, D) of every implementation that runs on the
-backend, for the Mamba-2 shape b8 L8192 h32 P64 N128 g1 chunk 256 in bf16. FLOPs (shared/GPU.md convention):
+backend, for the Mamba-2 shape b8 L8192 h32 P64 N128 g1 chunk 256 in bf16. FLOPs (docs/benchmarks.md conventions):
 forward per (batch, chunk) = groups*2Q^2N + heads*(2Q^2P + 4QNP); forward+backward = 3x forward.
 Memory: XLA's compiled temp buffer size (scratch beyond inputs and outputs) per jitted function.
 """
@@ -23,7 +23,7 @@ import numpy as np
 from kernels.common import backend
 from kernels.ssd import ssd
 
-ANCHOR = {"fwd_ms": 1.23, "fwdbwd_ms": 5.23, "what": "mamba_ssm mamba_chunk_scan_combined, H200 (GPU.md)"}
+ANCHOR = {"fwd_ms": 1.23, "fwdbwd_ms": 5.23, "what": "mamba_ssm mamba_chunk_scan_combined, H200 (docs/benchmarks.md)"}
 
 
 def ssd_flops(b, L, h, P, g, N, Q):

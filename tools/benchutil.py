@@ -1,4 +1,4 @@
-"""Timing shared by the `tools.bench_*` scripts (METHOD.md: warm up, synchronise, repeat, take the median).
+"""Timing shared by the `tools.bench_*` scripts (docs/benchmarks.md, "Method": warm up, synchronise, repeat, take the median).
 
 Two clocks, both on the host:
 - `timeit` (the default in every bench): `rounds` rounds of `reps` calls dispatched back to back, one

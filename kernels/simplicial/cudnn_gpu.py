@@ -3,7 +3,7 @@
 For a k2 offset t (key k = i - t of query i) the rows b^t_ih = q_ih * k2_{i-t} meet the k1 window exactly as
 queries meet keys in causal sliding-window attention (window w1, keys k1, values v1, GQA over the K/V head).
 So the simplicial logits of offset t are ordinary attention logits, and the joint softmax over (j, t) is the
-per-offset softmax re-weighted by exp(lse^t - LSE) with LSE = logsumexp_t lse^t (REFERENCES.md section 1,
+per-offset softmax re-weighted by exp(lse^t - LSE) with LSE = logsumexp_t lse^t (docs/equations.md §1,
 Eq. 5-7; the same per-row-then-merge step the Triton kernel does in registers):
 
     O_ih = sum_t exp(lse^t_ih - LSE_ih) * v2_{i-t} * o^t_ih,   o^t = softmax_j(scale * b^t . k1_j) @ v1.

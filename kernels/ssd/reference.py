@@ -1,7 +1,7 @@
 """Pure-jnp SSD (Mamba-2 state-space duality, Dao & Gu 2024): the sequential oracle, the one-token decode step,
 and the chunked stages that every implementation shares.
 
-Recurrence (REFERENCES.md section 4), per batch b and head h (group g = h // (heads // groups)):
+Recurrence (docs/equations.md §2), per batch b and head h (group g = h // (heads // groups)):
     H_t = exp(dt_t A_h) H_{t-1} + dt_t x_t B_t^T          H_t in R^{P x N}
     y_t = H_t C_t + D_h x_t
 

@@ -19,7 +19,7 @@ SSM = Mamba2Config(d_state=8, head_dim=8, expand=2, ngroups=2, chunk_size=8)
 
 
 def _layer_oracle(p, u, cfg: Mamba2Config, eps, h0=None):
-    """float64 NumPy Mamba-2 block, token by token (REFERENCES.md section 4)."""
+    """float64 NumPy Mamba-2 block, token by token (docs/equations.md §2)."""
     f = lambda a: np.asarray(a, np.float64)
     u = f(u)
     b, L, d = u.shape
