@@ -5,7 +5,7 @@ RECIPE ?= dense_lm
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv interop train test test-gpu clean
+.PHONY: venv interop train lint test test-gpu clean
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -17,7 +17,11 @@ interop:
 train: venv
 	$(PY) -m recipes $(RECIPE) $(ARGS)
 
-test: interop
+# ruff check with pyproject.toml's [tool.ruff] settings (line length 120); `make test` runs it before pytest
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: interop lint
 	XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadscope --timeout 600 --durations=12 $(PYTEST_ARGS)
 
 test-gpu:
