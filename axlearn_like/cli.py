@@ -39,8 +39,10 @@ def tool_main(main_fn: Callable[..., int]) -> Callable[..., int]:
 
 
 def parse_args(argv, prog: str, presets: Mapping[str, Callable] | None):
-    p = argparse.ArgumentParser(prog=prog, description="Train a recipe (resumes from the latest checkpoint in --run-dir).")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (dotted path)")
+    p = argparse.ArgumentParser(prog=prog,
+                                description="Train a recipe (resumes from the latest checkpoint in --run-dir).")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (dotted path)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--run-dir", default=None, help="where checkpoints, metrics and logs go (default runs/<name>)")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -82,11 +84,13 @@ def build_config(config_fn: Callable, argv=None, presets=None, prog: str = "reci
     changes = config_changes(config_lib.to_dict(resumed), config_lib.to_dict(cfg), limit=4)
     if changes:
         print(f"note: {run_dir} continues with its saved config ({saved_path}); this recipe's defaults differ "
-              f"(saved -> recipe) in {', '.join(changes)}; change them with --set KEY=VALUE, or start from --config FILE", file=sys.stderr)
+              f"(saved -> recipe) in {', '.join(changes)}; change them with --set KEY=VALUE, or start from "
+              "--config FILE", file=sys.stderr)
     return resumed, args
 
 
-def main(config_fn: Callable, argv=None, presets: Mapping[str, Callable] | None = None, prog: str | None = None, run_fn=None) -> int:
+def main(config_fn: Callable, argv=None, presets: Mapping[str, Callable] | None = None, prog: str | None = None,
+         run_fn=None) -> int:
     """Parses the command line, applies overrides, then trains (or prints the config). Returns an exit code."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     prog = prog or os.path.basename(sys.argv[0])

@@ -83,7 +83,8 @@ def from_dict(d: Any) -> Any:
             if k == "_type":
                 continue
             if k not in names:
-                raise ConfigError(f"saved config has unknown key {k!r} for {cls.__qualname__} (written by another version?)")
+                raise ConfigError(
+                    f"saved config has unknown key {k!r} for {cls.__qualname__} (written by another version?)")
             kwargs[k] = _coerce(from_dict(v), hints.get(k, Any), k)
         return cls(**kwargs)
     if isinstance(d, list):

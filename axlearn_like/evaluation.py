@@ -14,7 +14,8 @@ from axlearn_like.task import Task
 
 def global_batch(local: dict, batch_sh: dict) -> dict:
     """This process's rows of a batch -> global jax.Arrays with the batch shardings (keys outside them dropped)."""
-    return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(v)) for k, v in local.items() if k in batch_sh}
+    return {k: jax.make_array_from_process_local_data(batch_sh[k], np.asarray(v))
+            for k, v in local.items() if k in batch_sh}
 
 
 def to_host(tree):

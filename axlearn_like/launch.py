@@ -64,7 +64,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError("multi-process: pass all of --coordinator HOST:PORT, --num-processes N and --process-id I")
     if explicit:
         if num_processes < 1 or not 0 <= process_id < num_processes:
-            raise ValueError(f"multi-process: --process-id {process_id} must be in [0, --num-processes {num_processes})")
+            raise ValueError(
+                f"multi-process: --process-id {process_id} must be in [0, --num-processes {num_processes})")
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"multi-process: --coordinator {coordinator!r} must be HOST:PORT (process 0's address)")
@@ -76,12 +77,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     heartbeat = _timeout(heartbeat_timeout_s, "AXL_HEARTBEAT_TIMEOUT_S", DEFAULT_HEARTBEAT_TIMEOUT_S)
     kwargs = dict(initialization_timeout=_timeout(init_timeout_s, "AXL_INIT_TIMEOUT_S", DEFAULT_INIT_TIMEOUT_S))
-    optional = dict(heartbeat_timeout_seconds=heartbeat,
-                    shutdown_timeout_seconds=_timeout(shutdown_timeout_s, "AXL_SHUTDOWN_TIMEOUT_S", DEFAULT_SHUTDOWN_TIMEOUT_S))
+    shutdown = _timeout(shutdown_timeout_s, "AXL_SHUTDOWN_TIMEOUT_S", DEFAULT_SHUTDOWN_TIMEOUT_S)
+    optional = dict(heartbeat_timeout_seconds=heartbeat, shutdown_timeout_seconds=shutdown)
     sig = inspect.signature(jax.distributed.initialize).parameters
     kwargs.update({k: v for k, v in optional.items() if k in sig})
     if explicit:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id, **kwargs)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                                   **kwargs)
     else:
         jax.distributed.initialize(**kwargs)
     if jax.process_index() == 0:

@@ -110,7 +110,8 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, *, decay_mask: Any, l
     parts = []
     if cfg.clip_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             mask=decay_mask))
     if any(s != 1.0 for s in jax.tree.leaves(lr_scales)):
         parts.append(_scale_by_tree(lr_scales))
     opt = optax.chain(*parts)

@@ -102,7 +102,8 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
         if math.prod(dcn) != granules or any(s % d for s, d in zip(shape, dcn)):
             raise ConfigError(
                 f"mesh.dcn_data/mesh.dcn_fsdp: {cfg.dcn_data} x {cfg.dcn_fsdp} must multiply to the {granules} "
-                f"{'slices' if by_slice else 'processes'} and divide mesh.data={sizes['data']} / mesh.fsdp={sizes['fsdp']}"
+                f"{'slices' if by_slice else 'processes'} and divide mesh.data={sizes['data']} / "
+                f"mesh.fsdp={sizes['fsdp']}"
             )
         ici = tuple(s // d for s, d in zip(shape, dcn))
         arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, process_is_granule=not by_slice)

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from axlearn_like import params as params_lib
-from axlearn_like import sharding as sharding_lib
+from axlearn_like import params as params_lib, sharding as sharding_lib
 from axlearn_like.config import ConfigError
 from axlearn_like.optimizers import cast_params, make_optimizer
 from axlearn_like.state import TrainState
@@ -92,7 +91,8 @@ def build_state_setup(cfg: Any, *, mesh=None, for_restore: bool = False) -> Stat
     param_sh = shard_tree(boxed_params)
     stats_sh = shard_tree(boxed.get("stats", {}))
     carry_abs = params_lib.unbox_values(boxed.get("carry", {}))
-    carry_sh = jax.tree.map(lambda s: sharding_for(s.shape, ("batch",) + (None,) * (s.ndim - 1), mesh, rules), carry_abs)
+    carry_sh = jax.tree.map(lambda s: sharding_for(s.shape, ("batch",) + (None,) * (s.ndim - 1), mesh, rules),
+                            carry_abs)
 
     def init_fn(rng):
         variables = nn.meta.unbox(task.init(rng, dummy))
@@ -112,7 +112,8 @@ def build_state_setup(cfg: Any, *, mesh=None, for_restore: bool = False) -> Stat
         optimizer, lambda _, s: s, abstract_unsharded.opt_state, param_sh,
         transform_non_params=lambda _: replicated,
     )
-    state_sharding = TrainState(step=replicated, rng=replicated, params=param_sh, opt_state=opt_sh, stats=stats_sh, carry=carry_sh)
+    state_sharding = TrainState(step=replicated, rng=replicated, params=param_sh, opt_state=opt_sh, stats=stats_sh,
+                                carry=carry_sh)
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_unsharded, state_sharding
     )

@@ -174,7 +174,8 @@ class Task(abc.ABC):
         """
         prompt = check_generate_args(prompt_tokens, num_new, top_k, self.vocab_size)
         if cached and options:
-            raise ValueError(f"generate: options {sorted(options)} apply to the full-recompute loop only (cached=False)")
+            raise ValueError(
+                f"generate: options {sorted(options)} apply to the full-recompute loop only (cached=False)")
         variables = {k: v for k, v in variables.items() if k in ("params", "stats")}
         loop = _generate_cached if cached else _generate_recompute
         return loop(self, variables, prompt, rng, int(num_new), float(temperature), top_k,

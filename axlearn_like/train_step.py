@@ -49,7 +49,8 @@ def make_train_step(setup: StateSetup, cfg):
         def micro(acc, xs):
             stats, grads_acc = acc
             mb, carry_m, i = xs
-            (loss, (metrics, new_stats, new_carry)), grads = grad_fn(state.params, stats, carry_m, mb, jax.random.fold_in(rng, i))
+            (loss, (metrics, new_stats, new_carry)), grads = grad_fn(
+                state.params, stats, carry_m, mb, jax.random.fold_in(rng, i))
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grads_acc, grads)  # float32 sums
             return (new_stats, grads_acc), (loss, metrics, new_carry)
 

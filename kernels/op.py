@@ -63,7 +63,8 @@ class Op:
         for platform, names in cls.preference.items():
             bad = [n for n in names if n not in impls or platform not in impls[n]]
             if platform not in PLATFORMS or bad:
-                raise TypeError(f"{cls.__qualname__}: preference[{platform!r}] lists {bad or names} that do not run there")
+                raise TypeError(
+                    f"{cls.__qualname__}: preference[{platform!r}] lists {bad or names} that do not run there")
 
     @property
     def IMPLEMENTATIONS(self) -> tuple[str, ...]:  # noqa: N802 - the exported table's name
