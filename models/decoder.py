@@ -396,6 +396,6 @@ def unstack_layer_params(tree: dict, cfg: DecoderConfig, axis: int = 0) -> dict:
             continue
         for r in range(n_rep):
             new[layer_name(r * cfg.period + j)] = jax.tree.map(
-                lambda x: jnp.take(x, r, axis=axis), stack["layers"][block_name(j)]
+                lambda x, r=r: jnp.take(x, r, axis=axis), stack["layers"][block_name(j)]
             )
     return _replace_at(tree, path, new)

@@ -17,7 +17,7 @@ from axlearn_like.config import ConfigError, apply_overrides, config_class
 from axlearn_like.params import logical_axes, param_init
 from axlearn_like.sharding import DEFAULT_RULES
 from models.attention import AttentionConfig
-from models.decoder import Decoder, DecoderConfig, stack_layer_params, unstack_layer_params
+from models.decoder import Decoder, stack_layer_params, unstack_layer_params
 from models.ebt import System2AttentionConfig
 from models.ebt_denoise import BidirectionalAttentionConfig
 from models.kinds import FFNConfig, LayerContext, MixerConfig, NoFFNConfig
