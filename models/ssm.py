@@ -48,7 +48,7 @@ import numpy as np
 
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.params import param_init
-from kernels.ssd import IMPLEMENTATIONS as SSD_IMPLEMENTATIONS, ssd, ssd_step
+from kernels.ssd import IMPLEMENTATIONS as SSD_IMPLEMENTATIONS, OP as SSD_OP, ssd, ssd_step
 from kernels.ssd.reference import document_index
 from models.decoder import Decoder, DecoderConfig, unstack_layer_params
 from models.kinds import LayerContext, MixerConfig, check_implementation
@@ -115,7 +115,9 @@ class Mamba2Config(MixerConfig):
         require(self.fitted_noise_scope in FITTED_NOISE_SCOPES, "fitted_noise_scope",
                 f"{self.fitted_noise_scope!r} is not one of {list(FITTED_NOISE_SCOPES)}")
         check_implementation(self.implementation, SSD_IMPLEMENTATIONS, "ssd")
-        require(not (self.document_reset and self.implementation in ("pallas", "triton")), "document_reset",
+        # the op's own rule (kernels.ssd.OP.unsupported): which implementations take segment_ids
+        fused_no_reset = self.implementation is not None and SSD_OP.unsupported(self.implementation, segments=True)
+        require(not (self.document_reset and fused_no_reset), "document_reset",
                 f"needs implementation None or 'xla' (the fused {self.implementation!r} SSD has no document "
                 f"reset); set implementation=None or document_reset=False")
 
