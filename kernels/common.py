@@ -96,3 +96,18 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def check_attention_shapes(op: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids=None) -> None:
+    """Op.validate helper for (grouped-query) attention: q [batch, seq, heads, head_dim], k and v of one shape
+    [batch, seq, kv_heads, head_dim] with heads % kv_heads == 0, segment_ids [batch, seq] or None. Raises a
+    one-line ValueError starting with `op`."""
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"{op}: q must be [batch, seq, heads, head_dim] and k, v one shape [batch, seq, "
+                         f"kv_heads, head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}")
+    if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
+        raise ValueError(f"{op}: q {q.shape} and k {k.shape} must agree in batch, seq and head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{op}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]}")
+    if segment_ids is not None and tuple(segment_ids.shape) != q.shape[:2]:
+        raise ValueError(f"{op}: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")

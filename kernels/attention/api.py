@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kernels import common
 from kernels.op import PLATFORMS, Op
 
 
@@ -22,15 +23,7 @@ class DotProductAttention(Op):
     preference = {"gpu": ("cudnn",)}
 
     def validate(self, q, k, v, segment_ids=None):
-        if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-            raise ValueError(f"{self.name}: q must be [batch, seq, heads, head_dim] and k, v one shape [batch, seq, "
-                             f"kv_heads, head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}")
-        if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
-            raise ValueError(f"{self.name}: q {q.shape} and k {k.shape} must agree in batch, seq and head_dim")
-        if q.shape[2] % k.shape[2]:
-            raise ValueError(f"{self.name}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]}")
-        if segment_ids is not None and tuple(segment_ids.shape) != q.shape[:2]:
-            raise ValueError(f"{self.name}: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
+        common.check_attention_shapes(self.name, q, k, v, segment_ids)
 
     def facts(self, q, k, v, segment_ids=None):
         return {"dtype": q.dtype, "head_dim": q.shape[-1]}

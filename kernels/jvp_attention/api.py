@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from kernels import common
 from kernels.jvp_attention import reference
 from kernels.op import PLATFORMS, Op, requires_jax_triton
 
@@ -139,17 +140,9 @@ class JVPAttention(Op):
     preference = {"gpu": ("triton",), "tpu": ("pallas",)}
 
     def validate(self, q, k, v, segment_ids=None):
-        if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-            raise ValueError(f"{_OP}: q must be [batch, seq, heads, head_dim] and k, v one shape [batch, seq, "
-                             f"kv_heads, head_dim]; got q {q.shape}, k {k.shape}, v {v.shape}")
-        if (k.shape[0], k.shape[1], k.shape[3]) != (q.shape[0], q.shape[1], q.shape[3]):
-            raise ValueError(f"{_OP}: q {q.shape} and k {k.shape} must agree in batch, seq and head_dim")
-        if q.shape[2] % k.shape[2]:
-            raise ValueError(f"{_OP}: heads={q.shape[2]} must be a multiple of kv_heads={k.shape[2]}")
+        common.check_attention_shapes(_OP, q, k, v, segment_ids)
         if len({q.dtype, k.dtype, v.dtype}) != 1 or not jnp.issubdtype(q.dtype, jnp.floating):
             raise ValueError(f"{_OP}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-        if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-            raise ValueError(f"{_OP}: segment_ids must be [batch, seq] = {q.shape[:2]}, got {segment_ids.shape}")
 
     def facts(self, q, k, v, segment_ids=None):
         return {"head_dim": q.shape[-1]}

@@ -342,6 +342,37 @@ def test_fitted_noise_is_one_gaussian_per_layer_and_head():
     assert len(means) == 2 and rel_err(np.asarray(means[0]), np.asarray(means[1])) > 1e-2
 
 
+@pytest.mark.parametrize("scope", ["head", "element"])
+def test_fitted_noise_layer_draws_the_scoped_gaussian(scope):
+    """The initial state a fitted_noise training apply draws is the scoped Gaussian of the layer's moments. With
+    A ~ 0 (no decay) the SSD adds h_{-1} to the final state unchanged, so h_{-1} = final(fitted) - final(zeros).
+    Moments: entry means far apart inside a head, small per-entry variances; "head" draws every entry of a head
+    from one N(pooled mean, pooled std), "element" each entry from its own."""
+    cfg = dataclasses.replace(SSM, initial_state="fitted_noise", fitted_noise_scope=scope)
+    b, L = 64, 5
+    u = jax.random.normal(jax.random.key(2), (b, L, 16))
+    layer, v = _init_layer(cfg, u)
+    H, P, N = v["stats"]["fs_mean"].shape
+    rng = np.random.default_rng(3)
+    mean = 3.0 * rng.normal(size=(H, P, N)) + 10.0 * np.arange(H)[:, None, None]
+    params = {**v["params"], "A_log": jnp.full((H,), -30.0)}
+    stats = {"fs_count": jnp.float32(5.0), "fs_mean": jnp.asarray(mean, jnp.float32),
+             "fs_sq": jnp.asarray(mean ** 2 + 0.01, jnp.float32)}
+    final = lambda m: m.apply({**v, "params": params, "stats": stats}, u, train=True, mutable=["stats", "carry"],
+                              rngs={"dropout": jax.random.key(4)})[1]["carry"]["ssm_state"]
+    zero = layer.clone(cfg=dataclasses.replace(cfg, initial_state="zeros"))
+    h0 = np.asarray(final(layer) - final(zero), np.float64)  # [b, H, P, N]
+    entry_mean = h0.mean(0)
+    for h in range(H):
+        pooled_mu, pooled_sd = mean[h].mean(), np.sqrt((mean[h] ** 2 + 0.01).mean() - mean[h].mean() ** 2)
+        if scope == "head":
+            assert np.abs(entry_mean[h] - pooled_mu).max() < 5 * pooled_sd / np.sqrt(b)
+            np.testing.assert_allclose(h0[:, h].std(), pooled_sd, rtol=0.05)
+        else:
+            assert np.abs(entry_mean[h] - mean[h]).max() < 5 * 0.1 / np.sqrt(b) + 1e-3
+            np.testing.assert_allclose(h0[:, h].std(0), 0.1, rtol=0.5)
+
+
 def test_lengthgen_zeros_control_starts_every_packed_document_from_zero():
     """recipes.mamba2 lengthgen packs documents into rows; its zeros control (the default initial_state) must
     run each document exactly as if it were alone in its row: zero state, empty conv window (issue 22, item 8)."""
