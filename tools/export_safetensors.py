@@ -1,6 +1,7 @@
 """`python -m tools.export_safetensors RUN_DIR OUT_DIR [--step N]`: writes the parameters of a checkpoint as
 `model.safetensors` (flat names like `stack.layer_0.mixer.query.kernel`, float32, JAX layout: a Dense kernel
-is [in, out], the transpose of torch.nn.Linear.weight) plus `config.json` (the resolved axlearn_like config),
+is [in, out], the transpose of torch.nn.Linear.weight), the `stats` collection the outputs depend on (e.g.
+MoE routing biases) as `stats.<path>` tensors, plus `config.json` (the resolved axlearn_like config),
 loadable with `safetensors.torch.load_file` / HF tooling. `tools.import_safetensors` reverses it. Works on a
 checkpoint written by any number of processes (it is read in one process)."""
 from __future__ import annotations
@@ -27,6 +28,21 @@ def flatten(tree, prefix=()) -> dict[str, np.ndarray]:
         else:
             out[SEP.join(path)] = np.asarray(v)
     return out
+
+
+STATS_PREFIX = "stats" + SEP  # tensors of the `stats` collection: "stats.<leaf path>"
+
+
+def stats_tensors(stats) -> dict[str, np.ndarray]:
+    """The `stats` collection (non-gradient state the outputs depend on, e.g. MoE routing biases) as
+    `stats.<leaf path>` tensors (path as checkpoint.leaf_name writes it: dict keys and struct fields) in
+    their own dtype."""
+    import jax
+
+    from axlearn_like.checkpoint import leaf_name
+
+    return {STATS_PREFIX + leaf_name(p): np.asarray(jax.device_get(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(stats)[0]}
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict:
@@ -73,7 +89,10 @@ def export(run_dir: str, out_dir: str, step: int | None = None, *, overwrite: bo
     check_out_dir(out_dir, ("model.safetensors", "config.json"), overwrite)
     task, variables, cfg = checkpoint.load(run_dir, step, masters=True)  # float32 masters where the run keeps them
     params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), variables["params"])
+    if "stats" in params:
+        raise ValueError("a top-level parameter named 'stats' would collide with the exported stats tensors")
     flat = flatten(params)
+    flat.update(stats_tensors(variables.get("stats") or {}))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "model.safetensors")
     _write_atomic(path, lambda p: save_file(flat, p, metadata={"format": "axlearn_like", "name": cfg.name}))

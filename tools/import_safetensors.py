@@ -88,7 +88,8 @@ def import_(in_dir: str, run_dir: str, step: int = 0, *, add_to_existing: bool =
 
     from axlearn_like import rundir
     from axlearn_like.state_setup import build_state_setup
-    from tools.export_safetensors import flatten, unflatten
+    from axlearn_like.checkpoint import leaf_name
+    from tools.export_safetensors import STATS_PREFIX, flatten, unflatten
 
     st_path, cfg_path = os.path.join(in_dir, "model.safetensors"), os.path.join(in_dir, "config.json")
     if _hf_model_type(cfg_path) is not None:
@@ -98,17 +99,35 @@ def import_(in_dir: str, run_dir: str, step: int = 0, *, add_to_existing: bool =
         if not os.path.exists(pth):
             raise FileNotFoundError(f"{pth} is missing; IN_DIR must hold model.safetensors and config.json")
     cfg = rundir.read_config_file(cfg_path)
+    from axlearn_like.trainer import ExperimentConfig
+
+    if not isinstance(cfg, ExperimentConfig):
+        raise ValueError(f"{cfg_path} holds a {type(cfg).__name__}, not an experiment config (a run's config.json, "
+                         f"as tools.export_safetensors writes it)")
     loaded = read_safetensors(st_path)
-    abstract = build_state_setup(cfg).abstract_state.params  # zero-stride views: names and shapes, no memory
-    want = flatten(jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), abstract))
-    missing, extra = sorted(set(want) - set(loaded)), sorted(set(loaded) - set(want))
+    state = build_state_setup(cfg).abstract_state
+    # zero-stride views: names and shapes, no memory
+    want = flatten(jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), state.params))
+    stats_leaves, stats_def = jax.tree_util.tree_flatten_with_path(state.stats)
+    want_stats = {STATS_PREFIX + leaf_name(p): tuple(x.shape) for p, x in stats_leaves}
+    got_stats = {k for k in loaded if k.startswith(STATS_PREFIX)}
+    missing = sorted(set(want) - set(loaded)) + sorted(set(want_stats) - got_stats if got_stats else ())
+    extra = sorted(set(loaded) - set(want) - set(want_stats))
     if missing or extra:
         raise ValueError(f"tensor names do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for k in want:
-        if tuple(want[k].shape) != tuple(loaded[k].shape):
-            raise ValueError(f"{k}: shape {loaded[k].shape} in the file, {tuple(want[k].shape)} in the model")
+    shapes = {**{k: tuple(v.shape) for k, v in want.items()}, **(want_stats if got_stats else {})}
+    for k, shape in shapes.items():
+        if shape != tuple(loaded[k].shape):
+            raise ValueError(f"{k}: shape {loaded[k].shape} in the file, {shape} in the model")
+    stats = None
+    if got_stats:
+        stats = jax.tree_util.tree_unflatten(stats_def, [loaded[k] for k in want_stats])
+    elif want_stats:
+        print(f"note: {st_path} holds no stats tensors (written before export_safetensors wrote them?); the model's "
+              f"stats ({', '.join(list(want_stats)[:2])}{', ...' if len(want_stats) > 2 else ''}) start from their "
+              f"initial values, so outputs that depend on them (MoE routing) can differ from the exported run's")
     return write_run(run_dir, cfg, unflatten({k: loaded[k] for k in want}), step=step, source=os.path.abspath(in_dir),
-                     add_to_existing=add_to_existing)
+                     add_to_existing=add_to_existing, stats=stats)
 
 
 @tool_main
