@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--all", action="store_true", help="every recipe's GPU preset (ALL), one process each; one table")
     p.add_argument("--no-hot-op", action="store_true", help="skip timing the preset's hot op alone")
+    p.add_argument("--kernel-profile", type=int, default=0, metavar="N",
+                   help="trace N more steps; print device time per kernel kind and the top kernels")
     a = p.parse_args(argv)
     if a.all:
         return run_all(a)
@@ -223,6 +225,19 @@ def main(argv=None) -> int:
                     ck.wait()
                 ck.close()
         host_metrics = {k: np.asarray(jax.device_get(v)) for k, v in m.items()}
+        if a.kernel_profile > 0:
+            from tools import benchutil
+
+            box = [state]
+
+            def one_step(batch):
+                box[0], metrics = step_fn(box[0], batch)
+                return metrics
+
+            prof = benchutil.device_ops(one_step, (batches[0],), calls=a.kernel_profile, top=20)
+            hlo = step_fn.lower(box[0], batches[0]).compile().as_text()
+            benchutil.print_device_ops(f"{a.recipe}:{a.preset} train step", prof, hlo)
+            state = box[0]
     block_s, next_step_s = blocks[-1], step_s + slowdowns[-1]
     stall_s = block_s + max(0.0, next_step_s - step_s)
     tokens = g * s
