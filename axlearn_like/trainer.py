@@ -311,11 +311,14 @@ def _train(r: _Run) -> dict:
                     if bar is not None:
                         bar.write(f"step {step}: eval {task.describe_eval(ev)}")
                 writer.flush()  # a step's metrics are on disk before its checkpoint
-                if r.checkpoints.should_save(step, final=final, preempted=sigterm.set):
-                    r.checkpoints.save(step, state, r.train_iter, force=sigterm.set)
+                # Read the flag once: a SIGTERM arriving after this point (during the save or the fault sleep) is
+                # handled at the end of the next step, so "saved checkpoint at step N" is always true.
+                stop = sigterm.set
+                if r.checkpoints.should_save(step, final=final, preempted=stop):
+                    r.checkpoints.save(step, state, r.train_iter, force=stop)
                 if fault_sleep:
                     time.sleep(fault_sleep)
-                if sigterm.set:
+                if stop:
                     if r.is_main:
                         print(f"SIGTERM: saved checkpoint at step {step}; exiting", flush=True)
                     break
