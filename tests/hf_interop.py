@@ -77,9 +77,9 @@ def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
 CLEAN_LOADING = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
 
 
-def random_run(recipe: str, run_dir: str, overrides: list[str], seed: int = 0):
-    """A run of recipes.<recipe> (+ overrides) whose every parameter is random, norms and biases included
-    (initial values would hide a mis-mapped norm or bias). Returns its config."""
+def random_run(recipe: str, run_dir: str, overrides: list[str], seed: int = 0, preset: str | None = None):
+    """A run of recipes.<recipe> (its `preset`, + overrides) whose every parameter is random, norms and biases
+    included (initial values would hide a mis-mapped norm or bias). Returns its config."""
     import importlib
 
     import jax
@@ -88,7 +88,8 @@ def random_run(recipe: str, run_dir: str, overrides: list[str], seed: int = 0):
     from axlearn_like.state_setup import build_state_setup
     from tools.import_safetensors import write_run
 
-    cfg = config_lib.apply_overrides(importlib.import_module(f"recipes.{recipe}").config(), overrides)
+    mod = importlib.import_module(f"recipes.{recipe}")
+    cfg = config_lib.apply_overrides(mod.PRESETS[preset]() if preset else mod.config(), overrides)
     abstract = build_state_setup(cfg).abstract_state.params
     rng = np.random.RandomState(seed)
     params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) * 0.2).astype(np.float32), abstract)

@@ -14,6 +14,7 @@ A test module that needs another kind of HF-side check adds an op to `run` here.
 Patch "mamba2_group_norm": transformers' CPU Mamba2 path normalises the gated output over all of d_inner,
 while its CUDA kernels (and mamba_ssm, which trained the checkpoints) normalise per group of
 d_inner / n_groups; the patch makes the CPU path normalise per group like the kernels.
+Patch "granite_group_norm": the same for GraniteMoeHybrid's Mamba-2 layers (mamba_n_groups).
 RESULT.json: {"versions": {...}, "jobs": [per-job info]}.
 """
 from __future__ import annotations
@@ -22,12 +23,18 @@ import json
 import sys
 
 
-def _patch_mamba2_group_norm(n_groups: int):
-    """-> a function that undoes the patch."""
+def _patch_mamba2_group_norm(n_groups: int, granite: bool = False):
+    """-> a function that undoes the patch (granite: GraniteMoeHybrid's gated norm, the same code)."""
     import torch
-    from transformers.models.mamba2 import modeling_mamba2 as m
+    if granite:
+        from transformers.models.granitemoehybrid import modeling_granitemoehybrid as mod
 
-    original = m.MambaRMSNormGated.forward
+        cls = mod.GraniteMoeHybridRMSNormGated
+    else:
+        from transformers.models.mamba2 import modeling_mamba2 as mod
+
+        cls = mod.MambaRMSNormGated
+    original = cls.forward
 
     def forward(self, hidden_states, gate=None):
         dtype = hidden_states.dtype
@@ -38,10 +45,10 @@ def _patch_mamba2_group_norm(n_groups: int):
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
         return self.weight * g.view(h.shape).to(dtype)
 
-    m.MambaRMSNormGated.forward = forward
+    cls.forward = forward
 
     def undo():
-        m.MambaRMSNormGated.forward = original
+        cls.forward = original
 
     return undo
 
@@ -50,6 +57,8 @@ def _apply_patch(job: dict, config):
     """Applies job["patch"] (None: nothing); -> a function that undoes it."""
     if job.get("patch") == "mamba2_group_norm":
         return _patch_mamba2_group_norm(config.n_groups)
+    if job.get("patch") == "granite_group_norm":
+        return _patch_mamba2_group_norm(config.mamba_n_groups, granite=True)
     if job.get("patch") is not None:
         raise ValueError(f"unknown patch {job['patch']!r}")
     return lambda: None

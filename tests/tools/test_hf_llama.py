@@ -201,3 +201,42 @@ def test_tool_errors_on_foreign_folders_are_one_line(tmp_path, capsys, work):
     # and once as a real command line: no traceback, no log lines, one line on stderr
     r = run_tool("tools.export_hf", str(tmp_path / "norun"), str(tmp_path / "o3"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("garbage", "is not a readable safetensors file"),
+    ("missing_shard", "named in model.safetensors.index.json are missing"),
+    ("bad_index", "is not a valid safetensors index"),
+    ("pickles_only", "holds PyTorch pickles only"),
+    ("bad_json", "config.json is not valid JSON"),
+    ("no_model_type", "has no model_type"),
+    ("axlearn_export", "use python -m tools.import_safetensors"),
+    ("missing_tensor", "lm_head.weight: the tensor is missing"),
+])
+def test_damaged_or_foreign_hf_folders_are_one_line_errors(tmp_path, capsys, damage, needle):
+    """import_hf on a damaged or foreign folder: one `error:` line naming what is wrong, nothing written."""
+    from tools import import_hf
+
+    d = _hf_folder(tmp_path)
+    st, cfg = os.path.join(d, "model.safetensors"), os.path.join(d, "config.json")
+    if damage == "garbage":
+        with open(st, "wb") as f:
+            f.write(b"\xff" * 64)
+    elif damage in ("missing_shard", "bad_index"):
+        os.remove(st)
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            f.write(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}) if damage == "missing_shard"
+                    else "{")
+    elif damage == "pickles_only":
+        os.remove(st)
+        open(os.path.join(d, "pytorch_model.bin"), "wb").close()
+    elif damage == "bad_json":
+        open(cfg, "w").write("{")
+    elif damage == "no_model_type":
+        open(cfg, "w").write(json.dumps({"architectures": ["X"]}))
+    elif damage == "axlearn_export":
+        open(cfg, "w").write(json.dumps({"_type": "axlearn_like.trainer:ExperimentConfig"}))
+    assert import_hf.main([d, str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not os.path.exists(tmp_path / "run")

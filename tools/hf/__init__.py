@@ -34,15 +34,8 @@ FAMILIES = ("llama", "mamba2", "deepseek", "granite")
 
 
 def family_modules() -> list[ModuleType]:
-    """The family modules that exist in this checkout, in FAMILIES order."""
-    mods = []
-    for name in FAMILIES:
-        try:
-            mods.append(importlib.import_module(f"tools.hf.{name}"))
-        except ModuleNotFoundError as e:
-            if e.name != f"tools.hf.{name}":
-                raise
-    return mods
+    """The family modules, in FAMILIES order."""
+    return [importlib.import_module(f"tools.hf.{name}") for name in FAMILIES]
 
 
 def family_for(model_type: str) -> ModuleType:

@@ -351,7 +351,8 @@ def build_config(hf: dict, family, overrides: Iterable[str] = (), tokenizer: str
     cfg.model = dataclasses.replace(cfg.model, **fields)
     if hasattr(cfg.model, "sample"):
         cfg.model.sample = dataclasses.replace(cfg.model.sample)
-    cfg.name = f"{family.RECIPE}_{hf['model_type']}"
+    # cfg.name stays the recipe's: `python -m recipes.<RECIPE> --run-dir RUN_DIR` continues only runs of its own
+    # configs (the source's model_type is in RUN_DIR/hf_source/config.json)
     if tokenizer is not None and hasattr(cfg.data, "tokenizer"):
         cfg.data.tokenizer = tokenizer
     return config_lib.apply_overrides(cfg, list(overrides))
