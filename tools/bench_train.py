@@ -326,8 +326,8 @@ def main(argv=None) -> int:
 
 
 # The GPU presets `--all` runs: (recipe, preset). EBT's per-inner-step ratio is tools.bench_ebt's job.
-ALL = (("dense_lm", "gpu_1b"), ("moe", "gpu_0p8b"), ("moe", "deepseek_v3_gpu"), ("mamba2", "gpu_340m"),
-       ("simplicial", "gpu_1b"), ("ebt", "gpu"))
+ALL = (("simplicial", "gpu_1b"), ("moe", "deepseek_v3_gpu"), ("dense_lm", "gpu_1b"), ("moe", "gpu_0p8b"),
+       ("mamba2", "gpu_340m"), ("ebt", "gpu"))
 
 
 def run_all(a) -> int:
@@ -350,6 +350,10 @@ def run_all(a) -> int:
             if p.returncode == 0 and os.path.exists(path):
                 with open(path) as f:
                     rows.append(json.load(f))
+                r = rows[-1]
+                print(f"  step {r['step_s']*1e3:.1f} ms, {r['model_tflops_per_device']:.1f} TFLOP/s, peak "
+                      f"{(r.get('peak_memory_bytes') or 0)/2**30:.1f} GiB, hot op {r.get('hot_op')} "
+                      f"{r.get('hot_op_tflops') or 0:.0f} TFLOP/s", flush=True)
             else:
                 tail = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
                 rows.append({"recipe": recipe, "preset": preset, "error": (tail[-1] if tail else "failed")[:160]})
