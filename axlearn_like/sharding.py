@@ -119,6 +119,15 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     return Mesh(arr, MESH_AXES)
 
 
+def use_mesh(mesh):
+    """Context that makes `mesh` the current mesh: `jax.set_mesh` for a concrete Mesh; for an AbstractMesh
+    (tracing for devices this host does not have, e.g. a TPU pod slice in tools.tpu_compile)
+    `jax.sharding.use_abstract_mesh`, which set_mesh refuses."""
+    if isinstance(mesh, jax.sharding.AbstractMesh):
+        return jax.sharding.use_abstract_mesh(mesh)
+    return jax.set_mesh(mesh)
+
+
 def logical_rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
     rules = dict(DEFAULT_RULES)
     for k, v in cfg.rules.items():

@@ -74,7 +74,7 @@ def build_state_setup(cfg: Any, *, mesh=None, for_restore: bool = False) -> Stat
     dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
     init_rng = jax.random.PRNGKey(cfg.trainer.seed)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharding_lib.use_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda r: task.init(r, dummy), init_rng)
     boxed_params = boxed["params"]
     optimizer, schedule = make_optimizer(
@@ -106,7 +106,7 @@ def build_state_setup(cfg: Any, *, mesh=None, for_restore: bool = False) -> Stat
             carry=variables.get("carry", {}),
         )
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with sharding_lib.use_mesh(mesh), nn.logical_axis_rules(rules):
         abstract_unsharded = jax.eval_shape(init_fn, init_rng)
     opt_sh = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract_unsharded.opt_state, param_sh,

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 _TARGET = contextvars.ContextVar("kernels_target_backend", default=None)
 
@@ -45,6 +48,87 @@ def backend() -> str:
 def pallas_interpret() -> bool:
     """Pallas kernels run compiled on TPU and GPU, and in interpret mode everywhere else (CPU tests)."""
     return backend() not in ("tpu", "gpu")
+
+
+def out_struct(shape, dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
+    """A pallas_call result's ShapeDtypeStruct. Inside a `jax.shard_map` (with check_vma) Pallas needs to know
+    which manual mesh axes the result varies over: those any of `like` (the kernel's inputs) varies over."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
+def free_mesh():
+    """The current mesh if it spreads over more than one device and no axis is manual yet (not inside a
+    jax.shard_map), else None: where a Mosaic kernel needs `partitioned` to lower."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
+        return None
+    return mesh
+
+
+def partitioned(fn, args: tuple, dims: tuple[str, ...], out_dims):
+    """fn(*args) run per device under `jax.shard_map` when traced under a mesh of more than one device (XLA
+    cannot partition a Mosaic kernel: it refuses to lower one outside a shard_map on a multi-device mesh);
+    fn(*args) itself otherwise, or inside a shard_map that already made every axis manual.
+
+    dims[i] spells args[i]'s axes, one letter each: 'b' batch, 'h' heads, '.' whole (None args are passed
+    through). 'b' axes split over the mesh axes that the active logical rules (flax's, else
+    axlearn_like.sharding.DEFAULT_RULES) give "batch", 'h' over those they give "heads"; a mesh axis is used only
+    where it divides every such dimension, and a mesh axis left over (e.g. tensor when the heads do not divide)
+    splits the batch too where it can, so no chip repeats another's work. out_dims: the same for fn's
+    output(s) (a str, or a tuple of them for a tuple of outputs). fn must treat its batch rows and heads
+    independently (GQA: its query and key heads split into the same number of contiguous chunks)."""
+    mesh = free_mesh()
+    if mesh is None:
+        return fn(*args)
+    import flax.linen as nn
+
+    from axlearn_like import sharding as shd
+
+    rules = dict(nn.get_logical_axis_rules() or shd.DEFAULT_RULES)
+
+    def targets(logical):
+        t = rules.get(logical)
+        return () if t is None else (t,) if isinstance(t, str) else tuple(t)
+
+    present = [(x, d) for x, d in zip(args, dims) if x is not None]
+    sizes = {c: [x.shape[i] for x, d in present for i, ch in enumerate(d) if ch == c] for c in "bh"}
+    split = {"b": [], "h": []}
+
+    def take(c, axis):
+        n = mesh.shape[axis] * math.prod(mesh.shape[a] for a in split[c])
+        if sizes[c] and mesh.shape[axis] > 1 and all(s % n == 0 for s in sizes[c]):
+            split[c].append(axis)
+            return True
+        return False
+
+    used = set()
+    for c, logical in (("b", "batch"), ("h", "heads")):
+        for axis in targets(logical):
+            if axis in mesh.axis_names and axis not in used and take(c, axis):
+                used.add(axis)
+    for axis in mesh.axis_names:  # leftovers (e.g. tensor over one K/V head) split the batch further
+        if axis not in used and take("b", axis):
+            used.add(axis)
+    if not used:
+        return fn(*args)
+
+    def spec(d):
+        entry = lambda ch: (tuple(split[ch]) or None) if ch in split else None
+        return P(*(entry(ch) for ch in d))
+
+    keep = [i for i, x in enumerate(args) if x is not None]
+
+    def local(*xs):
+        full = list(args)
+        for i, x in zip(keep, xs):
+            full[i] = x
+        return fn(*full)
+
+    in_specs = tuple(spec(dims[i]) for i in keep)
+    out_specs = spec(out_dims) if isinstance(out_dims, str) else tuple(spec(d) for d in out_dims)
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*(args[i] for i in keep))
 
 
 @functools.cache

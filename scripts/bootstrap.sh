@@ -32,6 +32,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -c "import jax, flax, optax, orbax.checkpoint, grain" || { echo "error: dependency install failed; see the pip output above" >&2; exit 1; }
   touch "$stamp"
 fi
+# libtpu, the TPU compiler (jax 0.11.2's pin), for `tools.tpu_compile --compile` and its tests: Mosaic's and
+# XLA:TPU's compile on a CPU host (~220 MB download). Into $VENV/libtpu, outside sys.path: an importable libtpu
+# would make every JAX program probe for a TPU; tools/tpu_compile.py points JAX at it only to compile.
+LIBTPU="libtpu==0.0.48.1"
+ltstamp="$VENV/libtpu/.installed-$LIBTPU"
+if [ ! -f "$ltstamp" ]; then
+  echo "bootstrap: installing $LIBTPU into $VENV/libtpu (TPU compiler for tools.tpu_compile)"
+  rm -rf "$VENV/libtpu"
+  if "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/libtpu" "$LIBTPU" >"$VENV/libtpu-install.log" 2>&1; then
+    touch "$ltstamp"
+  else
+    echo "bootstrap: warning: $LIBTPU did not install (see $VENV/libtpu-install.log): TPU compile tests are skipped" >&2
+  fi
+fi
 # --interop: also .venv-interop (Python 3.11) with pyproject.toml's `interop` extra, for the Hugging Face tests.
 if [ "${1:-}" = "--interop" ]; then
   IVENV=${INTEROP_VENV:-.venv-interop}

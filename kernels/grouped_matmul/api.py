@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels import common
 from kernels.op import PLATFORMS, Op, requires_jax_triton
 
 _OP = "grouped_matmul"
@@ -118,7 +119,14 @@ class GroupedMatmul(Op):
         if not jnp.issubdtype(lhs.dtype, jnp.floating) or not jnp.issubdtype(rhs.dtype, jnp.floating):
             raise ValueError(f"{_OP}: lhs and rhs must be floating point, got {lhs.dtype} and {rhs.dtype}")
 
-    def unsupported(self, implementation):
+    def facts(self, lhs, rhs, group_sizes):
+        return {"unpartitioned": common.free_mesh() is not None and not common.pallas_interpret()}
+
+    def unsupported(self, implementation, *, unpartitioned=False):
+        if implementation == "pallas" and unpartitioned:
+            # A Mosaic kernel runs per chip, and the row groups span the whole (sharded) batch.
+            return ("cannot be partitioned over a multi-device mesh outside jax.shard_map (the row groups span the "
+                    "sharded batch); call it inside a shard_map (the MoE layer does with an expert mesh axis)")
         return requires_jax_triton() if implementation == "triton" else None
 
 

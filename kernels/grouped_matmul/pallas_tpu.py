@@ -121,7 +121,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling = 
         rhs_spec = pl.BlockSpec((1, tk, tn), lambda j, v, kk, t, g, *_: (g[v], kk, j))
     out = pl.pallas_call(
         functools.partial(_gmm_kernel, tm=tm, nk=k_tiles, transpose_rhs=transpose_rhs),
-        out_shape=jax.ShapeDtypeStruct((m_tiles * tm, n_tiles * tn), lhs.dtype),
+        out_shape=common.out_struct((m_tiles * tm, n_tiles * tn), lhs.dtype, lhs_p, rhs_p, vis.tile),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6,
             grid=(n_tiles, nv, k_tiles),
@@ -131,6 +131,7 @@ def gmm(lhs, rhs, group_sizes, *, transpose_rhs: bool = False, tiling: Tiling = 
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=common.pallas_interpret(),
+        name="grouped_matmul_gmm",
     )(vis.tile, vis.group, vis.valid, vis.first_tile, vis.starts, vis.ends, lhs_p, rhs_p)
     return out[:m, :n]
 
@@ -168,7 +169,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling(), out_dtype=None):
     nv = vis.tile.shape[0]
     out = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm),
-        out_shape=jax.ShapeDtypeStruct((g, k_tiles * tk, n_tiles * tn), out_dtype),
+        out_shape=common.out_struct((g, k_tiles * tk, n_tiles * tn), out_dtype, lhs_p, dout_p, vis.tile),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=6,
             grid=(k_tiles, n_tiles, nv),
@@ -181,6 +182,7 @@ def tgmm(lhs, dout, group_sizes, *, tiling: Tiling = Tiling(), out_dtype=None):
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=common.pallas_interpret(),
+        name="grouped_matmul_tgmm",
     )(vis.tile, vis.group, vis.valid, vis.first_group, vis.starts, vis.ends, lhs_p, dout_p)
     # Empty groups are never visited, so their blocks hold whatever the buffer held.
     return jnp.where((group_sizes > 0)[:, None, None], out[:, :k, :n], 0).astype(out_dtype)

@@ -182,4 +182,8 @@ def attention(q, k, v, segment_ids=None, *, forward_mode: bool | None = None, im
     impl = OP.select(implementation, q, k, v, segment_ids)
     rev, fwd_mode = _ops(impl)
     use_fwd = _FORWARD_MODE.get() if forward_mode is None else forward_mode
-    return (fwd_mode if use_fwd else rev)(q, k, v, segment_ids)
+    op = fwd_mode if use_fwd else rev
+    if impl != "pallas":
+        return op(q, k, v, segment_ids)
+    # Mosaic kernels run per chip: batch rows and K/V-head groups split over the mesh (common.partitioned)
+    return common.partitioned(op, (q, k, v, segment_ids), ("b.h.", "b.h.", "b.h.", "b."), ("b.h.", "bh."))

@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from kernels import common
 from kernels.jvp_attention.reference import tile_terms
@@ -190,6 +191,10 @@ def _bwd_col_kernel(*refs, dims, has_t, names):
     gv_ref[...] = gv.astype(gv_ref.dtype)
 
 
+# Every (batch, kv head, tile) program is independent: a megacore (v5p) splits the grid over its 2 TensorCores.
+_PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+
+
 def _spec(x, tiled: bool, t: int):
     """BlockSpec over grid (b, kv, tile): one tile of the sequence axis (2) or the whole sequence."""
     block = (None, None, t if tiled else x.shape[2], *x.shape[3:])
@@ -217,7 +222,9 @@ def forward(q, k, v, tq=None, segment_ids=None):
         + [_spec(x, True, dims.t) for x in qs[1:]] + [_seg_spec(seg)],
         out_specs=[_spec(o, True, dims.t) for o in outs],
         out_shape=outs,
+        compiler_params=_PARALLEL,
         interpret=common.pallas_interpret(),
+        name="jvp_attention_fwd" + ("_tangent" if has_t else ""),
     )(qs[0], *keys, *qs[1:], seg)
     o, lse = _from_heads(res[0], dims), _from_stat(res[1], dims)
     if not has_t:
@@ -250,12 +257,16 @@ def backward(q, k, v, tq, lse, tlse, go, gto, gd, r, segment_ids=None):
     gq = pl.pallas_call(
         functools.partial(_bwd_row_kernel, dims=dims, has_t=has_t, names=names), grid=grid, in_specs=specs(True),
         out_specs=[_spec(o, True, dims.t) for o in row_outs], out_shape=row_outs, interpret=interpret,
+        compiler_params=_PARALLEL,
+        name="jvp_attention_bwd_q" + ("_tangent" if has_t else ""),
     )(*arrays)
     k_shape = (dims.b, dims.kv, dims.sp, dims.d)
     col_outs = [jax.ShapeDtypeStruct(k_shape, k.dtype), jax.ShapeDtypeStruct(k_shape, v.dtype)]
     gk, gv = pl.pallas_call(
         functools.partial(_bwd_col_kernel, dims=dims, has_t=has_t, names=names), grid=grid, in_specs=specs(False),
         out_specs=[_spec(o, True, dims.t) for o in col_outs], out_shape=col_outs, interpret=interpret,
+        compiler_params=_PARALLEL,
+        name="jvp_attention_bwd_kv" + ("_tangent" if has_t else ""),
     )(*arrays)
     unkey = lambda x: x[:, :, : dims.s].transpose(0, 2, 1, 3)
     gtq = _from_heads(gq[1], dims) if has_t else None

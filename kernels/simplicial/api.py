@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels import common
 from kernels.op import PLATFORMS, Op, requires_jax_triton
 from kernels.simplicial import cudnn_gpu, reference
 
@@ -171,4 +172,9 @@ def two_simplicial_attention(
     w1e, w2e = reference.effective_windows(q.shape[1], w1, w2)
     if impl == "xla":
         return reference.reference_op(q, k1, v1, k2, v2, w1e, w2e, scale)
-    return _backend_op(impl)(q, k1, v1, k2, v2, Config(w1e, w2e, scale))
+    cfg, kernel = Config(w1e, w2e, scale), _backend_op(impl)
+    op = lambda *qkv: kernel(*qkv, cfg)  # noqa: E731
+    if impl != "pallas":
+        return op(q, k1, v1, k2, v2)
+    # Mosaic kernels run per chip: batch rows and K/V-head groups split over the mesh (common.partitioned)
+    return common.partitioned(op, (q, k1, v1, k2, v2), ("b.h.",) * 5, "b.h.")

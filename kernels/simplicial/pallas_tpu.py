@@ -234,6 +234,11 @@ def _layout(q, k1, v1, k2, v2, cfg):
     return qt, keys1, keys2, dims
 
 
+# Every (batch, kv head, query tile) program is independent: Mosaic may split the grid over a megacore's
+# (v5p) two TensorCores.
+_PARALLEL3 = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+
+
 def _window_spec(x, span: int, step: int):
     """BlockSpec over grid (b, kv, n): rows [n * step, n * step + span) of the sequence axis (2) of x."""
     return pl.BlockSpec((None, None, pl.Element(span), *map(pl.Element, x.shape[3:])),
@@ -260,7 +265,9 @@ def forward(q, k1, v1, k2, v2, cfg):
         + [_window_spec(x, d["w2"], tq) for x in (k2p, v2p)],
         out_specs=[_qtile(o_shape, tq), _qtile(lse_shape, tq)],
         out_shape=[jax.ShapeDtypeStruct(o_shape, q.dtype), jax.ShapeDtypeStruct(lse_shape, jnp.float32)],
+        compiler_params=_PARALLEL3,
         interpret=common.pallas_interpret(),
+        name="simplicial_fwd",
     )(qt, k1p, v1p, k2p, v2p)
     s = d["s"]
     out = out[:, :, :s].transpose(0, 2, 1, 3, 4).reshape(b, s, hkv * g, dv)
@@ -293,7 +300,9 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
         out_specs=[_qtile(dq_shape, tq), _qtile(t_shape + (dk,), tq), _qtile(t_shape + (dv,), tq)],
         out_shape=[jax.ShapeDtypeStruct(dq_shape, q.dtype), jax.ShapeDtypeStruct(t_shape + (dk,), jnp.float32),
                    jax.ShapeDtypeStruct(t_shape + (dv,), jnp.float32)],
+        compiler_params=_PARALLEL3,
         interpret=interpret,
+        name="simplicial_bwd_q",
     )(qt, *keys, dot, lset, deltat)
 
     sj = d["sj"]
@@ -314,6 +323,7 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
         scratch_shapes=[pltpu.VMEM((bj, dk), jnp.float32), pltpu.VMEM((bj, dv), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
+        name="simplicial_bwd_k1",
     )(qt, *keys, dot, lset, deltat)
 
     dq = dq[:, :, :s].transpose(0, 2, 1, 3, 4).reshape(b, s, hkv * g, dk)

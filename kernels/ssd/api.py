@@ -23,6 +23,7 @@ import types
 import jax
 import jax.numpy as jnp
 
+from kernels import common
 from kernels.op import PLATFORMS, Op, requires_jax_triton
 from kernels.ssd import reference
 
@@ -124,7 +125,13 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
         D = jnp.zeros((h,), F32)
     if initial_state is None:
         initial_state = jnp.zeros((b, h, P, N), F32)
-    if segment_ids is None:
+    if segment_ids is None and impl == "pallas":
+        # Mosaic kernels run per chip: batch rows and heads split over the mesh (common.partitioned); B and C
+        # split with the heads only where every chip's heads keep their own groups.
+        gd = "b.h." if B.shape[2] > 1 else "b..."
+        y, final = common.partitioned(functools.partial(_ssd, chunk_size, impl), (x, dt, A, B, C, D, initial_state),
+                                      ("b.h.", "b.h", "h", gd, gd, "h", "bh.."), ("b.h.", "bh.."))
+    elif segment_ids is None:
         y, final = _ssd(chunk_size, impl, x, dt, A, B, C, D, initial_state)
     else:  # plain autodiff through the masked xla forward
         y, states = _forward(chunk_size, "xla", x, dt, A, B, C, D, initial_state,

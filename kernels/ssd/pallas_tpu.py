@@ -6,13 +6,15 @@ so the per-chunk C B^T and decay matrices never reach HBM. Inputs are moved to h
 the array's (Mosaic TPU tiling rule). The inter-chunk recurrence is reference.state_passing (a scan over
 chunks of [P, N] states, cheap next to the chunk stages). Source/query-side cotangents dB, dC are produced per
 head and summed over the group's heads outside the kernel (simple; h/g times B's size of extra memory).
-Not yet run on a TPU: only interpret mode has checked it.
+Lowered and compiled for TPU v5e / v5p / v6e on a CPU host (tools.tpu_compile, tests/tools/test_tpu_compile.py);
+not yet run on a TPU: only interpret mode has checked its numbers.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from kernels.common import mxu_dot, pallas_interpret
 from kernels.ssd import reference
@@ -45,26 +47,31 @@ def _scal(v):  # [b, h, c, Q] -> [b, h, c, 1, Q]
 
 
 def _call(kernel, ins, in_kinds, outs, grid, rep):
-    """in_kinds: 'h' (per head block), 'g' (per group), 'hn' (head, next chunk state), 'd' ([h,1,1] scalar)."""
+    """in_kinds: 'h' (per head block), 'g' (per group), 'hn' (head, next chunk state), 'd' ([h,1,1] scalar).
+    grid: (batch, heads, chunks); the programs run heads innermost, (batch, chunk, head), so that a group's
+    B / C blocks stay in VMEM for its heads instead of being fetched again per head."""
     def spec(kind, shape):
         blk = (1, 1, 1) + tuple(shape[3:])
         if kind == "h":
-            return pl.BlockSpec(blk, lambda i, j, k: (i, j, k) + (0,) * (len(shape) - 3))
+            return pl.BlockSpec(blk, lambda i, k, j: (i, j, k) + (0,) * (len(shape) - 3))
         if kind == "g":
-            return pl.BlockSpec(blk, lambda i, j, k: (i, j // rep, k) + (0,) * (len(shape) - 3))
+            return pl.BlockSpec(blk, lambda i, k, j: (i, j // rep, k) + (0,) * (len(shape) - 3))
         if kind == "hn":
-            return pl.BlockSpec(blk, lambda i, j, k: (i, j, k + 1) + (0,) * (len(shape) - 3))
+            return pl.BlockSpec(blk, lambda i, k, j: (i, j, k + 1) + (0,) * (len(shape) - 3))
         if kind == "d":
-            return pl.BlockSpec((1, 1, 1), lambda i, j, k: (j, 0, 0))
+            return pl.BlockSpec((1, 1, 1), lambda i, k, j: (j, 0, 0))
         raise AssertionError(kind)
 
     return pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(grid[0], grid[2], grid[1]),
         in_specs=[spec(k, a.shape) for k, a in zip(in_kinds, ins)],
         out_specs=[spec("h", o.shape) for o in outs],
         out_shape=outs,
+        # every (batch, head, chunk) program is independent: a megacore (v5p) splits the grid over its 2 cores
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
         interpret=pallas_interpret(),
+        name="ssd" + kernel.__name__[:-len("_kernel")],
     )(*ins)
 
 
