@@ -15,6 +15,10 @@ Default: a tiny pure Mamba-2 stack (each layer: Mamba-2 mixer + small SwiGLU MLP
   hybrid     Mamba-2 layers with one attention layer in four (pattern mamba2, mamba2, mamba2, attention).
   gpu_340m   a ~340M Mamba-2 + MLP stack (24 layers of d_model 1024, d_state 128; 343M params with the tied embedding) at
              seq 2048 in bf16 for one H200.
+  repro_lengthgen  issue 20's GPU reproduction of Buitrago & Gu: the Mamba-2 130M shape (24 mixer-only layers of
+             d_model 768, d_state 128, 32k byte-level BPE) pretrained at seq_len 256 on the Python installation's
+             sources and docs, one H200, ~7 min; driven stage by stage by `python -m tools.repro_lengthgen`
+             (pretrain, post-train per initial state, evaluation; docs/results/lengthgen.md).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from axlearn_like.optimizers import OptimizerConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
+from models.kinds import NoFFNConfig
 from models.layers import MLPConfig
 from models.ssm import Mamba2Config
 
@@ -91,7 +96,40 @@ def gpu_340m() -> ExperimentConfig:
     return cfg
 
 
-PRESETS = {"default": config, "lengthgen": lengthgen, "hybrid": hybrid, "gpu_340m": gpu_340m}
+REPRO_LENGTHGEN_ROOT = "runs/repro_lengthgen"  # tools.repro_lengthgen's default root: tokenizer.json, pretrain/, ...
+
+
+def repro_lengthgen() -> ExperimentConfig:
+    """Issue 20 (Buitrago & Gu on one H200). 115.5M parameters: 24 mixer-only Mamba-2 layers (d_model 768, expand 2,
+    head_dim 64 -> 24 heads, d_state 128, no MLP, as mamba_ssm's 130M), tied 32768-token byte-level BPE embedding,
+    bf16 compute, scanned. Pretraining: seq_len 256, 128 rows (32768 tokens/step), 4800 steps = 157M tokens,
+    AdamW 3e-3 cosine to 3e-4 at step 4800 (fixed decay_steps, so post-training runs at the floor LR), on the
+    Python installation's sources and docs (data.paths=python_install), tokenized by the BPE that
+    `tools.repro_lengthgen` trains into <root>/tokenizer.json. Unpacked rows (packing=False: each row is one
+    window of one document, padded), so every training sequence starts from h_{-1} = 0 exactly as in the
+    paper, with no document reset and hence the fused SSD kernel on GPU. Sizing arithmetic:
+    docs/results/lengthgen.md."""
+    cfg = config()
+    cfg.name = "mamba2_repro_lengthgen"
+    steps = 4800
+    cfg.model = DecoderConfig(
+        vocab_size=32768, d_model=768, num_layers=24,
+        layer_pattern=(Mamba2Config(d_state=128, head_dim=64, expand=2, chunk_size=256),),
+        ffn_pattern=(NoFFNConfig(),), tie_embeddings=True, dtype="bfloat16", scan_layers=True,
+    )
+    cfg.model.sample.tokens = 0
+    cfg.data = DataConfig(source="text", paths=("python_install",), tokenizer=f"{REPRO_LENGTHGEN_ROOT}/tokenizer.json",
+                          seq_len=256, global_batch_size=128, max_bytes=2_000_000_000, packing=False)
+    cfg.optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=100, decay_steps=steps, min_lr_ratio=0.1,
+                                    weight_decay=0.1)
+    cfg.trainer = TrainerConfig(steps=steps, log_every=25, eval_every=800, eval_batches=16)
+    cfg.checkpoint = CheckpointConfig(every_steps=800, max_to_keep=2)
+    cfg.run_dir = f"{REPRO_LENGTHGEN_ROOT}/pretrain"
+    return cfg
+
+
+PRESETS = {"default": config, "lengthgen": lengthgen, "hybrid": hybrid, "gpu_340m": gpu_340m,
+           "repro_lengthgen": repro_lengthgen}
 
 if __name__ == "__main__":
     sys.exit(recipe_main("mamba2"))  # the same path as `python -m recipes mamba2`

@@ -13,6 +13,9 @@ Presets reproduce Wang et al.'s comparison in miniature (compare `train/.../maxv
 The bias update speed gamma is set per preset: the paper's u = 1e-3 (Wang et al., 1B) for the ~1B presets; the
 tiny CPU presets use 1e-2 (docs/notes/moe.md: over their 300 steps a bias moving 1e-3 per step balances too late).
 The eval reports MaxVio_global (eval/maxvio_global: MaxVio of the loads over the whole eval set, per MoE layer).
+Presets `aux_free_seq_gpu`, `aux_free_gpu`, `aux_loss_gpu`, `no_balance_gpu`, `limited_gpu`: the same comparison at
+one-H200 size (376M total / 77M active, 64 experts top-6, equal tokens; one base, `_balance_gpu`), driven by
+`python -m tools.repro_moe` (docs/results/moe_balance.md).
 Preset `gpu_0p8b`: a DeepSeek-V3-like ~0.8B-parameter model (64 routed experts top-6 + 1 shared, bf16, seq 2048)
 for one or several H200s (used by tools.bench_scaling moe).
 Presets `deepseek_v3` (tiny, CPU) and `deepseek_v3_gpu` (~0.8B total, one H200): DeepSeek-V3-shaped end to end,
@@ -68,12 +71,21 @@ def _moe(**kw) -> MoEConfig:
     return MoEConfig(**base)
 
 
+def _balance(variant: str, aux_alpha: float) -> dict:
+    """Wang et al.'s comparison as MoEConfig changes on top of a size's aux-loss-free MoE (bias + V3 sequence
+    loss): "aux_free_seq" (none), "aux_free" (bias only), "aux_loss" (no bias; V1/V2 expert-level loss of
+    weight `aux_alpha`), "no_balance" (neither)."""
+    return {"aux_free_seq": {}, "aux_free": {"seq_aux_alpha": 0.0},
+            "aux_loss": {"gamma": 0.0, "seq_aux_alpha": 0.0, "expert_aux_alpha": aux_alpha},
+            "no_balance": {"gamma": 0.0, "seq_aux_alpha": 0.0}}[variant]
+
+
 def config() -> ExperimentConfig:
     return aux_free_seq()
 
 
 def aux_free_seq() -> ExperimentConfig:
-    return _base(_moe(), "moe")
+    return _base(_moe(**_balance("aux_free_seq", 1e-2)), "moe")
 
 
 def limited() -> ExperimentConfig:
@@ -82,15 +94,70 @@ def limited() -> ExperimentConfig:
 
 
 def aux_free() -> ExperimentConfig:
-    return _base(_moe(seq_aux_alpha=0.0), "moe_aux_free")
+    return _base(_moe(**_balance("aux_free", 1e-2)), "moe_aux_free")
 
 
 def aux_loss() -> ExperimentConfig:
-    return _base(_moe(gamma=0.0, seq_aux_alpha=0.0, expert_aux_alpha=1e-2), "moe_aux_loss")
+    return _base(_moe(**_balance("aux_loss", 1e-2)), "moe_aux_loss")
 
 
 def no_balance() -> ExperimentConfig:
-    return _base(_moe(gamma=0.0, seq_aux_alpha=0.0), "moe_no_balance")
+    return _base(_moe(**_balance("no_balance", 1e-2)), "moe_no_balance")
+
+
+BALANCE_GPU_ROOT = "runs/moe_balance"  # tools.repro_moe's default root: tokenizer.json, one run dir per preset
+
+
+def _balance_gpu(variant: str, name: str | None = None, **routing) -> ExperimentConfig:
+    """Issue 20's GPU size of the balance comparison (one H200, ~4-5 min a run; docs/results/moe_balance.md):
+    9 layers of d_model 768 (GQA 12 heads / 4 KV heads of 64), the first FFN dense (2048), then 8 MoE layers of
+    64 routed experts of width 256, top-6, + 1 shared, sigmoid gate, route_scale 2.5; untied 32768-token BPE
+    (trained on the corpus by tools.repro_moe into <root>/tokenizer.json); 376M total / 77M active parameters
+    (the 25M output matrix included; 0.507 GFLOP/token with attention);
+    bf16 compute and weights with float32 masters; seq 1024 x 64 rows = 65536 tokens/step, 1500 steps = 98M
+    tokens for every variant (equal tokens). gamma = 1e-3 (Wang et al.'s u), aux_loss alpha 1e-3. `routing`:
+    MoEConfig routing fields (the `limited_gpu` preset); `name` the run's name (default: the variant)."""
+    kw = dict(num_experts=64, top_k=6, num_shared=1, expert_dim=256, route_scale=2.5, gamma=1e-3)
+    kw.update(_balance(variant, aux_alpha=1e-3))
+    kw.update(routing)
+    moe = _moe(**kw)
+    name = name or variant
+    cfg = _base(moe, f"moe_{name}_gpu")
+    cfg.model = DecoderConfig(
+        vocab_size=32768, d_model=768, num_layers=9,
+        layer_pattern=(AttentionConfig(num_heads=12, num_kv_heads=4, head_dim=64),),
+        ffn_pattern=_first_dense(MLPConfig(mlp_dim=2048), moe, 8), tie_embeddings=False, dtype="bfloat16",
+    )
+    cfg.model.sample.tokens = 0
+    cfg.data = DataConfig(source="text", paths=("python_install",), tokenizer=f"{BALANCE_GPU_ROOT}/tokenizer.json",
+                          seq_len=1024, global_batch_size=64, max_bytes=2_000_000_000)
+    cfg.optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=100, param_dtype="bfloat16")
+    cfg.trainer = TrainerConfig(steps=1500, log_every=10, eval_every=250, eval_batches=16)
+    cfg.checkpoint = CheckpointConfig(every_steps=500, max_to_keep=2)
+    cfg.run_dir = f"{BALANCE_GPU_ROOT}/{name}"
+    return cfg
+
+
+def aux_free_seq_gpu() -> ExperimentConfig:
+    return _balance_gpu("aux_free_seq")
+
+
+def aux_free_gpu() -> ExperimentConfig:
+    return _balance_gpu("aux_free")
+
+
+def aux_loss_gpu() -> ExperimentConfig:
+    return _balance_gpu("aux_loss")
+
+
+def no_balance_gpu() -> ExperimentConfig:
+    return _balance_gpu("no_balance")
+
+
+def limited_gpu() -> ExperimentConfig:
+    """aux_free_seq_gpu with group-limited routing: 8 groups of 8 experts, the best 4 kept (V3's 4 of 8); with
+    --set mesh.expert=8 the groups are the expert devices (device-limited, M = 4)."""
+    return _balance_gpu("aux_free_seq", name="limited", num_groups=8, topk_groups=4, device_limited_m=4)
 
 
 def gpu_0p8b() -> ExperimentConfig:
@@ -144,7 +211,8 @@ def deepseek_v3_gpu() -> ExperimentConfig:
 
 PRESETS = {"default": config, "aux_free_seq": aux_free_seq, "aux_free": aux_free, "aux_loss": aux_loss,
            "no_balance": no_balance, "limited": limited, "gpu_0p8b": gpu_0p8b, "deepseek_v3": deepseek_v3,
-           "deepseek_v3_gpu": deepseek_v3_gpu}
+           "deepseek_v3_gpu": deepseek_v3_gpu, "aux_free_seq_gpu": aux_free_seq_gpu, "aux_free_gpu": aux_free_gpu,
+           "aux_loss_gpu": aux_loss_gpu, "no_balance_gpu": no_balance_gpu, "limited_gpu": limited_gpu}
 
 if __name__ == "__main__":
     sys.exit(recipe_main("moe"))  # the same path as `python -m recipes moe`

@@ -17,7 +17,9 @@ class DataConfig:
     Attributes:
       source: "text" (local files/globs/dirs), "arrayrecord" (records of text or np.save'd token arrays),
         or "task" (a generated task from `TASKS`).
-      paths: files, globs or directories; "stdlib" = the interpreter's standard-library *.py sources.
+      paths: files, globs or directories; "stdlib" = the interpreter's standard-library *.py sources;
+        "python_install" = the whole installation's sources and docs, site-packages included
+        (`sources.python_install_files`).
       max_bytes: cap on corpus bytes read (the first files/records in sorted order).
       tokenizer: "byte", or a path to a HF `tokenizers` .json or a SentencePiece .model.
       task: registry name in `TASKS` (source="task"); task_kwargs: its keyword arguments, plus

@@ -10,6 +10,7 @@ import dataclasses
 import glob
 import io
 import os
+import site
 import sysconfig
 
 import numpy as np
@@ -67,12 +68,49 @@ def stdlib_files() -> list[str]:
     return sorted(out)
 
 
+# "python_install": the text of the whole Python installation (sources and docs, site-packages included).
+PYTHON_INSTALL_SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt")
+PYTHON_INSTALL_MAX_FILE_BYTES = 1_000_000  # larger files are generated tables / data dumps, not prose or code
+
+
+def python_install_files() -> list[str]:
+    """The running interpreter's installation as a text corpus: every *.py, *.pyi, *.rst, *.md, *.txt and
+    dist-info METADATA (package READMEs) under the stdlib, the site-packages (sysconfig's and `site`'s) and
+    their subdirectories, tests included, hidden dirs and __pycache__ skipped, files over 1 MB skipped;
+    deduplicated by real path, sorted. Its size depends on what is installed (a CUDA image with torch,
+    transformers, jax: hundreds of MB)."""
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
+    try:
+        roots.update(site.getsitepackages())
+    except AttributeError:  # some embedded / virtualenv builds have no getsitepackages
+        pass
+    seen: dict[str, str] = {}
+    for root in sorted(r for r in roots if os.path.isdir(r)):
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
+            for f in filenames:
+                if not (f.endswith(PYTHON_INSTALL_SUFFIXES) or (f == "METADATA" and dirpath.endswith(".dist-info"))):
+                    continue
+                full = os.path.join(dirpath, f)
+                try:
+                    if not os.path.isfile(full) or os.path.getsize(full) > PYTHON_INSTALL_MAX_FILE_BYTES:
+                        continue
+                except OSError:
+                    continue
+                seen.setdefault(os.path.realpath(full), full)
+    return sorted(seen.values())
+
+
 def resolve_paths(paths) -> list[str]:
-    """Expands "stdlib", directories (recursively, hidden names skipped) and globs into a sorted file list."""
+    """Expands "stdlib", "python_install" (`python_install_files`), directories (recursively, hidden names
+    skipped) and globs into a sorted file list."""
     files: set[str] = set()
     for p in paths:
         if p == "stdlib":
             found = stdlib_files()
+        elif p == "python_install":
+            found = python_install_files()
         elif os.path.isdir(p):
             found = []
             for dirpath, dirnames, filenames in os.walk(p):
