@@ -12,9 +12,11 @@ that the trainer calls generically (docs/architecture.md, "Tasks and the trainer
   final_hook(cfg, variables)           after the last step (e.g. print a sample), -> dict for the run result
   describe_eval(ev)                    the one-line eval summary printed by the trainer
 
-Generation (`generate`): the argument checks and the sampling loops live here once. The full-recompute loop
-re-runs `logits` on the whole buffer per new token; the cached loop runs `prefill` once, then one
-`decode_step` per token. A task implements whichever it supports.
+Generation (`generate`): the argument checks, the sampling (temperature / top-k / top-p) and both loops live
+here once. The full-recompute loop re-runs `logits` on the whole buffer per new token; the cached loop runs
+`prefill(variables, tokens, lengths=, max_len=)` once, then one jit-compiled fixed-shape
+`decode_step(variables, tokens, cache)` per token. A task implements whichever it supports and says so with
+`supports_cached_decoding`; ragged prompts are right-padded rows with per-row `lengths`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from axlearn_like.config import config_class, require
 from axlearn_like.params import unbox_values
@@ -53,8 +56,10 @@ def token_batch(batch_size: int, seq_len: int) -> Batch:
     return {"inputs": z, "targets": z, "loss_mask": z.astype(jnp.float32), "segment_ids": z, "positions": z}
 
 
-def check_generate_args(prompt_tokens: Any, num_new: int, top_k: int | None, vocab_size: int) -> jax.Array:
-    """Validates `generate`'s arguments; -> the prompt as int32 [B, P]. Raises ValueError (one line)."""
+def check_generate_args(prompt_tokens: Any, num_new: int, top_k: int | None, vocab_size: int,
+                        top_p: float | None = None, lengths: Any = None) -> tuple[jax.Array, jax.Array]:
+    """Validates `generate`'s arguments; -> (prompt int32 [B, P], lengths int32 [B]). Raises ValueError (one
+    line). Checks on `lengths` (1 <= lengths <= P) run only when it is concrete."""
     if num_new < 0:
         raise ValueError(f"generate: num_new must be >= 0, got {num_new}")
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
@@ -62,18 +67,40 @@ def check_generate_args(prompt_tokens: Any, num_new: int, top_k: int | None, voc
         raise ValueError(f"generate: prompt_tokens must be int [B, P] with P >= 1, got shape {prompt.shape}")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"generate: top_k must be in [1, vocab_size={vocab_size}], got {top_k}")
-    return prompt
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be in (0, 1], got {top_p}")
+    b, p = prompt.shape
+    if lengths is None:
+        return prompt, jnp.full((b,), p, jnp.int32)
+    if not isinstance(lengths, jax.core.Tracer):
+        arr = np.asarray(lengths)
+        if arr.shape != (b,) or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"generate: lengths must be int [B={b}] (real prompt tokens per row), got "
+                             f"{arr.dtype} {arr.shape}")
+        if arr.min() < 1 or arr.max() > p:
+            raise ValueError(f"generate: lengths must lie in [1, P={p}], got min {arr.min()}, max {arr.max()}")
+    return prompt, jnp.asarray(lengths, jnp.int32)
 
 
-def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | None) -> jax.Array:
-    """logits [B, V] -> int32 [B]: greedy for temperature <= 0, else softmax(logits / T) over the top_k."""
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+    """logits [B, V] -> int32 [B]: greedy for temperature <= 0, else a draw from softmax(logits / T) restricted
+    to the top_k most likely tokens, then to the smallest set of the most likely ones whose probability reaches
+    top_p (nucleus sampling, Holtzman et al. 2020; the most likely token is always kept; ties at the cut stay)."""
     logits = logits.astype(jnp.float32)
     if temperature <= 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+    if top_p is not None and top_p < 1.0:
+        desc = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # the mass before a token is still short of top_p
+        cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cut, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
 class Task(abc.ABC):
@@ -152,64 +179,96 @@ class Task(abc.ABC):
         """Next-token logits float32 [B, S, V] of every position of tokens int32 [B, S] (full recompute)."""
         raise NotImplementedError(f"{type(self).__name__} does not generate tokens (no Task.logits)")
 
-    def prefill(self, variables: Variables, tokens: jax.Array) -> tuple[jax.Array, Any]:
-        """Cached decoding: (logits float32 [B, S, V], cache) of a prompt int32 [B, S]."""
+    @property
+    def supports_cached_decoding(self) -> bool:
+        """Whether `prefill` / `decode_step` work for this model (generate(cached=None) then uses them)."""
+        return False
+
+    def prefill(self, variables: Variables, tokens: jax.Array, *, lengths: jax.Array | None = None,
+                max_len: int | None = None, rng: jax.Array | None = None, **options) -> tuple[jax.Array, Any]:
+        """Cached decoding: tokens int32 [B, S], right-padded rows of `lengths` int [B] real tokens (default S)
+        -> (logits float32 [B, S, V], cache with room for max_len tokens per row (default S)). Row b's
+        next-token logits are logits[b, lengths[b] - 1]. rng: for stochastic models (carried in the cache);
+        options: the task's static generation options (as for `logits`)."""
         raise NotImplementedError(
             f"{type(self).__name__} has no cached decoding (prefill/decode_step); use generate(..., cached=False)")
 
-    def decode_step(self, variables: Variables, tokens: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
-        """Cached decoding: feeds tokens int32 [B, S] after the context in `cache` -> (logits [B, S, V], cache)."""
+    def decode_step(self, variables: Variables, tokens: jax.Array, cache: Any, **options) -> tuple[jax.Array, Any]:
+        """Cached decoding: feeds tokens int32 [B, S] after each row's context in `cache` -> (logits [B, S, V],
+        cache). Fixed shapes (the cache is preallocated by `prefill`): one compile serves every step."""
         raise NotImplementedError(
             f"{type(self).__name__} has no cached decoding (prefill/decode_step); use generate(..., cached=False)")
 
     def generate(self, variables: Variables, prompt_tokens: Any, num_new: int, rng: jax.Array,
-                 temperature: float = 1.0, top_k: int | None = None, *, cached: bool = False,
-                 **options) -> jax.Array:
-        """Samples num_new tokens after prompt_tokens int [B, P] -> int32 [B, P + num_new] (prompt included).
+                 temperature: float = 1.0, top_k: int | None = None, *, top_p: float | None = None,
+                 lengths: Any = None, cached: bool | None = None, **options) -> jax.Array:
+        """Samples num_new tokens after prompt_tokens int [B, P] -> int32 [B, P + num_new].
 
-        cached=False: each new token re-runs `logits(variables, buffer, rng, **options)` on the fixed-size
-        buffer (causality makes the unwritten tail irrelevant); cached=True: `prefill` the prompt once, then
-        one `decode_step` per token. temperature <= 0 is greedy; top_k keeps the k most likely tokens.
-        'carry' is not used (each prompt starts fresh). `options` are static (e.g. EBT thinking steps).
+        lengths int [B] (default P): row b's prompt is prompt_tokens[b, :lengths[b]] (ragged prompts, right-
+        padded); its output row is that prompt, the num_new new tokens, then P - lengths[b] zeros.
+        cached=True: `prefill` the prompts once, then one jit-compiled `decode_step` per token (the cache holds
+        P + num_new tokens per row); cached=False: each new token re-runs `logits(variables, buffer, rng,
+        **options)` on the fixed-size buffer (causality makes the unwritten tail irrelevant); None (default):
+        cached when the task supports it (`supports_cached_decoding`).
+        temperature <= 0 is greedy; top_k keeps the k most likely tokens, top_p the nucleus of mass top_p
+        (`sample_logits`). 'carry' is not used (each prompt starts fresh). `options` are static (e.g. EBT
+        thinking steps), passed to `logits` or to `prefill` / `decode_step`.
         """
-        prompt = check_generate_args(prompt_tokens, num_new, top_k, self.vocab_size)
-        if cached and options:
-            raise ValueError(
-                f"generate: options {sorted(options)} apply to the full-recompute loop only (cached=False)")
+        prompt, lengths = check_generate_args(prompt_tokens, num_new, top_k, self.vocab_size, top_p, lengths)
+        if cached is None:
+            cached = self.supports_cached_decoding
         variables = {k: v for k, v in variables.items() if k in ("params", "stats")}
         loop = _generate_cached if cached else _generate_recompute
-        return loop(self, variables, prompt, rng, int(num_new), float(temperature), top_k,
-                    tuple(sorted(options.items())))
+        return loop(self, variables, prompt, lengths, rng, int(num_new), float(temperature), top_k,
+                    None if top_p is None else float(top_p), tuple(sorted(options.items())))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _generate_recompute(task: Task, variables, prompt, rng, num_new, temperature, top_k, options):
+def _output_buffer(prompt: jax.Array, lengths: jax.Array, num_new: int) -> jax.Array:
+    """int32 [B, P + num_new]: each row's prompt[:lengths], zeros after it."""
     b, p = prompt.shape
-    buf = jnp.zeros((b, p + num_new), jnp.int32).at[:, :p].set(prompt)
+    real = jnp.arange(p)[None, :] < lengths[:, None]
+    return jnp.zeros((b, p + num_new), jnp.int32).at[:, :p].set(jnp.where(real, prompt, 0))
+
+
+def _at_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x [B, S, ...] -> x[b, index[b]] [B, ...]."""
+    return jnp.take_along_axis(x, index.reshape(-1, *([1] * (x.ndim - 1))), axis=1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
+def _generate_recompute(task: Task, variables, prompt, lengths, rng, num_new, temperature, top_k, top_p, options):
+    b = prompt.shape[0]
+    buf = _output_buffer(prompt, lengths, num_new)
 
     def step(i, state):
         buf, rng = state
         rng, r_model, r_sample = jax.random.split(rng, 3)
         logits = task.logits(variables, buf, r_model, **dict(options))
-        last = jax.lax.dynamic_index_in_dim(logits, p + i - 1, axis=1, keepdims=False)
-        tok = sample_logits(last, r_sample, temperature, top_k)
-        return jax.lax.dynamic_update_slice(buf, tok[:, None], (0, p + i)), rng
+        tok = sample_logits(_at_rows(logits, lengths + i - 1), r_sample, temperature, top_k, top_p)
+        return buf.at[jnp.arange(b), lengths + i].set(tok), rng
 
     buf, _ = jax.lax.fori_loop(0, num_new, step, (buf, rng))
     return buf
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _generate_cached(task: Task, variables, prompt, rng, num_new, temperature, top_k, options):
-    del options  # empty (checked by Task.generate)
-    logits, cache = task.prefill(variables, prompt)
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
+def _generate_cached(task: Task, variables, prompt, lengths, rng, num_new, temperature, top_k, top_p, options):
+    b, p = prompt.shape
+    options = dict(options)
+    buf = _output_buffer(prompt, lengths, num_new)
+    if num_new == 0:
+        return buf
+    rng, r_model, sub = jax.random.split(rng, 3)
+    logits, cache = task.prefill(variables, prompt, lengths=lengths, max_len=p + num_new, rng=r_model, **options)
+    first = sample_logits(_at_rows(logits, lengths - 1), sub, temperature, top_k, top_p)
 
     def step(carry, _):
-        last, cache, rng = carry
+        tok, cache, rng = carry
+        logits, cache = task.decode_step(variables, tok[:, None], cache, **options)
         rng, sub = jax.random.split(rng)
-        tok = sample_logits(last, sub, temperature, top_k)
-        logits, cache = task.decode_step(variables, tok[:, None], cache)
-        return (logits[:, 0], cache, rng), tok
+        return (sample_logits(logits[:, 0], sub, temperature, top_k, top_p), cache, rng), tok
 
-    _, toks = jax.lax.scan(step, (logits[:, -1], cache, rng), None, length=num_new)
-    return jnp.concatenate([prompt, jnp.moveaxis(toks, 0, 1).reshape(prompt.shape[0], num_new)], axis=1)
+    (last, _, _), toks = jax.lax.scan(step, (first, cache, rng), None, length=num_new - 1)
+    new = jnp.concatenate([jnp.moveaxis(toks, 0, 1), last[:, None]], axis=1)  # [B, num_new]
+    cols = lengths[:, None] + jnp.arange(num_new)[None, :]
+    return buf.at[jnp.arange(b)[:, None], cols].set(new)

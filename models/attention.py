@@ -3,9 +3,12 @@
 o = softmax(q k^T / sqrt(d_h) + M) v per head (Vaswani et al. 2017), with H query heads sharing
 K = num_kv_heads key/value heads (GQA, Ainslie et al. 2023; head h reads kv head h // (H / K)).
 M is causal and block-diagonal over `segment_ids`, so packed documents never attend across each other.
+Cached decoding (models/kinds.py): a KV cache [B, T, K, Dh] preallocated to the maximum length, written at each
+token's per-row position (`Attention.cached_core`, `cache_write`, `cached_attention`).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -37,6 +40,7 @@ class AttentionConfig(MixerConfig):
 
     kind: ClassVar[str] = "attention"
     logical_axes: ClassVar[tuple[str, ...]] = ("embed", "heads", "kv_heads", "head_dim", "norm")
+    decode_cache: ClassVar[bool] = True  # KV cache: `Attention.cached_core`
 
     num_heads: int = 4
     num_kv_heads: int = 4
@@ -111,6 +115,30 @@ def head_projection(x: jax.Array, name: str, heads: int, head_dim: int, axis: st
     return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
 
 
+def cache_write(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache [B, T, ...] with new [B, S, ...] written at slots positions int [B, S] (row by row; slots >= T
+    are dropped)."""
+    rows = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array,
+                     scale: float | None = None) -> jax.Array:
+    """Decode-time GQA attention over a KV cache: q [B, S, H, D] at positions int [B, S], keys [B, T, K, D],
+    values [B, T, K, Dv] -> [B, S, H, Dv] in q.dtype; query i of row b attends to slots t <= positions[b, i]
+    (the cache holds the row's context in slot order). Logits and softmax in float32."""
+    b, s, h, d = q.shape
+    t, kv = keys.shape[1], keys.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qg = q.reshape(b, s, kv, h // kv, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, keys.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    visible = jnp.arange(t)[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgst,btkd->bskgd", p.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    return out.reshape(b, s, h, values.shape[-1]).astype(q.dtype)
+
+
 def output_projection(ctx: jax.Array, d_model: int, dtype: Any, init_std: float, name: str = "out",
                       bias: bool = False) -> jax.Array:
     """Per-head context [B, S, H, Dh] -> [B, S, D] (bias [D] when `bias`), with the "attn_context"/"attn_out"
@@ -151,8 +179,28 @@ class Attention(nn.Module):
         if factor != 1.0:  # YaRN: cos and sin scaled by `factor` on both q and k
             q, k = (t * jnp.asarray(factor, t.dtype) for t in (q, k))
         q, k, v = (checkpoint_name(t, "qkv_proj") for t in (q, k, v))
-        return output_projection(self.core(q, k, v, segment_ids), x.shape[-1], self.dtype, self.out_init_std,
-                                 bias=c.out_bias)
+        ctx = self.attend(q, k, v, positions, segment_ids)
+        return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std, bias=c.out_bias)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+               segment_ids: jax.Array | None) -> jax.Array:
+        """q, k, v after RoPE -> per-head context: `cached_core` in cached decoding (the kind's decode_cache
+        and a mutable 'cache' collection), else `core`. Variants with their own cache logic override this."""
+        if self.cfg.decode_cache and self.is_mutable_collection("cache") and not self.is_initializing():
+            return self.cached_core(q, k, v, positions)
+        return self.core(q, k, v, segment_ids)
+
+    def cached_core(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+        """Cached decoding (models/kinds.py): k, v (after RoPE) go to cache "cached_key" / "cached_value"
+        [B, T, K, Dh] at slots `positions`, then each query attends to its row's slots <= its position. Right
+        padding needs no mask: its slots lie past the row's last token and are overwritten before any query
+        reaches them."""
+        shape = (q.shape[0], q.shape[1], *k.shape[2:])
+        keys = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        values = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        keys.value = cache_write(keys.value, k, positions)
+        values.value = cache_write(values.value, v, positions)
+        return cached_attention(q, keys.value, values.value, positions)
 
     # Hooks for attention variants that keep these projections and parameter names (e.g. models.ebt's
     # System-2 and bidirectional attention) but change the core or the rotary positions.

@@ -46,7 +46,11 @@ the loss after 1..eval_report_steps steps too; `think`/`generate` add the infere
 (infer_langevin_std, default langevin_std) to every step, as the reference's inference does.
 
 Inference: `EBT.think(...)` runs any number of steps and self-verification (G candidates from different
-random starts; per position keep the candidate of lowest final energy); `EBT.generate` samples with it.
+random starts; per position keep the candidate of lowest final energy); `EBT.generate` samples with it. The
+observed stream is encoded once per batch and shared by the G candidates. Cached generation (`EBT.prefill` /
+`decode_step`, the default of `generate` for the efficient form without time_embed) keeps the observed stream
+in a KV cache preallocated to the maximum length, so each new token costs one observed-token step plus thinking
+at its own position only (`System2Attention.attend`, `predicted_attention_cached`).
 """
 from __future__ import annotations
 
@@ -62,7 +66,14 @@ import numpy as np
 from axlearn_like.config import config_class, require
 from axlearn_like.params import param_init
 from kernels import common, jvp_attention
-from models.attention import Attention, AttentionConfig, dot_product_attention, segment_mask
+from models.attention import (
+    Attention,
+    AttentionConfig,
+    cache_write,
+    cached_attention,
+    dot_product_attention,
+    segment_mask,
+)
 from models.decoder import DecoderConfig, DecoderStack, default_positions
 from models.kinds import LayerContext, MixerConfig
 from models.layers import Dense, Embed
@@ -191,6 +202,48 @@ class System2Attention(Attention):
         v_o = self.get_variable("cache", "obs_value")
         return predicted_attention(q, k, v, k_o, v_o, segment_ids, query_block=self.query_block,
                                    implementation=self.predicted)
+
+    def attend(self, q, k, v, positions, segment_ids):
+        """Cached decoding (`EBT.prefill` / `decode_step`, efficient form): the cache holds the observed stream's
+        keys/values preallocated, "cached_key" / "cached_value" [B, T, K, Dh] at slot = observed position. The
+        observe pass (cache mutable) writes the new tokens' keys/values at their slots and attends causally over
+        the cache (a decoder's KV cache); the predict pass (cache read-only) is `predicted_attention_cached`:
+        the prediction at RoPE position p attends to the observed slots < p and to itself. Else `core`."""
+        if self.form == "dense" or not self.has_variable("cache", "cached_key"):
+            return self.core(q, k, v, segment_ids)
+        keys, values = self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+        if self.is_mutable_collection("cache"):
+            keys, values = cache_write(keys, k, positions), cache_write(values, v, positions)
+            self.put_variable("cache", "cached_key", keys)
+            self.put_variable("cache", "cached_value", values)
+            return cached_attention(q, keys, values, positions)
+        return predicted_attention_cached(q, k, v, keys, values, positions - 1)
+
+
+def predicted_attention_cached(q_p, k_p, v_p, k_c, v_c, last):
+    """The predicted stream against a KV cache of the observed stream (cached decoding).
+
+    q_p: [G*B, S, H, D] predictions (G candidates per cache row, candidate-major); k_p, v_p: [G*B, S, K, D] their
+    own keys/values; k_c, v_c: [B, T, K, D] the observed keys/values by slot; last int [G*B, S]: the last
+    observed slot each prediction sees. Prediction i attends to the slots <= last[i] and to itself, one softmax
+    over both (as `predicted_attention`) -> [G*B, S, H, D].
+    """
+    bq, s, h, d = q_p.shape
+    bc, t, kv = k_c.shape[:3]
+    n, g = bq // bc, h // kv
+    f32 = jnp.float32
+    scale = 1.0 / jnp.sqrt(jnp.float32(d))
+    qg = q_p.reshape(n, bc, s, kv, g, d)
+    lo = jnp.einsum("nbskgd,btkd->nbkgst", qg, k_c.astype(q_p.dtype), preferred_element_type=f32) * scale
+    seen = jnp.arange(t)[None, None, None, :] <= last.reshape(n, bc, s)[..., None]  # [n, B, S, T]
+    lo = jnp.where(seen[:, :, None, None], lo, -jnp.inf)
+    ls = jnp.einsum("nbskgd,nbskd->nbkgs", qg, k_p.reshape(n, bc, s, kv, d), preferred_element_type=f32) * scale
+    m = jax.lax.stop_gradient(jnp.maximum(jnp.max(lo, axis=-1), ls))  # finite: the self term is present
+    w_obs, w_self = jnp.exp(lo - m[..., None]), jnp.exp(ls - m)
+    inv = 1.0 / (jnp.sum(w_obs, axis=-1) + w_self)
+    o = jnp.einsum("nbkgst,btkd->nbskgd", (w_obs * inv[..., None]).astype(v_c.dtype), v_c, preferred_element_type=f32)
+    o = o + jnp.einsum("nbkgs,nbskd->nbskgd", w_self * inv, v_p.reshape(n, bc, s, kv, d).astype(f32))
+    return o.reshape(bq, s, h, d).astype(q_p.dtype)
 
 
 @config_class
@@ -606,12 +659,15 @@ class EBT(NextTokenTask):
                                  landscape=landscape, mutable=["cache"])
         return e
 
-    def _energy_fn(self, params, tokens, kw) -> EnergyFn:
+    def _energy_fn(self, params, tokens, kw, candidates: int = 1) -> EnergyFn:
         """p [B,S,V] -> E [B,S] for fixed tokens. The efficient form runs the observed stream here, once (once
         per landscape with time_embed: the time token changes it), and each call (each thinking step) only the
-        predicted stream against its cached keys/values."""
+        predicted stream against its cached keys/values. candidates G > 1: tokens / kw hold B rows and the
+        energy takes G * B rows (G candidates per row, candidate-major as jnp.tile): the observed stream is still
+        encoded once for the B rows, its keys/values shared by the candidates (self-verification)."""
         module, n_land = self.module, max(self.cfg.time_embed, 1)
-        aux = {"tokens": tokens, "kw": {k: v for k, v in kw.items() if v is not None}}
+        tile = lambda x, axis=0: x if candidates == 1 else jnp.concatenate([x] * candidates, axis=axis)
+        aux = {"tokens": tile(tokens), "kw": {k: tile(v) for k, v in kw.items() if v is not None}}
         if self.cfg.time_embed:
             aux["landscape"] = jnp.zeros((), jnp.int32)
         land = lambda aux: aux.get("landscape", 0)
@@ -621,6 +677,8 @@ class EBT(NextTokenTask):
         caches = [module.apply({"params": params}, tokens, None, phase="observe", landscape=l, mutable=["cache"],
                                **kw)[1]["cache"] for l in range(n_land)]
         cache = caches[0] if not self.cfg.time_embed else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+        batch_axis = int(bool(self.cfg.time_embed)) + int(self.cfg.scan_layers)  # cache leaves: [(L,) (layers,) B, ...]
+        cache = jax.tree.map(lambda x: tile(x, batch_axis), cache)
 
         def predict(theta, aux, p):
             c = theta["cache"]
@@ -748,13 +806,76 @@ class EBT(NextTokenTask):
                           float(langevin_std))
 
     def generate(self, variables, prompt_tokens, num_new: int, rng, temperature: float = 1.0,
-                 top_k: int | None = None, *, steps: int | None = None, num_candidates: int = 1) -> jax.Array:
-        """Samples num_new tokens after prompt_tokens [B,P] -> [B, P+num_new] (axlearn_like.task.Task.generate):
-        each new token thinks `steps` steps (default: cfg.eval_steps()) with `num_candidates` and the inference
-        Langevin noise on the whole buffer and samples from softmax(final logits / T) at the last written position."""
+                 top_k: int | None = None, *, steps: int | None = None, num_candidates: int = 1, **kw) -> jax.Array:
+        """Samples num_new tokens after prompt_tokens [B,P] -> [B, P+num_new] (axlearn_like.task.Task.generate;
+        kw: top_p, lengths, cached): each new token thinks `steps` steps (default: cfg.eval_steps()) with
+        `num_candidates` and the inference Langevin noise, and is drawn from softmax(final logits / T) at the
+        last written position. Cached (the default where `supports_cached_decoding`): the observed stream is
+        encoded once into a KV cache and each new token thinks at its own position only; cached=False re-thinks
+        the whole buffer per token (the same distribution, other random draws)."""
         steps = steps or self.cfg.eval_steps()
         return super().generate(variables, prompt_tokens, num_new, rng, temperature, top_k, steps=int(steps),
-                                num_candidates=int(num_candidates))
+                                num_candidates=int(num_candidates), **kw)
+
+    # -- cached decoding (axlearn_like.task.Task.prefill / decode_step) --
+    @property
+    def supports_cached_decoding(self) -> bool:
+        """The efficient form with one observed stream (time_embed = 0: no per-landscape streams)."""
+        return self.cfg.attention_form == "efficient" and not self.cfg.time_embed
+
+    def init_cache(self, params, batch_size: int, max_len: int) -> dict:
+        """Zero observed-stream KV caches for batch_size rows of max_len tokens (shapes traced, never run)."""
+        if not self.supports_cached_decoding:
+            raise NotImplementedError("EBT: cached decoding needs attention_form='efficient' and time_embed=0; "
+                                      "use generate(..., cached=False)")
+        tokens = jnp.zeros((batch_size, max_len), jnp.int32)
+        shapes = jax.eval_shape(lambda p: self.module.apply({"params": p}, tokens, None, phase="observe",
+                                                            mutable=["cache"])[1]["cache"], params)
+        names = {"obs_key": "cached_key", "obs_value": "cached_value"}
+        zeros = lambda d: {names.get(k, k): zeros(v) if isinstance(v, dict) else jnp.zeros(v.shape, v.dtype)
+                           for k, v in d.items()}
+        return zeros(shapes)
+
+    def _observe_and_think(self, params, observed, tokens, positions, rng, steps, num_candidates):
+        """Appends tokens [B, S] at positions [B, S] to the observed cache, then thinks at those positions
+        (num_candidates starts each, the observed stream shared) -> (chosen logits [B, S, V], new cache)."""
+        observed = self.module.apply({"params": params, "cache": observed}, tokens, None, phase="observe",
+                                     positions=positions, mutable=["cache"])[1]["cache"]
+        module, g = self.module, num_candidates
+        tile = lambda x: jnp.concatenate([x] * g, axis=0)
+
+        def predict(theta, aux, p):
+            return module.apply({"params": theta["params"], "cache": theta["cache"]}, aux["tokens"], p,
+                                phase="predict", positions=aux["positions"])
+
+        efn = EnergyFn(predict, {"params": params, "cache": observed}, {"tokens": tile(tokens),
+                                                                         "positions": tile(positions)})
+        out = _think_candidates(self, efn, params, tokens.shape, rng, steps or self.cfg.eval_steps(), g,
+                                self.cfg.inference_noise())
+        return out["logits"], observed
+
+    def prefill(self, variables, tokens, *, lengths=None, max_len=None, rng=None, steps=None, num_candidates=1):
+        """Task.prefill: the prompt's observed stream into a KV cache with room for max_len tokens, and thinking
+        at every prompt position (logits [B, S, V]; rows right-padded to `lengths`). rng: thinking's randomness
+        (carried in the cache for the later steps)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        b, s = tokens.shape
+        observed = self.init_cache(variables["params"], b, s if max_len is None else int(max_len))
+        lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        rng, sub = jax.random.split(jax.random.key(0) if rng is None else rng)
+        logits, observed = self._observe_and_think(variables["params"], observed, tokens, default_positions(tokens),
+                                                   sub, steps, num_candidates)
+        return logits, {"position": lengths, "observed": observed, "rng": rng}
+
+    def decode_step(self, variables, tokens, cache, *, steps=None, num_candidates=1):
+        """Task.decode_step: tokens [B, S] join the observed cache at each row's next positions; thinking runs at
+        those S positions only (the observed stream is never re-encoded)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        rng, sub = jax.random.split(cache["rng"])
+        logits, observed = self._observe_and_think(variables["params"], cache["observed"], tokens, positions, sub,
+                                                   steps, num_candidates)
+        return logits, {"position": cache["position"] + tokens.shape[1], "observed": observed, "rng": rng}
 
     def logits(self, variables, tokens, rng, *, steps: int, num_candidates: int) -> jax.Array:
         """The chosen candidate's final thinking logits float32 [B, S, V] (see `think`)."""
@@ -763,14 +884,20 @@ class EBT(NextTokenTask):
 
 
 def _think_impl(task: EBT, params, tokens, rng, positions, segment_ids, steps, g, langevin_std):
-    b, s = tokens.shape
-    rep = lambda x: None if x is None else jnp.tile(x, (g, 1))
-    tok_g = rep(tokens)
-    kw = {"positions": rep(positions), "segment_ids": rep(segment_ids)}
+    kw = {"positions": positions, "segment_ids": segment_ids}
+    # the observed stream is encoded once for the B rows and shared by the G candidates
+    return _think_candidates(task, task._energy_fn(params, tokens, kw, candidates=g), params, tokens.shape, rng,
+                             steps, g, langevin_std)
+
+
+def _think_candidates(task: EBT, energy_fn, params, shape, rng, steps, g, langevin_std):
+    """Thinking from g random starts per position of a [B, S] batch (energy_fn takes the g * B rows,
+    candidate-major) and self-verification (`EBT.think`'s result dict)."""
+    b, s = shape
     r_init, r_noise = jax.random.split(rng)
     y0 = task.initial_logits(r_init, (g * b, s))
-    res = think(task._energy_fn(params, tok_g, kw), y0, alpha_value(params), steps, langevin_std=langevin_std,
-                rng=r_noise, final_energy=True)
+    res = think(energy_fn, y0, alpha_value(params), steps, langevin_std=langevin_std, rng=r_noise,
+                final_energy=True)
     final = res.logits[-1].reshape(g, b, s, -1)
     energies = res.energies.reshape(steps + 1, g, b, s)
     best = jnp.argmin(energies[-1], axis=0)  # [B,S]

@@ -16,7 +16,17 @@ cyclically over the layers. Each kind's config lives in the module of the layer 
   logical_axes  ClassVar: every logical axis name its parameters may use (checked against the sharding rules).
   recurrent     ClassVar[bool] (mixers): True only when the mixer's context is a fixed-size state (Mamba-2),
                 so a stack of such mixers decodes recurrently.
+  decode_cache  ClassVar[bool] (mixers): True when the layer implements cached decoding (below). Never
+                inherited: a subclass kind (which usually changes the math) declares it itself.
   validate_in   (ctx) -> None: checks that need the model around the layer (e.g. d_model divisibility).
+
+Cached decoding (`LanguageModel.prefill` / `decode_step`): the decoder applies the stack with the `cache`
+collection mutable and calls each mixer with `positions` int [B, S], the per-row position of every new token
+(each row continues its own context: row b's tokens sit at slots positions[b]), and `segment_ids` int [B, S],
+0 on right padding after a row's last real token (ragged prompts), 1 elsewhere. A mixer keeps whatever it
+needs for later tokens in `cache` variables, created on the first such call with the shapes of a context of
+that call's length (`LanguageModel.init_cache` traces one call of the maximum length and zero-fills: all-zero
+cache variables must mean "empty context"). Padding tokens must not change what later tokens see.
 
 The JSON form of a config tags every entry with its class (`_type`), so saved patterns rebuild without a
 registry. A concrete kind that forgets `kind`, `build` or `extra_flops` fails at class creation.
@@ -78,6 +88,12 @@ class MixerConfig(_LayerKind, abstract=True):
     """Base of the sequence-mixer kinds (attention-like and recurrent layers); see the module doc."""
 
     recurrent: ClassVar[bool] = False
+    decode_cache: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "decode_cache" not in cls.__dict__:
+            cls.decode_cache = False  # cached decoding is declared by each kind, never inherited
 
 
 @config_class

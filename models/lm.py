@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from axlearn_like.task import Task, sample_logits
-from models.decoder import Decoder, DecoderConfig
+from models.decoder import Decoder, DecoderConfig, default_positions
 
 Batch = dict[str, jax.Array]
 _MUTABLE = ["intermediates", "stats", "carry"]
@@ -189,20 +189,65 @@ class LanguageModel(NextTokenTask):
 
     # -- generation (axlearn_like.task.Task.generate) --
     def logits(self, variables: dict[str, Any], tokens: jax.Array, rng: jax.Array) -> jax.Array:
-        """float32 [B, S, V] next-token logits of tokens int32 [B, S] (no KV cache yet: full recompute)."""
+        """float32 [B, S, V] next-token logits of tokens int32 [B, S] (full recompute)."""
         del rng
         return self.module.apply(variables, tokens, train=False, mutable=_MUTABLE)[0]
 
-    def prefill(self, variables: dict[str, Any], tokens: jax.Array):
-        return self.decode_step(variables, tokens, None)
+    @property
+    def supports_cached_decoding(self) -> bool:
+        """True when every mixer kind implements the `cache` collection (`MixerConfig.decode_cache`)."""
+        return all(m.decode_cache for m in self.cfg.layer_pattern)
 
-    def decode_step(self, variables: dict[str, Any], tokens: jax.Array, cache: Any):
-        """Recurrent stacks (every mixer carries a fixed-size state) decode through models.ssm.decode_step;
-        attention has no KV cache yet."""
-        from models import ssm
+    def _check_cached(self) -> None:
+        missing = sorted({m.kind for m in self.cfg.layer_pattern if not m.decode_cache})
+        if missing:
+            raise NotImplementedError(f"LanguageModel: mixer kinds {missing} have no cached decoding "
+                                      "(MixerConfig.decode_cache); use generate(..., cached=False)")
 
-        if not ssm.supports_recurrent_decode(self.cfg):
-            raise NotImplementedError(
-                "LanguageModel: cached decoding needs a recurrent stack (no KV cache for attention yet); "
-                "use generate(..., cached=False)")
-        return ssm.decode_step(self, variables, tokens, cache)
+    def _cached_apply(self, variables, tokens, positions, segment_ids, layers):
+        """One apply with the 'cache' collection mutable -> (logits float32 [B, S, V], new layer caches)."""
+        v = {k: variables[k] for k in ("params", "stats") if k in variables}
+        if layers is not None:
+            v["cache"] = layers
+        logits, mutated = self.module.apply(v, tokens, positions=positions, segment_ids=segment_ids, train=False,
+                                            mutable=["cache"])
+        return logits, mutated["cache"]
+
+    def init_cache(self, variables: dict[str, Any], batch_size: int, max_len: int) -> dict[str, Any]:
+        """An empty decoding cache for batch_size rows of up to max_len tokens: {"position": int32 [B] (the next
+        token's position per row), "layers": the stack's 'cache' collection, zeros}. Its shapes come from
+        tracing (never running) one cached apply of max_len tokens, so each layer kind sizes its own cache."""
+        self._check_cached()
+        tokens = jnp.zeros((batch_size, max_len), jnp.int32)
+        pos = default_positions(tokens)
+        shapes = jax.eval_shape(lambda v: self._cached_apply(v, tokens, pos, None, None)[1], variables)
+        return {"position": jnp.zeros((batch_size,), jnp.int32),
+                "layers": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)}
+
+    def prefill(self, variables: dict[str, Any], tokens: jax.Array, *, lengths: jax.Array | None = None,
+                max_len: int | None = None, rng: jax.Array | None = None):
+        """Cached decoding, step 1: tokens int32 [B, S] (rows right-padded; `lengths` int [B] real tokens per
+        row, default S) -> (logits float32 [B, S, V], cache with room for max_len tokens per row, default S).
+        Row b's next-token logits are logits[b, lengths[b] - 1]; the padding's logits are meaningless. (rng:
+        unused, the decoder is deterministic.)"""
+        del rng
+        tokens = jnp.asarray(tokens, jnp.int32)
+        b, s = tokens.shape
+        max_len = s if max_len is None else int(max_len)
+        if max_len < s:
+            raise ValueError(f"prefill: max_len={max_len} is shorter than the prompt ({s} tokens)")
+        cache = self.init_cache(variables, b, max_len)
+        lengths = jnp.full((b,), s, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        positions = default_positions(tokens)
+        segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # 0 = right padding
+        logits, layers = self._cached_apply(variables, tokens, positions, segment_ids, cache["layers"])
+        return logits, {"position": lengths, "layers": layers}
+
+    def decode_step(self, variables: dict[str, Any], tokens: jax.Array, cache: dict[str, Any]):
+        """Cached decoding, step 2..: tokens int32 [B, S] (usually S = 1) continue each row of `cache` at its
+        own position -> (logits float32 [B, S, V], cache). Fixed shapes: jit it once for every step. Positions
+        past the cache's max_len are not checked here (the write is dropped); `Task.generate` sizes the cache."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        positions = cache["position"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        logits, layers = self._cached_apply(variables, tokens, positions, None, cache["layers"])
+        return logits, {"position": cache["position"] + tokens.shape[1], "layers": layers}

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import config_class, require
-from models.attention import IMPLEMENTATIONS, dot_product_attention, output_projection
+from models.attention import IMPLEMENTATIONS, cache_write, dot_product_attention, output_projection
 from models.kinds import LayerContext, MixerConfig, check_implementation
 from models.layers import DenseGeneral, RMSNorm, apply_rope, rope_frequencies, yarn_frequencies, yarn_mscale
 
@@ -73,6 +73,7 @@ class MLAConfig(MixerConfig):
 
     kind: ClassVar[str] = "mla"
     logical_axes: ClassVar[tuple[str, ...]] = ("embed", "q_lora", "kv_lora", "heads", "head_dim", "norm")
+    decode_cache: ClassVar[bool] = True  # latent cache + absorbed projections: `MLA.cached_core`
 
     def build(self, ctx: LayerContext, name: str) -> nn.Module:
         return MLA(self, ctx.dtype, ctx.init_std, ctx.out_init_std, name=name)
@@ -170,15 +171,45 @@ class MLA(nn.Module):
 
         kv_a = dense(r + dr, ("embed", "kv_lora"), "kv_a")(x)
         ckv = nn.with_logical_constraint(norm("kv_a_norm")(kv_a[..., :r]), ("batch", "length", "kv_lora"))
-        kv = heads(dense((h, dn + dv), ("kv_lora", "heads", "head_dim"), "kv_b")(ckv))
-        k_nope, v = kv[..., :dn], kv[..., dn:]
+        kv_b = dense((h, dn + dv), ("kv_lora", "heads", "head_dim"), "kv_b")
 
         inv_freq, a = c.rope()
         rot = lambda t: (apply_rope(t, positions, inv_freq=inv_freq).astype(jnp.float32) * a).astype(t.dtype)
         q_rope = rot(q[..., dn:])
         k_rope = rot(kv_a[..., None, r:])  # [B, S, 1, d_r]: one rotary key for every head
+        if self.is_mutable_collection("cache") and not self.is_initializing():
+            w_ukv = nn.unbox(self.variables["params"]["kv_b"]["kernel"]).astype(self.dtype)  # [R, H, d_n + d_v]
+            ctx = self.cached_core(q[..., :dn], q_rope, ckv, k_rope[:, :, 0], w_ukv, positions)
+            return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
+        kv = heads(kv_b(ckv))
+        k_nope, v = kv[..., :dn], kv[..., dn:]
         q = jnp.concatenate([q[..., :dn], q_rope], axis=-1)
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:-1], dr))], axis=-1)
         q, k, v = (checkpoint_name(heads(t), "qkv_proj") for t in (q, k, v))
         ctx = mla_core(q, k, v, segment_ids, scale=c.softmax_scale(), implementation=c.implementation)
         return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
+
+    def cached_core(self, q_nope, q_rope, ckv, k_rope, w_ukv, positions):
+        """Cached decoding (models/kinds.py) with the latent cache of DeepSeek-V2 Sec. 2.1: per token only
+        c_kv [R] ("kv_latent") and the shared rotary key [d_r] ("k_rope") are cached ([B, T, R], [B, T, d_r]),
+        and W_ukv = [W_uk ; W_uv] is absorbed: q_nope_i . k_nope_i,t = (W_uk_i^T q_nope_i) . c_kv_t (W_uk into the
+        query) and sum_t p_t W_uv_i c_kv_t = W_uv_i (sum_t p_t c_kv_t) (W_uv into the output), so attention runs in
+        the R-dim latent space and per-head keys/values are never formed. q_nope [B, S, H, d_n], q_rope
+        [B, S, H, d_r] (rotated), ckv [B, S, R], k_rope [B, S, d_r] (rotated) -> context [B, S, H, d_v]."""
+        c = self.cfg
+        b, s = ckv.shape[:2]
+        latent = self.variable("cache", "kv_latent", jnp.zeros, (b, s, c.kv_lora_rank), self.dtype)
+        rope_key = self.variable("cache", "k_rope", jnp.zeros, (b, s, c.qk_rope_head_dim), self.dtype)
+        latent.value = cache_write(latent.value, ckv, positions)
+        rope_key.value = cache_write(rope_key.value, k_rope, positions)
+        lat, kr = latent.value, rope_key.value
+        f32 = jnp.float32
+        w_uk, w_uv = w_ukv[..., :c.qk_nope_head_dim], w_ukv[..., c.qk_nope_head_dim:]
+        q_lat = jnp.einsum("bshn,rhn->bshr", q_nope, w_uk, preferred_element_type=f32).astype(self.dtype)
+        logits = (jnp.einsum("bshr,btr->bhst", q_lat, lat, preferred_element_type=f32)
+                  + jnp.einsum("bshd,btd->bhst", q_rope.astype(self.dtype), kr, preferred_element_type=f32))
+        visible = jnp.arange(lat.shape[1])[None, None, :] <= positions[:, :, None]  # [B, S, T]
+        logits = jnp.where(visible[:, None], logits * c.softmax_scale(), jnp.finfo(f32).min)
+        p = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        o_lat = jnp.einsum("bhst,btr->bshr", p, lat, preferred_element_type=f32).astype(self.dtype)
+        return jnp.einsum("bshr,rhv->bshv", o_lat, w_uv, preferred_element_type=f32).astype(self.dtype)

@@ -58,6 +58,7 @@ class SimplicialConfig(MixerConfig):
 
     kind: ClassVar[str] = "simplicial"
     logical_axes: ClassVar[tuple[str, ...]] = ("embed", "heads", "kv_heads", "head_dim")
+    decode_cache: ClassVar[bool] = True  # window buffers of the last max(w1, w2) keys/values
 
     num_heads: int = 8
     num_kv_heads: int = 1
@@ -170,6 +171,9 @@ class SimplicialAttention(nn.Module):
             q = apply_rope(q, positions, c.rope_theta)
             k1 = apply_rope(k1, positions, c.rope_theta)
         q, k1, v1, k2, v2 = (checkpoint_name(t, "qkv_proj") for t in (q, k1, v1, k2, v2))
+        if self.is_mutable_collection("cache") and not self.is_initializing():
+            ctx = self.cached_core(q, k1, v1, k2, v2, positions, segment_ids)
+            return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
         ctx = two_simplicial_attention(
             q, k1, v1, k2, v2, w1=c.w1, w2=c.w2, variant=c.variant, scale=c.scale, k2_bias=c.k2_bias,
             v2_bias=c.v2_bias, implementation=c.implementation
@@ -179,6 +183,78 @@ class SimplicialAttention(nn.Module):
             cross = crossing_queries(segment_ids, min(max(c.w1, c.w2), x.shape[1]))
             ctx = jnp.where(cross[:, :, None, None], jnp.zeros((), ctx.dtype), ctx)
         return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
+
+    def cached_core(self, q, k1, v1, k2, v2, positions, segment_ids):
+        """Cached decoding (models/kinds.py). The cache holds each row's last W = max(w1, w2) tokens' k1, v1,
+        k2, v2 ([B, W, K, Dh] each, "window_*"), oldest first: entry j is the token at position p0 - W + j when
+        the call's first token sits at p0 (a position < 0 is empty). The new tokens' windows are read from
+        [window ; new] with those masked out (and right padding, segment id 0), so the result is the op's exactly
+        (`simplicial_window_attention`); then the window moves to end at each row's last real token."""
+        c = self.cfg
+        b, s = q.shape[:2]
+        w = max(c.w1, c.w2)
+        bufs = [self.variable("cache", f"window_{n}", jnp.zeros, (b, w, *t.shape[2:]), t.dtype)
+                for n, t in (("key", k1), ("value", v1), ("key2", k2), ("value2", v2))]
+        valid = jnp.ones((b, s), bool) if segment_ids is None else segment_ids != 0
+        buf_pos = positions[:, :1] - w + jnp.arange(w)[None, :]
+        ok = jnp.concatenate([buf_pos >= 0, valid], axis=1)  # [B, W + S]
+        k1c, v1c, k2c, v2c = (jnp.concatenate([buf.value, t.astype(buf.value.dtype)], axis=1)
+                              for buf, t in zip(bufs, (k1, v1, k2, v2)))
+        ctx = simplicial_window_attention(q, k1c, v1c, k2c, v2c, ok, w1=c.w1, w2=c.w2, variant=c.variant,
+                                          scale=c.scale, k2_bias=c.k2_bias, v2_bias=c.v2_bias)
+        # keep the W entries that end at each row's last real token (right padding is a suffix)
+        keep = jnp.sum(valid, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(w)[None, :]
+        for buf, cat in zip(bufs, (k1c, v1c, k2c, v2c)):
+            buf.value = jnp.take_along_axis(cat, keep[:, :, None, None], axis=1)
+        return ctx
+
+
+def simplicial_window_attention(q, k1, v1, k2, v2, ok, *, w1: int, w2: int, variant: str = "trilinear",
+                                scale: float | None = None, k2_bias: float | None = None, v2_bias: float = 1.0,
+                                query_chunk: int | None = None):
+    """2-simplicial attention of the last S tokens of a masked key stream (the decode path; the op's math).
+
+    q [B, S, Hq, D]: queries of stream entries L - S .. L - 1; k1, v1, k2, v2 [B, L, K, D] (L >= S + max(w1, w2)
+    - 1); ok bool [B, L]: which entries exist. Query i (entry e = L - S + i) sees k1/v1 at e - w1 < j <= e and
+    k2/v2 at e - w2 < k <= e where ok; softmax over the allowed (j, k) pairs; biases and variant as
+    kernels.simplicial.two_simplicial_attention. Queries go `query_chunk` at a time (logits [B, chunk, Hq, w1,
+    w2] float32 per chunk). A query with no allowed pair gets a finite meaningless output (never NaN).
+    """
+    from kernels.simplicial import reference
+
+    b, s, hq, d = q.shape
+    big_l, kv = k1.shape[1], k1.shape[2]
+    g = hq // kv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k2, v2 = reference.biased_operands(k2, v2, reference.default_k2_bias(d) if k2_bias is None else k2_bias,
+                                       v2_bias)
+    if variant == "determinant":
+        q, k1, k2 = reference.determinant_operands(q, k1, k2)
+    if query_chunk is None:
+        query_chunk = max(1, min(s, (1 << 24) // max(1, b * hq * w1 * w2)))
+    n = -(-s // query_chunk)
+    qp = jnp.pad(q, ((0, 0), (0, n * query_chunk - s), (0, 0), (0, 0)))
+    qp = qp.reshape(b, n, query_chunk, kv, g, q.shape[-1])
+    f32 = jnp.float32
+
+    def one_chunk(args):
+        q_c, start = args
+        e = big_l - s + start + jnp.arange(query_chunk)  # stream entries of these queries (past L: padding)
+        i1 = jnp.clip(e[:, None] - w1 + 1 + jnp.arange(w1)[None, :], 0, big_l - 1)  # [C, w1]
+        i2 = jnp.clip(e[:, None] - w2 + 1 + jnp.arange(w2)[None, :], 0, big_l - 1)
+        m1 = ok[:, i1] & (e[:, None] - w1 + 1 + jnp.arange(w1)[None, :] >= 0)[None]
+        m2 = ok[:, i2] & (e[:, None] - w2 + 1 + jnp.arange(w2)[None, :] >= 0)[None]
+        mask = m1[:, :, :, None] & m2[:, :, None, :]  # [B, C, w1, w2]
+        qk2 = jnp.einsum("bcngd,bcknd->bcngkd", q_c, k2[:, i2], preferred_element_type=f32)
+        logits = jnp.einsum("bcngkd,bcjnd->bcngjk", qk2, k1[:, i1].astype(f32)) * scale
+        logits = jnp.where(mask[:, :, None, None], logits, jnp.finfo(f32).min)
+        p = jax.nn.softmax(logits.reshape(*logits.shape[:4], w1 * w2), axis=-1).reshape(logits.shape)
+        pv1 = jnp.einsum("bcngjk,bcjnd->bcngkd", p, v1[:, i1].astype(f32))
+        return jnp.einsum("bcngkd,bcknd->bcngd", pv1, v2[:, i2].astype(f32))
+
+    out = jax.lax.map(one_chunk, (jnp.moveaxis(qp, 1, 0), jnp.arange(n) * query_chunk))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n * query_chunk, hq, v1.shape[-1])[:, :s]
+    return out.astype(q.dtype)
 
 
 def mean_window_pairs(seq_len: int, w1: int, w2: int) -> float:

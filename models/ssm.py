@@ -82,6 +82,7 @@ class Mamba2Config(MixerConfig):
     kind: ClassVar[str] = "mamba2"
     logical_axes: ClassVar[tuple[str, ...]] = ("embed", "mlp", "conv", "ssm_heads")
     recurrent: ClassVar[bool] = True
+    decode_cache: ClassVar[bool] = True  # conv window + SSM state (the `cache` collection)
 
     d_state: int = 128
     head_dim: int = 64
@@ -248,6 +249,10 @@ class Mamba2(nn.Module):
     @nn.compact
     def __call__(self, u, *, positions=None, segment_ids=None, train: bool = False):
         c = self.cfg
+        decoding = self.is_mutable_collection("cache") and not self.is_initializing()
+        pad = None
+        if decoding and segment_ids is not None:  # cached decoding: segment id 0 marks right padding
+            pad, segment_ids = segment_ids == 0, None
         if not c.document_reset:
             segment_ids = None  # documents share state and conv window (fused kernels allowed)
         b, L, d_model = u.shape
@@ -266,7 +271,6 @@ class Mamba2(nn.Module):
         A_log = self.param("A_log", param_init(a_log_init(c), ("ssm_heads",), weight_decay=False), (H,), F32)
         D = self.param("D", param_init(nn.initializers.ones, ("ssm_heads",), weight_decay=False), (H,), F32)
 
-        decoding = self.is_mutable_collection("cache")
         if decoding and train:
             raise ValueError("Mamba2: the 'cache' collection is for inference; call with train=False")
         init_state = conv_state = None
@@ -299,6 +303,12 @@ class Mamba2(nn.Module):
         x = nn.with_logical_constraint(x.reshape(b, L, H, P), ("batch", "length", "ssm_heads", "head_dim"))
         Bm, Cm = Bm.reshape(b, L, G, N), Cm.reshape(b, L, G, N)
         dt = jax.nn.softplus(dt_raw.astype(F32) + dt_bias)  # [b, L, H]
+        if pad is not None:  # padding leaves the state as it is (dt = 0: no decay, no input) ...
+            dt = jnp.where(pad[..., None], 0.0, dt)
+            # ... and the conv window ends at each row's last real token
+            xp = jnp.concatenate([conv_state.astype(xBC.dtype), xBC], axis=1)
+            last = jnp.sum(~pad, axis=1, dtype=jnp.int32)[:, None] + jnp.arange(K - 1)[None, :]
+            new_conv_state = jnp.take_along_axis(xp, last[:, :, None], axis=1)
         A = -jnp.exp(A_log)
         if decoding and L == 1:
             y, final = ssd_step(init_state, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D)

@@ -1,0 +1,210 @@
+"""Cached generation speed: `python -m tools.bench_generate [--recipe dense_lm] [--preset gpu_1b] [--batch 1,32]
+[--prompt-len 512] [--new-tokens 256] [--set k=v ...] [--no-anchor] [--out FILE]`.
+
+For each batch size: prefill tokens/s (one jit-compiled `prefill` of batch x prompt-len random tokens into a
+cache sized prompt-len + new-tokens) and decode tokens/s (one jit-compiled loop of new-tokens greedy
+`decode_step`s from that cache: batch x new-tokens / loop time), on the recipe preset's model with random
+weights cast to its compute dtype (timing does not depend on the values; the prompt never contains padding).
+
+Anchor, same run, same weights: Hugging Face transformers `generate` with its static KV cache
+(cache_implementation="static"; greedy, new-tokens forced) on the model exported to a temporary folder by
+the `tools.export_hf` family code (tools/hf; in bf16 when the preset computes in bf16): prefill = a generate
+of 1 new token, decode = (time of new-tokens - time of 1) over the new-tokens - 1 later tokens. Skipped with a
+printed note when torch / transformers / a CUDA device are missing or no HF family writes the model.
+Timing: tools.benchutil.timeit (warm-up, back-to-back calls, median) for ours; medians of `--reps` synchronised
+generate calls for HF.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tools import benchutil
+
+
+def _model(recipe: str, preset: str, overrides: list[str]):
+    from axlearn_like import config as config_lib
+
+    mod = importlib.import_module(f"recipes.{recipe}")
+    if preset not in mod.PRESETS:
+        raise SystemExit(f"error: --preset {preset!r} is not one of {sorted(mod.PRESETS)} (recipes.{recipe})")
+    cfg = config_lib.apply_overrides(mod.PRESETS[preset](), overrides)
+    task = cfg.model.build()
+    if not task.supports_cached_decoding:
+        raise SystemExit(f"error: {recipe}/{preset}: {type(task).__name__} has no cached decoding")
+    variables = nn.meta.unbox(jax.jit(lambda r: task.init(r, task.example_batch(1, 8)))(jax.random.key(0)))
+    return cfg, task, {k: variables[k] for k in ("params", "stats") if k in variables}
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int) -> dict:
+    """Prefill and decode timings of the cached path (module doc)."""
+    b, p = prompt.shape
+    max_len = p + new_tokens
+    prefill = jax.jit(lambda v, t: task.prefill(v, t, max_len=max_len))
+
+    @jax.jit
+    def decode(v, cache, tok):
+        def step(carry, _):
+            tok, cache = carry
+            logits, cache = task.decode_step(v, tok[:, None], cache)
+            return (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache), None
+
+        (tok, _), _ = jax.lax.scan(step, (tok, cache), None, length=new_tokens)
+        return tok
+
+    tokens = jnp.asarray(prompt)
+    t0 = time.perf_counter()
+    logits, cache = jax.block_until_ready(prefill(params, tokens))
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    jax.block_until_ready(decode(params, cache, first))
+    compile_s = time.perf_counter() - t0
+    prefill_ms = benchutil.timeit(prefill, (params, tokens), reps=reps, warmup=1, rounds=min(reps, 5))[0]
+    decode_ms = benchutil.timeit(decode, (params, cache, first), reps=max(1, reps // 2), warmup=1,
+                                 rounds=min(max(1, reps // 2), 3))[0]
+    return {"prefill_ms": prefill_ms, "prefill_tok_s": b * p / (prefill_ms / 1e3),
+            "decode_ms_per_step": decode_ms / new_tokens, "decode_tok_s": b * new_tokens / (decode_ms / 1e3),
+            "compile_s": compile_s}
+
+
+def export_hf_folder(model_cfg, params, stats, out_dir: str, dtype: str) -> str:
+    """The model as a Hugging Face folder via the tools.export_hf family code (what `python -m tools.export_hf`
+    writes from a run dir's checkpoint), from in-memory variables. -> model_type."""
+    from models.decoder import unstack_layer_params
+    from tools.hf.common import EXPORT_DTYPES, choose_family, write_folder
+
+    params = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
+    stats = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), stats or {})
+    if getattr(model_cfg, "scan_layers", False):
+        params = jax.tree.map(np.asarray, unstack_layer_params(params, model_cfg))
+        stats = jax.tree.map(np.asarray, unstack_layer_params(stats, model_cfg))
+    family = choose_family(model_cfg, None, None)
+    hf_cfg, tensors = family.to_hf(model_cfg, params, stats, None, None)
+    out_dt = EXPORT_DTYPES[dtype]
+    tensors = {k: np.asarray(v).astype(out_dt) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+               for k, v in tensors.items()}
+    write_folder(out_dir, tensors, 5 << 30)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**hf_cfg, "dtype": dtype}, f, indent=2)
+    return hf_cfg["model_type"]
+
+
+def hf_anchor_setup(model_cfg, params, stats, dtype: str):
+    """-> (loaded HF model on the GPU, torch module, info dict), or (None, None, {"note": why not})."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        return None, None, {"note": f"HF anchor skipped: {e.name} is not installed"}
+    if not torch.cuda.is_available():
+        return None, None, {"note": "HF anchor skipped: torch sees no CUDA device"}
+    tmp = tempfile.mkdtemp(prefix="bench_generate_hf_")
+    try:
+        model_type = export_hf_folder(model_cfg, params, stats, tmp, dtype)
+    except Exception as e:  # noqa: BLE001 - any unsupported model: note and go on
+        return None, None, {"note": f"HF anchor skipped: no export ({type(e).__name__}: {e})"}
+    tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[dtype]
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=tdt).to("cuda").eval()
+    return model, torch, {"model_type": model_type, "transformers": transformers.__version__,
+                          "torch": torch.__version__, "attn_implementation": model.config._attn_implementation}
+
+
+def time_hf(model, torch, prompt: np.ndarray, new_tokens: int, reps: int) -> dict:
+    ids = torch.as_tensor(prompt, dtype=torch.long, device="cuda")
+    mask = torch.ones_like(ids)
+
+    def gen(n):
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 cache_implementation="static", pad_token_id=0, eos_token_id=None)
+        torch.cuda.synchronize()
+        return out
+
+    def timed(n):
+        gen(n)  # warm-up (and the static cache's compile, when transformers compiles it)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            gen(n)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    b, p = prompt.shape
+    t1, tn = timed(1), timed(new_tokens)
+    decode_s = max(tn - t1, 1e-9)
+    return {"prefill_ms": t1 * 1e3, "prefill_tok_s": b * p / t1,
+            "decode_ms_per_step": decode_s * 1e3 / max(new_tokens - 1, 1),
+            "decode_tok_s": b * max(new_tokens - 1, 1) / decode_s}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="dense_lm")
+    p.add_argument("--preset", default="gpu_1b")
+    p.add_argument("--batch", default="1,32", help="comma list of batch sizes")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--set", action="append", default=[], help="config overrides on the preset")
+    p.add_argument("--no-anchor", action="store_true", help="skip the Hugging Face anchor")
+    p.add_argument("--out", default=None, help="also write the results as JSON")
+    a = p.parse_args(argv)
+    if a.prompt_len < 1 or a.new_tokens < 1:
+        raise SystemExit("error: --prompt-len and --new-tokens must be >= 1")
+    batches = [int(x) for x in a.batch.split(",") if x]
+    cfg, task, variables = _model(a.recipe, a.preset, list(a.set))
+    dtype = cfg.model.dtype
+    params = {**variables, "params": _cast(variables["params"], task.cfg.compute_dtype)}  # inference weights
+    rows = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "recipe": a.recipe, "preset": a.preset,
+            "dtype": dtype, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "param_count":
+            int(sum(x.size for x in jax.tree.leaves(variables["params"])))}
+    hf_model = torch = None
+    if a.no_anchor:
+        rows["anchor"] = {"note": "HF anchor skipped (--no-anchor)"}
+    else:
+        hf_model, torch, rows["anchor"] = hf_anchor_setup(cfg.model, variables["params"], variables.get("stats"),
+                                                          "bfloat16" if dtype == "bfloat16" else "float32")
+        if hf_model is None:
+            print(rows["anchor"]["note"], flush=True)
+    rng = np.random.default_rng(0)
+    table = []
+    for b in batches:
+        prompt = rng.integers(1, cfg.model.vocab_size, (b, a.prompt_len), dtype=np.int32)
+        ours = time_ours(task, params, prompt, a.new_tokens, a.reps)
+        rows[f"batch{b}"] = {"ours": ours}
+        line = [b, ours["prefill_tok_s"], ours["decode_tok_s"], ours["decode_ms_per_step"]]
+        if hf_model is not None:
+            hf = time_hf(hf_model, torch, prompt, a.new_tokens, max(1, a.reps // 2))
+            rows[f"batch{b}"]["hf"] = hf
+            rows[f"batch{b}"]["decode_speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
+            line += [hf["prefill_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]]
+        table.append(line)
+    benchutil.report(rows, a.out)
+    hf_cols = " HF prefill tok/s | HF decode tok/s | decode vs HF |" if hf_model is not None else ""
+    print(f"\n{a.recipe}/{a.preset} on {rows['device']}: prompt {a.prompt_len}, {a.new_tokens} new tokens")
+    print("| batch | prefill tok/s | decode tok/s | decode ms/step |" + hf_cols)
+    print("|---|---|---|---|" + ("---|---|---|" if hf_cols else ""))
+    for line in table:
+        cells = [str(line[0]), f"{line[1]:.0f}", f"{line[2]:.0f}", f"{line[3]:.2f}"]
+        if len(line) > 4:
+            cells += [f"{line[4]:.0f}", f"{line[5]:.0f}", f"{line[6]:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
