@@ -102,8 +102,10 @@ REPRO_LENGTHGEN_ROOT = "runs/repro_lengthgen"  # tools.repro_lengthgen's default
 def repro_lengthgen() -> ExperimentConfig:
     """Issue 20 (Buitrago & Gu on one H200). 115.5M parameters: 24 mixer-only Mamba-2 layers (d_model 768, expand 2,
     head_dim 64 -> 24 heads, d_state 128, no MLP, as mamba_ssm's 130M), tied 32768-token byte-level BPE embedding,
-    bf16 compute, scanned. Pretraining: seq_len 256, 128 rows (32768 tokens/step), 4800 steps = 157M tokens,
-    AdamW 3e-3 cosine to 3e-4 at step 4800 (fixed decay_steps, so post-training runs at the floor LR), on the
+    bf16 compute, scanned. Pretraining: seq_len 256, 128 rows (32768 tokens/step), 3200 steps = 105M tokens
+    (0.780 GFLOP/token: 8.2e16 FLOP, 4.5 min at 300 TFLOP/s), AdamW 3e-3 cosine to 3e-4 at the last step
+    (decay_steps None = trainer.steps, so `--set trainer.steps=N` rescales the run; tools.repro_lengthgen's
+    post-training pins decay_steps at the pretraining's steps, so it runs at the floor LR), on the
     Python installation's sources and docs (data.paths=python_install), tokenized by the BPE that
     `tools.repro_lengthgen` trains into <root>/tokenizer.json. Unpacked rows (packing=False: each row is one
     window of one document, padded), so every training sequence starts from h_{-1} = 0 exactly as in the
@@ -111,7 +113,7 @@ def repro_lengthgen() -> ExperimentConfig:
     docs/results/lengthgen.md."""
     cfg = config()
     cfg.name = "mamba2_repro_lengthgen"
-    steps = 4800
+    steps = 3200
     cfg.model = DecoderConfig(
         vocab_size=32768, d_model=768, num_layers=24,
         layer_pattern=(Mamba2Config(d_state=128, head_dim=64, expand=2, chunk_size=256),),
@@ -120,8 +122,7 @@ def repro_lengthgen() -> ExperimentConfig:
     cfg.model.sample.tokens = 0
     cfg.data = DataConfig(source="text", paths=("python_install",), tokenizer=f"{REPRO_LENGTHGEN_ROOT}/tokenizer.json",
                           seq_len=256, global_batch_size=128, max_bytes=2_000_000_000, packing=False)
-    cfg.optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=100, decay_steps=steps, min_lr_ratio=0.1,
-                                    weight_decay=0.1)
+    cfg.optimizer = OptimizerConfig(learning_rate=3e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
     cfg.trainer = TrainerConfig(steps=steps, log_every=25, eval_every=800, eval_batches=16)
     cfg.checkpoint = CheckpointConfig(every_steps=800, max_to_keep=2)
     cfg.run_dir = f"{REPRO_LENGTHGEN_ROOT}/pretrain"

@@ -13,7 +13,7 @@ ROOT (default runs/repro_lengthgen) holds:
   pretrain/        the `recipes.mamba2 --preset repro_lengthgen` run (initial_state zeros)
   post_<init>/     a copy of the finished pretraining checkpoint, trained on for the post-training steps with
                    model.layer_pattern.mamba2.initial_state=<init> (tbtt also data.mode=tbtt), at the
-                   pretraining schedule's floor learning rate
+                   pretraining schedule's floor learning rate (optimizer.decay_steps pinned at the pretraining's)
   eval/            length_eval.png/.json (per-position loss to 32x the training length, log x), effrem.png/.json,
                    passkey_<run>.png/.json, pretrain_curves.png, posttrain_curves.png (tools.compare_runs),
                    summary.md / summary.json
@@ -78,7 +78,7 @@ def _build(argv: list[str]):
     return cfg
 
 
-def pretrain(root: str, sets: list[str], *, max_minutes: float | None = None, tokenizer_bytes: int = 200_000_000,
+def pretrain(root: str, sets: list[str], *, max_minutes: float | None = None, tokenizer_bytes: int = 100_000_000,
              stream=None) -> int:
     stored = _stored_sets(root, sets)
     sets = list(sets) if stored is None else stored
@@ -204,7 +204,9 @@ def posttrain(root: str, inits: list[str], *, steps: int | None = None, fraction
                          f"{root}` first")
     from axlearn_like import rundir
 
-    pre_steps = rundir.read_config_file(cfg_path).trainer.steps
+    pre_cfg = rundir.read_config_file(cfg_path)
+    pre_steps = pre_cfg.trainer.steps
+    decay = pre_cfg.optimizer.decay_steps or pre_steps  # pinned: post-training continues at the schedule's floor
     done = latest_step(p["pretrain"])
     if done is None or done < pre_steps:
         raise ValueError(f"pretraining in {p['pretrain']} is at step {done} of {pre_steps}; rerun "
@@ -216,7 +218,8 @@ def posttrain(root: str, inits: list[str], *, steps: int | None = None, fraction
     for init in inits:
         d = post_dir(root, init)
         with log.stage("posttrain", init=init, from_step=latest_step(d), target_step=target) as rec:
-            extra = [f"trainer.steps={target}", f"model.layer_pattern.mamba2.initial_state={init}"]
+            extra = [f"trainer.steps={target}", f"optimizer.decay_steps={decay}",
+                     f"model.layer_pattern.mamba2.initial_state={init}"]
             if init == "tbtt":
                 extra.append("data.mode=tbtt")
             argv = ["--config", cfg_path, "--run-dir", d, *sets_argv([*extra, *sets])]
@@ -404,7 +407,7 @@ def main(argv=None) -> int:
     for a in (a_pre, a_post):
         a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         a.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long (resumable)")
-    a_pre.add_argument("--tokenizer-bytes", type=int, default=200_000_000, help="BPE training sample size")
+    a_pre.add_argument("--tokenizer-bytes", type=int, default=100_000_000, help="BPE training sample size")
     a_post.add_argument("--init", required=True, help=f"comma-separated subset of {','.join(INITS)}")
     a_post.add_argument("--steps", type=int, default=None, help="post-training steps (default: --fraction)")
     a_post.add_argument("--fraction", type=float, default=None,

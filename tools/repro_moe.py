@@ -56,7 +56,7 @@ def _argv(root: str, name: str, sets: list[str]) -> list[str]:
 
 
 def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | None = None,
-          tokenizer_bytes: int = 200_000_000, stream=None) -> int:
+          tokenizer_bytes: int = 100_000_000, stream=None) -> int:
     from axlearn_like.cli import build_config
     from recipes import moe
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     a_train.add_argument("--runs", default=",".join(RUNS[:4]), help=f"comma-separated subset of {','.join(RUNS)}")
     a_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a_train.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this call")
-    a_train.add_argument("--tokenizer-bytes", type=int, default=200_000_000)
+    a_train.add_argument("--tokenizer-bytes", type=int, default=100_000_000)
     a_rep.add_argument("--x", default="step", choices=("step", "tokens", "flops"))
     a = p.parse_args(argv)
     if a.cmd == "train":

@@ -31,7 +31,7 @@ def latest_step(run_dir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def ensure_tokenizer(path: str, cfg, *, max_bytes: int = 200_000_000, stream=None) -> None:
+def ensure_tokenizer(path: str, cfg, *, max_bytes: int = 100_000_000, stream=None) -> None:
     """Trains the BPE at `path` unless it exists (a text corpus and a tokenizer path in cfg.data)."""
     if os.path.isfile(path):
         from axlearn_like.data import make_tokenizer

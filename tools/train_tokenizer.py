@@ -1,7 +1,7 @@
 """Train a byte-level BPE tokenizer (HF `tokenizers`) on a text corpus; writes a tokenizer.json for data.tokenizer.
 
     python -m tools.train_tokenizer --out runs/tok/tokenizer.json [--paths python_install] [--vocab-size 32768]
-                                    [--max-bytes 200000000]
+                                    [--max-bytes 100000000]
 
 `--paths` takes what `data.paths` takes (files, globs, directories, "stdlib", "python_install"). When the corpus
 is larger than `--max-bytes`, an evenly spaced subset of its files (every k-th in sorted order) is used, so
@@ -43,7 +43,7 @@ def _docs(files: list[str], max_bytes: int):
         yield raw.decode("utf-8", errors="replace")
 
 
-def train(paths, out: str, *, vocab_size: int = 32768, max_bytes: int = 200_000_000, min_frequency: int = 2,
+def train(paths, out: str, *, vocab_size: int = 32768, max_bytes: int = 100_000_000, min_frequency: int = 2,
           stream=None) -> dict:
     """Trains and saves the tokenizer at `out`; returns a summary dict."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="tokenizer.json path to write")
     p.add_argument("--paths", default="python_install", help="comma-separated data.paths entries")
     p.add_argument("--vocab-size", type=int, default=32768, help="including the 2 special tokens")
-    p.add_argument("--max-bytes", type=int, default=200_000_000, help="training sample size (bytes)")
+    p.add_argument("--max-bytes", type=int, default=100_000_000, help="training sample size (bytes)")
     p.add_argument("--min-frequency", type=int, default=2)
     a = p.parse_args(argv)
     train([x for x in a.paths.split(",") if x], a.out, vocab_size=a.vocab_size, max_bytes=a.max_bytes,

@@ -20,9 +20,9 @@ from tests.core import helpers
 LG_SETS = ["model.d_model=32", "model.num_layers=1", "model.vocab_size=300", "model.dtype=float32",
            "model.layer_pattern.mamba2.d_state=8", "model.layer_pattern.mamba2.head_dim=16",
            "model.layer_pattern.mamba2.chunk_size=16", "data.paths=stdlib", "data.max_bytes=120000", "data.seq_len=16",
-           "data.global_batch_size=4", "trainer.steps=4", "optimizer.warmup_steps=1", "optimizer.decay_steps=4",
-           "trainer.log_every=2", "trainer.eval_every=4", "trainer.eval_batches=1", "checkpoint.every_steps=4",
-           "checkpoint.async_save=false", "trainer.progress=false"]
+           "data.global_batch_size=4", "trainer.steps=4", "optimizer.warmup_steps=1", "trainer.log_every=2",
+           "trainer.eval_every=4", "trainer.eval_batches=1", "checkpoint.every_steps=4", "checkpoint.async_save=false",
+           "trainer.progress=false"]
 # 2 layers (dense, MoE), 8 experts top-2; the balance fields stay the presets'.
 MOE_SETS = ["model.d_model=32", "model.num_layers=2", "model.vocab_size=300", "model.dtype=float32",
             "optimizer.param_dtype=float32", "model.layer_pattern.attention.num_heads=2",
@@ -70,6 +70,7 @@ def test_lengthgen_pipeline(tmp_path, capsys):
     assert latest_step(post) == 6
     cfg = rundir.read_config_file(os.path.join(post, "config.json"))
     assert cfg.data.mode == "tbtt" and cfg.model.layer_pattern[0].initial_state == "tbtt"
+    assert cfg.optimizer.decay_steps == 4  # the pretraining's schedule, held at its floor
     assert "carried array(s) it lacks at zero" in out and "Resuming from checkpoint at step 4" in out
 
     args = ["eval", root, "--multiples", "1,4", "--num-seqs", "2", "--chunk", "16", "--effrem-T", "32",
@@ -181,7 +182,7 @@ def test_gpu_presets_share_one_base():
     ssm = cfg.model.layer_pattern[0]
     assert ssm.d_state == 128 and ssm.initial_state == "zeros" and not ssm.document_reset
     assert cfg.data.seq_len == 256 and cfg.data.paths == ("python_install",) and not cfg.data.packing
-    assert cfg.optimizer.decay_steps == cfg.trainer.steps  # post-training runs at the schedule's floor
+    assert cfg.optimizer.decay_steps is None  # = trainer.steps; tools.repro_lengthgen pins it for post-training
     assert dataclasses.asdict(mamba2.config().model.layer_pattern[0])["d_state"] == 32  # default untouched
 
 
