@@ -113,9 +113,9 @@ def _balance_gpu(variant: str, name: str | None = None, **routing) -> Experiment
     9 layers of d_model 768 (GQA 12 heads / 4 KV heads of 64), the first FFN dense (2048), then 8 MoE layers of
     64 routed experts of width 256, top-6, + 1 shared, sigmoid gate, route_scale 2.5; untied 32768-token BPE
     (trained on the corpus by tools.repro_moe into <root>/tokenizer.json); 376M total / 77M active parameters
-    (the 25M output matrix included; 0.507 GFLOP/token with attention);
-    bf16 compute and weights with float32 masters; seq 1024 x 64 rows = 65536 tokens/step, 1500 steps = 98M
-    tokens for every variant (equal tokens). gamma = 1e-3 (Wang et al.'s u), aux_loss alpha 1e-3. `routing`:
+    (the 25M output matrix included; 0.507 GFLOP/token with attention); bf16 compute and weights with float32
+    masters; seq 1024 x 64 rows = 65536 tokens/step, 1200 steps = 79M tokens for every variant (equal tokens;
+    4.0e16 FLOP, 2.2 min at 300 TFLOP/s). gamma = 1e-3 (Wang et al.'s u), aux_loss alpha 1e-3. `routing`:
     MoEConfig routing fields (the `limited_gpu` preset); `name` the run's name (default: the variant)."""
     kw = dict(num_experts=64, top_k=6, num_shared=1, expert_dim=256, route_scale=2.5, gamma=1e-3)
     kw.update(_balance(variant, aux_alpha=1e-3))
@@ -132,8 +132,8 @@ def _balance_gpu(variant: str, name: str | None = None, **routing) -> Experiment
     cfg.data = DataConfig(source="text", paths=("python_install",), tokenizer=f"{BALANCE_GPU_ROOT}/tokenizer.json",
                           seq_len=1024, global_batch_size=64, max_bytes=2_000_000_000)
     cfg.optimizer = OptimizerConfig(learning_rate=1e-3, warmup_steps=100, param_dtype="bfloat16")
-    cfg.trainer = TrainerConfig(steps=1500, log_every=10, eval_every=250, eval_batches=16)
-    cfg.checkpoint = CheckpointConfig(every_steps=500, max_to_keep=2)
+    cfg.trainer = TrainerConfig(steps=1200, log_every=10, eval_every=200, eval_batches=16)
+    cfg.checkpoint = CheckpointConfig(every_steps=400, max_to_keep=2)
     cfg.run_dir = f"{BALANCE_GPU_ROOT}/{name}"
     return cfg
 

@@ -34,7 +34,7 @@ import sys
 
 from axlearn_like.checkpoint import checkpoint_dir
 from axlearn_like.cli import tool_main
-from tools.repro_util import StageLog, ensure_tokenizer, latest_step, run_recipe, sets_argv
+from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_recipe, sets_argv
 
 RECIPE, PRESET = "mamba2", "repro_lengthgen"
 INITS = ("zeros", "state_passing", "fitted_noise", "tbtt")
@@ -80,6 +80,7 @@ def _build(argv: list[str]):
 
 def pretrain(root: str, sets: list[str], *, max_minutes: float | None = None, tokenizer_bytes: int = 100_000_000,
              stream=None) -> int:
+    deadline = Deadline(max_minutes)
     stored = _stored_sets(root, sets)
     sets = list(sets) if stored is None else stored
     argv = _pretrain_argv(root, sets)
@@ -96,7 +97,11 @@ def pretrain(root: str, sets: list[str], *, max_minutes: float | None = None, to
             print(f"pretrain: already at step {latest_step(p['pretrain'])} of {target}", file=stream)
             rec["status"] = "skipped (done)"
             return 0
-        code, expired = run_recipe(RECIPE, argv, max_minutes=max_minutes)
+        if deadline.spent():
+            rec["status"] = "not started (time budget)"
+            print("pretrain: the time budget went on the tokenizer; rerun the same command to train", file=stream)
+            return 0
+        code, expired = run_recipe(RECIPE, argv, max_minutes=deadline.left())
         rec["to_step"] = latest_step(p["pretrain"])
         if code:
             return code
@@ -194,6 +199,7 @@ def _needs_graft(src_run: str, step: int, dst_cfg) -> bool:
 
 def posttrain(root: str, inits: list[str], *, steps: int | None = None, fraction: float | None = None,
               sets: list[str] = (), max_minutes: float | None = None, stream=None) -> int:
+    deadline = Deadline(max_minutes)
     bad = [i for i in inits if i not in INITS]
     if bad or not inits:
         raise ValueError(f"--init: {bad or inits} not in {list(INITS)}")
@@ -237,9 +243,13 @@ def posttrain(root: str, inits: list[str], *, steps: int | None = None, fraction
                 print(f"posttrain {init}: already at step {latest_step(d)} of {target}", file=stream)
                 rec["status"] = "skipped (done)"
                 continue
+            if deadline.spent():
+                rec["status"] = "not started (time budget)"
+                print(f"posttrain {init}: not started, the time budget is spent; rerun to continue", file=stream)
+                return 0
             print(f"posttrain {init}: steps {pre_steps} -> {target} ({steps} steps, "
                   f"{100.0 * steps / pre_steps:.2f}% of pretraining)", file=stream, flush=True)
-            code, expired = run_recipe(RECIPE, argv, max_minutes=max_minutes)
+            code, expired = run_recipe(RECIPE, argv, max_minutes=deadline.left())
             rec["to_step"] = latest_step(d)
             if code:
                 return code
@@ -273,7 +283,7 @@ def _fresh(manifest: dict, name: str, key: list) -> bool:
 def evaluate(root: str, *, multiples=(1, 2, 4, 8, 16, 32), num_seqs: int = 8, effrem_T: int | None = None,
              effrem_points: int = 24, effrem_seqs: int = 4, passkey_multiples=(1, 4, 16, 32),
              passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials: int = 8, chunk: int | None = None,
-             force: bool = False, stream=None) -> dict:
+             only=("length", "effrem", "passkey"), force: bool = False, stream=None) -> dict:
     from axlearn_like import rundir
     from tools import compare_runs, effrem, length_eval, passkey_eval
 
@@ -295,13 +305,13 @@ def evaluate(root: str, *, multiples=(1, 2, 4, 8, 16, 32), num_seqs: int = 8, ef
     with StageLog(root).stage("eval", runs=[lab for lab, _ in runs]) as rec:
         lengths = [m * L for m in multiples]
         args = [lengths, num_seqs, chunk]
-        if not _fresh(manifest, "length_eval", [key, args]):
+        if "length" in only and not _fresh(manifest, "length_eval", [key, args]):
             length_eval.evaluate(dirs, lengths, num_seqs=num_seqs, chunk=chunk,
                                  out=os.path.join(out, "length_eval.png"), stream=stream)
             manifest["length_eval"] = [key, args]
         T = effrem_T or 8 * L
         args = [T, effrem_points, effrem_seqs, chunk]
-        if not _fresh(manifest, "effrem", [key, args]):
+        if "effrem" in only and not _fresh(manifest, "effrem", [key, args]):
             effrem.run(dirs, T, points=effrem_points, num_seqs=effrem_seqs, chunk=chunk,
                        out=os.path.join(out, "effrem.png"), stream=stream)
             manifest["effrem"] = [key, args]
@@ -309,7 +319,7 @@ def evaluate(root: str, *, multiples=(1, 2, 4, 8, 16, 32), num_seqs: int = 8, ef
         for lab, d in runs:
             args = [pk_lengths, list(passkey_depths), passkey_trials, chunk]
             name = f"passkey_{lab}"
-            if not _fresh(manifest, name, [latest_step(d), args]):
+            if "passkey" in only and not _fresh(manifest, name, [latest_step(d), args]):
                 passkey_eval.run(d, pk_lengths, list(passkey_depths), trials=passkey_trials, chunk=chunk,
                                  out=os.path.join(out, f"{name}.png"), stream=stream)
                 manifest[name] = [latest_step(d), args]
@@ -334,44 +344,56 @@ def evaluate(root: str, *, multiples=(1, 2, 4, 8, 16, 32), num_seqs: int = 8, ef
 
 
 def _summarize(out: str, runs, L: int) -> dict:
-    with open(os.path.join(out, "length_eval.json")) as f:
-        le = json.load(f)
-    with open(os.path.join(out, "effrem.json")) as f:
-        ef = json.load(f)
+    """The numbers of the artifacts present (an `--only` eval leaves the others out)."""
+    def load(name):
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
+
+    le, ef = load("length_eval.json"), load("effrem.json")
     res: dict = {"length": {}, "effrem": {}, "passkey": {}}
     for lab, d in runs:
-        res["length"][lab] = le[d]["rows"]
-        res["effrem"][lab] = {"t": ef[d]["t"], "effrem": ef[d]["effrem"]}
-        with open(os.path.join(out, f"passkey_{lab}.json")) as f:
-            pk = json.load(f)
-        res["passkey"][lab] = {"lengths": pk["lengths"],
-                               "mean_accuracy": [sum(col) / len(col) for col in zip(*pk["accuracy"])]}
+        if d in le:
+            res["length"][lab] = le[d]["rows"]
+        if d in ef:
+            res["effrem"][lab] = {"t": ef[d]["t"], "effrem": ef[d]["effrem"]}
+        pk = load(f"passkey_{lab}.json")
+        if pk:
+            res["passkey"][lab] = {"lengths": pk["lengths"],
+                                   "mean_accuracy": [sum(col) / len(col) for col in zip(*pk["accuracy"])]}
     return res
 
 
 def _summary_md(s: dict) -> str:
     L = s["train_len"]
-    labs = list(s["length"])
-    lengths = [r["length"] for r in s["length"][labs[0]]]
-    lines = [f"# Length generalization summary (training length {L})", "",
-             "Per-position loss on held-out text, mean over (L/2, L] (nats/token):", "",
-             "| run | step | " + " | ".join(f"{n // L}x ({n})" for n in lengths) + " |",
-             "|---|---:|" + "---:|" * len(lengths)]
-    for lab in labs:
-        vals = " | ".join(f"{r['last_half_loss']:.4f}" for r in s["length"][lab])
-        lines.append(f"| {lab} | {s['steps'][lab]} | {vals} |")
-    lines += ["", "EffRem_T(t) at a few t (T = the effrem.png context):", ""]
-    t = s["effrem"][labs[0]]["t"]
-    pick = sorted({0, 1, len(t) // 4, len(t) // 2, 3 * len(t) // 4, len(t) - 1})
-    lines += ["| run | " + " | ".join(f"t={t[i]}" for i in pick) + " |", "|---|" + "---:|" * len(pick)]
-    for lab in labs:
-        e = s["effrem"][lab]["effrem"]
-        lines.append(f"| {lab} | " + " | ".join(f"{e[i]:.3f}" for i in pick) + " |")
-    pk_l = s["passkey"][labs[0]]["lengths"]
-    lines += ["", "Passkey accuracy (mean over depths):", "",
-              "| run | " + " | ".join(str(n) for n in pk_l) + " |", "|---|" + "---:|" * len(pk_l)]
-    for lab in labs:
-        lines.append(f"| {lab} | " + " | ".join(f"{a:.2f}" for a in s["passkey"][lab]["mean_accuracy"]) + " |")
+    lines = [f"# Length generalization summary (training length {L})"]
+    if s["length"]:
+        labs = list(s["length"])
+        lengths = [r["length"] for r in s["length"][labs[0]]]
+        lines += ["", "Per-position loss on held-out text, mean over (L/2, L] (nats/token):", "",
+                  "| run | step | " + " | ".join(f"{n // L}x ({n})" for n in lengths) + " |",
+                  "|---|---:|" + "---:|" * len(lengths)]
+        for lab in labs:
+            vals = " | ".join(f"{r['last_half_loss']:.4f}" for r in s["length"][lab])
+            lines.append(f"| {lab} | {s['steps'][lab]} | {vals} |")
+    if s["effrem"]:
+        labs = list(s["effrem"])
+        lines += ["", "EffRem_T(t) at a few t (T = the effrem.png context):", ""]
+        t = s["effrem"][labs[0]]["t"]
+        pick = sorted({0, 1, len(t) // 4, len(t) // 2, 3 * len(t) // 4, len(t) - 1})
+        lines += ["| run | " + " | ".join(f"t={t[i]}" for i in pick) + " |", "|---|" + "---:|" * len(pick)]
+        for lab in labs:
+            e = s["effrem"][lab]["effrem"]
+            lines.append(f"| {lab} | " + " | ".join(f"{e[i]:.3f}" for i in pick) + " |")
+    if s["passkey"]:
+        labs = list(s["passkey"])
+        pk_l = s["passkey"][labs[0]]["lengths"]
+        lines += ["", "Passkey accuracy (mean over depths):", "",
+                  "| run | " + " | ".join(str(n) for n in pk_l) + " |", "|---|" + "---:|" * len(pk_l)]
+        for lab in labs:
+            lines.append(f"| {lab} | " + " | ".join(f"{a:.2f}" for a in s["passkey"][lab]["mean_accuracy"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -406,7 +428,9 @@ def main(argv=None) -> int:
         a.add_argument("root", nargs="?", default=DEFAULT_ROOT)
     for a in (a_pre, a_post):
         a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        a.add_argument("--max-minutes", type=float, default=None, help="stop cleanly after this long (resumable)")
+        a.add_argument("--max-minutes", type=float, default=None,
+                       help="wall-clock budget of this call, tokenizer and compiles included; training stops cleanly "
+                            "at it (checkpoint, exit 0) and a rerun continues")
     a_pre.add_argument("--tokenizer-bytes", type=int, default=100_000_000, help="BPE training sample size")
     a_post.add_argument("--init", required=True, help=f"comma-separated subset of {','.join(INITS)}")
     a_post.add_argument("--steps", type=int, default=None, help="post-training steps (default: --fraction)")
@@ -423,6 +447,9 @@ def main(argv=None) -> int:
     a_eval.add_argument("--passkey-multiples", default="1,4,16,32")
     a_eval.add_argument("--passkey-depths", default="0,0.25,0.5,0.75,1")
     a_eval.add_argument("--passkey-trials", type=int, default=8)
+    a_eval.add_argument("--only", default="length,effrem,passkey",
+                        help="comma-separated subset of length,effrem,passkey (e.g. `--only length` right after "
+                             "pretraining: does the control fail?)")
     a_eval.add_argument("--force", action="store_true", help="recompute every artifact")
     a = p.parse_args(argv)
     if a.cmd == "pretrain":
@@ -442,7 +469,8 @@ def main(argv=None) -> int:
                  effrem_points=a.effrem_points, effrem_seqs=a.effrem_seqs,
                  passkey_multiples=_ints(a.passkey_multiples),
                  passkey_depths=[float(x) for x in a.passkey_depths.split(",") if x],
-                 passkey_trials=a.passkey_trials, chunk=a.chunk, force=a.force)
+                 passkey_trials=a.passkey_trials, chunk=a.chunk, only=[x for x in a.only.split(",") if x],
+                 force=a.force)
         return 0
     return status(a.root)
 

@@ -25,10 +25,9 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from axlearn_like.cli import tool_main
-from tools.repro_util import StageLog, ensure_tokenizer, latest_step, run_recipe, sets_argv
+from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_recipe, sets_argv
 
 RECIPE = "moe"
 RUNS = ("aux_free_seq", "aux_free", "aux_loss", "no_balance", "limited")
@@ -63,6 +62,7 @@ def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | N
     bad = [r for r in runs if r not in RUNS]
     if bad or not runs:
         raise ValueError(f"--runs: {bad or runs} not in {list(RUNS)}")
+    deadline = Deadline(max_minutes)
     fresh = not os.path.isfile(os.path.join(root, "repro.json"))
     sets = _check_sets(root, sets)
     cfgs = {r: build_config(moe.config, _argv(root, r, sets), moe.PRESETS, prog="python -m recipes.moe")[0]
@@ -72,7 +72,6 @@ def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | N
         with open(os.path.join(root, "repro.json"), "w") as f:
             json.dump({"recipe": RECIPE, "sets": sets}, f, indent=1)
     ensure_tokenizer(os.path.join(root, "tokenizer.json"), cfgs[runs[0]], max_bytes=tokenizer_bytes, stream=stream)
-    deadline = None if not max_minutes else time.time() + 60.0 * max_minutes
     log = StageLog(root)
     for r in runs:
         d = os.path.join(root, r)
@@ -82,12 +81,11 @@ def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | N
                 print(f"{r}: already at step {latest_step(d)} of {target}", file=stream)
                 rec["status"] = "skipped (done)"
                 continue
-            left = None if deadline is None else (deadline - time.time()) / 60.0
-            if left is not None and left <= 0:
+            if deadline.spent():
                 rec["status"] = "not started (time budget)"
                 print(f"{r}: not started, the time budget is spent; rerun to continue", file=stream)
                 return 0
-            code, expired = run_recipe(RECIPE, _argv(root, r, sets), max_minutes=left)
+            code, expired = run_recipe(RECIPE, _argv(root, r, sets), max_minutes=deadline.left())
             rec["to_step"] = latest_step(d)
             if code:
                 return code
@@ -213,7 +211,8 @@ def main(argv=None) -> int:
         a.add_argument("root", nargs="?", default=DEFAULT_ROOT)
     a_train.add_argument("--runs", default=",".join(RUNS[:4]), help=f"comma-separated subset of {','.join(RUNS)}")
     a_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    a_train.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of this call")
+    a_train.add_argument("--max-minutes", type=float, default=None,
+                         help="wall-clock budget of this call (tokenizer, corpus and compiles included)")
     a_train.add_argument("--tokenizer-bytes", type=int, default=100_000_000)
     a_rep.add_argument("--x", default="step", choices=("step", "tokens", "flops"))
     a = p.parse_args(argv)

@@ -7,6 +7,7 @@
   wall-clock budget: when it runs out the trainer gets SIGTERM (repeated every 5 s until it returns, so one
   that arrives before the loop is not lost), saves at the end of the current step and returns; rerunning the
   same command continues from there.
+- `Deadline(max_minutes)`: the budget of one call, shared by its stages.
 - `StageLog(root)`: one JSON line per stage call in <root>/stages.jsonl (what ran, where, how long, steps).
 """
 from __future__ import annotations
@@ -79,6 +80,21 @@ def time_budget(max_minutes: float | None):
         done.set()
         t.join(timeout=10)
         signal.signal(signal.SIGTERM, prev)
+
+
+class Deadline:
+    """The wall-clock budget of one driver call (`--max-minutes`; None: unlimited), counted from construction,
+    so it covers tokenizer training, corpus loading and compiles as well as the training steps."""
+
+    def __init__(self, max_minutes: float | None):
+        self.end = None if not max_minutes else time.time() + 60.0 * max_minutes
+
+    def left(self) -> float | None:
+        """Minutes left (None: unlimited)."""
+        return None if self.end is None else (self.end - time.time()) / 60.0
+
+    def spent(self) -> bool:
+        return self.end is not None and time.time() >= self.end - 1.0
 
 
 def run_recipe(recipe: str, argv: list[str], *, max_minutes: float | None = None) -> tuple[int, bool]:
