@@ -56,7 +56,8 @@ def project_logits(run_dir: str, tokens) -> np.ndarray:
     task, variables, _ = checkpoint.load(run_dir)
     module = getattr(task, "module", task)
     v = {k: variables[k] for k in ("params", "stats") if variables.get(k)}
-    out = jax.jit(lambda v, t: module.apply(v, t, train=False, mutable=["intermediates"])[0])(v, np.asarray(tokens, np.int32))
+    apply = jax.jit(lambda v, t: module.apply(v, t, train=False, mutable=["intermediates"])[0])
+    out = apply(v, np.asarray(tokens, np.int32))
     return np.asarray(out, np.float32)
 
 

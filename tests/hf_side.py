@@ -108,7 +108,8 @@ def run(job: dict) -> dict:
         config = AutoConfig.from_pretrained(job["dir"])
         undo = _apply_patch(job, config)
         try:
-            model, loading = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32, output_loading_info=True)
+            model, loading = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32,
+                                                                  output_loading_info=True)
             model.eval()
             np.save(job["logits"], _logits(model, job["tokens"]))
         finally:
@@ -129,7 +130,8 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     results = [run(job) for job in jobs]
     with open(result_path, "w") as f:
-        json.dump({"versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "jobs": results}, f)
+        versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+        json.dump({"versions": versions, "jobs": results}, f)
     return 0
 
 

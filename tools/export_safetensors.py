@@ -21,7 +21,8 @@ def flatten(tree, prefix=()) -> dict[str, np.ndarray]:
     out = {}
     for k, v in tree.items():
         if SEP in str(k):  # the flat name could not be split back into the same tree
-            raise ValueError(f"parameter name {SEP.join(prefix + (str(k),))!r}: key {str(k)!r} contains {SEP!r}; cannot export unambiguously")
+            raise ValueError(f"parameter name {SEP.join(prefix + (str(k),))!r}: key {str(k)!r} contains {SEP!r}; "
+                             f"cannot export unambiguously")
         path = prefix + (str(k),)
         if isinstance(v, dict):
             out.update(flatten(v, path))

@@ -44,8 +44,10 @@ def write_run(run_dir: str, cfg, params: dict, *, step: int = 0, source: str, ad
                                  f"{existing[-1] + 1} or higher so a resume starts from the import")
             with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
                 state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.PRNGKey(cfg.trainer.seed))
-            # as float32, then to the stored dtype: with optimizer.param_dtype=bfloat16 the masters keep the file's values
-            f32 = jax.tree.map(lambda ref, x: jax.device_put(np.asarray(x, np.float32 if jax.numpy.issubdtype(ref.dtype, jax.numpy.floating) else ref.dtype), ref.sharding),
+            # as float32, then to the stored dtype: with optimizer.param_dtype=bfloat16 the masters keep the
+            # file's values
+            host_dtype = lambda ref: np.float32 if jax.numpy.issubdtype(ref.dtype, jax.numpy.floating) else ref.dtype
+            f32 = jax.tree.map(lambda ref, x: jax.device_put(np.asarray(x, host_dtype(ref)), ref.sharding),
                                state.params, params)
             opt_state = setup.optimizer.init(f32)
             new_params = jax.tree.map(lambda ref, x: x.astype(ref.dtype), state.params, f32)
@@ -68,7 +70,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {first})") from None
 
 
 def _hf_model_type(cfg_path: str) -> str | None:
@@ -87,8 +90,8 @@ def import_(in_dir: str, run_dir: str, step: int = 0, *, add_to_existing: bool =
     import jax
 
     from axlearn_like import rundir
-    from axlearn_like.state_setup import build_state_setup
     from axlearn_like.checkpoint import leaf_name
+    from axlearn_like.state_setup import build_state_setup
     from tools.export_safetensors import STATS_PREFIX, flatten, unflatten
 
     st_path, cfg_path = os.path.join(in_dir, "model.safetensors"), os.path.join(in_dir, "config.json")

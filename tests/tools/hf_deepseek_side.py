@@ -12,8 +12,13 @@ import sys
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config,
-                          DeepseekV3ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+)
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as m2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m3
 
@@ -21,7 +26,8 @@ YARN = dict(rope_type="yarn", rope_theta=10000.0, original_max_position_embeddin
 TOKENS = np.random.default_rng(0).integers(0, 96, (2, 12))
 
 ATTENTION = {  # name: (version, config fields)
-    "v3_qlora_yarn": (3, dict(q_lora_rank=24, rope_interleave=True, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6,
+    "v3_qlora_yarn": (3, dict(q_lora_rank=24, rope_interleave=True, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                              v_head_dim=6,
                               rope_parameters=dict(YARN, factor=4.0, mscale=1.0, mscale_all_dim=1.0))),
     "v3_fullq_plain_vwide": (3, dict(q_lora_rank=None, rope_interleave=False, qk_nope_head_dim=4, qk_rope_head_dim=4,
                                      v_head_dim=12)),
@@ -45,7 +51,8 @@ COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=40, moe_intermedi
 MODELS = {
     "v3": (DeepseekV3Config, DeepseekV3ForCausalLM, dict(
         q_lora_rank=16, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
-        routed_scaling_factor=2.5, norm_topk_prob=True, rope_parameters=dict(YARN, factor=4.0, mscale=1.0, mscale_all_dim=1.0))),
+        routed_scaling_factor=2.5, norm_topk_prob=True,
+        rope_parameters=dict(YARN, factor=4.0, mscale=1.0, mscale_all_dim=1.0))),
     "v2_lite": (DeepseekV2Config, DeepseekV2ForCausalLM, dict(
         q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, topk_method="greedy",
         routed_scaling_factor=1.0, rope_parameters=dict(YARN, factor=4.0, mscale=0.707, mscale_all_dim=0.707))),
@@ -75,7 +82,8 @@ def attention_cases(out):
         mod = m3 if ver == 3 else m2
         max_len = int(4096 * kw["rope_parameters"]["factor"]) if "rope_parameters" in kw else 4096
         cfg = (DeepseekV3Config if ver == 3 else DeepseekV2Config)(
-            hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=12, max_position_embeddings=max_len, **kw)
+            hidden_size=32, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=12,
+            max_position_embeddings=max_len, **kw)
         cfg._attn_implementation = "eager"
         attn = (mod.DeepseekV3Attention if ver == 3 else mod.DeepseekV2Attention)(cfg, 0).eval()
         _redraw(attn, 0.3)
@@ -107,7 +115,8 @@ def moe_cases(out):
         x = torch.randn(2, 24, 16)
         with torch.no_grad():
             y = moe(x)
-        np.savez(f"{out}/moe_{name}.npz", x=x.numpy(), y=y.numpy(), **{f"w.{k}": v.numpy() for k, v in moe.state_dict().items()})
+        weights = {f"w.{k}": v.numpy() for k, v in moe.state_dict().items()}
+        np.savez(f"{out}/moe_{name}.npz", x=x.numpy(), y=y.numpy(), **weights)
         json.dump(cfg.to_dict(), open(f"{out}/moe_{name}.json", "w"), default=str)
 
 

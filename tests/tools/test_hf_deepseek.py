@@ -26,8 +26,7 @@ from models.mla import MLA
 from models.moe import MoE, RoutingBias
 from tests.core.helpers import REPO, env as run_env
 from tests.hf_interop import folder_tensors, interop_python, project_logits, run_tool
-from tools.hf import common
-from tools.hf import deepseek as ds
+from tools.hf import common, deepseek as ds
 
 SIDE = Path(__file__).with_name("hf_deepseek_side.py")
 TOL = 1e-4
@@ -109,7 +108,8 @@ def test_mla_matches_hf_attention(hf, case):
     validate_tree(cfg)
     params = ds.mla_from_hf(_Npz(root / f"attn_{case}.npz"), "", cfg, ds.interleaved(cfg_json))
     seg = jnp.asarray(d["seg"]) if "packed" in case else None
-    y = MLA(cfg, jnp.float32).apply({"params": params}, jnp.asarray(d["x"]), positions=jnp.asarray(d["pos"]), segment_ids=seg)
+    y = MLA(cfg, jnp.float32).apply({"params": params}, jnp.asarray(d["x"]), positions=jnp.asarray(d["pos"]),
+                                    segment_ids=seg)
     err = float(np.max(np.abs(np.asarray(y) - d["y"])))
     assert err <= TOL, f"{case}: max abs diff {err:.2e} (outputs up to {np.abs(d['y']).max():.2f})"
 
@@ -217,11 +217,13 @@ def test_export_refuses_models_without_an_exact_deepseek_counterpart():
         dataclasses.replace(f, device_limited_m=2) if hasattr(f, "device_limited_m") else f for f in model.ffn_pattern))
     assert ds.accepts(limited).startswith("model.ffn_pattern.moe.device_limited_m:")
     v2 = dataclasses.replace(model, ffn_pattern=tuple(
-        dataclasses.replace(f, score_func="softmax", group_score="max", normalize=False) if hasattr(f, "score_func") else f
+        dataclasses.replace(f, score_func="softmax", group_score="max", normalize=False)
+        if hasattr(f, "score_func") else f
         for f in model.ffn_pattern))
     assert ds.accepts(v2) is None
     stats = {"stack": {f"layer_{i}": {"ffn": {"router": np.full((16,), 0.01 * i, np.float32)}} for i in range(1, 4)}}
     params = jax.tree.map(np.asarray, jax.tree.map(lambda x: getattr(x, "value", x), v2.build().init(
         jax.random.key(0), {"inputs": jnp.zeros((1, 4), jnp.int32)})["params"], is_leaf=lambda x: hasattr(x, "value")))
-    with pytest.raises(common.UnsupportedError, match=r"^model\.ffn_pattern\.moe\.gamma: layer 1 has a non-zero routing bias"):
+    with pytest.raises(common.UnsupportedError,
+                       match=r"^model\.ffn_pattern\.moe\.gamma: layer 1 has a non-zero routing bias"):
         ds.to_hf(v2, params, stats, None, None)

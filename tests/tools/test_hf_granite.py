@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.hf_interop import (CLEAN_LOADING, REPO, assert_same_run, assert_same_tensors, hf_jobs, project_logits,
-                              random_run)
+from tests.hf_interop import (
+    CLEAN_LOADING,
+    assert_same_run,
+    assert_same_tensors,
+    hf_jobs,
+    project_logits,
+    random_run,
+)
 
 BASE = dict(model_type="granitemoehybrid", vocab_size=300, hidden_size=64, num_attention_heads=4,
             num_key_value_heads=2, attention_multiplier=0.25, position_embedding_type="rope", num_local_experts=0,
@@ -134,20 +138,21 @@ def test_round_trip_from_a_project_run(work, name):
     assert_same_run(f"{w}/{name}.run", f"{w}/{name}.back")
 
 
-def test_imported_run_continues_training_with_the_recipe(work, tmp_path):
-    """`python -m recipes.mamba2 --run-dir RUN_DIR` resumes the import (step 0, fresh optimizer) and trains on."""
+def test_imported_run_continues_training_with_the_recipe(work, tmp_path, capsys):
+    """`python -m recipes.mamba2 --run-dir RUN_DIR` (its entry point, in-process) resumes the import (step 0, fresh
+    optimizer state) and trains on."""
     import shutil
+
+    from axlearn_like import cli
 
     run = tmp_path / "run"
     shutil.copytree(f"{work['dir']}/alternating_f32.run", run)
-    cmd = [sys.executable, "-m", "recipes.mamba2", "--run-dir", str(run)]
+    argv = ["--run-dir", str(run)]
     for s in ("trainer.steps=1", "trainer.progress=false", "trainer.eval_batches=0", "model.sample.tokens=0",
               "data.seq_len=16", "data.max_bytes=200000", "checkpoint.every_steps=1"):
-        cmd += ["--set", s]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "Resuming from checkpoint at step 0" in r.stdout, r.stdout[-2000:]
+        argv += ["--set", s]
+    assert cli.recipe_main("mamba2", argv) == 0, capsys.readouterr().err[-3000:]
+    assert "Resuming from checkpoint at step 0" in capsys.readouterr().out
     assert os.path.isdir(run / "checkpoints" / "1")
 
 
@@ -213,7 +218,8 @@ def test_export_refuses_stacks_granite_cannot_express():
     qk = dataclasses.replace(model, layer_pattern=(*model.layer_pattern[:3],
                                                    dataclasses.replace(model.layer_pattern[3], qk_norm=True)))
     assert "q/k norm" in granite.accepts(qk)
-    wide = dataclasses.replace(model, layer_pattern=(*model.layer_pattern[:3], AttentionConfig(num_heads=4, head_dim=64)))
+    wide = dataclasses.replace(model, layer_pattern=(*model.layer_pattern[:3],
+                                                     AttentionConfig(num_heads=4, head_dim=64)))
     assert "head_dim x num_heads" in granite.accepts(wide)
     moe = dataclasses.replace(model, ffn_pattern=(MLPConfig(mlp_dim=256), MoEConfig()))
     assert "'mlp'" in granite.accepts(moe)

@@ -14,8 +14,16 @@ import os
 import numpy as np
 import pytest
 
-from tests.hf_interop import (CLEAN_LOADING, assert_same_run, assert_same_tensors, folder_tensors, hf_jobs,
-                              project_logits, random_run, run_tool)
+from tests.hf_interop import (
+    CLEAN_LOADING,
+    assert_same_run,
+    assert_same_tensors,
+    folder_tensors,
+    hf_jobs,
+    project_logits,
+    random_run,
+    run_tool,
+)
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -59,7 +67,8 @@ def work(tmp_path_factory):
         else:
             import_hf(f"{w}/{k}", f"{w}/{k}.run")
         ours[k] = project_logits(f"{w}/{k}.run", TOKENS)
-        exported[k] = export_hf(f"{w}/{k}.run", f"{w}/{k}.out", max_shard_size="40KB" if k == "llama3_sharded" else "5GB")
+        shard = "40KB" if k == "llama3_sharded" else "5GB"
+        exported[k] = export_hf(f"{w}/{k}.run", f"{w}/{k}.out", max_shard_size=shard)
     jobs = [dict(op="logits", dir=f"{w}/{k}.out", tokens=TOKENS, logits=f"{w}/{k}.out.npy") for k in CASES]
     reloaded = dict(zip(CASES, hf_jobs(jobs, f"{w}/hf2")))
     return dict(dir=w, built=built, ours=ours, exported=exported, reloaded=reloaded)
@@ -132,7 +141,8 @@ def project_runs(tmp_path_factory):
     out = {}
     for k, overrides in PROJECT_RUNS.items():
         random_run("dense_lm", f"{w}/{k}.run", overrides + ["model.vocab_size=300"])
-        out[k] = dict(ours=project_logits(f"{w}/{k}.run", tokens), model_type=export_hf(f"{w}/{k}.run", f"{w}/{k}.out")[0])
+        out[k] = dict(ours=project_logits(f"{w}/{k}.run", tokens),
+                      model_type=export_hf(f"{w}/{k}.run", f"{w}/{k}.out")[0])
     jobs = [dict(op="logits", dir=f"{w}/{k}.out", tokens=tokens, logits=f"{w}/{k}.hf.npy") for k in PROJECT_RUNS]
     for k, info in zip(PROJECT_RUNS, hf_jobs(jobs, f"{w}/hf")):
         out[k].update(info=info, hf=np.load(f"{w}/{k}.hf.npy"))

@@ -19,7 +19,8 @@ BASE = dict(model_type="mamba2", vocab_size=300, hidden_size=64, num_hidden_laye
             num_heads=8, expand=2, conv_kernel=4, chunk_size=8, layer_norm_epsilon=1e-5)
 CASES = {
     "m130m_layout": (dict(BASE, n_groups=1, tie_word_embeddings=True), "float32", None, None),
-    "groups2_bf16_sharded": (dict(BASE, n_groups=2, tie_word_embeddings=False), "bfloat16", "40KB", "mamba2_group_norm"),
+    "groups2_bf16_sharded": (dict(BASE, n_groups=2, tie_word_embeddings=False), "bfloat16", "40KB",
+                             "mamba2_group_norm"),
 }
 TOKENS = np.random.RandomState(0).randint(0, 300, (2, 19)).tolist()  # 19: chunks of 8 plus a partial one
 
@@ -117,7 +118,7 @@ def test_unsupported_fields_are_one_line_errors(tmp_path, capsys, config, needle
 
 
 def test_mamba2_with_mlp_is_not_a_mamba2_export(tmp_path):
-    from tools.hf import mamba2
     from recipes import mamba2 as recipe
+    from tools.hf import mamba2
 
     assert "granitemoehybrid" in mamba2.accepts(recipe.config().model)

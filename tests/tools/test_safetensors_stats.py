@@ -15,6 +15,7 @@ def moe_run(tmp_path_factory):
 
     from axlearn_like.state_setup import build_state_setup
     from recipes import moe
+    from tools import export_safetensors
     from tools.import_safetensors import write_run
 
     w = tmp_path_factory.mktemp("st_stats")
@@ -25,16 +26,24 @@ def moe_run(tmp_path_factory):
     stats = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), state.stats)
     write_run(str(w / "run"), cfg, params, source="test", stats=stats)
     tokens = rng.randint(0, cfg.model.vocab_size, (2, 16))
-    return w, tokens
+    assert export_safetensors.main([str(w / "run"), str(w / "export")]) == 0  # once; tests damage copies of it
+    return w, tokens, project_logits(str(w / "run"), tokens)
+
+
+def _export_copy(w, name: str) -> str:
+    """A copy of the module's export folder -> path of its model.safetensors."""
+    import shutil
+
+    shutil.copytree(w / "export", w / name)
+    return str(w / name / "model.safetensors")
 
 
 def test_moe_round_trip_keeps_the_routing_bias(moe_run):
     from axlearn_like import checkpoint
-    from tools import export_safetensors, import_safetensors
+    from tools import import_safetensors
     from tools.export_safetensors import STATS_PREFIX
 
-    w, tokens = moe_run
-    assert export_safetensors.main([str(w / "run"), str(w / "export")]) == 0
+    w, tokens, logits = moe_run
     names = import_safetensors.read_safetensors(str(w / "export" / "model.safetensors"))
     assert any(n.startswith(STATS_PREFIX) and n.endswith(".router.bias") for n in names)
     assert import_safetensors.main([str(w / "export"), str(w / "back")]) == 0
@@ -43,7 +52,7 @@ def test_moe_round_trip_keeps_the_routing_bias(moe_run):
 
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
     assert len(la) == len(lb) > 0 and all(np.array_equal(x, y) for x, y in zip(la, lb))
-    assert np.array_equal(project_logits(str(w / "run"), tokens), project_logits(str(w / "back"), tokens))
+    assert np.array_equal(logits, project_logits(str(w / "back"), tokens))
 
 
 def test_a_file_without_stats_imports_with_a_note_and_the_bias_matters(moe_run, capsys):
@@ -51,29 +60,27 @@ def test_a_file_without_stats_imports_with_a_note_and_the_bias_matters(moe_run, 
     changes the routing, so dropping it is the data loss the round trip above prevents."""
     from safetensors.numpy import load_file, save_file
 
-    from tools import export_safetensors, import_safetensors
+    from tools import import_safetensors
     from tools.export_safetensors import STATS_PREFIX
 
-    w, tokens = moe_run
-    assert export_safetensors.main([str(w / "run"), str(w / "export2")]) == 0
-    path = str(w / "export2" / "model.safetensors")
+    w, tokens, logits = moe_run
+    path = _export_copy(w, "export2")
     save_file({k: v for k, v in load_file(path).items() if not k.startswith(STATS_PREFIX)}, path)
     capsys.readouterr()
     assert import_safetensors.main([str(w / "export2"), str(w / "nostats")]) == 0
     assert "holds no stats tensors" in capsys.readouterr().out
-    diff = np.abs(project_logits(str(w / "run"), tokens) - project_logits(str(w / "nostats"), tokens)).max()
+    diff = np.abs(logits - project_logits(str(w / "nostats"), tokens)).max()
     assert diff > 1e-3
 
 
 def test_stats_names_must_match(moe_run, capsys):
     from safetensors.numpy import load_file, save_file
 
-    from tools import export_safetensors, import_safetensors
+    from tools import import_safetensors
     from tools.export_safetensors import STATS_PREFIX
 
-    w, _ = moe_run
-    assert export_safetensors.main([str(w / "run"), str(w / "export3")]) == 0
-    path = str(w / "export3" / "model.safetensors")
+    w, _, _ = moe_run
+    path = _export_copy(w, "export3")
     flat = load_file(path)
     drop = next(k for k in flat if k.startswith(STATS_PREFIX))
     save_file({k: v for k, v in flat.items() if k != drop}, path)

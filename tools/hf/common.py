@@ -83,7 +83,8 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
         a = np.ascontiguousarray(tensors[name])
         if a.dtype not in DTYPE_NAMES:
             raise ValueError(f"{name}: dtype {a.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {"dtype": DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
         order.append(a)
     text = json.dumps(header, separators=(",", ":")).encode()
@@ -110,7 +111,8 @@ class TensorReader:
             header, start = read_header(path)
             for name, info in header.items():
                 if name in self._where:
-                    raise ValueError(f"{folder}: tensor {name!r} is stored twice ({os.path.basename(self._where[name][0])} "
+                    first = os.path.basename(self._where[name][0])
+                    raise ValueError(f"{folder}: tensor {name!r} is stored twice ({first} "
                                      f"and {os.path.basename(path)})")
                 self._where[name] = (path, info, start)
 
@@ -238,7 +240,8 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"--max-shard-size {text!r}: give a size like 5GB, 500MB or a byte count")
     unit = (m.group(2) or "b").lower().rstrip("b")
-    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
     return max(1, int(float(m.group(1)) * scale))
 
 
@@ -257,7 +260,8 @@ def read_hf_config(folder: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(hf, dict) or "model_type" not in hf:
         if isinstance(hf, dict) and "_type" in hf:
-            raise ValueError(f"{path} is an axlearn_like config, not a Hugging Face one; use python -m tools.import_safetensors")
+            raise ValueError(f"{path} is an axlearn_like config, not a Hugging Face one; "
+                             f"use python -m tools.import_safetensors")
         raise ValueError(f"{path} has no model_type; it is not a Hugging Face model config")
     return hf
 
@@ -474,7 +478,8 @@ def export_hf(run_dir: str, out_dir: str, *, step: int | None = None, model_type
         raise ValueError(f"--dtype {dtype!r} is not one of {list(EXPORT_DTYPES)}")
     check_out_dir(out_dir, ("config.json", SINGLE_NAME, INDEX_NAME), overwrite)
     if not os.path.isdir(checkpoint.checkpoint_dir(run_dir)):
-        raise FileNotFoundError(f"{run_dir} has no checkpoints/; pass a run dir (written by a recipe or tools.import_hf)")
+        raise FileNotFoundError(f"{run_dir} has no checkpoints/; pass a run dir (written by a recipe or "
+                                f"tools.import_hf)")
     base = _source_config(run_dir)
     _, variables, cfg = checkpoint.load(run_dir, step, masters=True)
     model = cfg.model
@@ -489,7 +494,8 @@ def export_hf(run_dir: str, out_dir: str, *, step: int | None = None, model_type
     if name not in EXPORT_DTYPES:
         name = "float32"
     out_dt = EXPORT_DTYPES[name]
-    tensors = {k: np.asarray(v).astype(out_dt) if np.asarray(v).dtype.kind == "f" else np.asarray(v) for k, v in tensors.items()}
+    tensors = {k: np.asarray(v).astype(out_dt) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+               for k, v in tensors.items()}
     hf_cfg = {**hf_cfg, "dtype": name}
     hf_cfg.pop("torch_dtype", None)
     os.makedirs(out_dir, exist_ok=True)

@@ -68,7 +68,8 @@ def mla_config(hf: dict) -> MLAConfig:
     """The MLA mixer of a DeepSeek config.json (rope in either spelling; only default and yarn map)."""
     rp = rope_parameters(hf)
     kind = rp["rope_type"]
-    check(kind in ("default", "yarn"), "rope_scaling", f"rope type {kind!r} has no MLA counterpart; 'default' and 'yarn' map")
+    check(kind in ("default", "yarn"), "rope_scaling",
+          f"rope type {kind!r} has no MLA counterpart; 'default' and 'yarn' map")
     check(rp.get("partial_rotary_factor", 1.0) in (None, 1.0), "partial_rotary_factor",
           "only 1.0 maps (MLA rotates all qk_rope_head_dim dims)")
     kw: dict[str, Any] = {}
@@ -107,7 +108,8 @@ def _check_supported(hf: dict) -> None:
           f"{hf.get('num_key_value_heads')} != num_attention_heads={heads}: MLA keys and values are per head")
     check(hf.get("moe_layer_freq", 1) == 1, "moe_layer_freq",
           "only 1 maps (transformers' DeepSeek models make every layer from first_k_dense_replace on a MoE layer)")
-    check(hf.get("n_routed_experts") is not None, "n_routed_experts", "a DeepSeek model without routed experts is not supported")
+    check(hf.get("n_routed_experts") is not None, "n_routed_experts",
+          "a DeepSeek model without routed experts is not supported")
     if mt == "deepseek_v3":
         check(hf.get("scoring_func", "sigmoid") == "sigmoid", "scoring_func", "DeepseekV3 gates with sigmoid only")
         check(hf.get("topk_method", "noaux_tc") == "noaux_tc", "topk_method", "DeepseekV3 routes with 'noaux_tc' only")
@@ -274,7 +276,8 @@ def _layers(model: DecoderConfig) -> tuple[MLAConfig, MLPConfig | None, MoEConfi
     check(mla.latent_norm_eps == 1e-6, "model.layer_pattern.mla.latent_norm_eps",
           "transformers' DeepSeek latent RMSNorms use eps 1e-6 only")
     k = next((i for i, f in enumerate(ffns) if type(f) is not MLPConfig), n)
-    check(all(type(f) is MoEConfig for f in ffns[k:]), "model.ffn_pattern", "needs 'mlp' FFNs first, then 'moe' FFNs only")
+    check(all(type(f) is MoEConfig for f in ffns[k:]), "model.ffn_pattern",
+          "needs 'mlp' FFNs first, then 'moe' FFNs only")
     check(all(f == ffns[0] for f in ffns[:k]), "model.ffn_pattern", "the dense layers' mlp_dim differ")
     key = lambda f: tuple(getattr(f, a) for a in _MOE_MODEL_FIELDS)
     check(all(key(f) == key(ffns[k]) for f in ffns[k:]), "model.ffn_pattern",
@@ -307,7 +310,8 @@ def _model_type(moe: MoEConfig | None, wanted: str | None) -> str:
     if wanted is not None:
         check(wanted in MODEL_TYPES, "model_type", f"{wanted!r} is not one of {list(MODEL_TYPES)}")
         check(wanted == natural, "model_type",
-              f"{wanted} gates with {'softmax' if wanted == 'deepseek_v2' else 'sigmoid'}; this model's gate is {moe.score_func}")
+              f"{wanted} gates with {'softmax' if wanted == 'deepseek_v2' else 'sigmoid'}; "
+              f"this model's gate is {moe.score_func}")
     return natural
 
 
@@ -317,7 +321,8 @@ def hf_config(model: DecoderConfig, base: dict | None, model_type: str | None) -
     cfg = {kk: v for kk, v in base_fields(base, mt).items() if kk not in _OWN}
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": mla.rope_theta}
     if mla.rope_factor != 1.0:
-        rope.update(rope_type="yarn", factor=mla.rope_factor, original_max_position_embeddings=mla.rope_original_max_len,
+        rope.update(rope_type="yarn", factor=mla.rope_factor,
+                    original_max_position_embeddings=mla.rope_original_max_len,
                     beta_fast=mla.yarn_beta_fast, beta_slow=mla.yarn_beta_slow, truncate=mla.yarn_truncate)
         for key, v in (("mscale", mla.yarn_mscale), ("mscale_all_dim", mla.yarn_mscale_all_dim),
                        ("attention_factor", mla.yarn_attention_factor)):
@@ -384,7 +389,8 @@ def moe_to_hf(p: dict, bias: np.ndarray | None, prefix: str, c: MoEConfig) -> di
             out[f"{prefix}experts.{j}.{n}.weight"] = linear_out(w[j])
     if c.num_shared:
         s = prefix + "shared_experts."
-        out.update({s + "gate_proj.weight": linear_out(p["shared_gate"]), s + "up_proj.weight": linear_out(p["shared_up"]),
+        out.update({s + "gate_proj.weight": linear_out(p["shared_gate"]),
+                    s + "up_proj.weight": linear_out(p["shared_up"]),
                     s + "down_proj.weight": linear_out(p["shared_down"])})
     return out
 

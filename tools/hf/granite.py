@@ -191,7 +191,8 @@ def to_hf(model: DecoderConfig, params: dict, stats: dict, base: dict | None, mo
     _, mamba_heads = ssm.dims(model.d_model)
     cfg = dict(base_fields(base, "granitemoehybrid", keep=lambda k: k not in _OWN))
     if att is not None:
-        cfg.setdefault("max_position_embeddings", max(4096, att.rope_original_max_len if att.rope_type != "default" else 0))
+        cfg.setdefault("max_position_embeddings",
+                       max(4096, att.rope_original_max_len if att.rope_type != "default" else 0))
         cfg.update(num_attention_heads=att.num_heads, num_key_value_heads=att.num_kv_heads,
                    attention_bias=att.qkv_bias, attention_multiplier=att.head_dim ** -0.5,
                    position_embedding_type="rope", **llama.rope_fields(att, cfg["max_position_embeddings"]))

@@ -30,8 +30,16 @@ import numpy as np
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
 from models.layers import MLPConfig
-from tools.hf.common import (base_fields, check, heads_in, heads_out, linear_in, linear_out, rope_parameters,
-                             UnsupportedError)
+from tools.hf.common import (
+    UnsupportedError,
+    base_fields,
+    check,
+    heads_in,
+    heads_out,
+    linear_in,
+    linear_out,
+    rope_parameters,
+)
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM"}
@@ -61,7 +69,8 @@ def _check_supported(hf: dict) -> None:
     if mt == "mistral":
         window = hf.get("sliding_window")
         check(window is None, "sliding_window",
-              f"{window} (attention to the last {window} tokens only) has no counterpart; set it to null in config.json "
+              f"{window} (attention to the last {window} tokens only) has no counterpart; set it to null in "
+              f"config.json "
               f"to import with full causal attention (the same model on sequences of up to {window} tokens)")
     if mt in ("qwen2", "qwen3"):
         types = hf.get("layer_types") or []
@@ -92,10 +101,12 @@ def attention_config(hf: dict) -> AttentionConfig:
         check(orig is not None, "rope_scaling.original_max_position_embeddings", f"rope type {kind!r} needs it")
         kw["rope_original_max_len"] = int(orig)
     if kind == "llama3":
-        kw.update(rope_low_freq_factor=float(rp["low_freq_factor"]), rope_high_freq_factor=float(rp["high_freq_factor"]))
+        kw.update(rope_low_freq_factor=float(rp["low_freq_factor"]),
+                  rope_high_freq_factor=float(rp["high_freq_factor"]))
     if kind == "yarn":
         kw.update(yarn_beta_fast=float(rp.get("beta_fast") or 32), yarn_beta_slow=float(rp.get("beta_slow") or 1),
-                  yarn_mscale=float(rp.get("mscale") or 0.0), yarn_mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0),
+                  yarn_mscale=float(rp.get("mscale") or 0.0),
+                  yarn_mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0),
                   yarn_attention_factor=None if rp.get("attention_factor") is None else float(rp["attention_factor"]),
                   yarn_truncate=bool(rp.get("truncate", True)))
     return AttentionConfig(
@@ -120,7 +131,8 @@ def embeddings_from_hf(hf: dict, model: DecoderConfig, tensors) -> dict:
     out = {"embed": {"embedding": emb}}
     if model.tie_embeddings:
         if tensors.has("lm_head.weight") and not np.array_equal(tensors.get("lm_head.weight"), emb):
-            raise UnsupportedError("tie_word_embeddings: true, but lm_head.weight differs from model.embed_tokens.weight")
+            raise UnsupportedError("tie_word_embeddings: true, but lm_head.weight differs from "
+                                   "model.embed_tokens.weight")
     else:
         out["lm_head"] = {"kernel": linear_in(tensors.get("lm_head.weight"))}
     return out
@@ -215,7 +227,8 @@ def rope_fields(c: AttentionConfig, max_len: int) -> dict:
     elif c.rope_type == "linear":
         out["rope_scaling"] = {"rope_type": "linear", "factor": c.rope_factor}
     elif c.rope_type == "llama3":
-        out["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_factor, "low_freq_factor": c.rope_low_freq_factor,
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": c.rope_factor,
+                               "low_freq_factor": c.rope_low_freq_factor,
                                "high_freq_factor": c.rope_high_freq_factor,
                                "original_max_position_embeddings": c.rope_original_max_len}
     else:

@@ -3,7 +3,8 @@ mixer-only blocks (ffn_pattern = NoFFNConfig: x <- x + Mamba2(RMSNorm(x)), no FF
 
 config.json fields:
   hidden_size, num_hidden_layers, vocab_size -> d_model, num_layers, vocab_size; tie_word_embeddings
-  state_size, head_dim, expand, conv_kernel, n_groups, chunk_size -> d_state, head_dim, expand, d_conv, ngroups, chunk_size
+  state_size, head_dim, expand, conv_kernel, n_groups, chunk_size
+      -> d_state, head_dim, expand, d_conv, ngroups, chunk_size
   layer_norm_epsilon -> norm_eps (block norms, final norm and the gated norm inside the mixer)
   time_step_min / max / floor -> dt_min / dt_max / dt_init_floor (initialisation only)
 The gated norm normalises each of the n_groups groups of d_inner / n_groups channels, as mamba_ssm and
@@ -108,7 +109,8 @@ def mixer_to_hf(p: dict, prefix: str) -> dict[str, np.ndarray]:
 
 
 def from_hf(hf: dict, model: DecoderConfig, tensors) -> tuple[dict, None]:
-    emb_name = "backbone.embeddings.weight" if tensors.has("backbone.embeddings.weight") else "backbone.embedding.weight"
+    emb_name = ("backbone.embeddings.weight" if tensors.has("backbone.embeddings.weight")
+                else "backbone.embedding.weight")  # older files
     emb = tensors.get(emb_name)
     params: dict[str, Any] = {"embed": {"embedding": emb}}
     if model.tie_embeddings:
