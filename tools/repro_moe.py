@@ -185,12 +185,16 @@ def report(root: str, *, x: str = "step", stream=None) -> dict:
 
 def status(root: str, stream=None) -> int:
     from axlearn_like import rundir
+    from tools.compare_runs import read_metrics
 
     for r in RUNS:
-        cfg_path = os.path.join(root, r, "config.json")
+        d = os.path.join(root, r)
+        cfg_path = os.path.join(d, "config.json")
         if os.path.isfile(cfg_path):
-            print(f"{r:<14} step {latest_step(os.path.join(root, r))} of "
-                  f"{rundir.read_config_file(cfg_path).trainer.steps}", file=stream)
+            step = latest_step(d)
+            if step is None and os.path.isfile(os.path.join(d, "metrics.jsonl")):
+                step = f"- (no checkpoint here; metrics to step {max(read_metrics(d), default=0)})"
+            print(f"{r:<14} step {step} of {rundir.read_config_file(cfg_path).trainer.steps}", file=stream)
         else:
             print(f"{r:<14} not started", file=stream)
     for rec in StageLog(root).records():
