@@ -18,10 +18,12 @@ derived from the step, which is exact for the map-style pipeline).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -109,10 +111,45 @@ class CorruptCheckpointError(ValueError):
     """A checkpoint step does not read back as saved (unreadable file, checksum mismatch); one line."""
 
 
-def one_line(e: BaseException, limit: int = 160) -> str:
-    """`Type: first line of the message` (orbax/tensorstore messages run to pages of JSON specs)."""
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` of the root cause (orbax wraps tensorstore's error, which names the
+    damaged array, in one that prints pages of JSON specs), without tensorstore's source locations."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen:  # orbax: raise Exception(...) from the real error
+        e = e.__cause__
+        seen.add(id(e))
     first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    first = re.sub(r"\s*\[source locations=.*$", "", first)
+    first = re.sub(r' in OCDBT database at local file "[^"]*"', "", first)  # the step dir is in the message already
     return f"{type(e).__name__}: {first[:limit]}{'...' if len(first) > limit else ''}" if first else type(e).__name__
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, *needles: str):
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not any(n in msg for n in self.needles)
+
+
+@contextlib.contextmanager
+def dropping_log_records(logger_name: str, *needles: str):
+    """Within the block, records of `logger_name` whose message contains one of `needles` are dropped."""
+    logger, flt = logging.getLogger(logger_name), _DropRecords(*needles)
+    logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(flt)
+
+
+def quiet_asyncio_shutdown():
+    """Drops asyncio's "unhandled exception during asyncio.run() shutdown" records: when orbax's restore fails,
+    the reads it cancels may fail too, and asyncio logs each with a full TensorStore spec (thousands of lines).
+    The restore's own error is reported as one line."""
+    return dropping_log_records("asyncio", "during asyncio.run() shutdown")
 
 
 def leaf_name(path) -> str:
@@ -139,7 +176,8 @@ def saved_signature(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
     from etils import epath
 
     try:
-        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
+        with quiet_asyncio_shutdown():
+            meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -300,9 +338,10 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         self.restore_data = cfg.restore_data
         self.read_only = read_only
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None if keep_all else cfg.max_to_keep,
-            keep_period=cfg.keep_period,
+        options = ocp.CheckpointManagerOptions(  # read-only: the values orbax would otherwise warn it forces
+            max_to_keep=None if keep_all or read_only else cfg.max_to_keep,
+            keep_period=None if read_only else cfg.keep_period,
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=cfg.async_save,
             create=not read_only,
             read_only=read_only,
@@ -314,7 +353,8 @@ class Checkpointer:
             "meta": ocp.JsonCheckpointHandler(),
             "checksums": ocp.JsonCheckpointHandler(),
         }
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        with dropping_log_records("absl", "Given directory is read only"):  # tools: noise on every call
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -370,7 +410,8 @@ class Checkpointer:
                 raise CorruptCheckpointError(f"its data iterator state is unreadable ({one_line(e)})") from None
         err = None
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+            with quiet_asyncio_shutdown():
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
         except Exception as e:
             if _is_resource_error(e):
                 raise

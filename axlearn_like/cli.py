@@ -74,7 +74,11 @@ def build_config(config_fn: Callable, argv=None, presets=None, prog: str = "reci
     saved_path = rundir.saved_config_path(run_dir) if run_dir and not preset else None
     if saved_path is None:
         return cfg, args
-    saved = rundir.read_config_file(saved_path)
+    try:
+        saved = rundir.read_config_file(saved_path)
+    except ConfigError as e:
+        copy = rundir.latest_checkpoint_config(run_dir)
+        raise ConfigError(f"{e}{f'; its latest checkpoint keeps a copy: --config {copy}' if copy else ''}") from None
     names = {getattr(config_fn(), "name", None)} | {getattr(fn(), "name", None) for fn in (presets or {}).values()}
     if getattr(saved, "name", None) not in names:
         raise ConfigError(f"run dir {run_dir} holds a {getattr(saved, 'name', '?')!r} run ({saved_path}), not one of "

@@ -61,7 +61,7 @@ def config_from_json_text(text: str, path: str) -> Any:
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+        raise ConfigError(f"{path} is not valid JSON ({e}); "
                           f"restore the file or pass another --config") from None
     if not (isinstance(d, dict) and "_type" in d):
         raise ConfigError(f"{path} is not a saved axlearn_like config (no top-level _type); "
@@ -93,6 +93,15 @@ def saved_config_path(run_dir: str) -> str | None:
     """RUN_DIR/config.json when the run dir holds a run (the config of its latest start), else None."""
     path = os.path.join(run_dir, CONFIG_NAME)
     return path if os.path.isfile(path) else None
+
+
+def latest_checkpoint_config(run_dir: str) -> str | None:
+    """The config file saved inside the newest checkpoint step of the run dir (a run's second copy of its
+    config.json), or None."""
+    root = os.path.join(run_dir, "checkpoints")
+    steps = sorted((int(n) for n in os.listdir(root) if n.isdigit()), reverse=True) if os.path.isdir(root) else []
+    paths = [os.path.join(root, str(s), "config", "metadata") for s in steps]
+    return next((p for p in paths if os.path.isfile(p)), None)
 
 
 def write_config(run_dir: str, text: str) -> None:

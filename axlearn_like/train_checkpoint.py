@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 
+from axlearn_like import rundir
 from axlearn_like.checkpoint import Checkpointer, checkpoint_dir
 from axlearn_like.signals import DeferSigint
 
@@ -36,7 +37,11 @@ class RunCheckpoints:
         if self.ckpt is None or not self.ckpt.all_steps():
             return None, None
         # A checkpoint that does not fit this config fails naming the fix; nothing is read, moved or written.
-        advice = (f"; to resume it, undo the change or use its config (--config {os.path.join(self.run_dir, 'config.json')}"
+        # The run's config: RUN_DIR/config.json, else (deleted or never written) the latest step's own copy.
+        saved = os.path.join(self.run_dir, "config.json")
+        if not os.path.isfile(saved):
+            saved = rundir.latest_checkpoint_config(self.run_dir) or saved
+        advice = (f"; to resume it, undo the change or use its config (--config {saved} --run-dir {self.run_dir}"
                   f", --set on top); to train this config, pass a new --run-dir")
         step, state = self.ckpt.restore_latest(abstract_state, iterator, config_dict=self.config_dict, advice=advice)
         if state is not None and jax.process_index() == 0:

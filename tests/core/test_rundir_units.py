@@ -148,3 +148,170 @@ def test_mismatch_message_names_arrays_and_config_fields():
     assert "\n" not in msg and "params.embed.embedding saved float32[258, 64] vs float32[258, 96]" in msg
     assert "model.d_model (64 -> 96)" in msg and "1 of 2 arrays" in msg and msg.endswith("; fix it")
     checkpoint.check_fits(a, dict(a), where="x")  # equal: no error
+
+
+def test_lock_without_flock_trusts_a_live_pid_and_takes_over_a_reused_one(tmp_path):
+    """A filesystem without flock (or a lock file copied in): the pid and its start time decide."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        info = {"pid": sleeper.pid, "host": socket.gethostname(), "started": time.time(), "command": "sleep 60",
+                "proc_start": rundir._process_start(sleeper.pid)}
+        (tmp_path / rundir.LOCK_NAME).write_text(json.dumps(info))
+        with pytest.raises(rundir.RunDirError) as e:
+            rundir.RunDirLock(tmp_path).acquire()
+        assert f"pid {sleeper.pid}" in str(e.value) and "the process runs" in str(e.value), str(e.value)
+        # The same pid with another start time is another process now: the recorded holder is gone.
+        (tmp_path / rundir.LOCK_NAME).write_text(json.dumps(dict(info, proc_start="1")))
+        lock = rundir.RunDirLock(tmp_path)
+        lock.acquire()
+        assert "no longer running" in lock.note
+        lock.release()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_lock_heartbeat_keeps_the_lock_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir, "HEARTBEAT_S", 0.05)
+    lock = rundir.RunDirLock(tmp_path)
+    lock.acquire()
+    try:
+        old = time.time() - rundir.STALE_S - 5
+        os.utime(tmp_path / rundir.LOCK_NAME, (old, old))
+        deadline = time.time() + 10
+        while time.time() < deadline and os.path.getmtime(tmp_path / rundir.LOCK_NAME) < time.time() - 60:
+            time.sleep(0.02)
+        assert os.path.getmtime(tmp_path / rundir.LOCK_NAME) > time.time() - 60, "no heartbeat"
+    finally:
+        lock.release()
+
+
+JOB = """
+import sys
+from axlearn_like import launch, rundir
+launch.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import time
+import jax
+from jax.experimental import multihost_utils
+for run_dir in sys.argv[3:]:
+    if jax.process_index() == 0:
+        time.sleep(1)  # process 1 comes first: it must leave the lock to process 0
+    try:
+        lock = rundir.lock_all_processes(run_dir)
+    except rundir.RunDirError as e:
+        print(f"refused {e}", flush=True)
+    else:
+        multihost_utils.sync_global_devices("both hold the job's lock")
+        print(f"locked {lock._fd is not None}", flush=True)
+        lock.release()
+"""
+
+
+@pytest.mark.multiprocess
+def test_processes_of_one_job_share_the_lock_and_all_fail_on_a_taken_one(tmp_path):
+    """Process 0 locks for the job (process 1 must not contend for it); a lock held elsewhere fails every process
+    of the job with the same line."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    free, taken = tmp_path / "free", tmp_path / "taken"
+    holder = rundir.RunDirLock(taken)  # this test process: another job on `taken`
+    holder.acquire()
+    procs = []
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", JOB, f"localhost:{port}", str(i), str(free), str(taken)],
+                                  cwd=helpers.REPO, env=helpers.env(1), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i in range(2)]
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        holder.release()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    lines = [[ln for ln in out.splitlines() if ln.startswith(("locked", "refused"))] for out, _ in outs]
+    assert [ls[0] for ls in lines] == ["locked True", "locked False"], lines
+    assert lines[0][1] == lines[1][1] and lines[0][1].startswith("refused ") and f"pid {os.getpid()}" in lines[0][1]
+    assert not os.path.exists(free / rundir.LOCK_NAME)
+
+
+def test_failed_restore_logs_no_asyncio_shutdown_wall(tmp_path):
+    """orbax's cancelled reads can fail during asyncio.run()'s shutdown and asyncio logs each with its TensorStore
+    spec; a failed restore reports one line only."""
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("asyncio").addHandler(handler)
+    try:
+        ck = checkpoint.Checkpointer(str(tmp_path), checkpoint.CheckpointConfig(async_save=False))
+
+        def restore(*a, **kw):  # what asyncio does when a cancelled read fails while the loop shuts down
+            logging.getLogger("asyncio").error("unhandled exception during asyncio.run() shutdown\ntask: <Task ...>")
+            raise ValueError("FAILED_PRECONDITION: Error reading \"params.w/0\" in OCDBT database at local file "
+                             "\"/x/\": Truncated Zstd-compressed stream [source locations='a.cc:1']")
+
+        state = {"w": jnp.arange(4.0)}
+        ck.save(1, state, None, {}, {}, force=True)
+        ck.wait()
+        ck.manager.restore = restore
+        with pytest.raises(checkpoint.CorruptCheckpointError) as e:
+            ck.restore(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+        ck.close()
+        logging.getLogger("asyncio").error("outside a restore: kept")
+    finally:
+        logging.getLogger("asyncio").removeHandler(handler)
+    assert records == ["outside a restore: kept"], records
+    msg = str(e.value)
+    assert msg == 'its arrays do not read back (ValueError: FAILED_PRECONDITION: Error reading "params.w/0": ' \
+                  'Truncated Zstd-compressed stream)', msg
+
+
+def test_one_line_names_the_root_cause():
+    try:
+        try:
+            raise ValueError('DATA_LOSS: Error reading "opt_state.mu/0.0" in OCDBT database at local file "/r/": '
+                             "Unknown frame descriptor [source locations='x.cc:2\\ny.cc:3']")
+        except ValueError as inner:
+            raise Exception("Encountered error while reading array index: (slice(0, 4, 1),). See full TensorStore "
+                            "details: <bound method spec of TensorStore({\n  'base': {...\n})>.") from inner
+    except Exception as e:
+        line = checkpoint.one_line(e)
+    assert line == 'ValueError: DATA_LOSS: Error reading "opt_state.mu/0.0": Unknown frame descriptor', line
+
+
+def test_too_small_split_advice_offers_only_fixes_that_can_work(tmp_path):
+    """An eval split of 3 tokens fits no batch shape: a bound below 1 ("seq_len <= 0", "global_batch_size <= 0")
+    is no advice."""
+    from axlearn_like.data import DataConfig, make_iterator
+
+    for i in range(4):
+        (tmp_path / f"f{i}.txt").write_text("ab" if i else "x" * 5000)
+    cfg = DataConfig(source="text", paths=(str(tmp_path),), seq_len=16, global_batch_size=8, eval_fraction=0.25, seed=0)
+    with pytest.raises(ConfigError) as e:
+        make_iterator(cfg, split="eval")
+    msg = str(e.value)
+    assert "\n" not in msg and "the eval split has 3 tokens" in msg and "<= 0" not in msg, msg
+    assert "raise data.eval_fraction (now 0.25) or add data" in msg, msg
+
+
+def test_unreadable_run_config_names_the_checkpoint_copy(tmp_path):
+    from axlearn_like import cli
+    from recipes import dense_lm
+
+    (tmp_path / "config.json").write_text('{"_type": "axlearn_like.trainer:ExperimentConfig", "name": ')
+    copy = tmp_path / "checkpoints" / "8" / "config" / "metadata"
+    copy.parent.mkdir(parents=True)
+    copy.write_text("{}")
+    with pytest.raises(ConfigError) as e:
+        cli.build_config(dense_lm.config, ["--run-dir", str(tmp_path)], prog="dense_lm")
+    msg = str(e.value)
+    assert "\n" not in msg and f"{tmp_path}/config.json is not valid JSON" in msg, msg
+    assert msg.endswith(f"its latest checkpoint keeps a copy: --config {copy}"), msg
