@@ -1,12 +1,14 @@
 """Pallas kernels for jvp_attention (the TPU path; CPU tests run them with interpret=True).
 
 Same contract and equations as reference.py / triton_gpu.py. A program owns one (batch, kv head) and a tile of
-T query positions with all G query heads of that kv head as GEMM rows r = (t, g) (M = T * G), and streams the
-causal key blocks of its kv head (whole sequence resident in VMEM) with an online softmax; with the tangent it
-carries rowsum(P * tS) and (P * tS) v alongside. Backward: a per-query-tile kernel (gq, gtq) and a per-key-tile
-kernel (gk, gv, all query heads of the kv head, no atomics) recompute P from lse and share the per-tile
-equations with the reference (`reference.tile_terms`). Layout: [B, KV, S_pad, G, D] queries, [B, KV, S_pad, D]
-keys, [B, KV, S_pad, G] row statistics; the sequence is padded to the tile.
+T query positions of the G query heads of that kv head, one head after the other (each head's rows a [T, D]
+tile: no in-kernel reshape, which Mosaic cannot lay out for G < 8), and streams the causal key blocks of its kv
+head (whole sequence resident in VMEM) with an online softmax; with the tangent it carries rowsum(P * tS) and
+(P * tS) v alongside. Backward: a per-query-tile kernel (gq, gtq) and a per-key-tile kernel (gk, gv, all query
+heads of the kv head, no atomics) recompute P from lse and share the per-tile equations with the reference
+(`reference.tile_terms`). Layout: [B, KV, G, S_pad, D] queries, [B, KV, S_pad, D] keys, [B, KV, S_pad, G] row
+statistics; the sequence is padded to the tile. The whole-sequence blocks set each call's VMEM budget
+(`_compiler_params`); a sequence too long for the chip's VMEM is a one-line error at trace time.
 """
 from __future__ import annotations
 
@@ -46,12 +48,12 @@ def _pad(x, dims, axis=2, value=0):
 
 
 def _to_heads(x, dims):
-    """[B, S, H, D] -> [B, KV, S_pad, G, D]."""
-    return _pad(x.reshape(dims.b, dims.s, dims.kv, dims.g, -1).transpose(0, 2, 1, 3, 4), dims)
+    """[B, S, H, D] -> [B, KV, G, S_pad, D]."""
+    return _pad(x.reshape(dims.b, dims.s, dims.kv, dims.g, -1).transpose(0, 2, 3, 1, 4), dims, axis=3)
 
 
 def _from_heads(x, dims):
-    return x[:, :, : dims.s].transpose(0, 2, 1, 3, 4).reshape(dims.b, dims.s, dims.h, -1)
+    return x[:, :, :, : dims.s].transpose(0, 3, 1, 2, 4).reshape(dims.b, dims.s, dims.h, -1)
 
 
 def _to_keys(x, dims):
@@ -75,17 +77,18 @@ def _segments(seg, dims):
     return _pad(seg.astype(jnp.int32)[:, None], dims, axis=2, value=-1)
 
 
-def _visible(seg_ref, qpos, q0, k0, dims):
-    """bool [T*G, T]: key k0 + j visible to the row's query (causal, real, same segment)."""
+def _visible(seg_ref, q0, k0, dims):
+    """bool [T, T]: key k0 + j visible to query q0 + i (causal, real, same segment)."""
+    qpos = q0 + jax.lax.broadcasted_iota(jnp.int32, (dims.t, 1), 0)
     kpos = k0 + jax.lax.broadcasted_iota(jnp.int32, (1, dims.t), 1)
-    sq = jnp.repeat(seg_ref[0, pl.ds(q0, dims.t)], dims.g)[:, None]
+    sq = seg_ref[0, pl.ds(q0, dims.t)][:, None]
     sk = seg_ref[0, pl.ds(k0, dims.t)][None, :]
-    return (qpos[:, None] >= kpos) & (qpos[:, None] < dims.s) & (sq == sk)
+    return (qpos >= kpos) & (qpos < dims.s) & (sq == sk)
 
 
-def _rows(ref, start, dims):
-    """[T, G, D] tile of a query-side ref at `start` -> [T*G, D] GEMM rows."""
-    return ref[pl.ds(start, dims.t)].reshape(dims.t * dims.g, -1)
+def _stat(ref, start, g, dims):
+    """Head g's row statistics at rows start.. of a [S|T, G] ref -> [T]."""
+    return ref[pl.ds(start, dims.t), pl.ds(g, 1)].reshape(dims.t)
 
 
 def _fwd_kernel(*refs, dims, has_t):
@@ -94,51 +97,51 @@ def _fwd_kernel(*refs, dims, has_t):
     tq_ref = next(it) if has_t else None
     seg_ref, o_ref, lse_ref = next(it), next(it), next(it)
     to_ref, tlse_ref = (next(it), next(it)) if has_t else (None, None)
-    t, m_rows, dt = dims.t, dims.t * dims.g, k_ref.dtype
+    t, dt = dims.t, k_ref.dtype
     nq = pl.program_id(2)
     q0 = nq * t  # read outside loops: interpret mode cannot lower it in a loop body
-    qpos = q0 + jax.lax.broadcasted_iota(jnp.int32, (m_rows,), 0) // dims.g
-    rows = _rows(q_ref, 0, dims)
-    trows = _rows(tq_ref, 0, dims) if has_t else None
 
-    def block(n, carry):
-        m, l, acc, dl, acc_t = carry
-        kb, vb = k_ref[pl.ds(n * t, t)], v_ref[pl.ds(n * t, t)]
-        ok = _visible(seg_ref, qpos, q0, n * t, dims)
-        s = jnp.where(ok, _dot(rows, kb, common.NT) * dims.scale, common.NEG_INF)
-        m_new = jnp.maximum(m, s.max(-1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)  # rows with no key yet keep l = 0
-        l = l * alpha + p.sum(-1)
-        acc = acc * alpha[:, None] + _dot(p.astype(dt), vb, common.NN)
+    for g in range(dims.g):
+        rows = q_ref[g]
+        trows = tq_ref[g] if has_t else None
+
+        def block(n, carry, rows=rows, trows=trows):
+            m, l, acc, dl, acc_t = carry
+            kb, vb = k_ref[pl.ds(n * t, t)], v_ref[pl.ds(n * t, t)]
+            ok = _visible(seg_ref, q0, n * t, dims)
+            s = jnp.where(ok, _dot(rows, kb, common.NT) * dims.scale, common.NEG_INF)
+            m_new = jnp.maximum(m, s.max(-1))
+            alpha = jnp.exp(m - m_new)
+            p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)  # rows with no key yet keep l = 0
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha[:, None] + _dot(p.astype(dt), vb, common.NN)
+            if has_t:
+                pts = p * (_dot(trows, kb, common.NT) * dims.scale)
+                dl = dl * alpha + pts.sum(-1)
+                acc_t = acc_t * alpha[:, None] + _dot(pts.astype(dt), vb, common.NN)
+            return m_new, l, acc, dl, acc_t
+
+        z = jnp.zeros((t,), jnp.float32)
+        za = jnp.zeros((t, dims.d), jnp.float32)
+        m, l, acc, dl, acc_t = jax.lax.fori_loop(0, nq + 1, block, (z + common.NEG_INF, z, za, z, za))
+        l = jnp.where(l > 0, l, 1.0)  # padded rows see no key
+        o = acc / l[:, None]
+        o_ref[g] = o.astype(o_ref.dtype)
+        lse_ref[:, pl.ds(g, 1)] = (m + jnp.log(l)).reshape(t, 1)
         if has_t:
-            pts = p * (_dot(trows, kb, common.NT) * dims.scale)
-            dl = dl * alpha + pts.sum(-1)
-            acc_t = acc_t * alpha[:, None] + _dot(pts.astype(dt), vb, common.NN)
-        return m_new, l, acc, dl, acc_t
-
-    z = jnp.zeros((m_rows,), jnp.float32)
-    za = jnp.zeros((m_rows, dims.d), jnp.float32)
-    m, l, acc, dl, acc_t = jax.lax.fori_loop(0, nq + 1, block, (z + common.NEG_INF, z, za, z, za))
-    l = jnp.where(l > 0, l, 1.0)  # padded rows see no key
-    o = acc / l[:, None]
-    o_ref[...] = o.reshape(t, dims.g, -1).astype(o_ref.dtype)
-    lse_ref[...] = (m + jnp.log(l)).reshape(t, dims.g)
-    if has_t:
-        tlse = dl / l
-        to_ref[...] = (acc_t / l[:, None] - tlse[:, None] * o).reshape(t, dims.g, -1).astype(to_ref.dtype)
-        tlse_ref[...] = tlse.reshape(t, dims.g)
+            tlse = dl / l
+            to_ref[g] = (acc_t / l[:, None] - tlse[:, None] * o).astype(to_ref.dtype)
+            tlse_ref[:, pl.ds(g, 1)] = tlse.reshape(t, 1)
 
 
-def _bwd_terms(ins, q_off, q0, k0, dims, has_t):
-    """One tile: query rows q0.. (at q_off in the query-side refs: 0 for tiles, q0 for whole-sequence refs)
-    against the key block at k0 -> (rows dict, kb, P, GS, GT, tP), all float32 but the operands."""
-    t, g = dims.t, dims.g
-    qpos = q0 + jax.lax.broadcasted_iota(jnp.int32, (t * g,), 0) // g
-    stat = lambda name: ins[name][pl.ds(q_off, t)].reshape(t * g)
-    rows = {n: _rows(ins[n], q_off, dims) for n in (("q", "go", "tq", "gto") if has_t else ("q", "go"))}
+def _bwd_terms(ins, g, q_off, q0, k0, dims, has_t):
+    """One tile of head g: query rows q0.. (at q_off in the query-side refs: 0 for tiles, q0 for whole-sequence
+    refs) against the key block at k0 -> (rows dict, kb, P, GS, GT, tP), all float32 but the operands."""
+    t = dims.t
+    stat = lambda name: _stat(ins[name], q_off, g, dims)  # noqa: E731
+    rows = {n: ins[n][g, pl.ds(q_off, t)] for n in (("q", "go", "tq", "gto") if has_t else ("q", "go"))}
     kb, vb = ins["k"][pl.ds(k0, t)], ins["v"][pl.ds(k0, t)]
-    ok = _visible(ins["seg"], qpos, q0, k0, dims)
+    ok = _visible(ins["seg"], q0, k0, dims)
     p = jnp.where(ok, jnp.exp(_dot(rows["q"], kb, common.NT) * dims.scale - stat("lse")[:, None]), 0.0)
     dpo = _dot(rows["go"], vb, common.NT)
     if not has_t:
@@ -155,18 +158,19 @@ def _bwd_row_kernel(*refs, dims, has_t, names):
     q0 = nq * dims.t
     dt = ins["k"].dtype
 
-    def block(n, carry):
-        gq, gtq = carry
-        _, kb, _, gs, gt, _ = _bwd_terms(ins, 0, q0, n * dims.t, dims, has_t)
-        gq = gq + _dot(gs.astype(dt), kb, common.NN)
-        if has_t:
-            gtq = gtq + _dot(gt.astype(dt), kb, common.NN)
-        return gq, gtq
+    for g in range(dims.g):
+        def block(n, carry, g=g):
+            gq, gtq = carry
+            _, kb, _, gs, gt, _ = _bwd_terms(ins, g, 0, q0, n * dims.t, dims, has_t)
+            gq = gq + _dot(gs.astype(dt), kb, common.NN)
+            if has_t:
+                gtq = gtq + _dot(gt.astype(dt), kb, common.NN)
+            return gq, gtq
 
-    za = jnp.zeros((dims.t * dims.g, dims.d), jnp.float32)
-    gq, gtq = jax.lax.fori_loop(0, nq + 1, block, (za, za))
-    for ref, x in zip(outs, (gq, gtq)):
-        ref[...] = (x * dims.scale).reshape(dims.t, dims.g, -1).astype(ref.dtype)
+        za = jnp.zeros((dims.t, dims.d), jnp.float32)
+        gq, gtq = jax.lax.fori_loop(0, nq + 1, block, (za, za))
+        for ref, x in zip(outs, (gq, gtq)):
+            ref[g] = (x * dims.scale).astype(ref.dtype)
 
 
 def _bwd_col_kernel(*refs, dims, has_t, names):
@@ -177,12 +181,13 @@ def _bwd_col_kernel(*refs, dims, has_t, names):
 
     def block(m, carry):
         gk, gv = carry
-        rows, _, p, gs, gt, tp = _bwd_terms(ins, m * dims.t, m * dims.t, k0, dims, has_t)
-        gk = gk + _dot(gs.astype(dt), rows["q"], common.TN)
-        gv = gv + _dot(p.astype(dt), rows["go"], common.TN)
-        if has_t:
-            gk = gk + _dot(gt.astype(dt), rows["tq"], common.TN)
-            gv = gv + _dot(tp.astype(dt), rows["gto"], common.TN)
+        for g in range(dims.g):  # every query head of this kv head
+            rows, _, p, gs, gt, tp = _bwd_terms(ins, g, m * dims.t, m * dims.t, k0, dims, has_t)
+            gk = gk + _dot(gs.astype(dt), rows["q"], common.TN)
+            gv = gv + _dot(p.astype(dt), rows["go"], common.TN)
+            if has_t:
+                gk = gk + _dot(gt.astype(dt), rows["tq"], common.TN)
+                gv = gv + _dot(tp.astype(dt), rows["gto"], common.TN)
         return gk, gv
 
     za = jnp.zeros((dims.t, dims.d), jnp.float32)
@@ -191,18 +196,52 @@ def _bwd_col_kernel(*refs, dims, has_t, names):
     gv_ref[...] = gv.astype(gv_ref.dtype)
 
 
-# Every (batch, kv head, tile) program is independent: a megacore (v5p) splits the grid over its 2 TensorCores.
-_PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
-
-
 def _spec(x, tiled: bool, t: int):
-    """BlockSpec over grid (b, kv, tile): one tile of the sequence axis (2) or the whole sequence."""
-    block = (None, None, t if tiled else x.shape[2], *x.shape[3:])
-    return pl.BlockSpec(block, lambda b, h, n: (b, h, n if tiled else 0) + (0,) * (x.ndim - 3))
+    """BlockSpec over grid (b, kv, tile): one tile of the sequence axis or the whole sequence. The sequence axis
+    is 3 of a query-side [B, KV, G, S_pad, D] array, else 2."""
+    axis = 3 if x.ndim == 5 else 2
+    block = [None, None, *x.shape[2:]]
+    if tiled:
+        block[axis] = t
+
+    def index(b, h, n):
+        idx = [b, h] + [0] * (x.ndim - 2)
+        idx[axis] = n if tiled else 0
+        return tuple(idx)
+
+    return pl.BlockSpec(tuple(block), index)
 
 
 def _seg_spec(seg):
     return pl.BlockSpec((None, 1, seg.shape[-1]), lambda b, h, n: (b, 0, 0))
+
+
+def _vmem_bytes(spec, dtype) -> int:
+    """VMEM of one buffer of a block: the minor two dims padded to the (sublanes, 128 lanes) tile."""
+    shape = [d for d in spec.block_shape if d is not None]
+    item = jnp.dtype(dtype).itemsize
+    *lead, r, c = [1] * max(0, 2 - len(shape)) + shape
+    return math.prod(lead) * common.round_up(r, 8 * max(1, 4 // item)) * common.round_up(c, 128) * item
+
+
+def _compiler_params(name: str, dims, specs_and_dtypes) -> pltpu.CompilerParams:
+    """Every (batch, kv head, tile) program is independent: "parallel" lets a megacore (v5p) split the grid over
+    its 2 TensorCores. The scoped-VMEM limit covers the double-buffered blocks (the whole-sequence ones grow
+    with the sequence; Mosaic's default is 16-32 MiB), up to the chip's VMEM."""
+    need = 2 * sum(_vmem_bytes(sp, dt) for sp, dt in specs_and_dtypes) + (4 << 20)  # + in-kernel temporaries
+    limit = None
+    if not common.pallas_interpret() and need > (16 << 20):
+        try:
+            cap = pltpu.get_tpu_info().vmem_capacity_bytes
+        except Exception:  # noqa: BLE001 - no TPU info here (e.g. tracing without a target chip): the smallest
+            cap = 64 << 20
+        if need > cap * 0.9:
+            raise ValueError(f"jvp_attention: implementation='pallas' at sequence length {dims.s} (head_dim {dims.d}, "
+                             f"{dims.g} query heads per kv head) needs ~{need >> 20} MiB of VMEM for {name}'s "
+                             f"whole-sequence blocks, more than fits this TPU's {cap >> 20} MiB; use implementation='xla' "
+                             "or shorter sequences")
+        limit = int(min(max(need, 32 << 20), cap * 0.9))
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"), vmem_limit_bytes=limit)
 
 
 def forward(q, k, v, tq=None, segment_ids=None):
@@ -212,19 +251,23 @@ def forward(q, k, v, tq=None, segment_ids=None):
     qs = [_to_heads(q, dims)] + ([_to_heads(tq, dims)] if has_t else [])
     keys = [_to_keys(k, dims), _to_keys(v, dims)]
     seg = _segments(segment_ids, dims)
-    o_shape = (dims.b, dims.kv, dims.sp, dims.g, dims.d)
+    o_shape = (dims.b, dims.kv, dims.g, dims.sp, dims.d)
     st_shape = (dims.b, dims.kv, dims.sp, dims.g)
     outs = [jax.ShapeDtypeStruct(o_shape, q.dtype), jax.ShapeDtypeStruct(st_shape, jnp.float32)] * (2 if has_t else 1)
+    in_specs = ([_spec(qs[0], True, dims.t)] + [_spec(x, False, dims.t) for x in keys]
+                + [_spec(x, True, dims.t) for x in qs[1:]] + [_seg_spec(seg)])
+    out_specs = [_spec(o, True, dims.t) for o in outs]
+    name = "jvp_attention_fwd" + ("_tangent" if has_t else "")
     res = pl.pallas_call(
         functools.partial(_fwd_kernel, dims=dims, has_t=has_t),
         grid=(dims.b, dims.kv, dims.sp // dims.t),
-        in_specs=[_spec(qs[0], True, dims.t)] + [_spec(x, False, dims.t) for x in keys]
-        + [_spec(x, True, dims.t) for x in qs[1:]] + [_seg_spec(seg)],
-        out_specs=[_spec(o, True, dims.t) for o in outs],
+        in_specs=in_specs,
+        out_specs=out_specs,
         out_shape=outs,
-        compiler_params=_PARALLEL,
+        compiler_params=_compiler_params(name, dims, zip(in_specs + out_specs,
+                                                         [x.dtype for x in (qs[0], *keys, *qs[1:], seg, *outs)])),
         interpret=common.pallas_interpret(),
-        name="jvp_attention_fwd" + ("_tangent" if has_t else ""),
+        name=name,
     )(qs[0], *keys, *qs[1:], seg)
     o, lse = _from_heads(res[0], dims), _from_stat(res[1], dims)
     if not has_t:
@@ -247,27 +290,25 @@ def backward(q, k, v, tq, lse, tlse, go, gto, gd, r, segment_ids=None):
     arrays = [x for x, _ in ins.values()]
     grid = (dims.b, dims.kv, dims.sp // dims.t)
     interpret = common.pallas_interpret()
+    sfx = "_tangent" if has_t else ""
 
     def specs(row_tiles: bool):
         return [_seg_spec(x) if kind == "seg" else _spec(x, kind == "rows" and row_tiles, dims.t)
                 for x, kind in ins.values()]
 
-    q_shape = (dims.b, dims.kv, dims.sp, dims.g, dims.d)
-    row_outs = [jax.ShapeDtypeStruct(q_shape, q.dtype)] * (2 if has_t else 1)
-    gq = pl.pallas_call(
-        functools.partial(_bwd_row_kernel, dims=dims, has_t=has_t, names=names), grid=grid, in_specs=specs(True),
-        out_specs=[_spec(o, True, dims.t) for o in row_outs], out_shape=row_outs, interpret=interpret,
-        compiler_params=_PARALLEL,
-        name="jvp_attention_bwd_q" + ("_tangent" if has_t else ""),
-    )(*arrays)
+    def call(kernel, name, in_specs, outs):
+        out_specs = [_spec(o, True, dims.t) for o in outs]
+        params = _compiler_params(name, dims, zip(in_specs + out_specs, [x.dtype for x in arrays + outs]))
+        return pl.pallas_call(functools.partial(kernel, dims=dims, has_t=has_t, names=names), grid=grid,
+                              in_specs=in_specs, out_specs=out_specs, out_shape=outs, interpret=interpret,
+                              compiler_params=params, name=name)(*arrays)
+
+    q_shape = (dims.b, dims.kv, dims.g, dims.sp, dims.d)
+    gq = call(_bwd_row_kernel, "jvp_attention_bwd_q" + sfx, specs(True),
+              [jax.ShapeDtypeStruct(q_shape, q.dtype)] * (2 if has_t else 1))
     k_shape = (dims.b, dims.kv, dims.sp, dims.d)
-    col_outs = [jax.ShapeDtypeStruct(k_shape, k.dtype), jax.ShapeDtypeStruct(k_shape, v.dtype)]
-    gk, gv = pl.pallas_call(
-        functools.partial(_bwd_col_kernel, dims=dims, has_t=has_t, names=names), grid=grid, in_specs=specs(False),
-        out_specs=[_spec(o, True, dims.t) for o in col_outs], out_shape=col_outs, interpret=interpret,
-        compiler_params=_PARALLEL,
-        name="jvp_attention_bwd_kv" + ("_tangent" if has_t else ""),
-    )(*arrays)
-    unkey = lambda x: x[:, :, : dims.s].transpose(0, 2, 1, 3)
+    gk, gv = call(_bwd_col_kernel, "jvp_attention_bwd_kv" + sfx, specs(False),
+                  [jax.ShapeDtypeStruct(k_shape, k.dtype), jax.ShapeDtypeStruct(k_shape, v.dtype)])
+    unkey = lambda x: x[:, :, : dims.s].transpose(0, 2, 1, 3)  # noqa: E731
     gtq = _from_heads(gq[1], dims) if has_t else None
     return _from_heads(gq[0], dims), unkey(gk), unkey(gv), gtq

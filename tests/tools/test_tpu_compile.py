@@ -58,6 +58,31 @@ def test_kernels_compile_with_libtpu(op, chip):
     assert compiled.memory_analysis().temp_size_in_bytes < tc.chip(chip).hbm_bytes
 
 
+def test_jvp_attention_gqa_and_long_sequences():
+    """Grouped-query heads (G = 4 query heads per kv head: one [T, D] tile per head, no in-kernel reshape) lower,
+    and compile with libtpu at S = 4096; a sequence whose whole-sequence blocks cannot fit the chip's VMEM is a
+    one-line error at trace time (v5p: 64 MiB per TensorCore), not a Mosaic out-of-memory."""
+    from kernels import jvp_attention as ja
+
+    def grad_jvp(s, h, kv, d):
+        qa, ka = jax.ShapeDtypeStruct((1, s, h, d), jnp.bfloat16), jax.ShapeDtypeStruct((1, s, kv, d), jnp.bfloat16)
+
+        def loss(q, k, v, t):
+            _, to = jax.jvp(lambda q_: ja.attention(q_, k, v, forward_mode=True)[0], (q,), (t,))
+            return jnp.sum(to.astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3)), (qa, ka, ka, qa)
+
+    fn, args = grad_jvp(4096, 8, 2, 64)
+    exported, report = tc.export_for_tpu(fn, *args, chip_name="v5e")
+    tc.check_mosaic(report, ("jvp_attention_fwd_tangent", "jvp_attention_bwd_q_tangent", "jvp_attention_bwd_kv_tangent"))
+    if tc.libtpu_path() is not None:
+        tc.compile_exported(exported, "v5e")
+    fn, args = grad_jvp(8192, 8, 8, 128)
+    with pytest.raises(ValueError, match="needs ~.* MiB of VMEM .* more than fits this TPU's 64 MiB"):
+        tc.export_for_tpu(fn, *args, chip_name="v5p")
+
+
 # One pattern period of layers: every layer kind and kernel of the preset, at its per-chip shapes, in a fraction
 # of the trace time (tools.tpu_compile recipes lowers the full presets).
 _LEAN = {"dense_lm": 1, "moe": 2, "moe_mla": 2, "simplicial": 4, "mamba2": 1, "ebt": 1, "ebt_pallas": 1,
