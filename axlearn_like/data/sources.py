@@ -164,6 +164,9 @@ def _read_arrayrecord_docs(files: list[str], max_bytes: int) -> list[str | np.nd
     return docs
 
 
+_ENCODE_DOCS = 256  # documents per encode_batch call in _tokenize
+
+
 def _tokenize(docs, tokenizer) -> Corpus:
     encoded: list[np.ndarray] = [None] * len(docs)  # type: ignore[list-item]
     text_idx = [i for i, d in enumerate(docs) if isinstance(d, str)]
@@ -171,9 +174,12 @@ def _tokenize(docs, tokenizer) -> Corpus:
         for i in text_idx:
             encoded[i] = tokenizer.encode_array(docs[i])
     elif text_idx:
-        batch = tokenizer.encode_batch([docs[i] for i in text_idx])
-        for i, ids in zip(text_idx, batch):
-            encoded[i] = np.asarray(ids, dtype=np.int32)
+        # In pieces: one encode_batch over a whole corpus holds ~170 bytes per token (Encoding objects, then
+        # Python int lists) before the int32 arrays exist; pieces of _ENCODE_DOCS documents bound that.
+        for lo in range(0, len(text_idx), _ENCODE_DOCS):
+            part = text_idx[lo:lo + _ENCODE_DOCS]
+            for i, ids in zip(part, tokenizer.encode_batch([docs[i] for i in part])):
+                encoded[i] = np.asarray(ids, dtype=np.int32)
     for i, d in enumerate(docs):
         if not isinstance(d, str):
             arr = np.asarray(d)

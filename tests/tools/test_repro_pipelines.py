@@ -194,3 +194,25 @@ def test_python_install_corpus_holds_the_stdlib_and_site_packages():
     assert any("site-packages" in f and f.endswith(".py") for f in files)
     assert any(f.endswith("METADATA") for f in files) and not any("__pycache__" in f for f in files)
     assert all(os.path.getsize(f) <= PYTHON_INSTALL_MAX_FILE_BYTES for f in files[:: max(1, len(files) // 200)])
+
+
+def test_train_tokenizer_is_deterministic_and_chunked_encoding_exact(tmp_path, monkeypatch):
+    import numpy as np
+
+    from axlearn_like.data import make_tokenizer, sources
+    from tools import train_tokenizer
+
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    for out in (a, b):
+        s = train_tokenizer.train(["stdlib"], out, vocab_size=320, max_bytes=60_000)
+    assert open(a, "rb").read() == open(b, "rb").read() and s["vocab_size"] == 320
+    tok = make_tokenizer(a)
+    assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 320)
+    docs = sources._read_text_docs(sources.resolve_paths(["stdlib"])[:40], 200_000)
+    whole = sources._tokenize(docs, tok)
+    monkeypatch.setattr(sources, "_ENCODE_DOCS", 7)
+    pieces = sources._tokenize(docs, tok)
+    np.testing.assert_array_equal(whole.tokens, pieces.tokens)
+    np.testing.assert_array_equal(whole.doc_starts, pieces.doc_starts)
+    with pytest.raises(ValueError, match="vocab-size"):
+        train_tokenizer.train(["stdlib"], a, vocab_size=100)
