@@ -16,7 +16,7 @@ No TPU is needed. Two levels:
   --compile          libtpu's compiler on a deviceless topology: Mosaic's own checks (tile-aligned loads, vector
       layouts, VMEM), XLA:TPU's SPMD partitioning and per-chip memory plan (`recipe` prints it). Needs libtpu, which
       scripts/bootstrap.sh installs into .venv/libtpu, outside sys.path (an importable libtpu would make every
-      JAX program probe for a TPU); `ensure_libtpu()` points JAX at it when a compile asks for it.
+      JAX program probe for a TPU); `libtpu_env()` points JAX at it while a compile loads it.
 
 Kernels are traced under kernels.common.target_backend("tpu"), so implementation=None picks the TPU kernels and
 Pallas lowers compiled, never in interpret mode (`check_mosaic` asserts both). Estimates are rooflines from FLOP
@@ -96,17 +96,27 @@ def libtpu_path() -> str | None:
         return None
 
 
-def ensure_libtpu() -> None:
-    """Lets JAX load libtpu's compiler for deviceless topologies (the CPU backend stays the default)."""
+@contextlib.contextmanager
+def libtpu_env():
+    """Inside, JAX can load libtpu's compiler for deviceless topologies (the CPU backend stays the default). The
+    environment is restored after: processes started later (tests that spawn JAX children) never see libtpu."""
     path = libtpu_path()
     if path is None:
         raise ValueError("--compile needs libtpu: run `make venv` (scripts/bootstrap.sh installs it into "
                          f"{sys.prefix}/libtpu) or set TPU_LIBRARY_PATH to a libtpu.so")
-    os.environ["TPU_LIBRARY_PATH"] = path
     # A CPU host is no TPU VM: no metadata-server lookups, and no worker list to find.
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env = {"TPU_LIBRARY_PATH": path, "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @functools.cache
@@ -116,11 +126,11 @@ def topology_devices(chip_name: str, topology: str) -> tuple:
 
     c = chip(chip_name)
     dims = parse_topology(c, topology)
-    ensure_libtpu()
     full = dims + (1,) * (3 - len(dims))
     host = tuple(min(d, 2) for d in full[:2]) + (1,)  # the 4-chip host of every generation here
-    topo = topologies.get_topology_desc(topology_name=f"{c.name}:{topology}", platform="tpu",
-                                        chip_config_name="default", chips_per_host_bounds=host, num_slices=1)
+    with libtpu_env():
+        topo = topologies.get_topology_desc(topology_name=f"{c.name}:{topology}", platform="tpu",
+                                            chip_config_name="default", chips_per_host_bounds=host, num_slices=1)
     return tuple(topo.devices)
 
 
