@@ -47,8 +47,9 @@ def _check_types(d: Any, path: str) -> None:
             try:
                 config_lib._resolve_type(name)
             except (ImportError, AttributeError, ValueError) as e:
-                raise ConfigError(f"{path}: unknown config class _type {name!r} ({type(e).__name__}: {e}); "
-                                  f"the config was written by other code, or the module is not importable here") from None
+                raise ConfigError(
+                    f"{path}: unknown config class _type {name!r} ({type(e).__name__}: {e}); "
+                    "the config was written by other code, or the module is not importable here") from None
         for v in d.values():
             _check_types(v, path)
     elif isinstance(d, list):

@@ -24,9 +24,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from axlearn_like import config as config_lib
-from axlearn_like import guards, rundir
-from axlearn_like import sharding as sharding_lib
+from axlearn_like import config as config_lib, guards, rundir, sharding as sharding_lib
 from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.data import DataConfig
@@ -66,7 +64,8 @@ class TrainerConfig:
         require(self.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
         require(self.log_every >= 1, "trainer.log_every", "must be >= 1")
         require(self.eval_every >= 1, "trainer.eval_every", "must be >= 1")
-        require(self.nan_policy in ("stop", "skip"), "trainer.nan_policy", f"{self.nan_policy!r} is not 'stop' or 'skip'")
+        require(self.nan_policy in ("stop", "skip"), "trainer.nan_policy",
+                f"{self.nan_policy!r} is not 'stop' or 'skip'")
         require(self.max_skipped_steps >= 0, "trainer.max_skipped_steps", "must be >= 0")
 
 
@@ -93,7 +92,8 @@ class ExperimentConfig:
         require(hasattr(self.data, "make_iterator") and hasattr(self.data, "global_batch_size"), "data",
                 "must be a data config with global_batch_size and make_iterator()")
         require(self.data.global_batch_size % self.trainer.grad_accum == 0, "trainer.grad_accum",
-                f"global_batch_size {self.data.global_batch_size} is not divisible by grad_accum {self.trainer.grad_accum}")
+                f"global_batch_size {self.data.global_batch_size} is not divisible by grad_accum "
+                f"{self.trainer.grad_accum}")
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or os.path.join("runs", self.name)
@@ -141,7 +141,8 @@ def _check_writable(run_dir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"run dir {run_dir!r} is not writable ({e.strerror}); pass --run-dir DIR pointing to a writable directory") from None
+        raise UserError(f"run dir {run_dir!r} is not writable ({e.strerror}); "
+                        "pass --run-dir DIR pointing to a writable directory") from None
 
 
 def _check_batch_layout(cfg: ExperimentConfig, mesh) -> None:
@@ -302,7 +303,8 @@ def _train(r: _Run) -> dict:
                     row.update(throughput.row(step))
                     writer.write(step, row)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{float(host.get('loss', host['objective'])):.3f}", lr=f"{float(host['lr']):.1e}")
+                        bar.set_postfix(loss=f"{float(host.get('loss', host['objective'])):.3f}",
+                                        lr=f"{float(host['lr']):.1e}")
                     result["last_train"] = row
                 if tcfg.eval_batches > 0 and (step % tcfg.eval_every == 0 or final):
                     ev = evaluate(cfg, task, state, eval_step, batch_sh)

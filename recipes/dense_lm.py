@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 
+from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.cli import recipe_main
 from axlearn_like.data import DataConfig
-from axlearn_like.trainer import ExperimentConfig, TrainerConfig
-from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.optimizers import OptimizerConfig
+from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
 from models.decoder import DecoderConfig
 from models.layers import MLPConfig

@@ -13,8 +13,8 @@ Default: a tiny pure Mamba-2 stack (each layer: Mamba-2 mixer + small SwiGLU MLP
              (document_reset), so the zeros control starts every document from zero. Evaluate with
                python -m tools.length_eval runs/m2_sp --lengths 512,2048
   hybrid     Mamba-2 layers with one attention layer in four (pattern mamba2, mamba2, mamba2, attention).
-  gpu_340m   a ~340M Mamba-2 + MLP stack (24 layers of d_model 1024, d_state 128; 343M params with the tied embedding) at
-             seq 2048 in bf16 for one H200.
+  gpu_340m   a ~340M Mamba-2 + MLP stack (24 layers of d_model 1024, d_state 128; 343M params with the tied
+             embedding) at seq 2048 in bf16 for one H200.
   repro_lengthgen  issue 20's GPU reproduction of Buitrago & Gu: the Mamba-2 130M shape (24 mixer-only layers of
              d_model 768, d_state 128, 32k byte-level BPE) pretrained at seq_len 256 on the Python installation's
              sources and docs, one H200, ~7 min; driven stage by stage by `python -m tools.repro_lengthgen`

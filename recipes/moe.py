@@ -163,7 +163,8 @@ def limited_gpu() -> ExperimentConfig:
 def gpu_0p8b() -> ExperimentConfig:
     """~0.82B total / ~0.18B active parameters: 8 layers (first dense, 7 MoE), d_model 1024, 64 routed experts
     of width 512 (top-6, sigmoid gate, aux-loss-free bias + sequence loss) + 1 shared, vocab 32768, seq 2048."""
-    moe = _moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5, gamma=1e-3)  # Wang et al.'s u at 1B
+    moe = _moe(num_experts=64, top_k=6, num_shared=1, expert_dim=512, route_scale=2.5,
+               gamma=1e-3)  # Wang et al.'s u at 1B
     cfg = _base(moe, "moe_0p8b")
     cfg.model = DecoderConfig(
         vocab_size=32768,
@@ -187,7 +188,8 @@ def gpu_0p8b() -> ExperimentConfig:
 def deepseek_v3() -> ExperimentConfig:
     """Tiny DeepSeek-V3 shape for CPU: 4 layers of MLA (4 heads, KV latent 32, query latent 48, d_n 16 + d_r 8,
     d_v 16), the first FFN dense, then 16 routed experts (4 groups, best 2 kept, top-4, route_scale 2.5) + 1 shared."""
-    mla = MLAConfig(num_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    mla = MLAConfig(num_heads=4, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                    v_head_dim=16)
     moe = _moe(num_experts=16, top_k=4, num_groups=4, topk_groups=2, route_scale=2.5)
     cfg = _base(moe, "moe_deepseek_v3")
     cfg.model.layer_pattern = (mla,)

@@ -1,8 +1,8 @@
 """Hybrid byte-level LM with 2-simplicial attention every 4th layer (Roy et al. 2025), the rest global attention.
 
 Default: the tiny CPU model of recipes.dense_lm (4 layers, d_model 192) with layer 3 a sliding-window
-2-simplicial mixer (4 query heads on 1 K/V head, w1=32, w2=4 at seq 128), on unpacked stdlib rows (data.packing=false, so no
-simplicial query ever has its window gated at a document boundary; see models/simplicial.py).
+2-simplicial mixer (4 query heads on 1 K/V head, w1=32, w2=4 at seq 128), on unpacked stdlib rows (data.packing=false,
+so no simplicial query ever has its window gated at a document boundary; see models/simplicial.py).
 
     python -m recipes.simplicial                     # the hybrid alone (~1-2 min on 2 CPU cores)
     python -m recipes.simplicial --preset compare    # hybrid and the dense baseline at equal steps, one table
@@ -107,7 +107,8 @@ def run_compare(cfg) -> dict:
         c.run_dir = os.path.join(root, name)
         r = trainer.run(c)
         train = r.get("last_train", {}).get("train/loss", r.get("last_train", {}).get("train/objective"))
-        results[name] = (float(train) if train is not None else float("nan"), float(r.get("eval", {}).get("loss", float("nan"))))
+        results[name] = (float(train) if train is not None else float("nan"),
+                         float(r.get("eval", {}).get("loss", float("nan"))))
     steps = cfg.trainer.steps
     print(f"\n{'model':<8} {'steps':>6} {'train loss':>11} {'eval loss':>10}   (nats/token; {root})")
     for name, (tr, ev) in results.items():
