@@ -71,14 +71,16 @@ def test_kill_and_resume_is_bitwise_exact(reference_run, tmp_path, sig):
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     run_dir = tmp_path / "run_c"
-    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=8", "checkpoint.every_steps=4", "trainer.eval_batches=0"]))
+    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=8", "checkpoint.every_steps=4",
+                                                 "trainer.eval_batches=0"]))
     assert r.returncode == 0, r.stderr[-3000:]
     state_dir = os.path.join(run_dir, "checkpoints", "8", "state")
     files = [os.path.join(dp, f) for dp, _, fs in os.walk(state_dir) for f in fs]
     biggest = max(files, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 3)
-    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=10", "checkpoint.every_steps=4", "trainer.eval_batches=0"]))
+    r = helpers.run(helpers.recipe_cmd(run_dir, ["trainer.steps=10", "checkpoint.every_steps=4",
+                                                 "trainer.eval_batches=0"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "falling back" in r.stdout
     assert "Resuming from checkpoint at step 4" in r.stdout
@@ -97,7 +99,8 @@ def test_restore_on_other_mesh_continues(tmp_path):
     for devices in (8, 4):
         d = tmp_path / f"on{devices}"
         shutil.copytree(src, d)
-        r = helpers.run(helpers.recipe_cmd(d, base + ["trainer.steps=6", "mesh.data=1", "mesh.fsdp=-1"]), devices=devices)
+        r = helpers.run(helpers.recipe_cmd(d, base + ["trainer.steps=6", "mesh.data=1", "mesh.fsdp=-1"]),
+                        devices=devices)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "Resuming from checkpoint at step 4" in r.stdout
         results[devices] = helpers.losses(d)

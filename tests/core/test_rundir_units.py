@@ -229,7 +229,7 @@ def test_processes_of_one_job_share_the_lock_and_all_fail_on_a_taken_one(tmp_pat
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     lines = [[ln for ln in out.splitlines() if ln.startswith(("locked", "refused"))] for out, _ in outs]
     assert [ls[0] for ls in lines] == ["locked True", "locked False"], lines

@@ -48,10 +48,12 @@ def test_params_and_batch_are_sharded_as_the_rules_say():
     assert jax.device_count() == 8
     cfg = helpers.tiny_config(["mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"])
     setup, step, batch_sh, state = _setup(cfg, jax.devices())
-    boxed = jax.eval_shape(lambda: setup.task.init(jax.random.PRNGKey(0), {k: jnp.zeros(v.shape, v.dtype) for k, v in setup.batch_spec.items()}))
+    boxed = jax.eval_shape(lambda: setup.task.init(
+        jax.random.PRNGKey(0), {k: jnp.zeros(v.shape, v.dtype) for k, v in setup.batch_spec.items()}))
     axes = params_lib.logical_axes(boxed["params"])
     split = 0
-    for (path, ax), leaf in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)[0], jax.tree.leaves(state.params)):
+    for (path, ax), leaf in zip(jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)[0],
+                                jax.tree.leaves(state.params)):
         want = sharding_for(leaf.shape, ax, setup.mesh, setup.rules).spec
         assert leaf.sharding.spec == want, (jax.tree_util.keystr(path), ax, leaf.sharding.spec, want)
         if "embed" in ax and leaf.shape[ax.index("embed")] % 4 == 0:

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from axlearn_like.config import ConfigError
-from axlearn_like.data import (TASKS, DataConfig, make_dataset, make_iterator, make_tokenizer,
-                               passkey_example)
-from axlearn_like.data import sources
+from axlearn_like.data import TASKS, DataConfig, make_dataset, make_iterator, make_tokenizer, passkey_example, sources
 from axlearn_like.data.pipeline import _CorpusRowSource
 
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -282,7 +280,7 @@ def _roundtrip_pipeline(tmp_path, tok_path):
 
 
 def test_hf_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     t = Tokenizer(models.BPE(unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -38,7 +38,8 @@ def _env(run_dir, devices, **more):
     # A compilation cache shared by the runs of this module: restarts reuse the first runs' executables.
     cache = os.path.join(os.path.dirname(run_dir), "jax_cache")
     return helpers.env(devices, AXL_HEARTBEAT_TIMEOUT_S=HEARTBEAT_S, JAX_COMPILATION_CACHE_DIR=cache,
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0, **more)
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0,
+                       **more)
 
 
 def _start(run_dir, num_processes, devices, extra=(), **env):

@@ -4,7 +4,6 @@ on 2 devices reproduces the uninterrupted losses bitwise."""
 import gzip
 import json
 import math
-import os
 
 import pytest
 
@@ -44,7 +43,8 @@ def test_child_env_turns_multicast_off_and_limits_devices():
 def test_collective_seconds_parses_a_perfetto_trace(tmp_path):
     ev = [{"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
           {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/host:CPU"}},
-          {"ph": "X", "pid": 1, "name": "ncclDevKernel_SendRecv", "ts": 0, "dur": 10, "args": {"hlo_op": "all-to-all-start.1"}},
+          {"ph": "X", "pid": 1, "name": "ncclDevKernel_SendRecv", "ts": 0, "dur": 10,
+           "args": {"hlo_op": "all-to-all-start.1"}},
           {"ph": "X", "pid": 1, "name": "nccl_all_to_all", "ts": 5, "dur": 10, "args": {}},  # overlaps: counted once
           {"ph": "X", "pid": 1, "name": "ncclDevKernel_AllGather_RING", "ts": 30, "dur": 4},
           {"ph": "X", "pid": 2, "name": "all-to-all", "ts": 0, "dur": 999}]  # host track ignored when devices exist

@@ -12,10 +12,11 @@ def run_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("m2_tools")
     cfg = config_lib.apply_overrides(mamba2.config(), [
-        "model.d_model=32", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=32", "model.layer_pattern.mamba2.d_state=8",
-        "model.layer_pattern.mamba2.head_dim=16", "model.layer_pattern.mamba2.chunk_size=16", "data.seq_len=32", "data.global_batch_size=8", "data.max_bytes=200000",
-        "trainer.steps=2", "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=1",
-        "optimizer.warmup_steps=1", f"run_dir={d}", "checkpoint.async_save=false",
+        "model.d_model=32", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=32",
+        "model.layer_pattern.mamba2.d_state=8", "model.layer_pattern.mamba2.head_dim=16",
+        "model.layer_pattern.mamba2.chunk_size=16", "data.seq_len=32", "data.global_batch_size=8",
+        "data.max_bytes=200000", "trainer.steps=2", "model.sample.tokens=0", "trainer.progress=false",
+        "trainer.eval_batches=1", "optimizer.warmup_steps=1", f"run_dir={d}", "checkpoint.async_save=false",
     ])
     trainer.run(cfg)
     return str(d)
@@ -64,7 +65,8 @@ def test_effrem_suffix_trick_matches_direct_forward(run_dir):
     seq = length_eval.held_out(cfg, 24, 1)["inputs"][0]
     ts = np.array([0, 5, 17])
     e = effrem.effrem(task, variables, seq, ts, chunk=7)
-    p = [effrem._softmax(np.asarray(task.apply(variables, {"inputs": jnp.asarray(seq[None, t:])})[0])[0, -1]) for t in ts]
+    p = [effrem._softmax(np.asarray(task.apply(variables, {"inputs": jnp.asarray(seq[None, t:])})[0])[0, -1])
+         for t in ts]
     np.testing.assert_allclose(e, [0.5 * np.abs(q - p[0]).sum() for q in p], atol=1e-5)
 
 
