@@ -31,7 +31,8 @@ def time_step(cfg, iters: int, profile: str | None = None) -> float:
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (b, s + 1)).astype(np.int32)
         batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((b, s), np.float32),
-                 "segment_ids": np.ones((b, s), np.int32), "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
+                 "segment_ids": np.ones((b, s), np.int32),
+                 "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
         batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
         step = step.lower(state, batch).compile()  # compile once; the same executable is timed
         temp_gib = getattr(step.memory_analysis(), "temp_size_in_bytes", 0) / 2**30
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--variant", action="append", default=[],
                    help="LABEL:k=v,k=v: one more EBT row with these overrides (after --forms; decoder timed once)")
     p.add_argument("--profile", action="store_true",
-                   help="also print the device time per kernel kind and the top kernels (decoder and the first EBT row)")
+                   help="also print the device time per kernel kind and the top kernels "
+                        "(decoder and the first EBT row)")
     a = p.parse_args(argv)
     cfg = config_lib.apply_overrides(ebt.gpu(), list(a.set) + ["checkpoint.enabled=false"])
     m = cfg.model
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
         rows[f"ratio_{label}"] = t / rows["decoder_ms"]
         rows[f"ratio_{label}_per_inner_step"] = t / rows["decoder_ms"] / c.model.think_steps
         print(f"ebt ({label}: {' '.join(sets)}): {t:.2f} ms/step = {t / rows['decoder_ms']:.2f}x the decoder, "
-              f"{t / rows['decoder_ms'] / c.model.think_steps:.2f}x per inner step, XLA temp {rows[f'ebt_{label}_temp_gib']:.2f} GiB",
+              f"{t / rows['decoder_ms'] / c.model.think_steps:.2f}x per inner step, "
+              f"XLA temp {rows[f'ebt_{label}_temp_gib']:.2f} GiB",
               flush=True)
     benchutil.report(rows, a.out)
     return 0

@@ -42,7 +42,8 @@ def fns(impl):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(lse)
 
     def phi(q, k, v, tq):
-        (o, lse), (to, tlse) = jax.jvp(lambda x: attention(x, k, v, implementation=impl, forward_mode=True), (q,), (tq,))
+        (o, lse), (to, tlse) = jax.jvp(lambda x: attention(x, k, v, implementation=impl, forward_mode=True),
+                                       (q,), (tq,))
         return sum(jnp.sum(x.astype(jnp.float32)) for x in (o, lse, to, tlse))
 
     return {

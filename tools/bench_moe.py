@@ -69,14 +69,16 @@ def sweep(lhs, rhs, dout, gs, fl, reps, quick, rows):
 
     T = tg.Tiling
     cands = {
-        "gmm": [T(128, 128, 64, 8, 3, 264), T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4, 264), T(128, 128, 64, 8, 3, 132)],
+        "gmm": [T(128, 128, 64, 8, 3, 264), T(128, 256, 64, 8, 3), T(128, 128, 64, 8, 4, 264),
+                T(128, 128, 64, 8, 3, 132)],
         "gmm_T": [T(256, 128, 64, 8, 3), T(128, 256, 64, 8, 3), T(256, 128, 64, 8, 3, 264)],
         "tgmm": [T(32, 128, 128, 4, 4), T(64, 256, 128, 8, 3), T(64, 128, 128, 8, 3)],
     }
     launches = {  # name -> (fn(tiling), args, flops)
         "gmm": (lambda t: jax.jit(lambda a, b, s: tg.gmm(a, b, s, tiling=t)), (lhs, rhs, gs), fl),
         # the dlhs launch: dout [m, n] @ rhs[g]^T with rhs stored [G, k, n]
-        "gmm_T": (lambda t: jax.jit(lambda a, b, s: tg.gmm(a, b, s, transpose_rhs=True, tiling=t)), (dout, rhs, gs), fl),
+        "gmm_T": (lambda t: jax.jit(lambda a, b, s: tg.gmm(a, b, s, transpose_rhs=True, tiling=t)),
+                  (dout, rhs, gs), fl),
         "tgmm": (lambda t: jax.jit(lambda a, d, s: tg.tgmm(a, d, s, tiling=t)), (lhs, dout, gs), fl),
     }
     best = {}
@@ -92,7 +94,8 @@ def sweep(lhs, rhs, dout, gs, fl, reps, quick, rows):
             if name not in best or ms < best[name][0]:
                 best[name] = (ms, t)
     for name, (ms, t) in best.items():
-        print(f"  best {name:7s} {str(tuple(t)):36s} {ms:7.3f} ms {launches[name][2] / ms / 1e9:6.0f} TFLOP/s", flush=True)
+        print(f"  best {name:7s} {str(tuple(t)):36s} {ms:7.3f} ms {launches[name][2] / ms / 1e9:6.0f} TFLOP/s",
+              flush=True)
     for name, attr in (("gmm", "GMM_TILING"), ("gmm_T", "GMM_T_TILING"), ("tgmm", "TGMM_TILING")):
         if name in best:
             setattr(tg, attr, best[name][1])
@@ -128,7 +131,8 @@ def bench_gmm(m, k, n, g, reps, args, rows):
     for loads in ("uniform", "skewed"):
         gs = jnp.asarray(group_sizes(loads, m, g))
         for impl in impls:
-            _guarded(rows, f"grouped_matmul {impl} {loads}", lambda: _gmm_rows(impl, loads, lhs, rhs, gs, fl, reps, rows))
+            _guarded(rows, f"grouped_matmul {impl} {loads}",
+                     lambda impl=impl, loads=loads, gs=gs: _gmm_rows(impl, loads, lhs, rhs, gs, fl, reps, rows))
 
 
 def _gmm_rows(impl, loads, lhs, rhs, gs, fl, reps, rows):
@@ -184,7 +188,8 @@ def bench_layer(reps, rows, variants, small=False, profile=False):
         moe_mod._grouped_local = _grouped_local_round1 if round1 else new  # read at trace time
         try:
             _guarded(rows, f"MoE layer ({label})",
-                     lambda: _layer_rows(label, impl, x, reps, rows, fwd_flops, dims, fwd=not round1, profile=profile and not round1))
+                     lambda label=label, impl=impl, round1=round1: _layer_rows(
+                         label, impl, x, reps, rows, fwd_flops, dims, fwd=not round1, profile=profile and not round1))
         finally:
             moe_mod._grouped_local = new
     impl = variants[0][1]
@@ -193,7 +198,8 @@ def bench_layer(reps, rows, variants, small=False, profile=False):
     _dense_ffn_rows(x, reps, rows, dims, (k + shared) * f, "dense SwiGLU FFN")
     by = {r["what"]: r["ms"] for r in rows if r["pass_"] == "fwd+bwd"}
     layer = by.get(f"MoE layer ({variants[0][0]})")
-    parts = [by.get(f"routed experts: 3 gmm + SwiGLU, m={t * k}"), by.get(f"shared experts: dense SwiGLU width {shared * f}")]
+    parts = [by.get(f"routed experts: 3 gmm + SwiGLU, m={t * k}"),
+             by.get(f"shared experts: dense SwiGLU width {shared * f}")]
     if layer is not None and None not in parts:
         _row(rows, "rest = layer - routed - shared (router, sort, gathers, combine, stats)", "-", "fwd+bwd",
              layer - sum(parts), 0.0, 0.0)
@@ -285,7 +291,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer tilings and repetitions")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run of this script)")
     ap.add_argument("--layer-only", action="store_true", help="skip the grouped-matmul kernel rows")
-    ap.add_argument("--profile", action="store_true", help="print the MoE layer's device time per kernel kind and top kernels")
+    ap.add_argument("--profile", action="store_true",
+                    help="print the MoE layer's device time per kernel kind and top kernels")
     args = ap.parse_args(argv)
     reps = 5 if args.quick else 20
     rows = []
@@ -306,10 +313,12 @@ def main(argv=None):
         if "sweep" in r["what"]:
             continue
         extra = f"  rel_err {r['rel_err']:.1e}" if "rel_err" in r else ""
-        print(f"{r['what']:62s} {r['loads']:8s} {r['pass_']:8s} {r['ms']:9.3f} {r['spread_ms']:8.3f} {r['tflops']:8.1f}{extra}")
+        print(f"{r['what']:62s} {r['loads']:8s} {r['pass_']:8s} {r['ms']:9.3f} {r['spread_ms']:8.3f} "
+              f"{r['tflops']:8.1f}{extra}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, anchors=ANCHORS, rows=rows), f, indent=1)
+            json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, anchors=ANCHORS, rows=rows), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

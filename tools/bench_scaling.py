@@ -185,7 +185,8 @@ def weak(a, gpus) -> dict:
     md = (f"weak scaling {a.recipe}:{a.preset}, FSDP, {b} sequences per device, median of {a.steps} steps\n\n"
           + _table(head, body))
     result = {"mode": "weak", "recipe": a.recipe, "preset": a.preset, "per_device_batch": b, "rows": rows,
-              "baseline": None if base is None else {k: base[k] for k in ("devices", "step_s", "tokens_per_s_per_device")}}
+              "baseline": (None if base is None
+                           else {k: base[k] for k in ("devices", "step_s", "tokens_per_s_per_device")})}
     _emit(a.out, "weak", result, md)
     return result
 
@@ -303,7 +304,8 @@ def resume(a, gpus) -> dict:
         f"{result['compared_steps'][0]}-{result['compared_steps'][-1]}" if result.get("compared_steps") else "n/a",
         {True: "yes", False: "NO"}.get(ok, "n/a (" + result.get("error", "?") + ")"),
         _fmt(result.get("max_abs_diff"), ".3g")]])
-    md = f"kill-and-resume {a.recipe}:{a.preset}, FSDP over {n} device(s), {steps} steps, checkpoint every {every}\n\n" + md
+    md = (f"kill-and-resume {a.recipe}:{a.preset}, FSDP over {n} device(s), {steps} steps, "
+          f"checkpoint every {every}\n\n" + md)
     _emit(a.out, "resume", result, md)
     return result
 
@@ -318,13 +320,15 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default=None)
     p.add_argument("--preset", default=None)
     p.add_argument("--set", action="append", default=[], help="override for every child, k=v")
-    p.add_argument("--per-device-batch", type=int, default=None, help="sequences per device (default: the preset's batch)")
-    p.add_argument("--baseline", default=None, help="weak: weak.json of an earlier run whose 1-device row is the reference "
-                   "when --devices has no 1")
+    p.add_argument("--per-device-batch", type=int, default=None,
+                   help="sequences per device (default: the preset's batch)")
+    p.add_argument("--baseline", default=None,
+                   help="weak: weak.json of an earlier run whose 1-device row is the reference when --devices has no 1")
     p.add_argument("--limited-m", type=int, default=None, help="moe: device_limited_m for the limited row")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--profile-steps", type=int, default=None, help="traced steps for collective shares (weak: 0, moe: 3)")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help="traced steps for collective shares (weak: 0, moe: 3)")
     p.add_argument("--resume-steps", type=int, default=12)
     p.add_argument("--checkpoint-every", type=int, default=4)
     p.add_argument("--fault-sleep", type=float, default=0.5, help="resume: seconds slept per step in the killed run")

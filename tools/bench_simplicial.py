@@ -17,12 +17,11 @@ import json
 import os
 
 import jax
-
-from tools import benchutil
 import jax.numpy as jnp
 import numpy as np
 
 from kernels.simplicial import two_simplicial_attention
+from tools import benchutil
 
 
 def simplicial_flops(b, s, hq, d, w1, w2):
@@ -108,7 +107,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also time the FWD_SWEEP / BWD_SWEEP launch settings")
     ap.add_argument("--contrast", action="store_true", help="also time the XLA reference and cuDNN attention")
-    ap.add_argument("--cudnn-sweep", action="store_true", help="time the cuDNN backend's GROUP_SWEEP (the Triton launches at their defaults)")
+    ap.add_argument("--cudnn-sweep", action="store_true",
+                    help="time the cuDNN backend's GROUP_SWEEP (the Triton launches at their defaults)")
     ap.add_argument("--profile", action="store_true", help="print the fwd+bwd device time per kernel")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
@@ -154,14 +154,16 @@ def main():
         if t is not None and (best_b is None or t < best_b[1]):
             best_b = (qk, t)
     (triton_gpu.BWD_Q_LAUNCH, triton_gpu.BWD_K_LAUNCH), t_fb = best_b
-    print(f"best fwd+bwd: {t_fb:.2f} ms (bwd ~{t_fb - t_fwd:.2f} ms) with q {triton_gpu.BWD_Q_LAUNCH} k {triton_gpu.BWD_K_LAUNCH}")
+    print(f"best fwd+bwd: {t_fb:.2f} ms (bwd ~{t_fb - t_fwd:.2f} ms) with q {triton_gpu.BWD_Q_LAUNCH} "
+          f"k {triton_gpu.BWD_K_LAUNCH}")
     print(f"best fwd: {t_fwd:.2f} ms with {triton_gpu.FWD_LAUNCH}")
     if a.profile:
         benchutil.print_device_ops("fwd+bwd (best settings)", benchutil.device_ops(make("triton")[1], args))
     peak = peak_gib()
     log.update(sweep=[(k, str(o), t) for k, o, t in sweep], best_fwd=str(triton_gpu.FWD_LAUNCH),
                best_bwd=(str(best_b[0]), t_fb), peak_gib_after_triton=peak)
-    rows.append(("triton", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb, 3.5 * flops / t_fb / 1e9))
+    rows.append(("triton", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb,
+                 3.5 * flops / t_fb / 1e9))
     _cudnn(rows, log, a, args, make, timed, flops, (b, s, hq, hkv, d))
     rows.append(("FBGEMM Triton (anchor)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
                  375.0, 3.5 * 8.47e12 / 375e-3 / 1e12))

@@ -15,13 +15,12 @@ import argparse
 import json
 
 import jax
-
-from tools import benchutil
 import jax.numpy as jnp
 import numpy as np
 
 from kernels.common import backend
 from kernels.ssd import ssd
+from tools import benchutil
 
 ANCHOR = {"fwd_ms": 1.23, "fwdbwd_ms": 5.23, "what": "mamba_ssm mamba_chunk_scan_combined, H200 (docs/benchmarks.md)"}
 
@@ -234,7 +233,8 @@ def main(argv=None):
     dev = jax.devices()[0].device_kind
     print(f"\nSSD b{b} L{L} h{h} P{P} N{N} g{g} Q{Q} bf16 on {dev}; fwd {fl / 1e9:.1f} GFLOP, fwd+bwd "
           f"{3 * fl / 1e9:.1f} GFLOP")
-    hdr = "| impl | fwd ms | fwd TFLOP/s | fwd Mtok/s | fwd temp GiB | f+b ms | f+b TFLOP/s | f+b Mtok/s | f+b temp GiB |"
+    hdr = ("| impl | fwd ms | fwd TFLOP/s | fwd Mtok/s | fwd temp GiB | f+b ms | f+b TFLOP/s | f+b Mtok/s "
+           "| f+b temp GiB |")
     print(hdr)
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

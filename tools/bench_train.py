@@ -80,8 +80,9 @@ def hot_op(model, batch: int, seq: int):
 
             h, kv, d = kind.num_heads, kind.num_kv_heads, kind.head_dim
             args = (rnd(ks[0], (batch, seq, h, d)), *[rnd(k, (batch, seq, kv, d)) for k in ks[1:5]])
-            f = lambda *a: two_simplicial_attention(*a, w1=kind.w1, w2=kind.w2, variant=kind.variant,  # noqa: E731
-                                                    implementation=kind.implementation).astype(jnp.float32).sum()
+            f = lambda *a, kind=kind: two_simplicial_attention(  # noqa: E731
+                *a, w1=kind.w1, w2=kind.w2, variant=kind.variant, implementation=kind.implementation
+            ).astype(jnp.float32).sum()
             return "simplicial", 3.5 * simplicial_flops(batch, seq, h, d, kind.w1, kind.w2), _timed_fwd_bwd(f, args)
         if cls is MoEConfig:
             from kernels.grouped_matmul import grouped_matmul
@@ -89,8 +90,8 @@ def hot_op(model, batch: int, seq: int):
             m, e, dm, n = batch * seq * kind.top_k, kind.num_experts, model.d_model, kind.expert_dim
             sizes = jnp.full((e,), m // e, jnp.int32).at[0].add(m - (m // e) * e)
             args = (rnd(ks[0], (m, dm)), rnd(ks[1], (e, dm, n)))
-            f = lambda x, w: grouped_matmul(x, w, sizes, implementation=kind.implementation  # noqa: E731
-                                            ).astype(jnp.float32).sum()
+            f = lambda x, w, sizes=sizes, kind=kind: grouped_matmul(  # noqa: E731
+                x, w, sizes, implementation=kind.implementation).astype(jnp.float32).sum()
             return "grouped_matmul", 3 * 2.0 * m * dm * n, _timed_fwd_bwd(f, args)
         if cls is Mamba2Config:
             from kernels.ssd import ssd
@@ -99,8 +100,9 @@ def hot_op(model, batch: int, seq: int):
             di = kind.expand * model.d_model
             h, p, g, n = di // kind.head_dim, kind.head_dim, kind.ngroups, kind.d_state
             x, dt, a_, b_, c_, d_ = make(batch, seq, h, p, g, n, bf)
-            f = lambda x, b_, c_: ssd(x, dt, a_, b_, c_, chunk_size=kind.chunk_size, D=d_,  # noqa: E731
-                                      implementation=kind.implementation).astype(jnp.float32).sum()
+            f = lambda x, b_, c_, dt=dt, a_=a_, d_=d_, kind=kind: ssd(  # noqa: E731
+                x, dt, a_, b_, c_, chunk_size=kind.chunk_size, D=d_, implementation=kind.implementation
+            ).astype(jnp.float32).sum()
             return "ssd", 3.0 * ssd_flops(batch, seq, h, p, g, n, kind.chunk_size), _timed_fwd_bwd(f, (x, b_, c_))
         h, kv, d = kind.num_heads, kind.num_kv_heads, kind.head_dim
         args = (rnd(ks[0], (batch, seq, h, d)), rnd(ks[1], (batch, seq, kv, d)), rnd(ks[2], (batch, seq, kv, d)))
@@ -123,11 +125,11 @@ def _union_seconds(spans: list[tuple[float, float]]) -> float:
 
 
 def collective_seconds(events: list[dict], device_pids: set) -> tuple[dict[str, float], int]:
-    """Perfetto trace events (`benchutil.capture_trace` / `load_perfetto`) -> ({collective kind: seconds summed
-    over devices}, number of device tracks seen, 0 if none). An event counts for a kind if its name or an argument (GPU kernels
-    carry the HLO op name, e.g. 'all-to-all-start.3', in their args) names it; overlapping events of one kind
-    on one device are counted once. Device tracks (pid named '/device:...') are used where present, else the
-    host's (the CPU backend runs collectives as host thunks)."""
+    """Perfetto trace events (`benchutil.capture_trace` / `load_perfetto`) -> ({collective kind: seconds summed over
+    devices}, number of device tracks seen, 0 if none). An event counts for a kind if its name or an argument (GPU
+    kernels carry the HLO op name, e.g. 'all-to-all-start.3', in their args) names it; overlapping events of one kind on
+    one device are counted once. Device tracks (pid named '/device:...') are used where present, else the host's (the
+    CPU backend runs collectives as host thunks)."""
     keys = {k: k.replace("-", "") for k in COLLECTIVES}
     spans: dict[tuple[str, int], list] = {}
     for e in events:
@@ -174,8 +176,8 @@ def main(argv=None) -> int:
         return run_all(a)
 
     from axlearn_like import config as config_lib, sharding as sharding_lib, trainer
-    from axlearn_like.evaluation import global_batch
     from axlearn_like.checkpoint import CheckpointConfig, Checkpointer
+    from axlearn_like.evaluation import global_batch
 
     mod = importlib.import_module(f"recipes.{a.recipe}")
     cfg = config_lib.apply_overrides(mod.PRESETS[a.preset](), a.set)
@@ -191,7 +193,8 @@ def main(argv=None) -> int:
         for _ in range(4):  # rotate a few random batches (never time on zeros)
             toks = rng.integers(0, vocab, (g, s + 1), dtype=np.int32)
             local = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((g, s), np.float32),
-                     "segment_ids": np.ones((g, s), np.int32), "positions": np.tile(np.arange(s, dtype=np.int32), (g, 1))}
+                     "segment_ids": np.ones((g, s), np.int32),
+                     "positions": np.tile(np.arange(s, dtype=np.int32), (g, 1))}
             batches.append(global_batch(local, batch_sh))
         t0 = time.perf_counter()
         state, m = step_fn(state, batches[0])
@@ -268,9 +271,11 @@ def main(argv=None) -> int:
     if not a.no_save:
         print(f"| async save: blocking time (first save / warm save) | {blocks[0]*1e3:.0f} / {block_s*1e3:.0f} ms |")
         print(f"| async save: next-step slowdown | {max(0.0, next_step_s-step_s)*1e3:.0f} ms |")
-        print(f"| checkpoint stall at a save every {a.save_every} steps (warm save) | {100*stall_s/(a.save_every*step_s):.2f}% of step time |")
+        print(f"| checkpoint stall at a save every {a.save_every} steps (warm save) | "
+              f"{100*stall_s/(a.save_every*step_s):.2f}% of step time |")
     if hot:
-        print(f"| hot op alone: {hot[0]} fwd+bwd at this shape | {hot[2]*1e3:.2f} ms, {hot[1]/hot[2]/1e12:.0f} TFLOP/s |")
+        print(f"| hot op alone: {hot[0]} fwd+bwd at this shape | {hot[2]*1e3:.2f} ms, "
+              f"{hot[1]/hot[2]/1e12:.0f} TFLOP/s |")
         print(f"| model TFLOP/s as a share of the hot op's | {100*fpt*tokens/step_s/ndev/(hot[1]/hot[2]):.1f}% |")
     if mem:
         print(f"| peak device memory | {mem/2**30:.1f} GiB |")

@@ -1,4 +1,5 @@
-"""Timing shared by the `tools.bench_*` scripts (docs/benchmarks.md, "Method": warm up, synchronise, repeat, take the median).
+"""Timing shared by the `tools.bench_*` scripts (docs/benchmarks.md, "Method": warm up, synchronise, repeat, take
+the median).
 
 Two clocks, both on the host:
 - `timeit` (the default in every bench): `rounds` rounds of `reps` calls dispatched back to back, one
@@ -151,7 +152,8 @@ def print_device_ops(title: str, prof: dict, hlo_text: str | None = None) -> Non
     print("| kind | ms/call | share |\n|---|---|---|")
     for k, ms in sorted(prof["kinds"].items(), key=lambda r: -r[1]):
         print(f"| {k} | {ms:.3f} | {100 * ms / busy:.1f}% |")
-    print("| kernel | ms/call | launches/call | share |" + (" HLO shape <- op |\n|---|---|---|---|---|" if src else "\n|---|---|---|---|"))
+    print("| kernel | ms/call | launches/call | share |"
+          + (" HLO shape <- op |\n|---|---|---|---|---|" if src else "\n|---|---|---|---|"))
     for n, ms, c in prof["ops"]:
         where = src.get(n.replace(".", "_").replace("-", "_"), "")
         print(f"| {n[:90]} | {ms:.3f} | {c:g} | {100 * ms / busy:.1f}% |" + (f" {where}" if src else ""))

@@ -63,7 +63,8 @@ def inspect(path: str, step: int | None = None, out=sys.stdout) -> dict:
     opt = [r for r in rows if r[0].startswith("['opt_state']")]
     nparams = sum(int(np.prod(s)) for _, s, _, _ in params)
     width = max(len(r[0]) for r in params + others) if params or others else 10
-    print(f"\nparameters ({len(params)} arrays, {nparams/1e6:.3f}M values; sharding = saved partition spec and mesh):", file=out)
+    print(f"\nparameters ({len(params)} arrays, {nparams/1e6:.3f}M values; sharding = saved partition spec and mesh):",
+          file=out)
     for name, shape, dtype, spec in params:
         print(f"  {name:<{width}}  {str(shape):<20} {dtype:<9} {spec}", file=out)
     print("\nother state (step, rng, stats, carry):", file=out)

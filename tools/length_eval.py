@@ -130,14 +130,15 @@ def evaluate(run_dirs, lengths, *, num_seqs: int = 4, chunk: int | None = None, 
         results[rd] = {"label": label, "train_len": cfg.data.seq_len, "rows": rows, "loss": loss, "count": count}
         curves[label] = (loss, count)
     print(f"{'run':<40} {'length':>8} {'x train':>8} {'mean [0,L)':>11} {'mean (L/2,L]':>13}", file=stream)
-    for rd, r in results.items():
+    for r in results.values():
         for row in r["rows"]:
             print(f"{r['label'][:40]:<40} {row['length']:>8} {row['length'] / r['train_len']:>8.1f} "
                   f"{row['mean_loss']:>11.4f} {row['last_half_loss']:>13.4f}", file=stream)
     out = out or os.path.join(run_dirs[0], "length_eval.png")
     plot(curves, train_len, out)
     with open(os.path.splitext(out)[0] + ".json", "w") as f:
-        json.dump({rd: {"label": r["label"], "train_len": r["train_len"], "rows": r["rows"]} for rd, r in results.items()}, f, indent=1)
+        json.dump({rd: {"label": r["label"], "train_len": r["train_len"], "rows": r["rows"]}
+                   for rd, r in results.items()}, f, indent=1)
     print(f"wrote {out}", file=stream)
     return results
 

@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         print(f"plot_moe: {e}", file=sys.stderr)
         return 2
     if not loads:
-        print(f"plot_moe: no '*{SUFFIX}' metrics in {path}; is the model an MoE and are its metrics logged?", file=sys.stderr)
+        print(f"plot_moe: no '*{SUFFIX}' metrics in {path}; is the model an MoE and are its metrics logged?",
+              file=sys.stderr)
         return 2
     out = args.out or os.path.join(args.run_dir, "moe_expert_load.png")
     plot(loads, out)
