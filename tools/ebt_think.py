@@ -3,8 +3,10 @@
 Prints, per input position, the observed token, the chosen next-token prediction (argmax of the final
 logits of the lowest-energy candidate), its probability and the energy before/after thinking; writes a PNG
 of the mean energy versus thinking step (RUN_DIR/ebt_think.png by default). `--generate N` continues the
-text with EBT sampling (greedy). `--eval-table` prints the held-out loss with 1, 2, 4, 8 thinking steps and
-with self-verification G = 1, 4, 16 (optionally next to `--baseline RUN_DIR`, a standard decoder's run).
+text with EBT sampling (greedy). `--eval-table` prints the held-out loss with 1, 2, 4, 8 thinking steps (no
+noise: the trained eval's setting) and, at the trained maximum of steps, with self-verification G = 1, 4, 16
+under the inference Langevin noise (the model's `infer_langevin_std`, else its training noise; `--langevin X`
+overrides), as the reference infers (optionally next to `--baseline RUN_DIR`, a standard decoder's run).
 """
 from __future__ import annotations
 
@@ -79,8 +81,11 @@ def think_text(run_dir: str, text: str, steps: int, candidates: int, png: str | 
     return result
 
 
-def eval_table(run_dir: str, baseline: str | None, batches: int, steps_list=(1, 2, 4, 8), groups=(1, 4, 16)) -> list[str]:
-    """Held-out CE (nats/token) over `batches` eval batches of the run's own data config."""
+def eval_table(run_dir: str, baseline: str | None, batches: int, steps_list=(1, 2, 4, 8), groups=(1, 4, 16),
+               langevin: float | None = None) -> list[str]:
+    """Held-out CE (nats/token) over `batches` eval batches of the run's own data config: thinking steps
+    without noise, then self-verification G at the trained maximum of steps with the inference Langevin noise
+    (`langevin`, None = the model's inference noise)."""
     from axlearn_like.data import make_iterator
 
     task, variables, cfg = _load(run_dir)
@@ -93,26 +98,27 @@ def eval_table(run_dir: str, baseline: str | None, batches: int, steps_list=(1, 
         ce = np.asarray(cross_entropy(logits, jnp.asarray(b["targets"]))[0], np.float64)
         return float((ce * m).sum()), float(m.sum())
 
-    def run(steps, g):
+    def run(steps, g, noise):
         tot = n = 0.0
         for i, b in enumerate(data):
             out = task.think(variables, b["inputs"], jax.random.PRNGKey(100 + i), steps=steps, num_candidates=g,
-                             positions=jnp.asarray(b["positions"]), segment_ids=jnp.asarray(b["segment_ids"]))
+                             positions=jnp.asarray(b["positions"]), segment_ids=jnp.asarray(b["segment_ids"]),
+                             langevin_std=noise)
             s, c = ce_of(out["logits"], b)
             tot, n = tot + s, n + c
         return tot / max(n, 1)
 
     lines = [f"EBT {run_dir} (trained with {cfg.model.think_steps}+U{{0..{cfg.model.think_steps_random}}} steps), "
              f"{batches} eval batches of {cfg.data.global_batch_size}x{cfg.data.seq_len}",
-             "| thinking steps | G (self-verification) | held-out loss (nats/token) |", "|---|---|---|"]
+             "| thinking steps | G (self-verification) | Langevin noise | held-out loss (nats/token) |",
+             "|---|---|---|---|"]
     for st in steps_list:
-        lines.append(f"| {st} | 1 | {run(st, 1):.4f} |")
+        lines.append(f"| {st} | 1 | 0 | {run(st, 1, 0.0):.4f} |")
         print(lines[-1], flush=True)
-    st0 = cfg.model.eval_think_steps or cfg.model.think_steps
+    st0 = cfg.model.eval_steps()  # the trained maximum (what the training eval reports)
+    noise = cfg.model.inference_noise() if langevin is None else langevin
     for g in groups:
-        if g == 1 and st0 in steps_list:
-            continue
-        lines.append(f"| {st0} | {g} | {run(st0, g):.4f} |")
+        lines.append(f"| {st0} | {g} | {noise:g} | {run(st0, g, noise):.4f} |")
         print(lines[-1], flush=True)
     if baseline:
         from axlearn_like import checkpoint
@@ -123,7 +129,7 @@ def eval_table(run_dir: str, baseline: str | None, batches: int, steps_list=(1, 
             logits, _ = btask.apply(bvars, {k: jnp.asarray(v) for k, v in b.items()})
             s, c = ce_of(logits, b)
             tot, n = tot + s, n + c
-        lines.append(f"| same-size decoder ({baseline}) | - | {tot / max(n, 1):.4f} |")
+        lines.append(f"| same-size decoder ({baseline}) | - | - | {tot / max(n, 1):.4f} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -139,12 +145,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval-table", action="store_true")
     p.add_argument("--baseline", default=None, help="run dir of a same-size standard decoder for --eval-table")
     p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--langevin", type=float, default=None,
+                   help="--eval-table: Langevin noise of the self-verification rows (default: the model's inference noise)")
     a = p.parse_args(argv)
     if not os.path.isdir(a.run_dir):
         print(f"error: {a.run_dir} is not a directory (pass a run dir written by python -m recipes.ebt)", file=sys.stderr)
         return 2
     if a.eval_table:
-        eval_table(a.run_dir, a.baseline, a.batches)
+        eval_table(a.run_dir, a.baseline, a.batches, langevin=a.langevin)
     if a.text is not None:
         think_text(a.run_dir, a.text, a.steps, a.candidates, a.png, a.generate)
     if a.text is None and not a.eval_table:

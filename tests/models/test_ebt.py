@@ -453,6 +453,32 @@ def test_time_embed_conditions_on_the_thinking_step():
     np.testing.assert_allclose(np.asarray(res.logits[-1]), np.asarray(y), rtol=1e-4, atol=1e-5)
 
 
+def test_text_ref_s2_preset_has_the_reference_s2_settings():
+    """recipes.ebt text_ref_s2 = alexiglad/EBT job_scripts/nlp/pretrain/ebt_s2.sh (+ inference/ebt.sh's noise):
+    Langevin 3.0 (1.0 at inference), fixed alpha 5 with spread 2, 2 + U{0, 1} steps evaluated at 3, second order
+    through the last step, one time-embedded landscape, replay 50 % from 192 rows, weight decay 0.01; and its
+    training loss is finite with no gradient reaching the fixed alpha."""
+    from recipes import ebt as ebt_recipe
+
+    cfg = ebt_recipe.text_ref_s2()
+    validate_tree(cfg)
+    m = cfg.model
+    assert (m.langevin_std, m.inference_noise(), m.alpha_init, m.alpha_learnable, m.step_size_spread) == \
+        (3.0, 1.0, 5.0, False, 2.0)
+    assert (m.think_steps, m.think_steps_random, m.eval_steps(), m.detach_earlier, m.loss_steps, m.time_embed) == \
+        (2, 1, 3, True, "last", 1)
+    assert (m.replay_size, m.replay_fraction, cfg.optimizer.weight_decay) == (192, 0.5, 0.01)
+    m = dataclasses.replace(m, replay_size=4)
+    task = m.build()
+    x = jax.random.randint(jax.random.key(48), (2, 9), 0, m.vocab_size, jnp.int32)
+    bt = {"inputs": x[:, :-1], "targets": x[:, 1:], "loss_mask": jnp.ones((2, 8), jnp.float32)}
+    v = unbox_values(task.init(jax.random.key(0), bt))
+    loss, g = jax.value_and_grad(lambda p: task.loss({**v, "params": p}, bt, jax.random.key(1), train=True)[0])(
+        v["params"])
+    assert np.isfinite(float(loss)) and float(g["alpha"]) == 0.0
+    assert float(jnp.abs(g["time_embed"]).max()) > 0
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 TINY = ["model.d_model=16", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=24", "model.layer_pattern.*.head_dim=4",
         "data.seq_len=16", "data.global_batch_size=4", "model.replay_size=6", "model.replay_fraction=0.5",
