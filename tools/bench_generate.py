@@ -193,6 +193,7 @@ def main(argv=None) -> int:
             rows[f"batch{b}"]["decode_speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
             line += [hf["prefill_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]]
         table.append(line)
+        print(f"batch {b}: {json.dumps(rows[f'batch{b}'])}", flush=True)
     benchutil.report(rows, a.out)
     hf_cols = " HF prefill tok/s | HF decode tok/s | decode vs HF |" if hf_model is not None else ""
     print(f"\n{a.recipe}/{a.preset} on {rows['device']}: prompt {a.prompt_len}, {a.new_tokens} new tokens")
