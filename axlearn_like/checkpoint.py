@@ -10,6 +10,13 @@ that every file reads back, and every array against its checksum (silent bit rot
 last two is corrupt: training moves it aside to `<step>.corrupt-<UTC time>` (never deletes it) and falls
 back to the previous step; tools only skip it.
 
+Migration on read of declared caches: when every difference between the saved arrays and the target's lies
+inside `stats` subtrees the Task declares training-time caches (`Task.resettable_stats`, passed here as an
+`axlearn_like.state.ResettableState`; e.g. the EBT replay buffer, whose layout changed), the restore reads
+every other array from the checkpoint (the target tree is the checkpoint's own, from its metadata; the
+declared subtrees are never read), verifies their checksums, starts the declared subtrees from their initial
+values and prints one note line naming them. Any other difference raises CheckpointMismatchError as above.
+
 Restoring onto another process count: the model state restores onto any mesh (abstract targets). The data
 iterator state of the map-style pipeline is the next *global* batch index, the same in every process file, so
 it maps exactly onto any process count; any other saved state that cannot be mapped raises `DataStateError`
@@ -171,16 +178,20 @@ def signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
             for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def saved_signature(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """name -> (shape, dtype) of a checkpoint step's `state` from its metadata (no array is read)."""
+def _metadata_tree(step_dir: str) -> Any:
+    """A checkpoint step's `state` tree as saved, with orbax's array metadata as leaves (no array is read)."""
     from etils import epath
 
+    with quiet_asyncio_shutdown():
+        meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
+    tree = getattr(meta, "item_metadata", meta)
+    return getattr(tree, "tree", tree)
+
+
+def saved_signature(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of a checkpoint step's `state` from its metadata (no array is read)."""
     try:
-        with quiet_asyncio_shutdown():
-            meta = ocp.StandardCheckpointHandler().metadata(epath.Path(step_dir) / "state")
-        tree = getattr(meta, "item_metadata", meta)
-        tree = getattr(tree, "tree", tree)
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        leaves = jax.tree_util.tree_flatten_with_path(_metadata_tree(step_dir))[0]
         sig = {leaf_name(p): (tuple(int(d) for d in x.shape), str(x.dtype)) for p, x in leaves}
     except Exception as e:  # any unreadable or inconsistent metadata file
         raise CorruptCheckpointError(f"its state metadata is unreadable ({one_line(e)})") from None
@@ -240,6 +251,54 @@ def check_fits(saved: dict, want: dict, *, where: str, saved_config: dict | None
     raise CheckpointMismatchError(
         f"{where} does not fit this config: {len(diffs)} of {len(set(saved) | set(want))} arrays differ "
         f"({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''}){fields}{advice}")
+
+
+def declared_differences(saved: dict, want: dict, resettable: Any) -> dict[str, list[str]]:
+    """{declared subtree: its differing leaf names} when every leaf that differs between the signatures lies in
+    a subtree `resettable` (an axlearn_like.state.ResettableState, or None) declares; else {} (no difference,
+    or one that no declaration covers: check_fits names them all)."""
+    differ = [n for n in sorted(set(saved) | set(want)) if saved.get(n) != want.get(n)]
+    owners = [resettable.owner(n) if resettable is not None else None for n in differ]
+    if not differ or None in owners:
+        return {}
+    out: dict[str, list[str]] = {}
+    for n, o in zip(differ, owners):
+        out.setdefault(o, []).append(n)
+    return out
+
+
+def _describe_reset(step: int, reset: dict[str, list[str]], saved: dict, resettable: Any) -> str:
+    """The one note line of a restore that starts declared subtrees from their initial values."""
+    some = lambda ns: f"{', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''}"
+    parts = []
+    for prefix, names in reset.items():
+        absent = [n for n in names if n not in saved]
+        other = [n for n in names if n in saved]  # only in the checkpoint, or saved with another shape/dtype
+        kinds = ([f"{len(absent)} arrays not in the checkpoint: {some(absent)}"] if absent else []) + (
+            [f"{len(other)} arrays only in it or of another shape/dtype: {some(other)}"] if other else [])
+        parts.append(f"{prefix} was saved in another layout ({'; '.join(kinds)}); {resettable.subtrees[prefix]}")
+    return f"note: checkpoint step {step}: {'; '.join(parts)}"
+
+
+def _restore_omitting(step_dir: str, abstract_state: Any, omit: Any) -> dict[str, Any]:
+    """name -> array of every leaf of a step's `state` but those `omit(name)` selects (never read), each placed
+    as abstract_state's leaf of that name. The restore's target tree is the checkpoint's own (its metadata),
+    so arrays the current state lacks or holds in another layout, all omitted, need no target."""
+    from etils import epath
+
+    want = {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    item = jax.tree_util.tree_map_with_path(
+        lambda p, _: ocp.PLACEHOLDER if omit(leaf_name(p)) else want[leaf_name(p)], _metadata_tree(step_dir))
+    args = jax.tree.map(lambda x: x if x is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(
+        sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), item)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        with quiet_asyncio_shutdown():
+            tree = handler.restore(epath.Path(step_dir) / "state",
+                                   args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+    finally:
+        handler.close()
+    return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if x is not ocp.PLACEHOLDER}
 
 
 _CHECKSUM_SEEDS = (0x243F6A88, 0x85A308D3)
@@ -376,10 +435,12 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(self, step: int, abstract_state: Any, iterator: Any = None, *, config_dict: dict | None = None,
-                advice: str = "") -> Any:
+                advice: str = "", resettable: Any = None) -> Any:
         """The state of `step` onto `abstract_state`'s shardings; positions `iterator` after it (see class doc).
 
         config_dict (the current config) names the config fields that differ in a mismatch error; `advice` ends it.
+        resettable (axlearn_like.state.ResettableState, from state_setup.resettable_state): the subtrees that
+        start from their initial values, with one note line, when all differences lie inside them (module doc).
         """
         where = f"checkpoint step {step} in {self.directory}"
         sdir = self.step_dir(step)
@@ -396,8 +457,11 @@ class Checkpointer:
                 saved_config = self.read_json(step, "config")
             except Exception:  # the message then names arrays only
                 saved_config = None
-        check_fits(saved, signature(abstract_state), where=where, saved_config=saved_config, config=config_dict,
-                   advice=advice)
+        want = signature(abstract_state)
+        reset = declared_differences(saved, want, resettable)
+        if not reset:
+            check_fits(saved, want, where=where, saved_config=saved_config, config=config_dict, advice=advice)
+        omit = lambda name: resettable.owner(name) in reset  # the declared subtrees that differ: never read
         data_dir = os.path.join(sdir, "data")
         data_state = None
         if iterator is not None and self.restore_data and os.path.isdir(data_dir):
@@ -410,22 +474,33 @@ class Checkpointer:
                 raise CorruptCheckpointError(f"its data iterator state is unreadable ({one_line(e)})") from None
         err = None
         try:
-            with quiet_asyncio_shutdown():
-                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))["state"]
+            if reset:  # name -> array of the rest, on the target shardings
+                restored = _restore_omitting(sdir, abstract_state, omit)
+            else:
+                with quiet_asyncio_shutdown():
+                    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                    restored = self.manager.restore(step, args=args)["state"]
         except Exception as e:
             if _is_resource_error(e):
                 raise
             err, restored = one_line(e), None
         if not _agree(err is None):
             raise CorruptCheckpointError(f"its arrays do not read back ({err or 'failed on another process'})")
-        self._verify(step, restored)
+        self._verify(step, restored, skip=omit if reset else None)
+        if reset:
+            leaves = {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+            leaves = {**restored, **resettable.init({n: x for n, x in leaves.items() if omit(n)})}
+            restored = jax.tree_util.tree_map_with_path(lambda p, _: leaves[leaf_name(p)], abstract_state)
+            if jax.process_index() == 0:
+                print(_describe_reset(step, reset, saved, resettable), flush=True)
         if data_state is not None:
             iterator.set_state(data_state)
         elif iterator is not None:  # restore_data=false, or a checkpoint saved without data state
             seek_to_step(iterator, step)
         return restored
 
-    def _verify(self, step: int, state: Any) -> None:
+    def _verify(self, step: int, state: Any, skip: Any = None) -> None:
+        """Every saved checksum (but of the names `skip` selects: not restored) against `state`'s arrays."""
         path = os.path.join(self.step_dir(step), "checksums", "metadata")
         if not os.path.exists(path):
             return  # saved before checksums were written
@@ -438,22 +513,24 @@ class Checkpointer:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"its checksums file is unreadable ({one_line(e)})") from None
         now = state_checksums(state)
-        bad = [n for n, c in saved.items() if now.get(n) != c]
+        bad = [n for n, c in saved.items() if not (skip is not None and skip(n)) and now.get(n) != c]
         if bad:
             raise CorruptCheckpointError(f"{len(bad)} array(s) differ from the checksums saved with them "
                                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
     def restore_latest(self, abstract_state: Any, iterator: Any = None, *, config_dict: dict | None = None,
-                       advice: str = "") -> tuple[int | None, Any]:
+                       advice: str = "", resettable: Any = None) -> tuple[int | None, Any]:
         """Restores the newest step that reads back as saved; returns (step, state) or (None, None).
 
         A mismatching step raises (an older step would silently resume another run); a corrupt one is moved
         aside (read-only: skipped) and the previous one tried; when none is left this says "starting from scratch".
+        resettable: as for `restore`.
         """
         steps = self.all_steps()
         for step in reversed(steps):
             try:
-                return step, self.restore(step, abstract_state, iterator, config_dict=config_dict, advice=advice)
+                return step, self.restore(step, abstract_state, iterator, config_dict=config_dict, advice=advice,
+                                          resettable=resettable)
             except CorruptCheckpointError as e:
                 self._set_aside(step, str(e))
         if steps:
@@ -524,7 +601,7 @@ def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = Fa
     (a corrupt newer one is reported on stderr and skipped; nothing in the run dir is changed).
     """
     from axlearn_like.optimizers import master_weights
-    from axlearn_like.state_setup import build_state_setup
+    from axlearn_like.state_setup import build_state_setup, resettable_state
 
     ckpt = Checkpointer(checkpoint_dir(run_dir), CheckpointConfig(), read_only=True)
     try:
@@ -539,7 +616,8 @@ def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = Fa
                 cfg = read_step_config(ckpt, s)
                 setup = build_state_setup(cfg, mesh=mesh, for_restore=True)
                 state = ckpt.restore(s, setup.abstract_state, advice="; the saved config no longer builds the saved "
-                                     "state (written by another version of this code?)")
+                                     "state (written by another version of this code?)",
+                                     resettable=resettable_state(cfg, setup.task))
                 break
             except CorruptCheckpointError as e:
                 if step is not None:

@@ -14,10 +14,17 @@ Statistics that must see the whole global batch before they take effect (e.g. th
 update uses the load counted over all micro-batches) are `StepStatistic` nodes inside `stats`: the layer
 accumulates into them during the training apply, and the trainer calls `finalize(step)` on every such
 node once per optimizer step. The trainer finds them by type, never by parameter path.
+
+A Task may declare `stats` subtrees that are training-time caches, not model state (`Task.resettable_stats`,
+e.g. the EBT replay buffer): a checkpoint whose arrays differ from the state this code builds only inside such
+subtrees (written before the cache's layout changed) restores with them at their initial values and one
+printed note (`ResettableState`, `axlearn_like.checkpoint.Checkpointer.restore`); any other difference still
+fails the restore.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import flax.struct
 import jax
@@ -55,3 +62,21 @@ class TrainState(flax.struct.PyTreeNode):
     opt_state: Any
     stats: Any
     carry: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class ResettableState:
+    """The parts of a train state that a restore may start from their initial values when the checkpoint's
+    differ (see module doc); built by `axlearn_like.state_setup.resettable_state` from the Task's declaration.
+
+    subtrees: leaf-name prefix in the state (`stats.replay`, as `checkpoint.leaf_name` writes paths) -> what it
+    is, ending the note the restore prints (e.g. "a training-time cache, not model state: starting it empty").
+    init: {leaf name: abstract array (shape, dtype, sharding)} -> {leaf name: its initial value, so placed}.
+    """
+
+    subtrees: Mapping[str, str]
+    init: Callable[[dict[str, Any]], dict[str, Any]]
+
+    def owner(self, name: str) -> str | None:
+        """The declared subtree that holds leaf `name`, or None."""
+        return next((p for p in self.subtrees if name == p or name.startswith(p + ".")), None)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from axlearn_like import params as params_lib, sharding as sharding_lib
 from axlearn_like.config import ConfigError
 from axlearn_like.optimizers import cast_params, make_optimizer
-from axlearn_like.state import TrainState
+from axlearn_like.state import ResettableState, TrainState
 from axlearn_like.task import Task
 
 
@@ -61,6 +61,33 @@ def build_task(model_cfg: Any) -> Task:
         raise ConfigError(f"model: {type(model_cfg).__name__}.build() must return an axlearn_like.task.Task, "
                           f"got {type(task).__name__}")
     return task
+
+
+def resettable_state(cfg: Any, task: Task | None = None) -> ResettableState:
+    """What of the train state a restore may start from its initial values (axlearn_like.state): the `stats`
+    subtrees the Task declares training-time caches (`Task.resettable_stats`), as leaf-name prefixes, and their
+    initial values from the same `task.init` as `build_state_setup`'s init_fn on the experiment's seed (only
+    the leaves asked for are computed). `task`: the experiment's Task (default: built from cfg.model)."""
+    from axlearn_like.checkpoint import leaf_name
+
+    task = build_task(cfg.model) if task is None else task
+    declared = {".".join(("stats",) + tuple(path)): what for path, what in task.resettable_stats().items()}
+
+    def init(wanted: dict[str, Any]) -> dict[str, Any]:
+        names = list(wanted)
+        if not names:
+            return {}
+        batch_spec = task.batch_spec(cfg.data)
+
+        def initial():
+            dummy = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch_spec.items()}
+            stats = nn.meta.unbox(task.init(jax.random.PRNGKey(cfg.trainer.seed), dummy)).get("stats", {})
+            flat = {"stats." + leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(stats)[0]}
+            return [flat[n] for n in names]
+
+        return dict(zip(names, jax.jit(initial, out_shardings=[wanted[n].sharding for n in names])()))
+
+    return ResettableState(declared, init)
 
 
 def build_state_setup(cfg: Any, *, mesh=None, for_restore: bool = False) -> StateSetup:

@@ -11,6 +11,7 @@ that the trainer calls generically (docs/architecture.md, "Tasks and the trainer
   eval_hook(cfg, variables, step)      extra evaluation at every eval point (e.g. PSNR), -> {name: float}
   final_hook(cfg, variables)           after the last step (e.g. print a sample), -> dict for the run result
   describe_eval(ev)                    the one-line eval summary printed by the trainer
+  resettable_stats()                   `stats` subtrees that are caches: an older checkpoint layout restarts them
 
 Generation (`generate`): the argument checks, the sampling (temperature / top-k / top-p) and both loops live
 here once. The full-recompute loop re-runs `logits` on the whole buffer per new token; the cached loop runs
@@ -169,6 +170,15 @@ class Task(abc.ABC):
 
     def describe_eval(self, ev: dict[str, float]) -> str:
         return f"loss {ev['loss']:.4f}"
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def resettable_stats(self) -> dict[tuple[str, ...], str]:
+        """The `stats` subtrees (key paths in the collection `init` returns) that are training-time caches, not
+        model state -> what each is, ending the note a restore prints ("a training-time cache ...: starting it
+        empty"). A checkpoint whose arrays differ from this code's only inside them (written before the cache's
+        layout changed) restores with them at their initial values; any other difference still fails the
+        restore (axlearn_like.state.ResettableState). Default: none."""
+        return {}
 
     # -- generation ----------------------------------------------------------------------------------------
     @property

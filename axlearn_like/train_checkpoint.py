@@ -11,6 +11,7 @@ import jax
 from axlearn_like import rundir
 from axlearn_like.checkpoint import Checkpointer, checkpoint_dir
 from axlearn_like.signals import DeferSigint
+from axlearn_like.state_setup import resettable_state
 
 
 class RunCheckpoints:
@@ -32,8 +33,12 @@ class RunCheckpoints:
     def directory(self) -> str | None:
         return None if self.ckpt is None else self.ckpt.directory
 
-    def restore_latest(self, abstract_state: Any, iterator: Any) -> tuple[int | None, Any]:
-        """-> (step, state) of the newest checkpoint that restores (iterator positioned after it), or (None, None)."""
+    def restore_latest(self, abstract_state: Any, iterator: Any, resettable: Any = None) -> tuple[int | None, Any]:
+        """-> (step, state) of the newest checkpoint that restores (iterator positioned after it), or (None, None).
+
+        resettable: the state's declared caches (axlearn_like.state.ResettableState; default: this config's Task's,
+        `state_setup.resettable_state`), which start from their initial values when only they differ.
+        """
         if self.ckpt is None or not self.ckpt.all_steps():
             return None, None
         # A checkpoint that does not fit this config fails naming the fix; nothing is read, moved or written.
@@ -43,7 +48,10 @@ class RunCheckpoints:
             saved = rundir.latest_checkpoint_config(self.run_dir) or saved
         advice = (f"; to resume it, undo the change or use its config (--config {saved} --run-dir {self.run_dir}"
                   f", --set on top); to train this config, pass a new --run-dir")
-        step, state = self.ckpt.restore_latest(abstract_state, iterator, config_dict=self.config_dict, advice=advice)
+        if resettable is None:
+            resettable = resettable_state(self.cfg)
+        step, state = self.ckpt.restore_latest(abstract_state, iterator, config_dict=self.config_dict, advice=advice,
+                                               resettable=resettable)
         if state is not None and jax.process_index() == 0:
             print(f"Resuming from checkpoint at step {step} in {self.ckpt.directory}", flush=True)
         return step, state

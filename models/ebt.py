@@ -653,6 +653,11 @@ class EBT(NextTokenTask):
                                "count": jnp.zeros((), jnp.int32)}
         return {"params": variables["params"], "stats": stats, "carry": {}}
 
+    def resettable_stats(self) -> dict[tuple[str, ...], str]:
+        """The replay buffer is a training-time cache, not model state: a checkpoint holding another layout of it
+        (e.g. written before rows were stored with their text: logits and count only) restores with it empty."""
+        return {("replay",): "the replay buffer is a training-time cache, not model state: starting it empty"}
+
     def energy(self, params, tokens, probs, *, positions=None, segment_ids=None, landscape=0) -> jax.Array:
         """E(x, p): tokens [B,S], probs [B,S,V] -> float32 [B,S] (landscape: the time_embed step index)."""
         e, _ = self.module.apply({"params": params}, tokens, probs, positions=positions, segment_ids=segment_ids,
