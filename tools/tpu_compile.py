@@ -435,7 +435,8 @@ def kernel_costs() -> list[Cost]:
 
     def gmm_cost(pass_, kk, nn):
         return Cost("grouped_matmul", pass_, "grouped_matmul_gmm", 2 * m * kk * nn,
-                    common.cdiv(nn, t.tn) * visits * common.cdiv(kk, t.tk) * (t.tm * t.tk + t.tk * t.tn) * e + m * nn * e)
+                    common.cdiv(nn, t.tn) * visits * common.cdiv(kk, t.tk) * (t.tm * t.tk + t.tk * t.tn) * e
+                    + m * nn * e)
 
     out.append(gmm_cost("fwd", k, n))
     out.append(gmm_cost("bwd", n, k))  # dlhs = dout @ rhs^T
@@ -586,7 +587,9 @@ def _mesh_sizes(cfg, num_chips: int) -> dict[str, int]:
     return sharding_lib.axis_sizes(cfg.mesh, num_chips)
 
 
-def export_train_step(cfg, *, chip_name: str = "v5p", num_chips: int = 32) -> tuple[jax.export.Exported, TrainStepReport]:
+def export_train_step(
+    cfg, *, chip_name: str = "v5p", num_chips: int = 32
+) -> tuple[jax.export.Exported, TrainStepReport]:
     """jax.export of the experiment's whole train step for a pod slice of `num_chips` chips (an AbstractMesh of
     cfg.mesh's axes; no devices, no libtpu): XLA sharding annotations, the kernels' shard_maps and the Pallas ->
     Mosaic lowering of every kernel at its per-chip shapes."""
@@ -704,7 +707,8 @@ def main(argv=None) -> int:
                 r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
             r.add_argument("--chip", default="v5p", choices=sorted(CHIPS))
             r.add_argument("--chips", type=int, default=32, help="chips in the slice (export level)")
-            r.add_argument("--topology", default=None, help="--compile: chips per axis (default: the chip's 32-chip slice)")
+            r.add_argument("--topology", default=None,
+                           help="--compile: chips per axis (default: the chip's 32-chip slice)")
             r.add_argument("--compile", action="store_true", help="compile with libtpu: per-chip memory plan")
         a = p.parse_args(argv)
         if a.cmd == "estimate":

@@ -112,7 +112,8 @@ class GroupedMatmul(Op):
         if lhs.ndim != 2 or rhs.ndim != 3:
             raise ValueError(f"{_OP}: need lhs [m, k] and rhs [groups, k, n]; got {lhs.shape} and {rhs.shape}")
         if lhs.shape[1] != rhs.shape[1]:
-            raise ValueError(f"{_OP}: lhs has k={lhs.shape[1]} but rhs has k={rhs.shape[1]}; rhs must be [groups, k, n]")
+            raise ValueError(f"{_OP}: lhs has k={lhs.shape[1]} but rhs has k={rhs.shape[1]}; "
+                             "rhs must be [groups, k, n]")
         if group_sizes.shape != (rhs.shape[0],) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
             raise ValueError(f"{_OP}: group_sizes must be an integer array of shape ({rhs.shape[0]},), got "
                              f"{group_sizes.dtype}{group_sizes.shape}")

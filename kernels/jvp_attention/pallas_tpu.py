@@ -238,8 +238,8 @@ def _compiler_params(name: str, dims, specs_and_dtypes) -> pltpu.CompilerParams:
         if need > cap * 0.9:
             raise ValueError(f"jvp_attention: implementation='pallas' at sequence length {dims.s} (head_dim {dims.d}, "
                              f"{dims.g} query heads per kv head) needs ~{need >> 20} MiB of VMEM for {name}'s "
-                             f"whole-sequence blocks, more than fits this TPU's {cap >> 20} MiB; use implementation='xla' "
-                             "or shorter sequences")
+                             f"whole-sequence blocks, more than fits this TPU's {cap >> 20} MiB; "
+                             "use implementation='xla' or shorter sequences")
         limit = int(min(max(need, 32 << 20), cap * 0.9))
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"), vmem_limit_bytes=limit)
 

@@ -23,9 +23,9 @@ rows and o^t alive between forward and backward, O(w2 * S * Hq * D): 30.6 GiB pe
 B2 S8192 Hq64 setting, 166 GiB for the simplicial:gpu_1b preset). Residuals are the op's inputs, O and LSE,
 as for the Triton kernels; the price is one more forward pass of cuDNN calls in the backward.
 
-bfloat16 only (float16's range cannot hold the delta carrier); other dtypes use the Triton kernels. The backward binds cuDNN's backward
-primitive from jax._src (the public API derives its delta from the forward output and cannot take these
-statistics); it is pinned by tests/kernels/test_simplicial_gpu.py.
+bfloat16 only (float16's range cannot hold the delta carrier); other dtypes use the Triton kernels. The backward
+binds cuDNN's backward primitive from jax._src (the public API derives its delta from the forward output and cannot
+take these statistics); it is pinned by tests/kernels/test_simplicial_gpu.py.
 """
 from __future__ import annotations
 
@@ -183,7 +183,8 @@ def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
         nn = jnp.einsum("bskgd,bsktd->bsktg", do_h * do_h, v2s * v2s)  # |e|^2 per row
         do_t, o_t = _delta_carrier(e, jnp.where(_valid(s, offsets), delta_h[:, :, :, None], 0.0), nn)
         stats = jnp.broadcast_to(jnp.moveaxis(lse_h, 1, -1)[:, :, None], (b, kv, t, g, s)).reshape(b, n, s)
-        d_rows, d_k1, d_v1 = _attend_bwd(rows, k1, v1, stats, o_t.reshape(b, s, n, dv), do_t.reshape(b, s, n, dv), cfg, s)
+        d_rows, d_k1, d_v1 = _attend_bwd(rows, k1, v1, stats, o_t.reshape(b, s, n, dv), do_t.reshape(b, s, n, dv),
+                                         cfg, s)
         d_rows = d_rows.reshape(b, s, kv, t, g, d).astype(_F32)
         k2s = _shifted(k2, offsets).astype(_F32)[:, :, :, :, None]
         dq = dq + jnp.sum(d_rows * k2s, axis=3)

@@ -23,6 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import common
 
+
 def _tiles(seq: int, w1: int, w2: int):
     """(query tile, j block, padded w1 span, padded w2 rows): sublane multiples of 8, j blocks <= 128."""
     bj = min(128, max(8, 1 << (w1 - 1).bit_length()))

@@ -96,7 +96,8 @@ def _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S: tl.constexpr, 
 @triton.jit
 def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                 W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr,
-                DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr):
+                DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr, SCALE: tl.constexpr,
+                PREC: tl.constexpr):
     i = tl.program_id(0)
     b = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -118,7 +119,8 @@ def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G
     for n in range(n_lo, tl.minimum(n_full, n_hi)):
         m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, True)
     for n in range(n_full, n_hi):
-        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, False)
+        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC,
+                               False)
     for n in range(tl.maximum(n_lo, n_hi), tl.cdiv(W1, BJ)):
         m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, True)
     # Merge the W2P rows of each head (rows of masked blocks have p = exp(NEG - m) = 0 once m is real;
@@ -176,7 +178,8 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr
             k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
             offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
             v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
-            p = tl.where(cvalid[None, :], tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
+            p = tl.where(cvalid[None, :],
+                         tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
             ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
             f += tl.dot(ds.to(K1.dtype.element_ty), k1, input_precision=PREC)
             c += tl.dot(p.to(V1.dtype.element_ty), v1, input_precision=PREC)
@@ -228,7 +231,8 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
             rows = _rows(q, k2, GH, W2P, DKP).to(K1.dtype.element_ty)  # scale * log2(e) * q * k2
             e = _rows(do, v2, GH, W2P, DVP).to(K1.dtype.element_ty)
             lse2, delta = _row_stats(LSE, DELTA, b, i, kvh, tile, S, HKV, G, W2, W2P, GH)
-            p = tl.where(cvalid[None, :], tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
+            p = tl.where(cvalid[None, :],
+                         tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
             ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
             dv1 += tl.dot(tl.trans(p.to(K1.dtype.element_ty)), e, input_precision=PREC)
             dk1 += tl.dot(tl.trans(ds.to(K1.dtype.element_ty)), rows, input_precision=PREC)

@@ -66,7 +66,8 @@ class TestDotProductAttention(OpTestBase):
 def test_argument_errors_are_one_line():
     q, k = jnp.zeros((1, 5, 4, 8)), jnp.zeros((1, 5, 2, 8))
     for args, match in (((q[:, :, :3], k, k), "multiple of kv_heads"), ((q, k[:, :4], k[:, :4]), "agree in batch"),
-                        ((q, k, k[..., :4]), "k, v one shape"), ((q, k, k, jnp.zeros((1, 4), jnp.int32)), "segment_ids")):
+                        ((q, k, k[..., :4]), "k, v one shape"),
+                        ((q, k, k, jnp.zeros((1, 4), jnp.int32)), "segment_ids")):
         with pytest.raises(ValueError, match=match) as e:
             dot_product_attention(*args)
         assert "\n" not in str(e.value)

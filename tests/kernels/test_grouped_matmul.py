@@ -182,7 +182,8 @@ def test_triton_tilings_gpu():
     lhs, rhs, dout = _inputs(12, m, k, n, len(sizes), jnp.bfloat16)
     f32 = lambda a: np.asarray(a.astype(jnp.float32))
     ref_out, ref_dl, _ = _oracle(f32(lhs), f32(rhs), sizes, f32(dout))
-    for t in (None, tg.Tiling(64, 128, 64, 4, 3), tg.Tiling(128, 256, 64, 8, 3), tg.Tiling(64, 128, 64, 4, 3, programs=7)):
+    for t in (None, tg.Tiling(64, 128, 64, 4, 3), tg.Tiling(128, 256, 64, 8, 3),
+              tg.Tiling(64, 128, 64, 4, 3, programs=7)):
         out = tg.gmm(lhs, rhs, gs, tiling=t)
         assert_close(out, ref_out, jnp.bfloat16, f"gmm {t}")
         dl = tg.gmm(dout, rhs, gs, transpose_rhs=True, tiling=t)

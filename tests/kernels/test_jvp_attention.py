@@ -215,7 +215,9 @@ def test_triton_matches_reference(case):
     for name, a, b in zip(("gq", "gk", "gv", "gtq"), g_tri, g_ref):
         assert_close(a, b, dtype, f"grad-of-jvp {name}", factor=2.0)
     # reverse mode (first order)
-    loss = lambda impl: lambda q, k, v: sum(jnp.sum(x * ww) for x, ww in zip(attention(q, k, v, seg, implementation=impl), w[:2]))
+    loss = lambda impl: lambda q, k, v: sum(
+        jnp.sum(x * ww) for x, ww in zip(attention(q, k, v, seg, implementation=impl), w[:2])
+    )
     g_tri = jax.jit(jax.grad(loss("triton"), argnums=(0, 1, 2)))(q, k, v)
     with jax.default_matmul_precision("highest"):
         g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(*f32(q, k, v))

@@ -234,8 +234,8 @@ def test_determinant_is_rotation_invariant_and_trilinear_is_not(impl):
     q, k1, v1, k2, v2 = args
     rotated = (turn(q), turn(k1), v1, turn(k2), v2)
     for variant, invariant in (("determinant", True), ("trilinear", False)):
-        fn = jax.jit(lambda *a: two_simplicial_attention(*a, w1=4, w2=3, variant=variant, k2_bias=0.0, v2_bias=0.0,
-                                                         implementation=impl))
+        fn = jax.jit(lambda *a, variant=variant: two_simplicial_attention(*a, w1=4, w2=3, variant=variant, k2_bias=0.0,
+                                                                          v2_bias=0.0, implementation=impl))
         diff = float(jnp.max(jnp.abs(fn(*rotated) - fn(*args))))
         assert (diff < 1e-4) == invariant, (variant, diff)
 

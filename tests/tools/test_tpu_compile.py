@@ -75,7 +75,8 @@ def test_jvp_attention_gqa_and_long_sequences():
 
     fn, args = grad_jvp(4096, 8, 2, 64)
     exported, report = tc.export_for_tpu(fn, *args, chip_name="v5e")
-    tc.check_mosaic(report, ("jvp_attention_fwd_tangent", "jvp_attention_bwd_q_tangent", "jvp_attention_bwd_kv_tangent"))
+    tc.check_mosaic(report, ("jvp_attention_fwd_tangent", "jvp_attention_bwd_q_tangent",
+                             "jvp_attention_bwd_kv_tangent"))
     if tc.libtpu_path() is not None:
         tc.compile_exported(exported, "v5e")
     fn, args = grad_jvp(8192, 8, 8, 128)
