@@ -92,11 +92,13 @@ class AttentionConfig(MixerConfig):
             "num_kv_heads",
             f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}",
         )
-        require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+        require(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim",
+                f"must be even for RoPE, got {self.head_dim}")
         require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         require(self.rope_type in ROPE_TYPES, "rope_type", f"{self.rope_type!r} is not one of {list(ROPE_TYPES)}")
         require(self.rope_factor > 0, "rope_factor", f"must be > 0, got {self.rope_factor}")
-        require(self.rope_original_max_len >= 1, "rope_original_max_len", f"must be >= 1, got {self.rope_original_max_len}")
+        require(self.rope_original_max_len >= 1, "rope_original_max_len",
+                f"must be >= 1, got {self.rope_original_max_len}")
         require(0 < self.rope_low_freq_factor < self.rope_high_freq_factor, "rope_low_freq_factor",
                 f"need 0 < rope_low_freq_factor < rope_high_freq_factor, got {self.rope_low_freq_factor} and "
                 f"{self.rope_high_freq_factor}")
@@ -162,7 +164,9 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None, train: bool = False
+    ) -> jax.Array:
         del train
         c = self.cfg
         init = nn.initializers.normal(self.init_std)

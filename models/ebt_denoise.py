@@ -26,8 +26,8 @@ from axlearn_like.params import param_init
 from axlearn_like.task import SampleConfig, Task
 from models.attention import Attention, AttentionConfig, segment_mask
 from models.decoder import DecoderConfig, DecoderStack
-from models.kinds import LayerContext, MixerConfig
 from models.ebt import ALPHA_MIN
+from models.kinds import LayerContext, MixerConfig
 from models.layers import Dense
 
 
@@ -118,13 +118,16 @@ class PatchTransformer(nn.Module):
         h = DecoderStack(cfg, name="stack")(h, positions=pos)
         if cfg.kind == "ebt":
             return Dense(1, ("embed", None), out_dtype=jnp.float32, dtype=cfg.compute_dtype,
-                         kernel_init=nn.initializers.normal(cfg.init_std), name="energy_head")(jnp.mean(h, axis=1))[:, 0]
+                         kernel_init=nn.initializers.normal(cfg.init_std),
+                         name="energy_head")(jnp.mean(h, axis=1))[:, 0]
         out = Dense(tokens.shape[-1], ("embed", None), out_dtype=jnp.float32, dtype=cfg.compute_dtype,
                     kernel_init=nn.initializers.zeros, name="pixel_head")(h)
         return x + from_patches(out, cfg.patch_size, x.shape[1])
 
 
-def denoise(module: PatchTransformer, params: Any, noisy: jax.Array, steps: int | None = None) -> tuple[jax.Array, jax.Array]:
+def denoise(
+    module: PatchTransformer, params: Any, noisy: jax.Array, steps: int | None = None
+) -> tuple[jax.Array, jax.Array]:
     """-> (denoised images [B,H,W], energies [steps+1, B] (zeros for the denoiser)). EBT: `steps` of
     x <- x - alpha * dE/dx from the noisy image (default cfg.think_steps); differentiable to second order."""
     cfg = module.cfg

@@ -55,7 +55,10 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param(
-            "scale", param_init(nn.initializers.ones, (self.scale_axis,), weight_decay=False), (x.shape[-1],), jnp.float32
+            "scale",
+            param_init(nn.initializers.ones, (self.scale_axis,), weight_decay=False),
+            (x.shape[-1],),
+            jnp.float32,
         )
         x32 = x.astype(jnp.float32)
         inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
@@ -89,7 +92,10 @@ class DenseGeneral(nn.Module):
             )
         kernel_shape = tuple(x.shape[a] for a in axes) + features
         kernel = self.param(
-            "kernel", param_init(self.kernel_init, self.kernel_axes, weight_decay=self.weight_decay), kernel_shape, jnp.float32
+            "kernel",
+            param_init(self.kernel_init, self.kernel_axes, weight_decay=self.weight_decay),
+            kernel_shape,
+            jnp.float32,
         )
         out_dtype = self.out_dtype or self.dtype
         y = jax.lax.dot_general(
@@ -185,7 +191,8 @@ def yarn_frequencies(
 
     With r = theta^(2i/d) and ramp gamma_i = clip((i - lo) / (hi - lo), 0, 1) over the pair index i,
     where lo = c(beta_fast), hi = c(beta_slow), c(beta) = d ln(L / (2 pi beta)) / (2 ln theta) with
-    L = original_max_len (floor/ceil when `truncate`, clipped to [0, d-1]):  w_i = (1 - gamma_i) / r + gamma_i / (factor r)  ("NTK-by-parts").
+    L = original_max_len (floor/ceil when `truncate`, clipped to [0, d-1]):
+    w_i = (1 - gamma_i) / r + gamma_i / (factor r)  ("NTK-by-parts").
     Attention factor (multiplies cos and sin): `attention_factor` if given, else
     m(factor, mscale) / m(factor, mscale_all_dim) when both are non-zero, else m(factor, 1), with
     m(s, a) = 0.1 a ln s + 1 for s > 1, 1 otherwise (YaRN's attention temperature sqrt(1/t) = 0.1 ln s + 1,
@@ -239,7 +246,9 @@ def llama3_frequencies(
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0, *, inv_freq: jax.Array | None = None) -> jax.Array:
+def apply_rope(
+    x: jax.Array, positions: jax.Array, theta: float = 10000.0, *, inv_freq: jax.Array | None = None
+) -> jax.Array:
     """Rotary position embedding in the half-split layout (pairs (x_i, x_{i+d/2}) rotate by pos * w_i).
 
     x: [B, S, H, D]; positions: int [B, S] (per token, so packed documents restart at 0). Angles and the

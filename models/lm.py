@@ -54,7 +54,8 @@ def collect_intermediates(intermediates: Any) -> tuple[jax.Array, dict[str, jax.
         elif kind == "metrics":
             for i, entry in enumerate(sown):
                 suffix = "" if len(sown) == 1 else f"/{i}"
-                entries = flax.traverse_util.flatten_dict(entry, sep="/") if isinstance(entry, dict) else {"value": entry}
+                entries = (flax.traverse_util.flatten_dict(entry, sep="/") if isinstance(entry, dict)
+                           else {"value": entry})
                 for name, v in entries.items():
                     metrics[f"{prefix}/{name}{suffix}"] = v
     return aux, metrics
@@ -118,7 +119,9 @@ class LanguageModel(NextTokenTask):
         variables.setdefault("carry", {})
         return variables
 
-    def apply(self, variables: dict[str, Any], batch: Batch, rng: jax.Array | None = None, *, train: bool = False, **kw):
+    def apply(
+        self, variables: dict[str, Any], batch: Batch, rng: jax.Array | None = None, *, train: bool = False, **kw
+    ):
         """-> (logits float32 [B,S,V] (or hidden with return_hidden=True), mutated collections dict)."""
         rng = jax.random.key(0) if rng is None else rng
         params_rng, dropout_rng = jax.random.split(rng)  # 'params' is flax's fallback stream for make_rng

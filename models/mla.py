@@ -99,7 +99,8 @@ class MLAConfig(MixerConfig):
         require(self.v_head_dim >= 1, "v_head_dim", f"must be >= 1, got {self.v_head_dim}")
         require(self.rope_theta > 1, "rope_theta", f"must be > 1, got {self.rope_theta}")
         require(self.rope_factor >= 1, "rope_factor", f"must be >= 1 (1 = no YaRN scaling), got {self.rope_factor}")
-        require(self.rope_original_max_len >= 1, "rope_original_max_len", f"must be >= 1, got {self.rope_original_max_len}")
+        require(self.rope_original_max_len >= 1, "rope_original_max_len",
+                f"must be >= 1, got {self.rope_original_max_len}")
         require(0 < self.yarn_beta_slow <= self.yarn_beta_fast, "yarn_beta_slow",
                 f"need 0 < yarn_beta_slow <= yarn_beta_fast, got {self.yarn_beta_slow} and {self.yarn_beta_fast}")
         require(self.latent_norm_eps > 0, "latent_norm_eps", f"must be > 0, got {self.latent_norm_eps}")
@@ -152,7 +153,9 @@ class MLA(nn.Module):
     out_init_std: float = 0.02
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array | None, train: bool = False
+    ) -> jax.Array:
         del train
         c = self.cfg
         h, dn, dr, dv, r = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank

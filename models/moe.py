@@ -191,7 +191,8 @@ class MoEConfig(FFNConfig):
         require(self.expert_dim >= 1, "expert_dim", "must be >= 1")
         require(self.num_groups >= 1 and self.num_experts % self.num_groups == 0, "num_groups",
                 f"must divide num_experts={self.num_experts}")
-        require(1 <= self.topk_groups <= self.num_groups, "topk_groups", f"must lie in [1, num_groups={self.num_groups}]")
+        require(1 <= self.topk_groups <= self.num_groups, "topk_groups",
+                f"must lie in [1, num_groups={self.num_groups}]")
         require(self.top_k <= self.topk_groups * (self.num_experts // self.num_groups), "top_k",
                 "must be <= topk_groups * experts per group")
         require(self.device_limited_m is None or self.device_limited_m >= 1, "device_limited_m", "must be None or >= 1")
@@ -435,7 +436,8 @@ class MoE(nn.Module):
         ep = _expert_axis_size()
         if ep > 1 and e % ep:
             raise ValueError(f"MoE: num_experts={e} must be divisible by the expert mesh axis size {ep}")
-        init3 = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+        init3 = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                                 batch_axis=(0,))
         init2 = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         gate = self.param("gate", param_init(init2, ("embed", None)), (d, e), jnp.float32)
         w_gate = self.param("w_gate", param_init(init3, ("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
@@ -480,7 +482,8 @@ class MoE(nn.Module):
         elif ep > 1:
             axes = _token_axes(ep)
             if t % _shards(ep):
-                raise ValueError(f"MoE: batch*seq={t} tokens must be divisible by the {_shards(ep)} devices of axes {axes}")
+                raise ValueError(f"MoE: batch*seq={t} tokens must be divisible by the {_shards(ep)} devices "
+                                 f"of axes {axes}")
             routed = _expert_parallel(
                 tokens, ids_kept, w, w_gate, w_up, w_down, token_axes=axes, ep=ep, slot=slot,
                 implementation=cfg.implementation,
@@ -500,7 +503,8 @@ class MoE(nn.Module):
 
         # Balance losses and metrics.
         num_dev = ep if ep > 1 else groups
-        losses = balance_losses(ids, s, cfg=cfg, batch=b, num_devices=num_dev, m=max(topk_groups, 1) if num_dev > 1 else 1)
+        losses = balance_losses(ids, s, cfg=cfg, batch=b, num_devices=num_dev,
+                                m=max(topk_groups, 1) if num_dev > 1 else 1)
         alphas = {"seq": cfg.seq_aux_alpha, "expert": cfg.expert_aux_alpha, "device": cfg.device_aux_alpha,
                   "comm": cfg.comm_aux_alpha}
         aux = sum((alphas[n] * v for n, v in losses.items()), jnp.zeros((), jnp.float32))

@@ -91,7 +91,8 @@ class SimplicialConfig(MixerConfig):
         require(self.head_dim >= 1, "head_dim", f"must be >= 1, got {self.head_dim}")
         require(self.w1 >= 1, "w1", f"window must be >= 1, got {self.w1}")
         require(self.w2 >= 1, "w2", f"window must be >= 1, got {self.w2}")
-        require(self.variant in _VARIANTS, "variant", f"unknown variant {self.variant!r}; choose one of {list(_VARIANTS)}")
+        require(self.variant in _VARIANTS, "variant",
+                f"unknown variant {self.variant!r}; choose one of {list(_VARIANTS)}")
         require(
             self.variant != "determinant" or self.head_dim % 3 == 0,
             "head_dim",
