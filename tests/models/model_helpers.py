@@ -77,7 +77,8 @@ class DummyMixer(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, positions, segment_ids, train):
-        w = self.param("w", param_init(nn.initializers.ones, ("embed",), weight_decay=False), (x.shape[-1],), jnp.float32)
+        w = self.param("w", param_init(nn.initializers.ones, ("embed",), weight_decay=False), (x.shape[-1],),
+                       jnp.float32)
         count = self.variable("stats", "count", lambda: jnp.zeros((), jnp.float32))
         last = self.variable("carry", "last", lambda: jnp.zeros((x.shape[0], x.shape[-1]), jnp.float32))
         if train and not self.is_initializing():

@@ -29,7 +29,7 @@ def np_mla(p, x, pos, seg, cfg: MLAConfig):
     """DeepSeek-V2 Eq. 9-19 written out per head in float64 (half-split RoPE, latent RMSNorms, YaRN factors)."""
     f = lambda t: np.asarray(t, np.float64)
     x, pos = f(x), np.asarray(pos)
-    h, dn, dr, dv, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    h, dn, dr, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     eps = cfg.latent_norm_eps
 
     def rms(t, w):
@@ -77,10 +77,13 @@ def np_mla(p, x, pos, seg, cfg: MLAConfig):
 
 
 CASES = {
-    "q_lora, v narrower": MLAConfig(num_heads=3, kv_lora_rank=10, q_lora_rank=14, qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=5),
-    "full-rank q, v wider": MLAConfig(num_heads=2, kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=2, qk_rope_head_dim=4, v_head_dim=9),
-    "yarn, equal dims": MLAConfig(num_heads=2, kv_lora_rank=8, q_lora_rank=12, qk_nope_head_dim=4, qk_rope_head_dim=8, v_head_dim=12,
-                                  rope_factor=8.0, rope_original_max_len=64, yarn_mscale=0.9, yarn_mscale_all_dim=0.7),
+    "q_lora, v narrower": MLAConfig(num_heads=3, kv_lora_rank=10, q_lora_rank=14, qk_nope_head_dim=6,
+                                    qk_rope_head_dim=4, v_head_dim=5),
+    "full-rank q, v wider": MLAConfig(num_heads=2, kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=2,
+                                      qk_rope_head_dim=4, v_head_dim=9),
+    "yarn, equal dims": MLAConfig(num_heads=2, kv_lora_rank=8, q_lora_rank=12, qk_nope_head_dim=4, qk_rope_head_dim=8,
+                                  v_head_dim=12, rope_factor=8.0, rope_original_max_len=64, yarn_mscale=0.9,
+                                  yarn_mscale_all_dim=0.7),
 }
 
 

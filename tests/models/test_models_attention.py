@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from axlearn_like.config import ConfigError, apply_overrides
-from models.attention import Attention, AttentionConfig, choose_implementation
-from models.attention import dot_product_attention as _dpa
+from models.attention import Attention, AttentionConfig, choose_implementation, dot_product_attention as _dpa
 from tests.models.model_helpers import fake_init, randn
 from tests.oracle import assert_close
 

@@ -15,8 +15,8 @@ from models.decoder import (
     stack_layer_params,
     unstack_layer_params,
 )
-from tests.oracle import assert_close
 from tests.models.model_helpers import VOCAB, DummyMixerConfig, attention, fake_init, make_batch, randn, small_cfg
+from tests.oracle import assert_close
 
 
 def _init(cfg, tokens, seed=0):
@@ -237,7 +237,9 @@ def test_sharded_forward_matches_single_device():
     mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2)
     mesh, rules = make_mesh(mesh_cfg), logical_rules(mesh_cfg)
     shard = jax.tree.map(
-        lambda x: NamedSharding(mesh, logical_to_spec(x.names, rules, mesh)), boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+        lambda x: NamedSharding(mesh, logical_to_spec(x.names, rules, mesh)),
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
     )
     assert shard["embed"]["embedding"].spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     tokens = jax.device_put(b["inputs"], NamedSharding(mesh, logical_to_spec(("batch", "length"), rules, mesh)))

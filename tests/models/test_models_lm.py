@@ -16,7 +16,8 @@ def test_build_and_real_init():
     lm = cfg.build()
     assert isinstance(lm, LanguageModel) and lm.cfg is cfg
     b = make_batch(2, 5)
-    v = jax.jit(lm.init)(jax.random.key(0, impl="rbg"), b)  # rbg: the threefry init graph takes seconds to compile on CPU
+    # rbg: the threefry init graph takes seconds to compile on CPU
+    v = jax.jit(lm.init)(jax.random.key(0, impl="rbg"), b)
     assert set(v) == {"params", "stats", "carry"} and v["stats"] == {} and v["carry"] == {}
     p = nn.unbox(v["params"])
     assert np.all(np.asarray(p["stack"]["final_norm"]["scale"]) == 1.0)
@@ -61,7 +62,9 @@ def test_loss_matches_oracle_with_mask_and_z_loss():
 def test_collect_intermediates_sums_aux_and_flattens_metrics():
     inter = {
         "stack": {
-            "layer_0": {"ffn": {"aux_loss": (jnp.float32(0.25),), "metrics": ({"load": jnp.ones(3), "sub": {"a": 1.0}},)}},
+            "layer_0": {
+                "ffn": {"aux_loss": (jnp.float32(0.25),), "metrics": ({"load": jnp.ones(3), "sub": {"a": 1.0}},)}
+            },
             "layers": {"block_1": {"mixer": {"aux_loss": (jnp.array([0.5, 1.0]),)}}},  # scanned: one per repeat
         }
     }

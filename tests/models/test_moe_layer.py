@@ -82,7 +82,8 @@ def _mesh(expert):
 
 def _loss_and_grads(cfg, v, x, mesh=None, rules=None):
     def loss(params, x):
-        y, mut = MoE(cfg, D, jnp.float32).apply({**v, "params": params}, x, train=True, mutable=["stats", "intermediates"])
+        y, mut = MoE(cfg, D, jnp.float32).apply({**v, "params": params}, x, train=True,
+                                                mutable=["stats", "intermediates"])
         aux = sum(jax.tree.leaves(mut["intermediates"]["aux_loss"]))
         return jnp.sum(y * jnp.cos(jnp.arange(D))) + aux, (y, mut["stats"]["router"].load)
 
@@ -192,7 +193,8 @@ def test_aux_free_balancing_lowers_maxvio():
             (l, mut), g = jax.value_and_grad(loss, has_aux=True)(params)
             upd, opt_state = opt.update(g, opt_state, params)
             stats = finalize_step_statistics(mut["stats"], i)
-            return optax.apply_updates(params, upd), stats, opt_state, mut["intermediates"]["metrics"][0]["maxvio_batch"]
+            return (optax.apply_updates(params, upd), stats, opt_state,
+                    mut["intermediates"]["metrics"][0]["maxvio_batch"])
 
         params, stats, opt_state = v["params"], v["stats"], opt.init(v["params"])
         vios = []

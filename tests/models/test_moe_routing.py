@@ -44,10 +44,14 @@ def _np_route(logits, bias, top_k, score_func, num_groups, topk_groups, group_sc
 
 
 GATES = [  # V3: sigmoid, groups scored by top-2 sum, bias, route_scale; V2: softmax, max-scored groups
-    dict(top_k=4, score_func="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum", route_scale=2.5, normalize=True),
-    dict(top_k=3, score_func="softmax", num_groups=4, topk_groups=3, group_score="max", route_scale=1.0, normalize=False),
-    dict(top_k=2, score_func="sigmoid", num_groups=1, topk_groups=1, group_score="top2_sum", route_scale=1.0, normalize=True),
-    dict(top_k=2, score_func="softmax", num_groups=2, topk_groups=1, group_score="top2_sum", route_scale=1.0, normalize=True),
+    dict(top_k=4, score_func="sigmoid", num_groups=4, topk_groups=2, group_score="top2_sum", route_scale=2.5,
+         normalize=True),
+    dict(top_k=3, score_func="softmax", num_groups=4, topk_groups=3, group_score="max", route_scale=1.0,
+         normalize=False),
+    dict(top_k=2, score_func="sigmoid", num_groups=1, topk_groups=1, group_score="top2_sum", route_scale=1.0,
+         normalize=True),
+    dict(top_k=2, score_func="softmax", num_groups=2, topk_groups=1, group_score="top2_sum", route_scale=1.0,
+         normalize=True),
 ]
 
 
@@ -92,7 +96,8 @@ def test_capacity_keeps_highest_affinity():
     t, k, e, ndev, cap = 40, 2, 8, 4, 7
     ids = np.stack([r.choice(e, size=k, replace=False) for _ in range(t)])
     score = r.uniform(size=(t, k)).astype(np.float32)
-    keep = np.asarray(capacity_keep(jnp.asarray(ids), jnp.asarray(score), num_experts=e, num_devices=ndev, capacity=cap))
+    keep = np.asarray(capacity_keep(jnp.asarray(ids), jnp.asarray(score), num_experts=e, num_devices=ndev,
+                                    capacity=cap))
     dev = ids // (e // ndev)
     for d in range(ndev):
         on_d = dev == d
@@ -150,7 +155,8 @@ def test_bias_untouched_by_adamw():
     assert "router" not in str(jax.tree_util.tree_structure(params))
 
     def loss(p):
-        y, _ = MoE(cfg, 12, jnp.float32).apply({"params": p, "stats": stats}, x, train=True, mutable=["stats", "intermediates"])
+        y, _ = MoE(cfg, 12, jnp.float32).apply({"params": p, "stats": stats}, x, train=True,
+                                               mutable=["stats", "intermediates"])
         return jnp.sum(y**2)
 
     g = jax.jit(jax.grad(loss))(params)

@@ -55,7 +55,8 @@ def test_shape_dtype_and_params(dtype):
 
 @pytest.mark.parametrize(
     "cfg",
-    [CFG, dataclasses.replace(CFG, rope="q_k1", num_kv_heads=1, w2=7), dataclasses.replace(CFG, variant="determinant", scale=0.3),
+    [CFG, dataclasses.replace(CFG, rope="q_k1", num_kv_heads=1, w2=7),
+     dataclasses.replace(CFG, variant="determinant", scale=0.3),
      dataclasses.replace(CFG, k2_bias=0.0, v2_bias=0.0), dataclasses.replace(CFG, k2_bias=0.4, v2_bias=-1.5)],
     ids=["trilinear", "rope_q_k1", "determinant", "bias_free", "custom_bias"],
 )
