@@ -14,9 +14,9 @@ from models.moe import RoutingBias
 from recipes import moe as moe_recipe
 
 TINY = ["model.d_model=32", "model.num_layers=2", "model.ffn_pattern=mlp,moe", "model.ffn_pattern.mlp.mlp_dim=64",
-        "model.layer_pattern.*.num_heads=2", "model.layer_pattern.*.num_kv_heads=1", "model.layer_pattern.*.head_dim=16",
-        "model.ffn_pattern.moe.num_experts=8", "model.ffn_pattern.moe.expert_dim=16", "model.ffn_pattern.moe.gamma=0.01",
-        "data.seq_len=16",
+        "model.layer_pattern.*.num_heads=2", "model.layer_pattern.*.num_kv_heads=1",
+        "model.layer_pattern.*.head_dim=16", "model.ffn_pattern.moe.num_experts=8",
+        "model.ffn_pattern.moe.expert_dim=16", "model.ffn_pattern.moe.gamma=0.01", "data.seq_len=16",
         "data.global_batch_size=8", "data.max_bytes=200000", "model.sample.tokens=0", "trainer.progress=false"]
 
 
@@ -41,7 +41,8 @@ def _run(cfg, devices, steps=2):
 
 
 def _bias(state):
-    leaves = [x for x in jax.tree.leaves(state.stats, is_leaf=lambda x: isinstance(x, RoutingBias)) if isinstance(x, RoutingBias)]
+    leaves = [x for x in jax.tree.leaves(state.stats, is_leaf=lambda x: isinstance(x, RoutingBias))
+              if isinstance(x, RoutingBias)]
     assert len(leaves) == 1
     return np.asarray(leaves[0].bias), np.asarray(leaves[0].load)
 
@@ -53,7 +54,8 @@ def single_device_run():
 
 def test_bias_is_a_step_statistic_updated_from_the_global_batch(single_device_run):
     setup, state, biases, m = single_device_run
-    assert not any("router" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0])
+    assert not any("router" in jax.tree_util.keystr(p)
+                   for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0])
     for (b0, _), (b1, load1) in zip(biases[:-1], biases[1:]):
         delta = np.round((b1 - b0) / 0.01, 4)
         assert set(np.unique(delta)) <= {-1.0, 0.0, 1.0}, delta
