@@ -133,3 +133,14 @@ def test_limited_preset_routes_each_token_to_at_most_two_groups(mesh):
     spread = lambda cfg: max(float(v) for k, v in _run(cfg, devices, steps=1)[3].items()
                              if k.endswith("max_devices_per_token"))
     assert spread(limited) <= 2 < spread(free)
+
+
+def test_bias_update_speed_is_set_per_preset():
+    """gamma per preset (issue 22 item 7): Wang et al.'s u = 1e-3 at their 1B size for the ~1B preset; the tiny CPU
+    presets use 1e-2 (docs/notes/moe.md, "Fidelity"); the aux-loss / no-balance controls turn the bias off."""
+    gammas = lambda cfg: {f.gamma for f in cfg.model.ffn_pattern if f.kind == "moe"}
+    assert gammas(moe_recipe.gpu_0p8b()) == {1e-3}
+    for preset in (moe_recipe.aux_free_seq, moe_recipe.aux_free, moe_recipe.limited):
+        assert gammas(preset()) == {1e-2}, preset.__name__
+    for preset in (moe_recipe.aux_loss, moe_recipe.no_balance):
+        assert gammas(preset()) == {0.0}, preset.__name__
