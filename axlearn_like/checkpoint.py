@@ -79,19 +79,22 @@ def mapped_data_state(directory: str, process_index: int, process_count: int) ->
     if os.path.exists(own):
         with open(own) as f:
             return json.loads(f.read())
-    names = sorted(n for n in os.listdir(directory) if n.startswith("process_") and n.endswith(".json")) if os.path.isdir(directory) else []
+    listing = os.listdir(directory) if os.path.isdir(directory) else []
+    names = sorted(n for n in listing if n.startswith("process_") and n.endswith(".json"))
     states = []
     for n in names:
         with open(os.path.join(directory, n)) as f:
             states.append(json.loads(f.read()))
     saved_by = names[0].split("-of-")[-1][:-5] if names else "0"
-    if states and all(s == states[0] for s in states) and isinstance(states[0], dict) and set(states[0]) <= _PORTABLE_KEYS:
+    if (states and all(s == states[0] for s in states) and isinstance(states[0], dict)
+            and set(states[0]) <= _PORTABLE_KEYS):
         return states[0]
     step = os.path.basename(os.path.dirname(os.path.abspath(directory)))
     raise DataStateError(
         f"checkpoint step {step}: the data iterator state saved by {saved_by} process(es) cannot be mapped onto "
         f"{process_count} process(es) (per-process states differ); rerun with --set checkpoint.restore_data=false "
-        f"to restore the model state and restart the data iterator at the batch of step {step}, or use {saved_by} processes"
+        f"to restore the model state and restart the data iterator at the batch of step {step}, "
+        f"or use {saved_by} processes"
     )
 
 
@@ -100,7 +103,8 @@ def seek_to_step(iterator: Any, step: int) -> None:
     state = iterator.get_state()
     if not (isinstance(state, dict) and set(state) <= _PORTABLE_KEYS):
         raise DataStateError(f"checkpoint.restore_data=false needs a map-style data iterator (state {{next_index}}); "
-                             f"this one has state keys {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+                             f"this one has state keys "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
     iterator.set_state({"next_index": int(step)})
 
 
@@ -363,7 +367,8 @@ def state_checksums(state: Any) -> dict[str, str]:
 
     named = jax.tree_util.tree_flatten_with_path(state)[0]
     leaves = [x for _, x in named]
-    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
+    mesh = next((x.sharding.mesh for x in leaves
+                 if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)), None)
     sums = np.asarray(jax.device_get(_checksum_fn(mesh)(leaves)))
     return {leaf_name(p): f"{int(s[0]):08x}{int(s[1]):08x}" for (p, _), s in zip(named, sums)}
 
@@ -541,7 +546,8 @@ class Checkpointer:
     def _set_aside(self, step: int, reason: str) -> None:
         where = f"checkpoint step {step} in {self.directory}"
         if self.read_only:
-            print(f"warning: {where} is unreadable ({reason}); falling back to an earlier step", file=sys.stderr, flush=True)
+            print(f"warning: {where} is unreadable ({reason}); falling back to an earlier step", file=sys.stderr,
+                  flush=True)
             return
         from axlearn_like.rundir import move_aside
 
@@ -553,7 +559,8 @@ class Checkpointer:
         self.manager.reload()
         if jax.process_index() == 0:
             log.warning("%s moved aside to %s: %s", where, dest, reason)
-            print(f"warning: {where} is unreadable ({reason}); moved it to {os.path.basename(dest)} (kept, not deleted) "
+            print(f"warning: {where} is unreadable ({reason}); moved it to {os.path.basename(dest)} "
+                  f"(kept, not deleted) "
                   f"and falling back to the previous step", flush=True)
 
     def read_json(self, step: int, item: str) -> dict:
@@ -607,7 +614,8 @@ def load(run_dir: str, step: int | None = None, *, mesh=None, masters: bool = Fa
     try:
         steps = ckpt.all_steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoints under {checkpoint_dir(run_dir)}; train first or pass the right run dir")
+            raise FileNotFoundError(
+                f"no checkpoints under {checkpoint_dir(run_dir)}; train first or pass the right run dir")
         if step is not None and step not in steps:
             raise ValueError(f"step {step} is not saved in {run_dir}; saved steps: {steps}")
         reasons = []

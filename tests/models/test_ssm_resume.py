@@ -15,8 +15,9 @@ from tests.core import helpers
 
 N = 8
 TINY = [
-    "model.d_model=32", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=32", "model.layer_pattern.mamba2.d_state=8",
-    "model.layer_pattern.mamba2.head_dim=16", "model.layer_pattern.mamba2.chunk_size=16", "data.seq_len=32", "data.global_batch_size=4", "data.max_bytes=100000",
+    "model.d_model=32", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=32",
+    "model.layer_pattern.mamba2.d_state=8", "model.layer_pattern.mamba2.head_dim=16",
+    "model.layer_pattern.mamba2.chunk_size=16", "data.seq_len=32", "data.global_batch_size=4", "data.max_bytes=100000",
     "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "optimizer.warmup_steps=2",
     "trainer.log_every=1", "trainer.eval_every=1000", "checkpoint.every_steps=4",
 ]
@@ -78,7 +79,8 @@ def test_post_training_stage_switches_mode_on_resume(reference, tmp_path):
     """Stage 2 of the lengthgen recipe: same run dir, more steps, initial_state=fitted_noise."""
     run_dir = tmp_path / "stage2"
     shutil.copytree(reference, run_dir)
-    r = helpers.run(_recipe(run_dir, [f"trainer.steps={N + 2}", "model.layer_pattern.mamba2.initial_state=fitted_noise"]))
+    r = helpers.run(_recipe(run_dir, [f"trainer.steps={N + 2}",
+                                      "model.layer_pattern.mamba2.initial_state=fitted_noise"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"Resuming from checkpoint at step {N}" in r.stdout
     losses = helpers.losses(run_dir)
