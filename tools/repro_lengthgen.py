@@ -34,7 +34,7 @@ import sys
 
 from axlearn_like.checkpoint import checkpoint_dir
 from axlearn_like.cli import tool_main
-from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_recipe, sets_argv
+from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_stage, sets_argv
 
 RECIPE, PRESET = "mamba2", "repro_lengthgen"
 INITS = ("zeros", "state_passing", "fitted_noise", "tbtt")
@@ -93,23 +93,9 @@ def pretrain(root: str, sets: list[str], *, max_minutes: float | None = None, to
     target = cfg.trainer.steps
     with StageLog(root).stage("pretrain", from_step=latest_step(p["pretrain"]), target_step=target) as rec:
         ensure_tokenizer(p["tokenizer"], cfg, max_bytes=tokenizer_bytes, stream=stream)
-        if (latest_step(p["pretrain"]) or 0) >= target:
-            print(f"pretrain: already at step {latest_step(p['pretrain'])} of {target}", file=stream)
-            rec["status"] = "skipped (done)"
-            return 0
-        if deadline.spent():
-            rec["status"] = "not started (time budget)"
-            print("pretrain: the time budget went on the tokenizer; rerun the same command to train", file=stream)
-            return 0
-        code, expired = run_recipe(RECIPE, argv, max_minutes=deadline.left())
-        rec["to_step"] = latest_step(p["pretrain"])
-        if code:
-            return code
-        if (rec["to_step"] or 0) < target:
-            rec["status"] = "paused (time budget)" if expired else "paused"
-            print(f"pretrain: stopped at step {rec['to_step']} of {target}; rerun the same command to continue",
-                  file=stream)
-    return 0
+        code = run_stage(rec, "pretrain", RECIPE, argv, p["pretrain"], target, deadline, stream=stream,
+                         not_started="pretrain: the time budget went on the tokenizer; rerun the same command to train")
+    return code or 0
 
 
 def _copy_checkpoint(src_run: str, step: int, dst_run: str, *, with_checkpoint: bool = True) -> str:
@@ -239,25 +225,11 @@ def posttrain(root: str, inits: list[str], *, steps: int | None = None, fraction
                 else:
                     _copy_checkpoint(p["pretrain"], pre_steps, d)
                     print(f"posttrain {init}: {d} starts from the pretraining checkpoint {pre_steps}", file=stream)
-            if (latest_step(d) or 0) >= target:
-                print(f"posttrain {init}: already at step {latest_step(d)} of {target}", file=stream)
-                rec["status"] = "skipped (done)"
-                continue
-            if deadline.spent():
-                rec["status"] = "not started (time budget)"
-                print(f"posttrain {init}: not started, the time budget is spent; rerun to continue", file=stream)
-                return 0
-            print(f"posttrain {init}: steps {pre_steps} -> {target} ({steps} steps, "
-                  f"{100.0 * steps / pre_steps:.2f}% of pretraining)", file=stream, flush=True)
-            code, expired = run_recipe(RECIPE, argv, max_minutes=deadline.left())
-            rec["to_step"] = latest_step(d)
-            if code:
-                return code
-            if (rec["to_step"] or 0) < target:
-                rec["status"] = "paused (time budget)" if expired else "paused"
-                print(f"posttrain {init}: stopped at step {rec['to_step']} of {target}; rerun to continue",
-                      file=stream)
-                return 0
+            code = run_stage(rec, f"posttrain {init}", RECIPE, argv, d, target, deadline, rerun="rerun to continue",
+                             announce=f"posttrain {init}: steps {pre_steps} -> {target} ({steps} steps, "
+                                      f"{100.0 * steps / pre_steps:.2f}% of pretraining)", stream=stream)
+        if code is not None:
+            return code
     return 0
 
 

@@ -27,7 +27,7 @@ import os
 import sys
 
 from axlearn_like.cli import tool_main
-from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_recipe, sets_argv
+from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_stage, sets_argv
 
 RECIPE = "moe"
 RUNS = ("aux_free_seq", "aux_free", "aux_loss", "no_balance", "limited")
@@ -77,23 +77,9 @@ def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | N
         d = os.path.join(root, r)
         target = cfgs[r].trainer.steps
         with log.stage("train", run=r, from_step=latest_step(d), target_step=target) as rec:
-            if (latest_step(d) or 0) >= target:
-                print(f"{r}: already at step {latest_step(d)} of {target}", file=stream)
-                rec["status"] = "skipped (done)"
-                continue
-            if deadline.spent():
-                rec["status"] = "not started (time budget)"
-                print(f"{r}: not started, the time budget is spent; rerun to continue", file=stream)
-                return 0
-            code, expired = run_recipe(RECIPE, _argv(root, r, sets), max_minutes=deadline.left())
-            rec["to_step"] = latest_step(d)
-            if code:
-                return code
-            if (rec["to_step"] or 0) < target:
-                rec["status"] = "paused (time budget)" if expired else "paused"
-                print(f"{r}: stopped at step {rec['to_step']} of {target}; rerun the same command to continue",
-                      file=stream)
-                return 0
+            code = run_stage(rec, r, RECIPE, _argv(root, r, sets), d, target, deadline, stream=stream)
+        if code is not None:
+            return code
     return 0
 
 

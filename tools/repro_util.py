@@ -8,6 +8,8 @@
   that arrives before the loop is not lost), saves at the end of the current step and returns; rerunning the
   same command continues from there.
 - `Deadline(max_minutes)`: the budget of one call, shared by its stages.
+- `run_stage(rec, label, recipe, argv, run_dir, target, deadline)`: one resumable training stage (skipped when
+  done, not started when the budget is spent, else `run_recipe` in what is left of it, paused if cut short).
 - `StageLog(root)`: one JSON line per stage call in <root>/stages.jsonl (what ran, where, how long, steps).
 """
 from __future__ import annotations
@@ -104,6 +106,37 @@ def run_recipe(recipe: str, argv: list[str], *, max_minutes: float | None = None
     with time_budget(max_minutes) as budget:
         code = recipe_main(recipe, argv)
     return code, budget["expired"]
+
+
+def run_stage(rec: dict, label: str, recipe: str, argv: list[str], run_dir: str, target: int, deadline: Deadline,
+              *, announce: str | None = None, not_started: str | None = None,
+              rerun: str = "rerun the same command to continue", stream=None) -> int | None:
+    """One training stage inside a `StageLog.stage` block (whose record is `rec`): skipped ("skipped (done)") when
+    run_dir's latest checkpoint is at `target` already; not started when `deadline` is spent (message
+    `not_started`, default "<label>: not started, ..."); else prints `announce` (if any) and runs
+    `run_recipe(recipe, argv)` within what is left of the deadline, with rec["to_step"] the step it reached and
+    rec["status"] "paused ..." if that is short of `target`.
+    -> None when the run is at `target` (go on to the next stage), else the exit code for the driver to return now:
+    0 when not started or paused (rerunning the same command continues), the recipe's own when it failed."""
+    if (latest_step(run_dir) or 0) >= target:
+        print(f"{label}: already at step {latest_step(run_dir)} of {target}", file=stream)
+        rec["status"] = "skipped (done)"
+        return None
+    if deadline.spent():
+        rec["status"] = "not started (time budget)"
+        print(not_started or f"{label}: not started, the time budget is spent; rerun to continue", file=stream)
+        return 0
+    if announce:
+        print(announce, file=stream, flush=True)
+    code, expired = run_recipe(recipe, argv, max_minutes=deadline.left())
+    rec["to_step"] = latest_step(run_dir)
+    if code:
+        return code
+    if (rec["to_step"] or 0) < target:
+        rec["status"] = "paused (time budget)" if expired else "paused"
+        print(f"{label}: stopped at step {rec['to_step']} of {target}; {rerun}", file=stream)
+        return 0
+    return None
 
 
 def device_description() -> str:
