@@ -1,4 +1,6 @@
-"""Metric sinks: metrics.jsonl (one JSON object per step) and TensorBoard event files. Process 0 only."""
+"""Metric sinks: metrics.jsonl (one JSON object per step) and TensorBoard event files. Process 0 only.
+
+Also the metrics.jsonl readers (`read_rows`, `train_losses`), which tools use without importing JAX."""
 from __future__ import annotations
 
 import json
@@ -6,7 +8,6 @@ import math
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
 METRICS_NAME = "metrics.jsonl"
@@ -69,6 +70,8 @@ class MetricsWriter:
     """
 
     def __init__(self, run_dir: str, *, enabled: bool = True, resume_step: int | None = None):
+        import jax
+
         self.enabled = enabled and jax.process_index() == 0
         self._tb = None
         self._jsonl = None
@@ -125,12 +128,29 @@ class MetricsWriter:
         self.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[Any]:
+    """The JSON values of a JSON-lines file, in order (blank lines skipped); a line that is not JSON raises
+    ValueError("<path>:<line number>: not JSON (<reason>)")."""
+    out = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    return out
+
+
+def read_rows(path: str) -> list[dict]:
+    """The metric rows of a metrics.jsonl (JSON objects with a "step"), in file order, so a later row for a
+    repeated step comes later; other lines are skipped, a line that is not JSON fails as in `read_jsonl`."""
+    return [r for r in read_jsonl(path) if isinstance(r, dict) and "step" in r]
 
 
 def train_losses(run_dir: str) -> dict[int, float]:
     """step -> train objective from RUN_DIR/metrics.jsonl (the last row wins if a step was logged twice)."""
-    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    rows = read_rows(os.path.join(run_dir, METRICS_NAME))
     return {int(r["step"]): r["train/objective"] for r in rows if "train/objective" in r}

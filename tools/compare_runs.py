@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from axlearn_like.cli import tool_main
+from axlearn_like.metrics import read_rows
 
 DEFAULT_METRICS = "train/loss,eval/loss"
 
@@ -34,21 +35,11 @@ def read_metrics(run_dir: str) -> dict[int, dict[str, float]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; pass run directories written by the trainer")
     out: dict[int, dict[str, float]] = {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "step" not in rec:
-                continue
-            row = out.setdefault(int(rec["step"]), {})
-            for k, v in rec.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    row[k] = float(v)
+    for rec in read_rows(path):
+        row = out.setdefault(int(rec["step"]), {})
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                row[k] = float(v)
     return out
 
 

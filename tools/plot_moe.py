@@ -9,7 +9,6 @@ Reads RUN_DIR/metrics.jsonl (one JSON object per line with "step" and, per MoE l
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -20,21 +19,13 @@ SUFFIX = "/expert_load"
 
 def read_loads(path: str) -> dict[str, tuple[list[int], list[list[float]]]]:
     """{layer key (without the suffix): (steps, loads [steps][E])}; later lines win for a repeated step."""
+    from axlearn_like.metrics import read_rows
+
     per: dict[str, dict[int, list[float]]] = defaultdict(dict)
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if "step" not in rec:
-                continue
-            for k, v in rec.items():
-                if k.endswith(SUFFIX) and isinstance(v, list):
-                    per[k[: -len(SUFFIX)]][int(rec["step"])] = [float(x) for x in v]
+    for rec in read_rows(path):
+        for k, v in rec.items():
+            if k.endswith(SUFFIX) and isinstance(v, list):
+                per[k[: -len(SUFFIX)]][int(rec["step"])] = [float(x) for x in v]
     return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in sorted(per.items())}
 
 
