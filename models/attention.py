@@ -24,6 +24,16 @@ from models.layers import DenseGeneral, RMSNorm, apply_rope, llama3_frequencies,
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+def yarn_rope(c: Any, dim: int) -> tuple[jax.Array, float]:
+    """`yarn_frequencies` over `dim` rotary dims from the YaRN fields a config shares with Hugging Face's "yarn"
+    rope parameters (rope_theta, rope_factor, rope_original_max_len, yarn_beta_fast, yarn_beta_slow,
+    yarn_mscale, yarn_mscale_all_dim, yarn_attention_factor, yarn_truncate; AttentionConfig, MLAConfig)."""
+    return yarn_frequencies(
+        dim, c.rope_theta, c.rope_factor, c.rope_original_max_len, beta_fast=c.yarn_beta_fast,
+        beta_slow=c.yarn_beta_slow, mscale=c.yarn_mscale, mscale_all_dim=c.yarn_mscale_all_dim,
+        attention_factor=c.yarn_attention_factor, truncate=c.yarn_truncate)
+
+
 @config_class
 class AttentionConfig(MixerConfig):
     """The "attention" mixer kind: num_heads query heads of size head_dim, num_kv_heads shared K/V heads
@@ -71,10 +81,7 @@ class AttentionConfig(MixerConfig):
             return llama3_frequencies(d, theta, self.rope_factor, self.rope_original_max_len,
                                       self.rope_low_freq_factor, self.rope_high_freq_factor), 1.0
         if self.rope_type == "yarn":
-            return yarn_frequencies(
-                d, theta, self.rope_factor, self.rope_original_max_len, beta_fast=self.yarn_beta_fast,
-                beta_slow=self.yarn_beta_slow, mscale=self.yarn_mscale, mscale_all_dim=self.yarn_mscale_all_dim,
-                attention_factor=self.yarn_attention_factor, truncate=self.yarn_truncate)
+            return yarn_rope(self, d)
         return rope_frequencies(d, theta), 1.0
 
     def build(self, ctx: LayerContext, name: str) -> nn.Module:

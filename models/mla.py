@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import config_class, require
-from models.attention import IMPLEMENTATIONS, cache_write, dot_product_attention, output_projection
+from models.attention import IMPLEMENTATIONS, cache_write, dot_product_attention, output_projection, yarn_rope
 from models.kinds import LayerContext, MixerConfig, check_implementation
-from models.layers import DenseGeneral, RMSNorm, apply_rope, rope_frequencies, yarn_frequencies, yarn_mscale
+from models.layers import DenseGeneral, RMSNorm, apply_rope, rope_frequencies, yarn_mscale
 
 
 @config_class
@@ -110,12 +110,7 @@ class MLAConfig(MixerConfig):
         """-> (inv_freq float32 [d_r / 2], attention factor a applied to the rotated q and k halves)."""
         if self.rope_factor == 1.0:
             return rope_frequencies(self.qk_rope_head_dim, self.rope_theta), 1.0
-        return yarn_frequencies(
-            self.qk_rope_head_dim, self.rope_theta, self.rope_factor, self.rope_original_max_len,
-            beta_fast=self.yarn_beta_fast, beta_slow=self.yarn_beta_slow, mscale=self.yarn_mscale,
-            mscale_all_dim=self.yarn_mscale_all_dim, attention_factor=self.yarn_attention_factor,
-            truncate=self.yarn_truncate,
-        )
+        return yarn_rope(self, self.qk_rope_head_dim)
 
     def softmax_scale(self) -> float:
         """m(s, mscale_all_dim)^2 / sqrt(d_n + d_r) (YaRN's correction on every dim; 1/sqrt(d) unscaled)."""
