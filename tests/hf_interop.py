@@ -25,22 +25,27 @@ def interop_python() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def hf_jobs(jobs: list[dict], workdir: str, timeout: float = 900) -> list[dict]:
-    """Runs `jobs` (see tests/hf_side.py) in the interop venv; returns one info dict per job."""
+def run_interop(args: list[str], *, cwd: str | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`<interop python> args...` (output captured), offline and without this venv's PYTHON*/VIRTUAL_ENV/XLA_*
+    variables. Without the interop venv the calling test skips (fails under CI=true)."""
     py = interop_python()
     if py is None:
         msg = "the interop venv (.venv-interop) is missing; create it with `bash scripts/bootstrap.sh --interop`"
         if os.environ.get("CI"):
             pytest.fail(msg)
         pytest.skip(msg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "XLA_"))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
+    return subprocess.run([py, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def hf_jobs(jobs: list[dict], workdir: str, timeout: float = 900) -> list[dict]:
+    """Runs `jobs` (see tests/hf_side.py) in the interop venv; returns one info dict per job."""
     os.makedirs(workdir, exist_ok=True)
     jobs_path, result_path = os.path.join(workdir, "jobs.json"), os.path.join(workdir, "result.json")
     with open(jobs_path, "w") as f:
         json.dump(jobs, f)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "XLA_"))}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="2")
-    proc = subprocess.run([py, HF_SIDE, jobs_path, result_path], cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_interop([HF_SIDE, jobs_path, result_path], cwd=workdir, timeout=timeout)
     if proc.returncode:
         raise AssertionError(f"tests/hf_side.py failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     with open(result_path) as f:
@@ -76,6 +81,25 @@ def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
 
 
 CLEAN_LOADING = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+
+
+def assert_hf_loaded(info: dict, hf_class: str | None = None) -> None:
+    """A tests/hf_side.py job's info: transformers loaded the folder with no missing, unexpected or mismatched
+    keys (as `hf_class`, when given)."""
+    if hf_class is not None:
+        assert info["class"] == hf_class
+    assert info["loading"] == CLEAN_LOADING
+
+
+def assert_export_reloads(w: str, case: str, info: dict, hf_class: str) -> dict:
+    """<w>/<case>.out, the export of the import of the HF folder <w>/<case>: transformers reloads it as `hf_class`
+    cleanly (`info`: its job's answer) with the folder's logits (<case>.out.npy vs <case>.ref.npy, within 1e-5)
+    and bit-equal tensors. Returns the export's config.json."""
+    assert_hf_loaded(info, hf_class)
+    assert np.abs(np.load(f"{w}/{case}.out.npy") - np.load(f"{w}/{case}.ref.npy")).max() <= 1e-5
+    assert_same_tensors(f"{w}/{case}", f"{w}/{case}.out")
+    with open(f"{w}/{case}.out/config.json") as f:
+        return json.load(f)
 
 
 def random_run(recipe: str, run_dir: str, overrides: list[str], seed: int = 0, preset: str | None = None):

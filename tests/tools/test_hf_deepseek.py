@@ -11,7 +11,6 @@ The HF side (tests/tools/hf_deepseek_side.py) runs twice per module in the inter
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from axlearn_like.config import validate_tree
 from models.mla import MLA
 from models.moe import MoE, RoutingBias
 from tests.core.helpers import REPO, env as run_env
-from tests.hf_interop import folder_tensors, interop_python, project_logits, run_tool
+from tests.hf_interop import folder_tensors, project_logits, run_interop, run_tool
 from tools.hf import common, deepseek as ds
 
 SIDE = Path(__file__).with_name("hf_deepseek_side.py")
@@ -37,15 +36,7 @@ TINY_RUN = ["trainer.steps=2", "data.seq_len=32", "data.global_batch_size=4", "d
 
 
 def _side(*args):
-    py = interop_python()
-    if py is None:
-        msg = "the interop venv (.venv-interop) is missing; create it with `bash scripts/bootstrap.sh --interop`"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV", "XLA_"))}
-    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2")
-    r = subprocess.run([py, str(SIDE), *map(str, args)], capture_output=True, text=True, timeout=900, env=e)
+    r = run_interop([str(SIDE), *map(str, args)])
     assert r.returncode == 0, r.stderr[-3000:]
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from tests.hf_interop import (
-    CLEAN_LOADING,
+    assert_export_reloads,
+    assert_hf_loaded,
     assert_same_run,
-    assert_same_tensors,
     hf_jobs,
     project_logits,
     random_run,
@@ -78,8 +78,7 @@ def work(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_matches_hf_logits(work, case):
     ref = np.load(f"{work['dir']}/{case}.ref.npy")
-    assert work["built"][case]["class"] == "GraniteMoeHybridForCausalLM"
-    assert work["built"][case]["loading"] == CLEAN_LOADING
+    assert_hf_loaded(work["built"][case], "GraniteMoeHybridForCausalLM")
     assert np.abs(work["ours"][case] - ref).max() <= 1e-4
     assert ref.std() > 0.05
 
@@ -94,12 +93,7 @@ def test_cpu_path_of_transformers_ignores_groups(work):
 def test_export_loads_in_hf_with_same_logits_and_tensors(work, case):
     w = work["dir"]
     assert work["exported"][case] == "granitemoehybrid"
-    assert work["reloaded"][case]["class"] == "GraniteMoeHybridForCausalLM"
-    assert work["reloaded"][case]["loading"] == CLEAN_LOADING
-    assert np.abs(np.load(f"{w}/{case}.out.npy") - np.load(f"{w}/{case}.ref.npy")).max() <= 1e-5
-    assert_same_tensors(f"{w}/{case}", f"{w}/{case}.out")
-    with open(f"{w}/{case}.out/config.json") as f:
-        out = json.load(f)
+    out = assert_export_reloads(w, case, work["reloaded"][case], "GraniteMoeHybridForCausalLM")
     for key, value in CASES[case][0].items():
         if key not in ("layer_types", "rope_scaling"):
             assert out[key] == value, key
@@ -132,8 +126,7 @@ def test_round_trip_from_a_project_run(work, name):
     """project run -> export_hf -> HF logits == project logits; -> import_hf -> the same parameters and model."""
     w = work["dir"]
     assert work["exported"][name] == "granitemoehybrid"
-    assert work["reloaded"][name]["class"] == "GraniteMoeHybridForCausalLM"
-    assert work["reloaded"][name]["loading"] == CLEAN_LOADING
+    assert_hf_loaded(work["reloaded"][name], "GraniteMoeHybridForCausalLM")
     assert np.abs(np.load(f"{w}/{name}.out.npy") - work["ours"][name]).max() <= 1e-4
     assert_same_run(f"{w}/{name}.run", f"{w}/{name}.back")
 

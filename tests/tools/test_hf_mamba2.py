@@ -13,7 +13,14 @@ import json
 import numpy as np
 import pytest
 
-from tests.hf_interop import CLEAN_LOADING, assert_same_run, assert_same_tensors, hf_jobs, project_logits, random_run
+from tests.hf_interop import (
+    assert_export_reloads,
+    assert_hf_loaded,
+    assert_same_run,
+    hf_jobs,
+    project_logits,
+    random_run,
+)
 
 BASE = dict(model_type="mamba2", vocab_size=300, hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=16,
             num_heads=8, expand=2, conv_kernel=4, chunk_size=8, layer_norm_epsilon=1e-5)
@@ -56,7 +63,7 @@ def work(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_import_matches_hf_logits(work, case):
     ref = np.load(f"{work['dir']}/{case}.ref.npy")
-    assert work["built"][case]["loading"] == CLEAN_LOADING
+    assert_hf_loaded(work["built"][case])
     assert np.abs(work["ours"][case] - ref).max() <= 1e-4
     assert ref.std() > 0.05
 
@@ -71,12 +78,7 @@ def test_cpu_path_of_transformers_ignores_groups(work):
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_loads_in_hf_with_same_logits_and_tensors(work, case):
     w = work["dir"]
-    assert work["reloaded"][case]["class"] == "Mamba2ForCausalLM"
-    assert work["reloaded"][case]["loading"] == CLEAN_LOADING
-    assert np.abs(np.load(f"{w}/{case}.out.npy") - np.load(f"{w}/{case}.ref.npy")).max() <= 1e-5
-    assert_same_tensors(f"{w}/{case}", f"{w}/{case}.out")
-    with open(f"{w}/{case}.out/config.json") as f:
-        out = json.load(f)
+    out = assert_export_reloads(w, case, work["reloaded"][case], "Mamba2ForCausalLM")
     for key, value in CASES[case][0].items():
         assert out[key] == value, key
 
@@ -93,7 +95,7 @@ def test_imported_model_is_mixer_only(work):
 
 def test_round_trip_from_a_project_run(work):
     w = work["dir"]
-    assert work["reloaded"]["project"]["loading"] == CLEAN_LOADING
+    assert_hf_loaded(work["reloaded"]["project"])
     assert np.abs(np.load(f"{w}/project.out.npy") - work["ours"]["project"]).max() <= 1e-4
     assert_same_run(f"{w}/project.run", f"{w}/project.back")
 
