@@ -14,7 +14,8 @@ stream as one softmax over S+1 logits per query (S causal observed keys + its ow
 about half the FLOPs of the equivalent dense 2S x 2S masked form (`System2AttentionConfig(form="dense")`,
 kept as the test reference). The observed stream never depends on the candidate, so the efficient form runs it once
 per batch (phase "observe", keys/values kept in the `cache` collection) and every thinking step only the
-predicted stream (phase "predict"). RoPE positions: observed token i at i, prediction i at i+1 (the position it predicts).
+predicted stream (phase "predict"). RoPE positions: observed token i at i, prediction i at i+1 (the position it
+predicts).
 Changing any token after i never changes the energy (or the thinking result) at i.
 
 Thinking (System-2 inference, the inner loop). From y_0 ~ N(0, init_logit_std^2) logits, for k < K:
@@ -354,9 +355,11 @@ class EBTConfig(DecoderConfig):
         require(self.alpha_lr_scale > 0, "alpha_lr_scale", "must be > 0")
         require(self.think_steps >= 1, "think_steps", f"must be >= 1, got {self.think_steps}")
         require(self.think_steps_random >= 0, "think_steps_random", "must be >= 0")
-        require(self.step_size_spread >= 1.0, "step_size_spread", f"must be >= 1 (1 = fixed step), got {self.step_size_spread}")
+        require(self.step_size_spread >= 1.0, "step_size_spread",
+                f"must be >= 1 (1 = fixed step), got {self.step_size_spread}")
         require(self.langevin_std >= 0, "langevin_std", "must be >= 0")
-        require(self.loss_steps in ("last", "all"), "loss_steps", f"{self.loss_steps!r} is not 'last' (S2) or 'all' (S1)")
+        require(self.loss_steps in ("last", "all"), "loss_steps",
+                f"{self.loss_steps!r} is not 'last' (S2) or 'all' (S1)")
         require(self.replay_size >= 0, "replay_size", "must be >= 0")
         require(0.0 <= self.replay_fraction <= 1.0, "replay_fraction", "must be in [0, 1]")
         require(self.replay_fraction == 0 or self.replay_size > 0, "replay_size",
@@ -677,7 +680,8 @@ class EBT(NextTokenTask):
             aux["landscape"] = jnp.zeros((), jnp.int32)
         land = lambda aux: aux.get("landscape", 0)
         if self.cfg.attention_form == "dense":
-            dense = lambda theta, aux, p: self.energy(theta["params"], aux["tokens"], p, landscape=land(aux), **aux["kw"])
+            dense = lambda theta, aux, p: self.energy(theta["params"], aux["tokens"], p, landscape=land(aux),
+                                                      **aux["kw"])
             return EnergyFn(dense, {"params": params}, aux, n_land)
         caches = [module.apply({"params": params}, tokens, None, phase="observe", landscape=l, mutable=["cache"],
                                **kw)[1]["cache"] for l in range(n_land)]
@@ -769,7 +773,8 @@ class EBT(NextTokenTask):
                      "positions": default_positions(batch["inputs"]) if pos is None else pos,
                      "segment_ids": jnp.ones_like(batch["inputs"]) if seg is None else seg,
                      "logits": jax.lax.stop_gradient(final)}
-            new_stats = {**stats, "replay": {**{k: buf[k].at[idx].set(v[:m].astype(buf[k].dtype)) for k, v in fresh.items()},
+            new_stats = {**stats, "replay": {**{k: buf[k].at[idx].set(v[:m].astype(buf[k].dtype))
+                                                for k, v in fresh.items()},
                                              "count": buf["count"] + m}}
         return total, metrics, {"stats": new_stats, "carry": variables.get("carry", {})}
 

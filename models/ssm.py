@@ -4,7 +4,7 @@ Block (docs/equations.md §2), d_inner = expand * d_model, H = d_inner / head_di
     [z, xBC, dt_raw] = in_proj(u)                         z, x: [B,L,H*P]; B, C: [B,L,G*N]; dt_raw: [B,L,H]
     xBC = silu(causal_depthwise_conv1d(xBC))              width d_conv, per channel, with bias
     dt  = softplus(dt_raw + dt_bias);  A = -exp(A_log)
-    y   = SSD(x, dt, A, B, C, D; h_{-1})                  H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T, y_t = H_t C_t + D x_t
+    y   = SSD(x, dt, A, B, C, D; h_{-1})              H_t = exp(dt_t A) H_{t-1} + dt_t x_t B_t^T, y_t = H_t C_t + D x_t
     out = out_proj(RMSNorm_per_group(y * silu(z)))
 
 The initial state h_{-1} of a *training* apply is chosen by `Mamba2Config.initial_state`:
@@ -105,7 +105,8 @@ class Mamba2Config(MixerConfig):
     def validate(self) -> None:
         for key in ("d_state", "head_dim", "expand", "d_conv", "ngroups", "chunk_size"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        require(0 < self.dt_min <= self.dt_max, "dt_min", f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+        require(0 < self.dt_min <= self.dt_max, "dt_min",
+                f"need 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
         require(self.dt_init_floor > 0, "dt_init_floor", f"must be > 0, got {self.dt_init_floor}")
         lo, hi = self.A_init_range
         require(0 < lo <= hi, "A_init_range", f"need 0 < low <= high, got {self.A_init_range}")
@@ -294,7 +295,8 @@ class Mamba2(nn.Module):
                 carry_conv = self.variable("carry", "conv_state", jnp.zeros, (b, K - 1, conv_dim), F32)
 
         if train:
-            init_state, conv_state = self._training_initial_state(mode, (b, H, P, N), stats, carry, carry_conv, positions)
+            init_state, conv_state = self._training_initial_state(mode, (b, H, P, N), stats, carry, carry_conv,
+                                                                  positions)
 
         docs = None if segment_ids is None else document_index(segment_ids)
         xBC_conv, new_conv_state = causal_conv(xBC, conv_w, conv_b, conv_state, docs)
@@ -331,7 +333,8 @@ class Mamba2(nn.Module):
                 rows = positions[:, 0] == 0 if positions is not None else jnp.zeros((b,), bool)
                 if docs is not None:
                     rows = rows | (docs[:, -1] > 0)
-            cnt, mean, sq = update_moments(stats[0].value, stats[1].value, stats[2].value, clean, c.stats_momentum, rows)
+            cnt, mean, sq = update_moments(stats[0].value, stats[1].value, stats[2].value, clean, c.stats_momentum,
+                                           rows)
             stats[0].value, stats[1].value, stats[2].value = cnt, mean, sq
         if train and carry is not None:
             carry.value = jax.lax.stop_gradient(final)

@@ -92,7 +92,8 @@ def text_ref_s2() -> ExperimentConfig:
 
 def _decoder(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
     cfg.name = name
-    cfg.model = DecoderConfig(**_dims(AttentionConfig), sample=cfg.model.sample)  # the same sample as the EBT it is compared with
+    # the same sample as the EBT it is compared with
+    cfg.model = DecoderConfig(**_dims(AttentionConfig), sample=cfg.model.sample)
     return cfg
 
 

@@ -37,7 +37,8 @@ def _show(tok, token_id) -> str:
     return repr(tok.decode([t]))[1:-1]
 
 
-def think_text(run_dir: str, text: str, steps: int, candidates: int, png: str | None, generate: int, seed: int = 0) -> dict:
+def think_text(run_dir: str, text: str, steps: int, candidates: int, png: str | None, generate: int,
+               seed: int = 0) -> dict:
     from axlearn_like.data import make_tokenizer
 
     task, variables, cfg = _load(run_dir)
@@ -146,10 +147,12 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default=None, help="run dir of a same-size standard decoder for --eval-table")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--langevin", type=float, default=None,
-                   help="--eval-table: Langevin noise of the self-verification rows (default: the model's inference noise)")
+                   help="--eval-table: Langevin noise of the self-verification rows "
+                        "(default: the model's inference noise)")
     a = p.parse_args(argv)
     if not os.path.isdir(a.run_dir):
-        print(f"error: {a.run_dir} is not a directory (pass a run dir written by python -m recipes.ebt)", file=sys.stderr)
+        print(f"error: {a.run_dir} is not a directory (pass a run dir written by python -m recipes.ebt)",
+              file=sys.stderr)
         return 2
     if a.eval_table:
         eval_table(a.run_dir, a.baseline, a.batches, langevin=a.langevin)

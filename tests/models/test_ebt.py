@@ -16,8 +16,16 @@ import pytest
 from axlearn_like.config import ConfigError, validate_tree
 from axlearn_like.params import unbox_values
 from models.attention import AttentionConfig
-from models.ebt import (EBTConfig, System2AttentionConfig, alpha_value, predicted_attention, system2_attention,
-                        system2_attention_dense, system2_mask, think)
+from models.ebt import (
+    EBTConfig,
+    System2AttentionConfig,
+    alpha_value,
+    predicted_attention,
+    system2_attention,
+    system2_attention_dense,
+    system2_mask,
+    think,
+)
 from models.layers import MLPConfig
 from tests.oracle import rel_err
 
@@ -114,7 +122,8 @@ def test_model_efficient_equals_dense_form(model, query_block):
     dense_task = small_cfg(attention_form="dense").build()
     bt = batch(2, 7, seed=3)
     p = jax.nn.softmax(jax.random.normal(jax.random.key(4), (2, 7, V)))
-    f = lambda t: jax.value_and_grad(lambda pr, pp: jnp.sum(jnp.sin(t.energy(pr, bt["inputs"], pp))), argnums=(0, 1))(params, p)
+    f = lambda t: jax.value_and_grad(lambda pr, pp: jnp.sum(jnp.sin(t.energy(pr, bt["inputs"], pp))),
+                                     argnums=(0, 1))(params, p)
     (e1, (gp1, gx1)), (e2, (gp2, gx2)) = f(task), f(dense_task)
     assert rel_err(np.asarray(e1), np.asarray(e2)) < 1e-5
     assert rel_err(np.asarray(gx1), np.asarray(gx2)) < 1e-4
@@ -154,7 +163,7 @@ def test_inner_gradient_matches_finite_differences(model):
     f = lambda p: float(jnp.sum(efn(jnp.asarray(p, jnp.float32))))
     for _ in range(3):
         u = rng.normal(size=p0.shape)
-        cd = lambda h: (f(np.asarray(p0) + h * u) - f(np.asarray(p0) - h * u)) / (2 * h)
+        cd = lambda h, u=u: (f(np.asarray(p0) + h * u) - f(np.asarray(p0) - h * u)) / (2 * h)
         fd = (4 * cd(5e-3) - cd(1e-2)) / 3  # Richardson: O(h^4) truncation, float32 round-off stays small
         np.testing.assert_allclose(np.sum(g * u), fd, rtol=2e-3, atol=1e-5)
 
@@ -238,7 +247,8 @@ def test_detach_earlier_is_second_order_through_the_last_step_only(model, steps,
     got = jax.grad(lambda pr, a: via_think(pr, a, True), argnums=(0, 1))(params, alpha)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         assert rel_err(np.asarray(a, np.float64), np.asarray(b, np.float64)) < 1e-4
-    np.testing.assert_allclose(via_think(params, alpha, True), via_think(params, alpha, False), rtol=1e-5)  # same forward
+    # same forward
+    np.testing.assert_allclose(via_think(params, alpha, True), via_think(params, alpha, False), rtol=1e-5)
     if n > 1:  # the full second-order gradient differs: the test can tell the two apart
         full = jax.grad(lambda pr: via_think(pr, alpha, False))(params)
         assert rel_err(np.asarray(full["energy_head"]["kernel"], np.float64),
@@ -304,7 +314,9 @@ def test_more_thinking_lowers_energy_after_training():
 
     @jax.jit
     def step(params, state, i):
-        l, g = jax.value_and_grad(lambda p: task.loss({"params": p, "stats": {}}, bt, jax.random.fold_in(jax.random.key(1), i), train=True)[0])(params)
+        key = jax.random.fold_in(jax.random.key(1), i)
+        l, g = jax.value_and_grad(lambda p, key=key: task.loss({"params": p, "stats": {}}, bt, key, train=True)[0])(
+            params)
         g = dict(g, alpha=g["alpha"] * 30.0)
         up, state = opt.update(g, state)
         return optax.apply_updates(params, up), state, l
@@ -416,7 +428,8 @@ def test_fixed_alpha_gets_no_gradient():
     for learnable in (True, False):
         task = small_cfg(alpha_learnable=learnable).build()
         params = unbox_values(task.init(jax.random.key(1), bt))["params"]
-        g = jax.grad(lambda p: task.loss({"params": p, "stats": {}}, bt, jax.random.key(2), train=True)[0])(params)
+        g = jax.grad(lambda p, task=task: task.loss({"params": p, "stats": {}}, bt, jax.random.key(2),
+                                                    train=True)[0])(params)
         assert (abs(float(g["alpha"])) > 0) == learnable
 
 
@@ -446,9 +459,9 @@ def test_time_embed_conditions_on_the_thinking_step():
     alpha = alpha_value(params)
     res = think_fn(task._energy_fn(params, bt["inputs"], {}), y0, alpha, 3, final_energy=True)
     y = y0
-    for k, land in enumerate((0, 1, 1)):
+    for land in (0, 1, 1):
         pk = jax.nn.softmax(y)
-        g = jax.grad(lambda q: jnp.sum(task.energy(params, bt["inputs"], q, landscape=land)))(pk)
+        g = jax.grad(lambda q, land=land: jnp.sum(task.energy(params, bt["inputs"], q, landscape=land)))(pk)
         y = pk - alpha * g
     np.testing.assert_allclose(np.asarray(res.logits[-1]), np.asarray(y), rtol=1e-4, atol=1e-5)
 
@@ -480,8 +493,9 @@ def test_text_ref_s2_preset_has_the_reference_s2_settings():
 
 
 # --- resume -----------------------------------------------------------------------------------------------
-TINY = ["model.d_model=16", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=24", "model.layer_pattern.*.head_dim=4",
-        "data.seq_len=16", "data.global_batch_size=4", "model.replay_size=6", "model.replay_fraction=0.5",
+TINY = ["model.d_model=16", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=24",
+        "model.layer_pattern.*.head_dim=4", "data.seq_len=16", "data.global_batch_size=4", "model.replay_size=6",
+        "model.replay_fraction=0.5",
         "model.sample.tokens=0", "trainer.progress=false", "trainer.eval_batches=0", "trainer.log_every=1",
         "checkpoint.every_steps=3", "trainer.steps=9"]
 
@@ -540,7 +554,8 @@ def test_triton_predicted_attention_matches_jnp_on_gpu():
     tri, ref = small_cfg(**kw), small_cfg(predicted_attention="jnp", **kw)
     assert tri.layer_pattern[0].predicted_implementation(tri.second_order) == "triton"
     params = unbox_values(ref.build().init(jax.random.key(3), bt))["params"]
-    g = lambda t: jax.jit(jax.grad(lambda p: t.loss({"params": p, "stats": {}}, bt, jax.random.key(4), train=True)[0]))(params)
+    g = lambda t: jax.jit(jax.grad(lambda p: t.loss({"params": p, "stats": {}}, bt, jax.random.key(4),
+                                                    train=True)[0]))(params)
     with jax.default_matmul_precision("highest"):  # XLA's float32 dots on a GPU default to tf32
         pairs = list(zip(jax.tree.leaves(g(tri.build())), jax.tree.leaves(g(ref.build()))))
     for a, b in pairs:
