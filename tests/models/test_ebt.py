@@ -492,6 +492,18 @@ def test_text_ref_s2_preset_has_the_reference_s2_settings():
     assert float(jnp.abs(g["time_embed"]).max()) > 0
 
 
+def test_text_presets_use_their_swept_learning_rates():
+    """docs/notes/ebt.md "Learning rates of the text presets": each model at its own best stable lr over the same
+    450 steps; the Dyck default's 2e-3 / 20 warmup steps (it spikes to ~4e4 grad norm on text) is not inherited."""
+    from recipes import ebt as ebt_recipe
+
+    ebt, dec = ebt_recipe.text(), ebt_recipe.decoder_text()
+    assert (ebt.optimizer.learning_rate, ebt.optimizer.warmup_steps) == (1e-3, 100)
+    assert (dec.optimizer.learning_rate, dec.optimizer.warmup_steps) == (4e-3, 100)
+    for cfg in (ebt, dec, ebt_recipe.text_ref_s2()):
+        assert (cfg.trainer.steps, cfg.data, cfg.optimizer.clip_norm) == (450, ebt.data, 1.0)
+
+
 # --- resume -----------------------------------------------------------------------------------------------
 TINY = ["model.d_model=16", "model.num_layers=1", "model.ffn_pattern.mlp.mlp_dim=24",
         "model.layer_pattern.*.head_dim=4", "data.seq_len=16", "data.global_batch_size=4", "model.replay_size=6",
