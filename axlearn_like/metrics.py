@@ -51,12 +51,9 @@ def supersede_rows(run_dir: str, resume_step: int) -> int:
         f.writelines(moved)
         f.flush()
         os.fsync(f.fileno())
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from axlearn_like.rundir import write_atomic
+
+    write_atomic(path, "".join(keep))
     return len(moved)
 
 

@@ -105,15 +105,20 @@ def latest_checkpoint_config(run_dir: str) -> str | None:
     return next((p for p in paths if os.path.isfile(p)), None)
 
 
-def write_config(run_dir: str, text: str) -> None:
-    """Writes RUN_DIR/config.json atomically (a crash never leaves a half-written config)."""
-    path = os.path.join(run_dir, CONFIG_NAME)
+def write_atomic(path: str, text: str) -> None:
+    """Replaces `path` with `text` atomically (written to a temporary file, fsynced, renamed): a crash leaves
+    either the old file or the new one, never half of one."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_config(run_dir: str, text: str) -> None:
+    """Writes RUN_DIR/config.json atomically (a crash never leaves a half-written config)."""
+    write_atomic(os.path.join(run_dir, CONFIG_NAME), text)
 
 
 def move_aside(path: str, tag: str = "corrupt") -> str:
