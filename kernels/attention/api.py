@@ -2,9 +2,9 @@
 
     o_i = softmax_j(scale q_i . k_j + M_ij) v_j,   M_ij = 0 where j <= i and segment(j) = segment(i), else -inf
 (Vaswani et al. 2017; GQA, Ainslie et al. 2023: query head h reads kv head h // (H / K)).
-Both implementations are backends of jax.nn.dot_product_attention: "xla" (the reference: materialised
-scores, any platform, differentiated by XLA autodiff) and "cudnn" (cuDNN flash attention, GPU, 16-bit
-inputs, head_dim a multiple of 8 and <= 128). implementation=None takes cudnn where it can run, else xla.
+Implementations: "xla" (reference.py: materialised scores in jnp, any platform, differentiated by XLA
+autodiff) and "cudnn" (jax.nn.dot_product_attention's cuDNN flash attention, GPU, 16-bit inputs, head_dim a
+multiple of 8 and <= 128). implementation=None takes cudnn where it can run, else xla.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels import common
+from kernels.attention.reference import attention as reference_attention, segment_mask
 from kernels.op import PLATFORMS, Op
 
 
@@ -47,11 +48,6 @@ def choose_implementation(implementation: str | None, dtype: Any, head_dim: int)
     return OP.pick(implementation, dtype=dtype, head_dim=head_dim)
 
 
-def segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """int [B, S] -> bool [B, 1, S, S], True where query and key belong to the same segment."""
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-
-
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -72,5 +68,7 @@ def dot_product_attention(
       [B, S, H, D] in q.dtype.
     """
     impl = OP.select(implementation, q, k, v, segment_ids)
+    if impl == "xla":
+        return reference_attention(q, k, v, segment_ids, scale=scale)
     mask = None if segment_ids is None else segment_mask(segment_ids)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation=impl)
