@@ -50,7 +50,8 @@ def effrem(task, variables, seq: np.ndarray, ts: np.ndarray, chunk: int) -> np.n
 
 
 def run(run_dirs, T: int, *, points: int = 24, num_seqs: int = 4, chunk: int | None = None, out: str | None = None,
-        step: int | None = None, stream=sys.stdout) -> dict:
+        step: int | None = None, stream=None) -> dict:
+    stream = sys.stdout if stream is None else stream  # read at call time: sys.stdout may be replaced
     if T < 2:
         raise ValueError(f"--T must be >= 2, got {T}")
     ts = np.unique(np.concatenate([[0], np.geomspace(1, T - 1, max(points - 1, 1)).astype(int)]))

@@ -109,8 +109,9 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], train_len: int, path:
 
 
 def evaluate(run_dirs, lengths, *, num_seqs: int = 4, chunk: int | None = None, out: str | None = None,
-             step: int | None = None, stream=sys.stdout) -> dict:
+             step: int | None = None, stream=None) -> dict:
     """Runs the evaluation for every run dir; returns {run_dir: {"rows": [...], "loss": [T], "count": [T]}}."""
+    stream = sys.stdout if stream is None else stream  # read at call time: sys.stdout may be replaced
     lengths = sorted(int(x) for x in lengths)
     if not lengths or lengths[0] < 2:
         raise ValueError(f"--lengths must be integers >= 2, got {lengths}")

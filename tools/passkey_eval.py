@@ -42,7 +42,8 @@ def accuracy(task, variables, tokenizer, length: int, depth: float, trials: int,
 
 
 def run(run_dir: str, lengths, depths, *, trials: int = 8, seed: int = 0, chunk: int | None = None,
-        out: str | None = None, step: int | None = None, stream=sys.stdout) -> np.ndarray:
+        out: str | None = None, step: int | None = None, stream=None) -> np.ndarray:
+    stream = sys.stdout if stream is None else stream  # read at call time: sys.stdout may be replaced
     from axlearn_like.data import make_tokenizer
 
     task, variables, cfg = load_run(run_dir, step)
