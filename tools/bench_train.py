@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-steps", type=int, default=0, help="trace N more steps; report collective shares")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--all", action="store_true", help="every recipe's GPU preset (ALL), one process each; one table")
+    p.add_argument("--only", default=None, metavar="R:P,...", help="with --all: only these recipe:preset entries")
+    p.add_argument("--preset-timeout", type=float, default=None, metavar="S",
+                   help="with --all: give up on a preset after S seconds (its row says so)")
     p.add_argument("--no-hot-op", action="store_true", help="skip timing the preset's hot op alone")
     p.add_argument("--kernel-profile", type=int, default=0, metavar="N",
                    help="trace N more steps; print device time per kernel kind and the top kernels")
@@ -340,17 +343,29 @@ def run_all(a) -> int:
     row with the error's last line."""
     import subprocess
 
+    entries = list(ALL)
+    if a.only:
+        entries = [tuple(e.split(":", 1)) for e in a.only.split(",")]
+        unknown = [f"{r}:{p}" for r, p in entries if (r, p) not in ALL]
+        if unknown:
+            raise SystemExit(f"error: --only {','.join(unknown)} not in ALL; choose from "
+                             + ",".join(f"{r}:{p}" for r, p in ALL))
     anchor = None if a.no_anchor or jax.default_backend() == "cpu" else _matmul_anchor()
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for recipe, preset in ALL:
+        for recipe, preset in entries:
             path = os.path.join(d, f"{recipe}_{preset}.json")
             cmd = [sys.executable, "-m", "tools.bench_train", "--recipe", recipe, "--preset", preset, "--steps",
                    str(a.steps), "--warmup", str(a.warmup), "--no-anchor", "--no-save", "--json", path]
             for kv in a.set:
                 cmd += ["--set", kv]
             t = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.preset_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{recipe}:{preset}: timed out after {a.preset_timeout:.0f} s", flush=True)
+                rows.append({"recipe": recipe, "preset": preset, "error": f"timed out after {a.preset_timeout:.0f} s"})
+                continue
             print(f"{recipe}:{preset}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
             if p.returncode == 0 and os.path.exists(path):
                 with open(path) as f:
@@ -362,6 +377,7 @@ def run_all(a) -> int:
             else:
                 tail = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
                 rows.append({"recipe": recipe, "preset": preset, "error": (tail[-1] if tail else "failed")[:160]})
+                print(f"  failed: {rows[-1]['error']}", flush=True)
     print(f"\ndevice: {jax.devices()[0].device_kind}  jax {jax.__version__}"
           + (f"  anchor: jax bf16 matmul 8192^3 {anchor/1e12:.0f} TFLOP/s" if anchor else ""))
     print("| preset | step | tokens/s | model TFLOP/s | MFU | of matmul anchor | hot op alone | of hot op | peak mem |")

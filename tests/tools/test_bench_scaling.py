@@ -100,3 +100,8 @@ def test_resume_on_two_devices_is_bitwise(tmp_path, capsys):
     assert res["compared_steps"] == list(range(res["resumed_from"] + 1, 6))
     assert res["losses_reference"] == res["losses_resumed"] and _finite(*res["losses_reference"])
     assert "| yes |" in (tmp_path / "resume.md").read_text()
+
+
+def test_bench_train_all_only_rejects_an_unknown_entry_before_running_anything(capsys):
+    with pytest.raises(SystemExit, match=r"--only dense_lm:nope not in ALL; choose from simplicial:gpu_1b"):
+        bench_train.main(["--all", "--only", "dense_lm:gpu_1b,dense_lm:nope"])
