@@ -13,6 +13,11 @@ after the other into <run dir>/dense and <run dir>/hybrid (same seed, data order
 overrides apply to both) and prints final train and eval losses.
 Preset `gpu_1b`: the 1B dense_lm GPU preset with every 4th layer simplicial (paper setting w1=512, w2=32,
 64 query heads per K/V head).
+
+Issue 21's GPU comparison at three sizes (`REPRO_SIZES`: s / m / l = 24M / 75M / 180M non-embedding parameters),
+driven by `python -m tools.repro_simplicial` (docs/results/simplicial.md): preset `repro_<size>` is the hybrid,
+`repro_<size>_dense` its dense twin (equal parameters, tokens, data order and optimizer), `compare_<size>` both
+one after the other as `--preset compare` does.
 """
 from __future__ import annotations
 
@@ -21,10 +26,15 @@ import dataclasses
 import os
 import sys
 
+from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.cli import recipe_main
 from axlearn_like.config import config_class
-from axlearn_like.trainer import ExperimentConfig
+from axlearn_like.data import DataConfig
+from axlearn_like.optimizers import OptimizerConfig
+from axlearn_like.trainer import ExperimentConfig, TrainerConfig
 from models.attention import AttentionConfig
+from models.decoder import DecoderConfig
+from models.layers import MLPConfig
 from models.simplicial import SimplicialConfig
 from recipes import dense_lm
 
@@ -85,7 +95,78 @@ def gpu_1b():
     return cfg
 
 
+REPRO_ROOT = "runs/simplicial_repro"  # tools.repro_simplicial's default root: tokenizer.json, <size>_<variant>/
+
+# size -> (d_model, num_layers, heads, mlp_dim, peak learning rate). Every size: head_dim 128, seq 1024.
+REPRO_SIZES = {
+    "s": (512, 8, 4, 1408, 1.5e-3),
+    "m": (768, 12, 6, 2048, 1.0e-3),
+    "l": (1024, 16, 8, 2816, 8e-4),
+}
+REPRO_STEPS = 400  # x 64 rows x 1024 tokens = 26.2M tokens for every run (equal tokens across variants and sizes)
+
+
+def repro(size: str) -> SimplicialExperimentConfig:
+    """Issue 21's hybrid at `size` (REPRO_SIZES; one H200, sizing and predicted wall times in
+    docs/results/simplicial.md and `python -m tools.repro_simplicial plan`).
+
+    num_layers layers of d_model, SwiGLU mlp_dim, untied 32768-token BPE (trained on the corpus by
+    tools.repro_simplicial into <root>/tokenizer.json); mixers (attention, attention, attention, simplicial)
+    repeated: every 4th layer 2-simplicial at the paper's windows w1 = 512, w2 = 32 (trilinear, rope none, the
+    reference k2/v2 biases), `heads` query heads of 128 on ONE shared K/V/K'/V' head, the attention layers
+    `heads` query heads on TWO K/V heads. Parameters per mixer: attention d x 128 x (2 heads + 2 x 2), simplicial
+    d x 128 x (2 heads + 4 x 1): equal, so the hybrid and its dense twin (`dense_twin`: every mixer the
+    attention entry) have exactly the same parameter count (tests/tools/test_repro_simplicial.py checks it);
+    the hybrid spends more FLOPs per token (the simplicial op, `SimplicialConfig.extra_flops`), which the
+    report puts beside the losses. bf16 compute, float32 weights, remat save_named (as dense_lm gpu_1b).
+    Data: the Python installation's sources and docs (data.paths=python_install, as recipes.moe _balance_gpu and
+    recipes.mamba2 repro_lengthgen), unpacked rows of 1024 tokens (packing=False: a document always starts its
+    row, so no simplicial query is gated at a document boundary; models/simplicial.py), 64 rows = 65536
+    tokens/step, REPRO_STEPS steps. AdamW (b2 0.95, wd 0.1, clip 1), warmup 40, cosine to 0.1 x peak."""
+    if size not in REPRO_SIZES:
+        raise ValueError(f"size {size!r} is not one of {list(REPRO_SIZES)}")
+    d, layers, heads, mlp, lr = REPRO_SIZES[size]
+    attention = AttentionConfig(num_heads=heads, num_kv_heads=2, head_dim=128)
+    simplicial = SimplicialConfig(num_heads=heads, num_kv_heads=1, head_dim=128, w1=512, w2=32)
+    cfg = _recipe_config(dense_lm.config())
+    cfg.name = f"simplicial_repro_{size}"
+    cfg.model = DecoderConfig(
+        vocab_size=32768, d_model=d, num_layers=layers, layer_pattern=_hybrid(attention, simplicial),
+        ffn_pattern=(MLPConfig(mlp_dim=mlp),), tie_embeddings=False, dtype="bfloat16", remat_policy="save_named",
+    )
+    cfg.model.sample.tokens = 0
+    cfg.data = DataConfig(source="text", paths=("python_install",), tokenizer=f"{REPRO_ROOT}/tokenizer.json",
+                          seq_len=1024, global_batch_size=64, max_bytes=2_000_000_000, packing=False)
+    cfg.optimizer = OptimizerConfig(learning_rate=lr, warmup_steps=40, min_lr_ratio=0.1, weight_decay=0.1)
+    cfg.trainer = TrainerConfig(steps=REPRO_STEPS, log_every=10, eval_every=100, eval_batches=8)
+    cfg.checkpoint = CheckpointConfig(every_steps=100, max_to_keep=2)
+    cfg.run_dir = f"{REPRO_ROOT}/{size}_hybrid"
+    return cfg
+
+
+def repro_dense(size: str) -> SimplicialExperimentConfig:
+    """The dense twin of `repro(size)`: every mixer the attention entry; everything else equal."""
+    cfg = dense_twin(repro(size))
+    cfg.name = f"simplicial_repro_{size}_dense"
+    cfg.run_dir = f"{REPRO_ROOT}/{size}_dense"
+    return cfg
+
+
+def repro_compare(size: str) -> SimplicialExperimentConfig:
+    """Both of `size` one after the other (`run_compare`: <run dir>/dense, <run dir>/hybrid)."""
+    cfg = repro(size)
+    cfg.name = f"simplicial_compare_{size}"
+    cfg.compare = True
+    cfg.run_dir = f"{REPRO_ROOT}/compare_{size}"
+    return cfg
+
+
 PRESETS = {"default": config, "dense": dense, "compare": compare, "gpu_1b": gpu_1b}
+for _size in REPRO_SIZES:
+    PRESETS[f"repro_{_size}"] = (lambda s=_size: repro(s))
+    PRESETS[f"repro_{_size}_dense"] = (lambda s=_size: repro_dense(s))
+    PRESETS[f"compare_{_size}"] = (lambda s=_size: repro_compare(s))
+del _size
 
 
 def dense_twin(cfg):
