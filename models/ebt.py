@@ -27,7 +27,8 @@ probability scale plus the gradient step and alpha learns the scale. alpha_k = m
 per-(batch, position) factor drawn from U[1/s, s] when step_size_spread s > 1 (i.e. U[alpha/s, s*alpha]).
 Because E_i depends on p_i only, d(sum E)/dp gives every position its own gradient in one backward.
 Training loss: CE(softmax(y_K), next token) ("last", the paper's S2 setting) or the mean over k=1..K of
-CE(softmax(y_k)) ("all", S1); earlier steps stay attached (detach_earlier=False), so the gradient flows
+CE(softmax(y_k)) ("all"; the reference's S1 adds detach_chain: each step starts from the previous logits
+detached); earlier steps stay attached (detach_earlier=False, detach_chain=False), so the gradient flows
 through every inner gradient, i.e. second-order backprop (jax.grad inside the loss). detach_earlier=True is
 the reference's S2 `--truncate_mcmc`: second order only through the last step, the earlier inner gradients
 being constants while the chain y_0 -> y_K stays attached. K is drawn per step from
@@ -301,9 +302,10 @@ class EBTConfig(DecoderConfig):
     alpha_init / alpha_lr_scale: the learnable step size (clamped >= 1e-4) and its learning-rate multiplier.
     think_steps (+ U{0..think_steps_random} extra when training), step_size_spread s (U[alpha/s, s*alpha]
     per batch row and position; 1 = off), langevin_std (noise on the logits before each softmax, training
-    only), loss_steps "last" (S2) | "all" (S1), detach_earlier (second order only through the last step, the
-    reference's --truncate_mcmc; see `think`), replay_size rows / replay_fraction of each batch, init_logit_std
-    of y_0.
+    only), loss_steps "last" (S2) | "all" (S1, with detach_chain), detach_earlier (second order only through
+    the last step, the reference's --truncate_mcmc; see `think`), detach_chain (each step starts from the
+    previous step's logits detached: the reference's default, its S1 runs), replay_size rows /
+    replay_fraction of each batch, init_logit_std of y_0.
     alpha_learnable: False keeps alpha at alpha_init (the reference S2 runs use a fixed step size 5).
     time_embed: L > 0 adds the reference's thinking-step conditioning (ebt_type=time_embed): a learned
     embedding per landscape, prepended to the observed stream as a token every position attends to; step k
@@ -329,6 +331,7 @@ class EBTConfig(DecoderConfig):
     langevin_std: float = 0.0
     loss_steps: str = "last"
     detach_earlier: bool = False
+    detach_chain: bool = False
     replay_size: int = 0
     replay_fraction: float = 0.0
     init_logit_std: float = 1.0
@@ -540,8 +543,8 @@ SECOND_ORDER_MODES = ("reverse", "jvp")
 
 def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax.Array, num_steps: int, *,
           active_steps: jax.Array | None = None, step_scale: jax.Array | None = None, langevin_std: float = 0.0,
-          rng: jax.Array | None = None, detach_earlier: bool = False, final_energy: bool = False,
-          second_order: str = "reverse") -> ThinkResult:
+          rng: jax.Array | None = None, detach_earlier: bool = False, detach_chain: bool = False,
+          final_energy: bool = False, second_order: str = "reverse") -> ThinkResult:
     """Runs eq. (1) num_steps times from logits y0 [B,S,V]. energy_fn(p [B,S,V]) -> [B,S].
 
     active_steps (traced int <= num_steps): later steps leave y unchanged (random step counts under jit).
@@ -550,6 +553,9 @@ def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax
     earlier inner gradients dE/dp_k are constants to the outer gradient, `create_graph=False`), while the
     chain y_0 -> y_K stays attached (`--no_mcmc_detach`), so alpha and the softmax Jacobians of every step
     are still differentiated. Earlier steps then run as a first-order scan that stores no inner backward pass.
+    detach_chain: every step starts from stop_gradient(y_k) (the reference's default between-step detach, its S1
+    setting without `--no_mcmc_detach`): an outer gradient of step k's output reaches the parameters only through
+    step k's own inner gradient (second order) and alpha, not through earlier steps.
     second_order: how an outer gradient differentiates the inner gradient dE/dp: "reverse" (autodiff through
     the inner VJP: stores the inner backward pass) or "jvp" (energy_fn must be an EnergyFn: the custom VJP
     `_inner_grad_jvp`, same values, less memory, one more energy forward per step).
@@ -585,7 +591,7 @@ def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax
 
     def scan_steps(y, n, inner, active):
         def step(y, k):  # a lax.scan body: one compiled inner step whatever num_steps is
-            p = probs(y, k)
+            p = probs(start(y), k)
             g, e = inner(p, k)
             y_new = p - a * g
             y = y_new if active is None else jnp.where(k < active, y_new, y)
@@ -593,13 +599,14 @@ def think(energy_fn: Callable[[jax.Array], jax.Array], y0: jax.Array, alpha: jax
 
         return jax.lax.scan(step, y, jnp.arange(n))
 
+    start = jax.lax.stop_gradient if detach_chain else (lambda y: y)
     y0 = y0.astype(jnp.float32)
     if not detach_earlier:
         y, (ys, es) = scan_steps(y0, num_steps, full_grad, active_steps)
     else:
         last = num_steps - 1 if active_steps is None else active_steps - 1  # the last active step
         y, (ys_pre, es_pre) = scan_steps(y0, num_steps - 1, const_grad, last)
-        p = probs(y, last)
+        p = probs(start(y), last)
         g, e_last = full_grad(p, last)
         y = p - a * g
         # steps from `last` on report the final logits and the last step's energy, as inactive steps do
@@ -742,7 +749,8 @@ class EBT(NextTokenTask):
             out_steps = cfg.eval_steps()
             max_steps, active, scale, noise = max(out_steps, cfg.eval_report_steps), None, None, 0.0
         res = think(self._energy_fn(params, tokens, kw), y0, alpha, max_steps, active_steps=active, step_scale=scale,
-                    langevin_std=noise, rng=r_noise, detach_earlier=cfg.detach_earlier, second_order=cfg.second_order)
+                    langevin_std=noise, rng=r_noise, detach_earlier=cfg.detach_earlier, detach_chain=cfg.detach_chain,
+                    second_order=cfg.second_order)
         ce_rows = jnp.sum(cross_entropy(res.logits, targets[None])[0] * mask, axis=2)  # [K, rows]
         n_fresh, n_all = jnp.sum(mask[:b]), jnp.sum(mask)
         ce_fresh = jnp.sum(ce_rows[:, :b], axis=1) / jnp.maximum(n_fresh, 1.0)  # the reported loss

@@ -255,6 +255,50 @@ def test_detach_earlier_is_second_order_through_the_last_step_only(model, steps,
                        np.asarray(want[0]["energy_head"]["kernel"], np.float64)) > 1e-2
 
 
+def test_detach_chain_starts_every_step_from_detached_logits(model):
+    """detach_chain (the reference's S1 between-step detach): the mean over steps of a loss on y_k has the gradient
+    of an explicit unrolled chain in which every step starts from stop_gradient(y_{k-1}) (second order through
+    each step's own inner gradient only), and differs from the attached chain's."""
+    task, params = model
+    bt = batch(2, 5, seed=41)
+    y0 = jax.random.normal(jax.random.key(42), (2, 5, V))
+    std, rng, steps = 0.3, jax.random.key(44), 3
+    noise = [std * jax.random.normal(jax.random.fold_in(rng, k), y0.shape) for k in range(steps)]
+    w = jax.random.normal(jax.random.key(45), (steps, 2, 5, V))
+    energy = lambda pr, p: task.energy(pr, bt["inputs"], p)
+
+    def unrolled(pr, a):
+        y, out = y0, []
+        for k in range(steps):
+            p = jax.nn.softmax(jax.lax.stop_gradient(y) + noise[k], axis=-1)
+            g = jax.grad(lambda q: jnp.sum(energy(pr, q)))(p)
+            y = p - a * g
+            out.append(y)
+        return jnp.sum(jnp.stack(out) * w)
+
+    def via_think(pr, a, detach_chain):
+        res = think(lambda p: energy(pr, p), y0, a, steps, langevin_std=std, rng=rng, detach_chain=detach_chain)
+        return jnp.sum(res.logits * w)
+
+    alpha = jnp.float32(2.0)
+    want = jax.grad(unrolled, argnums=(0, 1))(params, alpha)
+    got = jax.grad(lambda pr, a: via_think(pr, a, True), argnums=(0, 1))(params, alpha)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert rel_err(np.asarray(a, np.float64), np.asarray(b, np.float64)) < 1e-4
+    np.testing.assert_allclose(via_think(params, alpha, True), via_think(params, alpha, False), rtol=1e-5)
+    attached = jax.grad(lambda pr: via_think(pr, alpha, False))(params)
+    assert rel_err(np.asarray(attached["energy_head"]["kernel"], np.float64),
+                   np.asarray(want[0]["energy_head"]["kernel"], np.float64)) > 1e-2
+    # the config field reaches the loss: one gradient step of the task differs with and without it
+    cfg = dataclasses.replace(task.cfg, loss_steps="all", think_steps=3)
+    grads = []
+    for dc in (False, True):
+        t = dataclasses.replace(cfg, detach_chain=dc).build()
+        grads.append(jax.grad(lambda pr, t=t: t.loss({"params": pr}, bt, jax.random.key(3), train=True)[0])(params))
+    assert rel_err(np.asarray(grads[0]["energy_head"]["kernel"], np.float64),
+                   np.asarray(grads[1]["energy_head"]["kernel"], np.float64)) > 1e-3
+
+
 def test_alpha_clamp_and_lr_scale():
     from axlearn_like.params import lr_scales
 
