@@ -226,23 +226,31 @@ def _fmt(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _count(n: float) -> str:
+    """57156096 -> '57.2M', 61248 -> '61.2k' (3 significant digits)."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.3g}"
+
+
 def _md(runs: dict, gaps: dict) -> str:
     lines = ["# 2-simplicial hybrid vs dense: summary", "",
              "| run | params | non-emb | GFLOP/token (simplicial op) | steps | tokens | train FLOPs | eval loss | "
              "train loss (last 5 logs) | MFU (median) | wall |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs.values():
-        lines.append(f"| {run_name(r['size'], r['variant'])} | {r['params'] / 1e6:.1f}M | "
-                     f"{r['non_embedding'] / 1e6:.1f}M | {r['flops_per_token'] / 1e9:.3f} "
-                     f"({r['simplicial_flops_per_token'] / 1e9:.3f}) | {r['steps']} of {r['target_steps']} | "
-                     f"{r['tokens'] / 1e6:.1f}M | {r['train_flops']:.2e} | {_fmt(r['eval_loss'], '.4f')} | "
+        lines.append(f"| {run_name(r['size'], r['variant'])} | {_count(r['params'])} | "
+                     f"{_count(r['non_embedding'])} | {r['flops_per_token'] / 1e9:.3g} "
+                     f"({r['simplicial_flops_per_token'] / 1e9:.3g}) | {r['steps']} of {r['target_steps']} | "
+                     f"{_count(r['tokens'])} | {r['train_flops']:.2e} | {_fmt(r['eval_loss'], '.4f')} | "
                      f"{_fmt(r['train_loss_last5'], '.4f')} | {_fmt(r['mfu_median'], '.1%')} | "
                      f"{_fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
     lines += ["", "| size | non-emb params | at step (tokens) | dense eval | hybrid eval | gap dense - hybrid | "
               "hybrid FLOPs / dense |", "|---|---:|---:|---:|---:|---:|---:|"]
     for z, g in gaps["sizes"].items():
         part = "" if g["complete"] else " (partial)"
-        lines.append(f"| {z} | {g['non_embedding'] / 1e6:.1f}M | {g['step']} ({g['tokens'] / 1e6:.1f}M){part} | "
+        lines.append(f"| {z} | {_count(g['non_embedding'])} | {g['step']} ({_count(g['tokens'])}){part} | "
                      f"{g['dense']:.4f} | {g['hybrid']:.4f} | {g['gap']:+.4f} | {g['flops_ratio']:.2f}x |")
     grows = gaps["gap_grows_with_size"]
     lines += ["", "Gap > 0: the hybrid reaches lower eval loss (nats/token) at equal parameters and tokens. "
@@ -260,7 +268,7 @@ def _plot_gaps(gaps: dict, out: str) -> None:
     sizes = gaps["sizes"]
     x = [g["non_embedding"] / 1e6 for g in sizes.values()]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for v, marker in (("dense", "o"), ("hybrid", "s")):
+    for v, marker in (("hybrid", "s"), ("dense", "o")):  # the loss plots' colour order
         a.plot(x, [g[v] for g in sizes.values()], marker=marker, label=LABELS[v])
     b.plot(x, [g["gap"] for g in sizes.values()], marker="o", color="k")
     b.axhline(0.0, color="gray", lw=0.8)
