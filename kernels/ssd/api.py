@@ -11,9 +11,18 @@ the cotangent of the in-chunk cumsum is
     dcs_t = C_t.dC_t^h - dt_t x_t.W_t + [t = last] <dS_{c+1}, S_{c+1}>
 and da = reverse-cumsum(dcs) within the chunk, ddt = x.W + A da, dA = sum dt da.
 
-Packed rows (segment_ids, the recurrence restarts at every document; reference.py module doc): xla only, the
-same chunked forward with document masks, differentiated by JAX autodiff (memory still linear in seq: the saved
-intermediates are per-chunk Q x Q blocks).
+Packed rows (segment_ids, the recurrence restarts at every document; reference.py module doc): every
+implementation, through the same custom VJP. With r the chunk-relative document index (reference.chunk_documents)
+the forward multiplies four 0/1 masks into factors it already has: chunk-state weights by f_s = [r_s = r_last],
+the chunk decay by k_c = [r_last = 0] (here), the intra-chunk decay by [r_t = r_s] and the carried-state term by
+e_t = [r_t = 0] (inside chunk_scan). The masks are functions of the integer ids only, so each masked factor
+m exp(u) has derivative m exp(u) in u: zero where masked, unchanged elsewhere. The backward therefore keeps the
+formulas above with the same masks in the same places: the reverse state recurrence runs with k_c and
+e_t exp(cs_t) as its decay and weights, chunk_bwd_dx_dB masks its t-sum by [r_t = r_s] and its dS_{c+1} terms by
+f_s, chunk_bwd_dC its s-sum by [r_s = r_t] and its state term by e_t, and dcs_t is the same expression in the
+masked W and dC. The carried term stays <dS_{c+1}, S_{c+1}>: d/dcs_last of k_c exp(cs_last) S_c +
+sum_s f_s exp(cs_last - cs_s) dt_s x_s B_s^T is that (masked) sum itself, i.e. S_{c+1}. Kernels get r (int32
+[b, c, Q], one int per position), never a dense mask; without segment_ids no mask is formed anywhere.
 """
 from __future__ import annotations
 
@@ -93,8 +102,7 @@ class SSD(Op):
         return {"segments": segment_ids is not None}
 
     def unsupported(self, implementation, *, segments=False):
-        if segments and implementation != "xla":
-            return "has no segment_ids (document resets); pass implementation='xla' (or None)"
+        # segment_ids (document resets) run on every implementation
         return requires_jax_triton() if implementation == "triton" else None
 
 
@@ -111,10 +119,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
       A: [heads] negative; B, C: [batch, seq, groups, d_state], heads a multiple of groups;
       chunk_size: SSD chunk length Q (any seq; padded internally);
       D: [heads] skip connection or None; initial_state: [batch, heads, head_dim, d_state] or None (zeros);
-      implementation: "xla", "pallas", "triton" or None (per backend; "xla" whenever segment_ids is given);
+      implementation: "xla", "pallas", "triton" or None (per backend);
       segment_ids: int [batch, seq] or None (packed rows, like mamba_ssm's seq_idx): the state restarts from 0
         (H_t = dt_t x_t B_t^T) at every position whose id differs from the previous position's; padding id 0
-        runs are documents of their own; initial_state feeds only the row's first document. xla only.
+        runs are documents of their own; initial_state feeds only the row's first document.
     Returns y with x's shape and dtype, and with return_final_state=True also the float32 final state (the
     state after the last position, i.e. of the row's last document).
     """
@@ -127,30 +135,23 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
         D = jnp.zeros((h,), F32)
     if initial_state is None:
         initial_state = jnp.zeros((b, h, P, N), F32)
-    if segment_ids is None and impl == "pallas":
+    run = functools.partial(_ssd_segments, chunk_size, impl)
+    args = (x, dt, A, B, C, D, initial_state, segment_ids)
+    if impl == "pallas":
         # Mosaic kernels run per chip: batch rows and heads split over the mesh (common.partitioned); B and C
-        # split with the heads only where every chip's heads keep their own groups.
+        # split with the heads only where every chip's heads keep their own groups; segment_ids with the rows.
         gd = "b.h." if B.shape[2] > 1 else "b..."
-        y, final = common.partitioned(functools.partial(_ssd, chunk_size, impl), (x, dt, A, B, C, D, initial_state),
-                                      ("b.h.", "b.h", "h", gd, gd, "h", "bh.."), ("b.h.", "bh.."))
-    elif segment_ids is None:
-        y, final = _ssd(chunk_size, impl, x, dt, A, B, C, D, initial_state)
-    else:  # plain autodiff through the masked xla forward
-        y, states = _forward(chunk_size, "xla", x, dt, A, B, C, D, initial_state,
-                             _documents(segment_ids, chunk_size))
-        final = states[:, -1]
+        y, final = common.partitioned(run, args, ("b.h.", "b.h", "h", gd, gd, "h", "bh..", "b."), ("b.h.", "bh.."))
+    else:
+        y, final = run(*args)
     return (y, final) if return_final_state else y
 
 
-def _documents(segment_ids, chunk_size):
-    """-> (d [b, c, Q] int32 document index, padded with the last document; d_in [b, c] the document open at
-    each chunk's start, i.e. d at the previous chunk's last position, 0 for the first chunk)."""
-    d = reference.document_index(segment_ids)
-    b, L = d.shape
-    pad = (-L) % chunk_size
-    d = jnp.pad(d, [(0, 0), (0, pad)], mode="edge").reshape(b, -1, chunk_size)
-    d_in = jnp.concatenate([jnp.zeros_like(d[:, :1, 0]), d[:, :-1, -1]], axis=1)
-    return d, d_in
+def _ssd_segments(chunk_size, impl, x, dt, A, B, C, D, init, segment_ids):
+    """segment_ids [b, L] (or None) -> chunk-relative document indices, then the custom-VJP op (per shard under
+    common.partitioned: the indices depend on the row only)."""
+    docs = None if segment_ids is None else reference.chunk_documents(segment_ids, chunk_size)
+    return _ssd(chunk_size, impl, x, dt, A, B, C, D, init, docs)
 
 
 def _chunked(chunk_size, x, dt, A, B, C):
@@ -173,46 +174,56 @@ def _unchunk(v, L):
     return v.reshape(b, c * Q, *v.shape[3:])[:, :L]
 
 
+def _doc_gates(docs, cs):
+    """(f [b,h,c,Q]: r_s = r_last, k [b,h,c]: r_last = 0) as float32 0/1 multipliers, or (1, 1) without docs."""
+    if docs is None:
+        return 1.0, 1.0
+    f = (docs == docs[..., -1:])[:, None].astype(F32)
+    k = (docs[..., -1] == 0)[:, None].astype(F32)
+    return jnp.broadcast_to(f, cs.shape), jnp.broadcast_to(k, cs.shape[:-1])
+
+
 def _forward(chunk_size, impl, x, dt, A, B, C, D, init, docs=None):
+    """The chunked forward: y [b, L, h, P] in x.dtype and states [b, c+1, h, P, N] f32. Plain jnp for impl='xla',
+    so jax autodiff through it is the tests' second reference for the custom VJP."""
     st = _stages(impl)
     xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
-    w = dtc * jnp.exp(cs[..., -1:] - cs)
-    decay = jnp.exp(cs[..., -1])
-    if docs is None:
-        y_kw = {}
-    else:  # chunk states only from the chunk-end document; no carry through a chunk that contains a reset
-        d, d_in = docs
-        w = w * (d == d[..., -1:])[:, None].astype(F32)
-        decay = decay * (d[..., -1] == d_in)[:, None].astype(F32)
-        y_kw = {"docs": docs}
+    f, k = _doc_gates(docs, cs)
+    # with docs: chunk states only from the chunk-end document; no carry through a chunk that contains a reset
+    w = dtc * jnp.exp(cs[..., -1:] - cs) * f
+    decay = jnp.exp(cs[..., -1]) * k
+    y_kw = {} if docs is None else {"docs": docs}
     states = st.state_passing(st.chunk_state(xc, Bc, w), decay, init.astype(F32))
     y = st.chunk_scan(xc, dtc, cs, Bc, Cc, states, D, **y_kw)
     return _unchunk(y, x.shape[1]).astype(x.dtype), states
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _ssd(chunk_size, impl, x, dt, A, B, C, D, init):
-    y, states = _forward(chunk_size, impl, x, dt, A, B, C, D, init)
+def _ssd(chunk_size, impl, x, dt, A, B, C, D, init, docs):
+    y, states = _forward(chunk_size, impl, x, dt, A, B, C, D, init, docs)
     return y, states[:, -1]
 
 
-def _ssd_fwd(chunk_size, impl, x, dt, A, B, C, D, init):
-    y, states = _forward(chunk_size, impl, x, dt, A, B, C, D, init)
-    return (y, states[:, -1]), (x, dt, A, B, C, D, init, states)
+def _ssd_fwd(chunk_size, impl, x, dt, A, B, C, D, init, docs):
+    y, states = _forward(chunk_size, impl, x, dt, A, B, C, D, init, docs)
+    return (y, states[:, -1]), (x, dt, A, B, C, D, init, docs, states)
 
 
 def _ssd_bwd(chunk_size, impl, res, cts):
-    x, dt, A, B, C, D, init, states = res
+    x, dt, A, B, C, D, init, docs, states = res
     dy, dfinal = cts
     st = _stages(impl)
     L = x.shape[1]
     xc, dtc, cs, Bc, Cc = _chunked(chunk_size, x, dt, A, B, C)
     dyc = _chunked(chunk_size, dy, dt, A, B, C)[0]
-    decay = jnp.exp(cs[..., -1])
-    dstates, carried = st.state_passing(st.chunk_state(dyc, Cc, jnp.exp(cs)), decay, dfinal.astype(F32),
-                                        reverse=True, fwd_states=states)
-    dx, dB, ddt_direct, dD_part = st.chunk_bwd_dx_dB(xc, dtc, cs, Bc, Cc, dyc, dstates, D)
-    dC, CdC = st.chunk_bwd_dC(xc, dtc, cs, Bc, Cc, dyc, states)
+    _, k = _doc_gates(docs, cs)
+    kw = {} if docs is None else {"docs": docs}
+    # reverse state recurrence: dS_c = k_c exp(cs_last) dS_{c+1} + sum_t e_t exp(cs_t) dy_t^T C_t
+    entry = jnp.exp(cs) if docs is None else jnp.exp(cs) * (docs == 0)[:, None].astype(F32)
+    dstates, carried = st.state_passing(st.chunk_state(dyc, Cc, entry), jnp.exp(cs[..., -1]) * k,
+                                        dfinal.astype(F32), reverse=True, fwd_states=states)
+    dx, dB, ddt_direct, dD_part = st.chunk_bwd_dx_dB(xc, dtc, cs, Bc, Cc, dyc, dstates, D, **kw)
+    dC, CdC = st.chunk_bwd_dC(xc, dtc, cs, Bc, Cc, dyc, states, **kw)
     dcs = (CdC - dtc * ddt_direct).at[..., -1].add(carried)
     da = jnp.flip(jnp.cumsum(jnp.flip(dcs, -1), -1), -1)
     ddt = ddt_direct + A.astype(F32)[None, :, None, None] * da
@@ -227,6 +238,7 @@ def _ssd_bwd(chunk_size, impl, res, cts):
         _unchunk(dC, L).astype(C.dtype),
         jnp.sum(dD_part, axis=(0, 2, 3)).astype(D.dtype),
         dstates[:, 0].astype(init.dtype),
+        None,  # integer document indices: no cotangent
     )
 
 

@@ -16,9 +16,12 @@ exponentiates a positive number, so it cannot overflow (masked entries get expon
 Document resets (packed rows, segment_ids): with d_t the row's document index (0 for the first document, +1 at
 every position whose segment id differs from the previous position's), the recurrence becomes
     H_t = [d_t = d_{t-1}] exp(dt_t A) H_{t-1} + dt_t x_t B_t^T          (d_{-1} = 0: h_{-1} feeds the first document)
-and in the chunked form the decay exp(cs_t - cs_s) is also masked to d_t = d_s, the state term exp(cs_t) S_c C_t to
-d_t = d_in_c (the document open at the chunk's start), chunk states keep only s with d_s = d_last, and the chunk
-decay is zeroed when the chunk contains a reset (d_last != d_in_c).
+The stages see it as r [b, c, Q] int32, the document index relative to the document open at the chunk's start
+(r = d - d_in, d_in = d at the previous chunk's last position, 0 for the first chunk; r is non-decreasing, so
+r_t = r_s means no reset in (s, t]). In the chunked form the decay exp(cs_t - cs_s) is masked to r_t = r_s, the
+state term exp(cs_t) S_c C_t to r_t = 0, chunk states keep only s with r_s = r_last, and the chunk decay is zeroed
+when r_last != 0 (api._forward applies the last two; the stages take `docs=r` for the first two, and the
+backward stages for the same masks transposed).
 
 Internal layout ("chunked"): x [b, c, Q, h, P] and B, C [b, c, Q, g, N] are free reshapes of the user's
 [b, L, ...] arrays; per-position scalars (dt, cs) are [b, h, c, Q] float32; states are [b, c+1, h, P, N]
@@ -148,19 +151,38 @@ def state_passing(chunk_states, chunk_decay, init, reverse=False, fwd_states=Non
     return allst
 
 
+def chunk_documents(segment_ids, chunk_size):
+    """segment_ids int [b, L] -> r int32 [b, c, Q]: each position's document index relative to the document open
+    at its chunk's start (module doc). Seq is padded to whole chunks with the last document (padding has dt = 0
+    and x = 0, so it adds nothing to any state)."""
+    d = document_index(segment_ids)
+    b, L = d.shape
+    pad = (-L) % chunk_size
+    d = jnp.pad(d, [(0, 0), (0, pad)], mode="edge").reshape(b, -1, chunk_size)
+    d_in = jnp.concatenate([jnp.zeros_like(d[:, :1, 0]), d[:, :-1, -1]], axis=1)
+    return d - d_in[..., None]
+
+
+def _doc_masks(docs):
+    """r [b,c,Q] -> (same [b,1,1,c,t,s] bool: r_t = r_s; entry [b,1,1,c,Q] f32: r_t = 0; tail [b,1,1,c,Q] f32:
+    r_s = r_last), shaped to broadcast against [b, g, r, c, ...] per-head tensors; all None when docs is None."""
+    if docs is None:
+        return None, None, None
+    r = docs[:, None, None]
+    same = r[..., :, None] == r[..., None, :]
+    return same, (r == 0).astype(F32), (r == r[..., -1:]).astype(F32)
+
+
 def chunk_scan(x, dt, cs, Bm, Cm, states, D, docs=None):
     """y per chunk (first equation of the module docstring); states [b, c+1, h, P, N]. Returns [b,c,Q,h,P] f32.
-    docs (xla only): (d [b,c,Q] document index, d_in [b,c] document open at each chunk's start) masks the
-    intra-chunk decay to one document and the carried-state term to the chunk's first document."""
+    docs: r [b, c, Q] int32 (chunk_documents) or None; masks the intra-chunk decay to one document (r_t = r_s) and
+    the carried-state term to the chunk's entering document (r_t = 0)."""
     g = Bm.shape[3]
     Bf, Cf = Bm.astype(F32), Cm.astype(F32)
     csg, dtg = _per_head(cs, g), _per_head(dt, g)
     xg = _heads(x, g).astype(F32)
-    same_doc, state_w = None, jnp.exp(csg)
-    if docs is not None:
-        d, d_in = docs
-        same_doc = (d[..., :, None] == d[..., None, :])[:, None, None]  # [b,1,1,c,t,s]
-        state_w = state_w * (d == d_in[..., None])[:, None, None].astype(F32)
+    same_doc, entry, _ = _doc_masks(docs)
+    state_w = jnp.exp(csg) if entry is None else jnp.exp(csg) * entry
     CB = jnp.einsum("bctgn,bcsgn->bgcts", Cf, Bf)  # shared by the heads of a group
     M = CB[:, :, None] * _decay_matrix(csg, csg, same_doc) * dtg[..., None, :]  # [b,g,r,c,t,s]
     y = jnp.einsum("bgrcts,bcsgrp->bctgrp", M, xg)
@@ -171,22 +193,26 @@ def chunk_scan(x, dt, cs, Bm, Cm, states, D, docs=None):
     return y.reshape(x.shape)
 
 
-def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D):
+def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, docs=None):
     """Cotangents flowing through the "source" side s of each chunk.
 
     With W_s = sum_{t>=s} (B_s.C_t) exp(cs_t - cs_s) dy_t + exp(cs_last - cs_s) dS_{c+1} B_s:
       dx_s = dt_s W_s + D dy_s;   ddt_direct_s = x_s.W_s;   dD_s = dy_s.x_s (summed later);
       dB_s = sum_heads [ sum_{t>=s} (dy_t.x_s) exp(cs_t - cs_s) dt_s C_t + exp(cs_last - cs_s) dt_s dS_{c+1}^T x_s ].
-    dstates [b, c+1, h, P, N] holds dS_c (index c); dS_{c+1} is index c+1.
+    dstates [b, c+1, h, P, N] holds dS_c (index c); dS_{c+1} is index c+1. docs (r [b,c,Q] or None): the sums
+    over t keep r_t = r_s, the dS_{c+1} terms r_s = r_last (the forward's masks, transposed).
     Returns dx [b,c,Q,h,P] f32, dB [b,c,Q,g,N] f32, ddt_direct [b,h,c,Q], dD_part [b,h,c,Q]."""
     g = Bm.shape[3]
     Bf, Cf = Bm.astype(F32), Cm.astype(F32)
     csg, dtg = _per_head(cs, g), _per_head(dt, g)
     xg, dyg = _heads(x, g).astype(F32), _heads(dy, g).astype(F32)
-    L = _decay_matrix(csg, csg)  # [b,g,r,c,t,s]
+    same_doc, _, tail_mask = _doc_masks(docs)
+    L = _decay_matrix(csg, csg, same_doc)  # [b,g,r,c,t,s]
     CB = jnp.einsum("bctgn,bcsgn->bgcts", Cf, Bf)
     dSn = dstates[:, 1:].reshape(dstates.shape[0], dstates.shape[1] - 1, g, -1, *dstates.shape[3:])
     tail = jnp.exp(csg[..., -1:] - csg)  # exp(cs_last - cs_s) [b,g,r,c,s]
+    if tail_mask is not None:
+        tail = tail * tail_mask
     W = jnp.einsum("bgcts,bgrcts,bctgrp->bcsgrp", CB, L, dyg)
     W = W + jnp.einsum("bgrcs,bcgrpn,bcsgn->bcsgrp", tail, dSn, Bf)
     dtx = jnp.moveaxis(dtg, (1, 2, 3, 4), (3, 4, 1, 2))[..., None]  # [b,c,s,g,r,1]
@@ -202,19 +228,22 @@ def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D):
     return dx.reshape(x.shape), dB, ddt_direct, dD_part
 
 
-def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states):
+def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states, docs=None):
     """Cotangents through the "query" side t: per head
       dC_t^h = sum_{s<=t} (dy_t.x_s) exp(cs_t - cs_s) dt_s B_s + exp(cs_t) S_c^T dy_t,
-    returns dC [b,c,Q,g,N] f32 (summed over the heads of a group) and CdC [b,h,c,Q] = C_t.dC_t^h, which equals
-    dy_t.(y_t - D x_t), the cumsum cotangent's "query" term."""
+    (with docs: the sum keeps r_s = r_t, the state term r_t = 0), returns dC [b,c,Q,g,N] f32 (summed over the heads
+    of a group) and CdC [b,h,c,Q] = C_t.dC_t^h, which equals dy_t.(y_t - D x_t), the cumsum cotangent's "query"
+    term."""
     g = Bm.shape[3]
     Bf, Cf = Bm.astype(F32), Cm.astype(F32)
     csg, dtg = _per_head(cs, g), _per_head(dt, g)
     xg, dyg = _heads(x, g).astype(F32), _heads(dy, g).astype(F32)
-    L = _decay_matrix(csg, csg)
+    same_doc, entry, _ = _doc_masks(docs)
+    L = _decay_matrix(csg, csg, same_doc)
+    state_w = jnp.exp(csg) if entry is None else jnp.exp(csg) * entry
     S = states[:, :-1].reshape(states.shape[0], states.shape[1] - 1, g, -1, *states.shape[3:])
     XDY = jnp.einsum("bctgrp,bcsgrp->bgrcts", dyg, xg)
     dCh = jnp.einsum("bgrcts,bgrcts,bgrcs,bcsgn->bctgrn", XDY, L, dtg, Bf)
-    dCh = dCh + jnp.einsum("bgrct,bcgrpn,bctgrp->bctgrn", jnp.exp(csg), S, dyg)
+    dCh = dCh + jnp.einsum("bgrct,bcgrpn,bctgrp->bctgrn", state_w, S, dyg)
     CdC = jnp.einsum("bctgrn,bctgn->bgrct", dCh, Cf).reshape(cs.shape)
     return jnp.sum(dCh, axis=4), CdC

@@ -14,6 +14,7 @@ from tests.oracle import assert_close, rel_err
 
 CPU_IMPLS = ["xla", "pallas"]
 F32 = np.dtype(np.float32)
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 def np_keep(seg, b, L):
@@ -131,19 +132,15 @@ class TestSSD(OpTestBase):
         b, L, h, P = self.SHAPE[:4]
         assert y.dtype == call.dtype and y.shape == (b, L, h, P) and final.dtype == jnp.float32
 
-    def test_segment_ids_run_on_xla_only(self, monkeypatch):
-        """Packed rows (segment_ids) fall back to xla under implementation=None with one warning where a faster
-        kernel exists; an explicit fused choice is a one-line error."""
-        from kernels.op import KernelFallbackWarning
-
-        monkeypatch.setattr("kernels.op._WARNED", set())
+    def test_segment_ids_take_the_fused_kernels(self, monkeypatch):
+        """Packed rows (segment_ids) run on every implementation: implementation=None picks the backend's fused
+        kernel with or without segments (before issue 18 they fell back to xla)."""
         monkeypatch.setattr(common, "has_jax_triton", lambda: True)
         with common.target_backend("gpu"):
-            with pytest.warns(KernelFallbackWarning, match="'triton' has no segment_ids"):
-                assert OP.pick(None, segments=True) == "xla"
-            with pytest.raises(ValueError, match="implementation='triton' has no segment_ids"):
-                OP.pick("triton", segments=True)
-        assert OP.pick(None, segments=True) == "xla"  # on this CPU: the only candidate, no warning needed
+            assert OP.pick(None, segments=True) == "triton" == OP.pick("triton", segments=True)
+        with common.target_backend("tpu"):
+            assert OP.pick(None, segments=True) == "pallas"
+        assert OP.pick("pallas", segments=True) == "pallas"  # on this CPU: interpret mode
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS)
@@ -216,52 +213,110 @@ SEGMENTS = np.array([[1] * 5 + [2] * 11 + [3] * 10 + [0] * 11,
                      [1] * 24 + [2] + [0] * 2 + [3] * 7 + [0] * 3], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("with_h0",))
-def ssd_segments_and_grads(seg, dy, dfinal, x, dt, A, B, C, D, h0, with_h0):
+@functools.partial(jax.jit, static_argnames=("impl", "chunk", "with_h0"))
+def ssd_segments_and_grads(seg, dy, dfinal, x, dt, A, B, C, D, h0, impl="xla", chunk=8, with_h0=True):
+    """(y, final) and the seven gradients of <y, dy> + <final, dfinal> with segment_ids (the custom VJP)."""
     def f(x, dt, A, B, C, D, h0):
-        return ssd(x, dt, A, B, C, D=D, initial_state=h0 if with_h0 else None, chunk_size=8,
-                   return_final_state=True, segment_ids=seg)
+        return ssd(x, dt, A, B, C, D=D, initial_state=h0 if with_h0 else None, chunk_size=chunk,
+                   return_final_state=True, segment_ids=seg, implementation=impl)
 
     (y, final), vjp = jax.vjp(f, x, dt, A, B, C, D, h0)
     return y, final, vjp((dy, dfinal))
 
 
-@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no_h0"])
-def test_segment_ids_reset_state_match_float64_recurrence(with_h0):
+def check_segments_vs_float64(impl, dtype, seg, shape, chunk, with_h0=True, run=ssd_segments_and_grads,
+                              grad_factors=None):
+    """Forward, final state and every gradient with segment_ids vs the float64 recurrence on fresh inputs."""
     rng = np.random.default_rng()
-    b, (L, h, P, g, N) = 2, (37, 4, 8, 2, 8)  # seq not a multiple of the chunk, groups > 1
-    x, dt, A, B, C, D, h0 = make_inputs(rng, b, L, h, P, g, N, np.dtype(np.float32))
+    b, L = seg.shape
+    x, dt, A, B, C, D, h0 = make_inputs(rng, b, L, *shape, dtype)
     h0_ref = h0 if with_h0 else np.zeros_like(h0)
-    y_ref, final_ref = np_ssd(x, dt, A, B, C, D, h0_ref, seg=SEGMENTS)
-    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    y_ref, final_ref = np_ssd(x, dt, A, B, C, D, h0_ref, seg=seg)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)  # y's dtype, as a training step gives it
     dfinal = rng.standard_normal(final_ref.shape).astype(np.float32)
-    y, final, grads = ssd_segments_and_grads(SEGMENTS, dy, dfinal, x, dt, A, B, C, D, h0, with_h0=with_h0)
+    y, final, grads = run(seg, dy, dfinal, x, dt, A, B, C, D, h0, impl=impl, chunk=chunk, with_h0=with_h0)
+    dt_ = np.dtype(dtype)
     assert y.shape == x.shape and y.dtype == x.dtype and final.dtype == jnp.float32
-    assert_close(y, y_ref, F32, "y")
-    assert_close(final, final_ref, F32, "final_state")
+    assert_close(y, y_ref, dt_, "y")
+    assert_close(final, final_ref, dt_, "final_state")
     # the resets matter: the recurrence without them is far from this one
     assert rel_err(np_ssd(x, dt, A, B, C, D, h0_ref)[0], y_ref) > 1e-2
-    refs = np_ssd_grads(x, dt, A, B, C, D, h0_ref, dy, dfinal, seg=SEGMENTS)
+    refs = np_ssd_grads(x, dt, A, B, C, D, h0_ref, dy, dfinal, seg=seg)
+    factors = grad_factors or {"dt": 2.0, "A": 2.0}
     names = ["x", "dt", "A", "B", "C", "D"] + (["initial_state"] if with_h0 else [])
     for name, got, want in zip(names, grads, refs):
         assert got.shape == want.shape, name
-        assert_close(got, want, F32, f"d{name}", factor=2.0 if name in ("dt", "A") else 1.0)
-    if with_h0:  # h0 reaches only the first document (positions 0..4 of row 0, 0..23 of row 1)
-        np.testing.assert_allclose(y[0, 5:], ssd(x, dt, A, B, C, D=D, chunk_size=8, segment_ids=SEGMENTS)[0, 5:],
-                                   rtol=1e-5, atol=1e-5)
+        assert_close(got, want, dt_, f"d{name}", factor=factors.get(name, 1.0))
+    return x, dt, A, B, C, D, h0, y
 
 
-def test_segment_ids_errors_and_auto_xla():
+@pytest.mark.parametrize("impl,dtype,with_h0", [("xla", F32, True), ("xla", F32, False), ("pallas", F32, True),
+                                                ("pallas", F32, False), ("xla", BF16, True), ("pallas", BF16, True)],
+                         ids=["xla-f32-h0", "xla-f32", "pallas-f32-h0", "pallas-f32", "xla-bf16-h0", "pallas-bf16-h0"])
+def test_segment_ids_reset_state_match_float64_recurrence(impl, dtype, with_h0):
+    """Resets inside chunks, at chunk starts, a one-token document, padding runs, several resets in one chunk whose
+    entering document never appears in it (SEGMENTS): forward, final state and all gradients (custom VJP)."""
+    x, dt, A, B, C, D, h0, y = check_segments_vs_float64(impl, dtype, SEGMENTS, (4, 8, 2, 8), 8, with_h0)
+    if with_h0 and dtype == F32:  # h0 reaches only the first document (positions 0..4 of row 0, 0..23 of row 1)
+        y0 = ssd(x, dt, A, B, C, D=D, chunk_size=8, segment_ids=SEGMENTS, implementation=impl)
+        np.testing.assert_allclose(y[0, 5:], y0[0, 5:], rtol=1e-5, atol=1e-5)
+        assert rel_err(y[0, :5], y0[0, :5]) > 1e-2
+
+
+def test_segment_custom_vjp_equals_autodiff_of_masked_forward():
+    """The closed-form backward with document masks (api._ssd_bwd) equals jax autodiff through the masked chunked
+    forward (api._forward, plain jnp) to float32 rounding: the dcs derivation for the masks, checked directly."""
+    from kernels.ssd import api, reference
+
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 2, 37, 4, 8, 2, 8, F32)
+    docs = reference.chunk_documents(SEGMENTS, 8)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dfinal = rng.standard_normal(h0.shape).astype(np.float32)
+
+    @jax.jit
+    def both(*a):
+        plain = lambda *a: (lambda y, st: (y, st[:, -1]))(*api._forward(8, "xla", *a, docs))
+        custom = lambda *a: api._ssd(8, "xla", *a, docs)
+        return [jax.vjp(f, *a)[1]((dy, dfinal)) for f in (plain, custom)]
+
+    want, got = both(x, dt, A, B, C, D, h0)
+    for name, g, w in zip(("x", "dt", "A", "B", "C", "D", "initial_state"), got, want):
+        assert rel_err(g, w) < 2e-5, (name, rel_err(g, w))
+
+
+def test_no_segment_ids_traces_no_document_input(monkeypatch):
+    """Segments are a trace-time option: without segment_ids no Pallas kernel is given the document block (forward
+    and backward), with them chunk_scan and both backward kernels are (chunk_state is masked through its weights)."""
+    from kernels.ssd import pallas_tpu
+
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 1, 16, 2, 8, 1, 8, F32)
+    calls, real_call = [], pallas_tpu._call
+    monkeypatch.setattr(pallas_tpu, "_call", lambda kernel, ins, kinds, *a: (
+        calls.append((kernel.__name__, "r" in kinds)), real_call(kernel, ins, kinds, *a))[1])
+
+    def kernels_given_docs(seg):
+        calls.clear()
+        f = lambda x: jnp.sum(ssd(x, dt, A, B, C, D=D, chunk_size=8, segment_ids=seg, implementation="pallas"))
+        jax.make_jaxpr(jax.grad(f))(x)
+        assert len(calls) == 5, calls  # chunk_state (fwd, reverse), chunk_scan, dx/dB, dC
+        return sorted(name for name, docs in calls if docs)
+
+    assert kernels_given_docs(None) == []
+    assert kernels_given_docs(np.ones((1, 16), np.int32)) == ["_bwd_dC_kernel", "_bwd_dx_dB_kernel",
+                                                              "_chunk_scan_kernel"]
+
+
+def test_segment_ids_errors_and_one_document():
     rng = np.random.default_rng()
     x, dt, A, B, C, D, h0 = make_inputs(rng, 1, 8, 4, 4, 2, 4, np.dtype(np.float32))
     seg = np.ones((1, 8), np.int32)
-    for impl in ("triton", "pallas"):
-        with pytest.raises(ValueError, match="implementation='xla'"):
-            ssd(x, dt, A, B, C, segment_ids=seg, implementation=impl)
     with pytest.raises(ValueError, match="segment_ids must be"):
         ssd(x, dt, A, B, C, segment_ids=seg[:, :-1])
     with pytest.raises(ValueError, match="segment_ids must be"):
         ssd(x, dt, A, B, C, segment_ids=seg.astype(np.float32))
-    # one document everywhere == no segment_ids (implementation=None picks xla)
-    assert_close(ssd(x, dt, A, B, C, D=D, chunk_size=4, segment_ids=seg * 3),
-                 ssd(x, dt, A, B, C, D=D, chunk_size=4), F32)
+    # one document everywhere == no segment_ids
+    for impl in CPU_IMPLS:
+        assert_close(ssd(x, dt, A, B, C, D=D, chunk_size=4, segment_ids=seg * 3, implementation=impl),
+                     ssd(x, dt, A, B, C, D=D, chunk_size=4, implementation=impl), F32)
