@@ -9,11 +9,19 @@ extra step, randomized step size, small Langevin noise, replay buffer). Presets:
   decoder_dyck    same-size standard decoder (models.decoder) on the same Dyck data (the baseline)
   decoder_text    same-size standard decoder on the same text, at its own best lr (4e-3)
   gpu             a larger EBT for tools.bench_ebt
+  repro_text      issue 21's GPU reproduction (tools.repro_ebt, docs/results/ebt.md): the reference's S2 recipe
+                  and its "xxs" shape (6 layers, d 384, 6 heads, SwiGLU width d) on the Python installation's
+                  code (*.py), BPE 4096, 32 x 256 tokens per step
+  decoder_repro_text  the same-size Transformer++ decoder on the same data, tokens and optimizer
+  repro_text_no_replay / repro_text_no_langevin / repro_text_fixed_steps   regularizer ablations of repro_text
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import site
 import sys
+import sysconfig
 
 from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.cli import recipe_main
@@ -131,8 +139,88 @@ def gpu() -> ExperimentConfig:
     return cfg
 
 
+# --- issue 21: the GPU reproduction (tools.repro_ebt; sizing and commands in docs/results/ebt.md) ---------------
+REPRO_ROOT = "runs/ebt_repro"
+REPRO_STEPS = 12000  # x 32 x 256 = 98.3M tokens (sizing: docs/results/ebt.md)
+
+
+def code_paths() -> tuple[str, ...]:
+    """Globs of every *.py file of the running Python installation (stdlib and site-packages): the in-distribution
+    corpus. Its prose (*.md, *.rst, *.txt, package READMEs: `tools.repro_ebt.prose_files`) is the held-out
+    out-of-distribution set, so no prose is trained on."""
+    paths = sysconfig.get_paths()
+    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
+    try:
+        roots.update(site.getsitepackages())
+    except AttributeError:  # some embedded / virtualenv builds have no getsitepackages
+        pass
+    return tuple(os.path.join(r, "**", "*.py") for r in sorted(roots) if os.path.isdir(r))
+
+
+def _repro_dims(attention: type[AttentionConfig]) -> dict:
+    # The reference's "xxs" (model_utils.model_sizes: 6 blocks, 6 heads, d 384) with its FeedForward width
+    # hidden = d (ffn_dim_multiplier None), for the EBT and the Transformer++ alike; a 4096-id corpus BPE instead of
+    # its 50k GPT-NeoX vocabulary (one H200 for minutes; the V x D matrices stay ~20% of the parameters).
+    return dict(vocab_size=4096, d_model=384, num_layers=6,
+                layer_pattern=(attention(num_heads=6, num_kv_heads=6, head_dim=64),),
+                ffn_pattern=(MLPConfig(mlp_dim=384),), dtype="bfloat16")
+
+
+def repro_text() -> ExperimentConfig:
+    """The EBT of issue 21's reproduction, with the reference's S2 run (ebt_s2.sh): 2 + U{0,1} steps on one
+    time-embedded landscape, fixed alpha 5 with spread 2, Langevin 3 (1 at inference), second order through the
+    last step, replay of half a batch from 192 rows (its per-device batch is 32, as ours), AdamW lr 1.2e-3
+    (betas 0.9 / 0.999, wd 0.01, clip 1), cosine to lr/10. Its 10k-step warmup is 1% of 1M steps; ours is 2.5% of
+    12000 steps (300), since a short warmup made the text EBT spike (docs/notes/ebt.md)."""
+    cfg = text_ref_s2()
+    cfg.name = "ebt_repro_text"
+    cfg.model = dataclasses.replace(
+        cfg.model, **_repro_dims(System2AttentionConfig), second_order="jvp",
+        sample=SampleConfig(tokens=0, prompt="def "))
+    cfg.data = DataConfig(source="text", paths=code_paths(), tokenizer=f"{REPRO_ROOT}/tokenizer.json", seq_len=256,
+                          global_batch_size=32, max_bytes=400_000_000)
+    cfg.optimizer = OptimizerConfig(learning_rate=1.2e-3, warmup_steps=300, min_lr_ratio=0.1, weight_decay=0.01,
+                                    b2=0.999, clip_norm=1.0)
+    cfg.trainer = TrainerConfig(steps=REPRO_STEPS, log_every=50, eval_every=1500, eval_batches=16)
+    cfg.checkpoint = CheckpointConfig(every_steps=1000, max_to_keep=1)
+    return cfg
+
+
+def decoder_repro_text() -> ExperimentConfig:
+    """The same-size Transformer++ (GQA-free attention, RoPE, SwiGLU width d, RMSNorm, untied head) on repro_text's
+    data, tokens and optimizer (the reference trains its baseline with the EBT's lr 1.2e-3)."""
+    cfg = repro_text()
+    cfg.name = "ebt_repro_decoder"
+    cfg.model = DecoderConfig(**_repro_dims(AttentionConfig), sample=cfg.model.sample)
+    return cfg
+
+
+def repro_text_no_replay() -> ExperimentConfig:
+    cfg = repro_text()
+    cfg.name = "ebt_repro_no_replay"
+    cfg.model = dataclasses.replace(cfg.model, replay_size=0, replay_fraction=0.0)
+    return cfg
+
+
+def repro_text_no_langevin() -> ExperimentConfig:
+    cfg = repro_text()
+    cfg.name = "ebt_repro_no_langevin"
+    cfg.model = dataclasses.replace(cfg.model, langevin_std=0.0, infer_langevin_std=0.0)
+    return cfg
+
+
+def repro_text_fixed_steps() -> ExperimentConfig:
+    """Neither the step size nor the step count randomized: 3 steps (the trained maximum) of alpha 5 each."""
+    cfg = repro_text()
+    cfg.name = "ebt_repro_fixed_steps"
+    cfg.model = dataclasses.replace(cfg.model, think_steps=3, think_steps_random=0, step_size_spread=1.0)
+    return cfg
+
+
 PRESETS = {"default": config, "text": text, "text_ref_s2": text_ref_s2, "decoder_dyck": decoder_dyck,
-           "decoder_text": decoder_text, "gpu": gpu}
+           "decoder_text": decoder_text, "gpu": gpu, "repro_text": repro_text, "decoder_repro_text": decoder_repro_text,
+           "repro_text_no_replay": repro_text_no_replay, "repro_text_no_langevin": repro_text_no_langevin,
+           "repro_text_fixed_steps": repro_text_fixed_steps}
 
 if __name__ == "__main__":
     sys.exit(recipe_main("ebt"))  # the same path as `python -m recipes ebt`

@@ -82,55 +82,104 @@ def think_text(run_dir: str, text: str, steps: int, candidates: int, png: str | 
     return result
 
 
+def eval_batches(data_cfg, n: int, split: str = "eval") -> list[dict]:
+    """The first n batches of a data config's split (numpy dicts, the trainer's batch keys)."""
+    from axlearn_like.data import make_iterator
+
+    return [b for _, b in zip(range(n), make_iterator(data_cfg, split=split))]
+
+
+def _masked_ce(logits, b) -> tuple[float, float]:
+    """(summed CE over the loss mask, mask count) of logits [..., B, S, V] against b's targets (float64 sums)."""
+    from models.lm import cross_entropy
+
+    m = np.asarray(b["loss_mask"], np.float64)
+    ce = np.asarray(cross_entropy(logits, jnp.asarray(b["targets"]))[0], np.float64)
+    return float((ce * m).sum()), float(m.sum())
+
+
+def _step_ce_impl(task, params, tokens, targets, mask, positions, segment_ids, rng, steps, noise):
+    from models.ebt import alpha_value, think
+    from models.lm import cross_entropy
+
+    kw = {"positions": positions, "segment_ids": segment_ids}
+    r_init, r_noise = jax.random.split(rng)  # as EBT.think: the same start for the same rng
+    y0 = task.initial_logits(r_init, tokens.shape)
+    res = think(task._energy_fn(params, tokens, kw), y0, alpha_value(params), steps, langevin_std=noise, rng=r_noise)
+    ce = cross_entropy(res.logits, targets[None])[0]  # [steps, B, S]
+    return jnp.sum(ce * mask[None], axis=(1, 2))
+
+
+_step_ce = jax.jit(_step_ce_impl, static_argnums=(0, 8, 9))
+
+
+def think_curve(task, variables, batches, max_steps: int, *, noise: float = 0.0, seed: int = 100) -> list[float]:
+    """Held-out CE (nats/token) after each of 1..max_steps thinking steps, from one max_steps-long run per batch
+    (rng PRNGKey(seed + i) for batch i, as `EBT.think`, so entry k equals `think(steps=k + 1)` when noise = 0).
+    -> [max_steps] floats."""
+    tot, n = np.zeros(max_steps), 0.0
+    for i, b in enumerate(batches):
+        m = jnp.asarray(b["loss_mask"], jnp.float32)
+        sums = _step_ce(task, variables["params"], jnp.asarray(b["inputs"], jnp.int32), jnp.asarray(b["targets"]), m,
+                        jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"]), jax.random.PRNGKey(seed + i),
+                        int(max_steps), float(noise))
+        tot, n = tot + np.asarray(sums, np.float64), n + float(np.asarray(m, np.float64).sum())
+    return list(tot / max(n, 1.0))
+
+
+def self_verification(task, variables, batches, steps: int, g: int, noise: float, *, seed: int = 100) -> float:
+    """Held-out CE (nats/token) of the lowest-energy of g candidates (`EBT.think`: g random starts, `steps` steps
+    under Langevin noise `noise`), per position. Rows go through in chunks of at most B // g so that g candidates
+    take the memory of one batch."""
+    tot = n = 0.0
+    for i, b in enumerate(batches):
+        rows = b["inputs"].shape[0]
+        chunk = max(d for d in range(1, max(1, rows // g) + 1) if rows % d == 0)  # equal chunks: one compile
+        for j, lo in enumerate(range(0, rows, chunk)):
+            part = {k: v[lo:lo + chunk] for k, v in b.items()}
+            out = task.think(variables, part["inputs"], jax.random.fold_in(jax.random.PRNGKey(seed + i), j),
+                             steps=steps, num_candidates=g, positions=jnp.asarray(part["positions"]),
+                             segment_ids=jnp.asarray(part["segment_ids"]), langevin_std=noise)
+            s, c = _masked_ce(out["logits"], part)
+            tot, n = tot + s, n + c
+    return tot / max(n, 1.0)
+
+
+def decoder_loss(task, variables, batches) -> float:
+    """Held-out CE (nats/token) of a standard decoder (models.lm) on the same batches."""
+    tot = n = 0.0
+    for b in batches:
+        logits, _ = task.apply(variables, {k: jnp.asarray(v) for k, v in b.items()})
+        s, c = _masked_ce(logits, b)
+        tot, n = tot + s, n + c
+    return tot / max(n, 1.0)
+
+
 def eval_table(run_dir: str, baseline: str | None, batches: int, steps_list=(1, 2, 4, 8), groups=(1, 4, 16),
                langevin: float | None = None) -> list[str]:
     """Held-out CE (nats/token) over `batches` eval batches of the run's own data config: thinking steps
     without noise, then self-verification G at the trained maximum of steps with the inference Langevin noise
     (`langevin`, None = the model's inference noise)."""
-    from axlearn_like.data import make_iterator
-
     task, variables, cfg = _load(run_dir)
-    data = [b for _, b in zip(range(batches), make_iterator(cfg.data, split="eval"))]
-
-    def ce_of(logits, b):
-        from models.lm import cross_entropy
-
-        m = np.asarray(b["loss_mask"], np.float64)
-        ce = np.asarray(cross_entropy(logits, jnp.asarray(b["targets"]))[0], np.float64)
-        return float((ce * m).sum()), float(m.sum())
-
-    def run(steps, g, noise):
-        tot = n = 0.0
-        for i, b in enumerate(data):
-            out = task.think(variables, b["inputs"], jax.random.PRNGKey(100 + i), steps=steps, num_candidates=g,
-                             positions=jnp.asarray(b["positions"]), segment_ids=jnp.asarray(b["segment_ids"]),
-                             langevin_std=noise)
-            s, c = ce_of(out["logits"], b)
-            tot, n = tot + s, n + c
-        return tot / max(n, 1)
-
+    data = eval_batches(cfg.data, batches)
+    curve = think_curve(task, variables, data, max(steps_list))
     lines = [f"EBT {run_dir} (trained with {cfg.model.think_steps}+U{{0..{cfg.model.think_steps_random}}} steps), "
              f"{batches} eval batches of {cfg.data.global_batch_size}x{cfg.data.seq_len}",
              "| thinking steps | G (self-verification) | Langevin noise | held-out loss (nats/token) |",
              "|---|---|---|---|"]
     for st in steps_list:
-        lines.append(f"| {st} | 1 | 0 | {run(st, 1, 0.0):.4f} |")
+        lines.append(f"| {st} | 1 | 0 | {curve[st - 1]:.4f} |")
         print(lines[-1], flush=True)
     st0 = cfg.model.eval_steps()  # the trained maximum (what the training eval reports)
     noise = cfg.model.inference_noise() if langevin is None else langevin
     for g in groups:
-        lines.append(f"| {st0} | {g} | {noise:g} | {run(st0, g, noise):.4f} |")
+        lines.append(f"| {st0} | {g} | {noise:g} | {self_verification(task, variables, data, st0, g, noise):.4f} |")
         print(lines[-1], flush=True)
     if baseline:
         from axlearn_like import checkpoint
 
-        btask, bvars, bcfg = checkpoint.load(baseline)
-        tot = n = 0.0
-        for b in data:
-            logits, _ = btask.apply(bvars, {k: jnp.asarray(v) for k, v in b.items()})
-            s, c = ce_of(logits, b)
-            tot, n = tot + s, n + c
-        lines.append(f"| same-size decoder ({baseline}) | - | - | {tot / max(n, 1):.4f} |")
+        btask, bvars, _ = checkpoint.load(baseline)
+        lines.append(f"| same-size decoder ({baseline}) | - | - | {decoder_loss(btask, bvars, data):.4f} |")
         print(lines[-1], flush=True)
     return lines
 
