@@ -178,6 +178,10 @@ def _tail_mean(values, n: int = 5) -> float | None:
     return float(values[-n:].mean()) if len(values) else None
 
 
+def _median(values) -> float | None:
+    return float(sorted(values)[len(values) // 2]) if len(values) else None
+
+
 def _run_summary(root: str, size: str, variant: str, wall: dict) -> dict:
     from axlearn_like import rundir
     from tools.compare_runs import read_metrics, series
@@ -191,12 +195,17 @@ def _run_summary(root: str, size: str, variant: str, wall: dict) -> dict:
     es, ev = series(rows, "eval/loss")
     _, tr = series(rows, "train/loss")
     _, mfu = series(rows, "perf/mfu")
+    _, dt = series(rows, "perf/step_time_s")
+    _, real = series(rows, "train/tokens")  # non-padding target tokens of the logged step (unpacked rows pad)
+    _, bpb = series(rows, "eval/bits_per_byte")
     return {
         "size": size, "variant": variant, **c, "steps": step, "target_steps": cfg.trainer.steps,
         "tokens": step * c["tokens_per_step"], "train_flops": step * c["tokens_per_step"] * c["flops_per_token"],
         "eval_loss": float(ev[-1]) if len(ev) else None, "eval_step": int(es[-1]) if len(es) else None,
         "eval": {int(s): float(v) for s, v in zip(es, ev)},
-        "train_loss_last5": _tail_mean(tr), "mfu_median": float(sorted(mfu)[len(mfu) // 2]) if len(mfu) else None,
+        "eval_bits_per_byte": float(bpb[-1]) if len(bpb) else None, "train_loss_last5": _tail_mean(tr),
+        "mfu_median": _median(mfu), "step_time_median_s": _median(dt),
+        "non_padding_fraction": float(real.mean()) / c["tokens_per_step"] if len(real) else None,
         "wall_s": wall.get(name),
     }
 
@@ -236,15 +245,17 @@ def _count(n: float) -> str:
 
 def _md(runs: dict, gaps: dict) -> str:
     lines = ["# 2-simplicial hybrid vs dense: summary", "",
-             "| run | params | non-emb | GFLOP/token (simplicial op) | steps | tokens | train FLOPs | eval loss | "
-             "train loss (last 5 logs) | MFU (median) | wall |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| run | params | non-emb | GFLOP/token (simplicial op) | steps | tokens (non-padding) | train FLOPs | "
+             "eval loss (bits/byte) | train loss (last 5 logs) | step (median) | MFU (median) | wall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs.values():
         lines.append(f"| {run_name(r['size'], r['variant'])} | {_count(r['params'])} | "
                      f"{_count(r['non_embedding'])} | {r['flops_per_token'] / 1e9:.3g} "
                      f"({r['simplicial_flops_per_token'] / 1e9:.3g}) | {r['steps']} of {r['target_steps']} | "
-                     f"{_count(r['tokens'])} | {r['train_flops']:.2e} | {_fmt(r['eval_loss'], '.4f')} | "
-                     f"{_fmt(r['train_loss_last5'], '.4f')} | {_fmt(r['mfu_median'], '.1%')} | "
+                     f"{_count(r['tokens'])} ({_fmt(r['non_padding_fraction'], '.0%')}) | {r['train_flops']:.2e} | "
+                     f"{_fmt(r['eval_loss'], '.4f')} ({_fmt(r['eval_bits_per_byte'], '.3f')}) | "
+                     f"{_fmt(r['train_loss_last5'], '.4f')} | {_fmt(r['step_time_median_s'], '.3f')} s | "
+                     f"{_fmt(r['mfu_median'], '.1%')} | "
                      f"{_fmt(r['wall_s'] and r['wall_s'] / 60, '.1f')} min |")
     lines += ["", "| size | non-emb params | at step (tokens) | dense eval | hybrid eval | gap dense - hybrid | "
               "hybrid FLOPs / dense |", "|---|---:|---:|---:|---:|---:|---:|"]

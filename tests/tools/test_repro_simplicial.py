@@ -82,6 +82,7 @@ def test_simplicial_pipeline_resumes_and_reports(tmp_path, capsys):
     assert d["simplicial_flops_per_token"] == 0
     assert h["steps"] == d["steps"] == 4 and h["tokens"] == d["tokens"] == 4 * 4 * 16
     assert set(h["eval"]) == {"2", "4"} and 0 < h["eval_loss"] < 10 and h["wall_s"] > 0
+    assert 0 < h["non_padding_fraction"] <= 1 and h["step_time_median_s"] > 0 and h["eval_bits_per_byte"] > 0
     gap = saved["sizes"]["s"]
     assert gap["step"] == 4 and gap["complete"] and gap["gap"] == pytest.approx(d["eval_loss"] - h["eval_loss"])
     assert s["sizes"]["s"]["gap"] == pytest.approx(gap["gap"])
