@@ -1,8 +1,9 @@
 """Public 2-simplicial attention op: argument checks, `implementation=` dispatch, custom VJPs.
 
 Every kernel backend (Pallas, Triton, cuDNN) implements the same three launches, sharing the glue here:
-  fwd(q, k1, v1, k2, v2, cfg)                          -> out [B,S,Hq,Dv], lse [B,S,Hq] (float32)
-  bwd(q, k1, v1, k2, v2, do, lse, delta, cfg)          -> dq, dk1, dv1, t2, u2
+  fwd(q, k1, v1, k2, v2, seg, cfg)                     -> out [B,S,Hq,Dv], lse [B,S,Hq] (float32)
+  bwd(q, k1, v1, k2, v2, seg, do, lse, delta, cfg)     -> dq, dk1, dv1, t2, u2
+where seg is None (no documents: the kernels compile without any segment code) or int32 [B, S] segment ids;
 where t2/u2 [B,S,Hkv,W2P,D] (float32) hold, per query i and window row r (key k = i - w2 + 1 + r), the
 query's contribution to dk2_k / dv2_k summed over its query heads; `_diagonal_sum` turns them into dk2/dv2
 without atomics. See docs/notes/simplicial.md for the algorithm.
@@ -46,20 +47,21 @@ def _diagonal_sum(t: jax.Array, w2: int) -> jax.Array:
 def _kernel_op(fwd_fn, bwd_fn):
     """custom_vjp op from a backend's fwd/bwd launches (flash-style: only O and the LSE are saved)."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-    def op(q, k1, v1, k2, v2, cfg):
-        return fwd_fn(q, k1, v1, k2, v2, cfg)[0]
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def op(q, k1, v1, k2, v2, seg, cfg):
+        return fwd_fn(q, k1, v1, k2, v2, seg, cfg)[0]
 
-    def op_fwd(q, k1, v1, k2, v2, cfg):
-        out, lse = fwd_fn(q, k1, v1, k2, v2, cfg)
-        return out, (q, k1, v1, k2, v2, out, lse)
+    def op_fwd(q, k1, v1, k2, v2, seg, cfg):
+        out, lse = fwd_fn(q, k1, v1, k2, v2, seg, cfg)
+        return out, (q, k1, v1, k2, v2, seg, out, lse)
 
     def op_bwd(cfg, res, do):
-        q, k1, v1, k2, v2, out, lse = res
+        q, k1, v1, k2, v2, seg, out, lse = res
         delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # D_i = <dO_i, O_i>
-        dq, dk1, dv1, t2, u2 = bwd_fn(q, k1, v1, k2, v2, do.astype(q.dtype), lse, delta, cfg)
+        dq, dk1, dv1, t2, u2 = bwd_fn(q, k1, v1, k2, v2, seg, do.astype(q.dtype), lse, delta, cfg)
         dk2, dv2 = _diagonal_sum(t2, cfg.w2), _diagonal_sum(u2, cfg.w2)
-        return tuple(g.astype(x.dtype) for g, x in zip((dq, dk1, dv1, dk2, dv2), (q, k1, v1, k2, v2)))
+        grads = tuple(g.astype(x.dtype) for g, x in zip((dq, dk1, dv1, dk2, dv2), (q, k1, v1, k2, v2)))
+        return (*grads, None)  # segment ids: no gradient
 
     op.defvjp(op_fwd, op_bwd)
     return op
@@ -86,7 +88,7 @@ class TwoSimplicialAttention(Op):
     # cudnn measured fastest on the GPU (docs/notes/simplicial.md); what it cannot take goes to Triton
     preference = {"gpu": ("cudnn", "triton"), "tpu": ("pallas",)}
 
-    def validate(self, q, k1, v1, k2, v2, *, w1, w2, variant, k2_bias, v2_bias):
+    def validate(self, q, k1, v1, k2, v2, *, w1, w2, variant, k2_bias, v2_bias, segment_ids=None):
         if q.ndim != 4:
             raise ValueError(f"{_OP}: q must be [batch, seq, q_heads, head_dim], got shape {q.shape}")
         kshape = k1.shape
@@ -122,14 +124,20 @@ class TwoSimplicialAttention(Op):
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
                 default = " or None (1 / head_dim)" if name == "k2_bias" else ""
                 raise ValueError(f"{_OP}: {name} must be a finite number (0 = no bias){default}, got {bias!r}")
+        if segment_ids is not None:
+            shape, dtype = tuple(getattr(segment_ids, "shape", ())), getattr(segment_ids, "dtype", None)
+            if shape != (b, s) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+                raise ValueError(f"{_OP}: segment_ids must be an integer array [batch, seq] = {(b, s)}, got shape "
+                                 f"{shape} dtype {dtype or type(segment_ids).__name__}")
 
-    def facts(self, q, k1, v1, k2, v2, *, variant, **_):
+    def facts(self, q, k1, v1, k2, v2, *, variant, segment_ids=None, **_):
         d = q.shape[-1]
-        return {"dtype": q.dtype, "d_qk": 2 * d if variant == "determinant" else d, "d_v": v1.shape[-1]}
+        return {"dtype": q.dtype, "d_qk": 2 * d if variant == "determinant" else d, "d_v": v1.shape[-1],
+                "segments": segment_ids is not None}
 
-    def unsupported(self, implementation, *, dtype, d_qk, d_v):
+    def unsupported(self, implementation, *, dtype, d_qk, d_v, segments=False):
         if implementation == "cudnn":
-            return cudnn_gpu.unsupported(dtype, d_qk, d_v)
+            return cudnn_gpu.unsupported(dtype, d_qk, d_v, segments)
         return requires_jax_triton() if implementation == "triton" else None
 
 
@@ -139,7 +147,8 @@ IMPLEMENTATIONS = OP.IMPLEMENTATIONS
 
 def two_simplicial_attention(
     q, k1, v1, k2, v2, *, w1: int, w2: int, variant: str = "trilinear", scale: float | None = None,
-    k2_bias: float | None = None, v2_bias: float = 1.0, implementation: str | None = None,
+    k2_bias: float | None = None, v2_bias: float = 1.0, segment_ids: jax.Array | None = None,
+    implementation: str | None = None,
 ):
     """2-simplicial attention with causal sliding windows (Roy et al. 2025, Eq. 5-7; determinant Eq. 8-9).
 
@@ -153,14 +162,20 @@ def two_simplicial_attention(
       k2_bias, v2_bias: scalars added to every element of k2 and v2 before the variant's logits and values,
         as in Meta's reference (defaults: k2_bias None = 1/head_dim, v2_bias 1.0; 0.0 and 0.0 give the
         bias-free form of the paper's equations). See reference.biased_operands.
+      segment_ids: int [batch, seq] or None. Packed documents: query i then sees only the pairs (j, k) with
+        segment_ids[j] == segment_ids[k] == segment_ids[i] (as dot_product_attention's mask; padding ids, e.g.
+        0, are a document like any other). (i, i) always qualifies, so no query is empty. None compiles no
+        segment code into the kernels.
       implementation: "xla" (chunked jnp reference), "pallas" (TPU; interpret mode on CPU), "triton"
         (jax-triton, GPU), "cudnn" (GPU, bf16: one cuDNN flash-attention call per k2 offset, merged
         exactly) or None for the best one on this backend and dtype (kernels.op rule).
     Returns:
-      [batch, seq, q_heads, head_dim] in q.dtype: o_i = sum_jk softmax_jk(A_ijk) v1_j * v2'_k (v2' = v2 + v2_bias).
+      [batch, seq, q_heads, head_dim] in q.dtype: o_i = sum_jk softmax_jk(A_ijk) v1_j * v2'_k (v2' = v2 + v2_bias),
+      the softmax over the allowed (j, k).
     """
     impl = OP.select(implementation, q, k1, v1, k2, v2, w1=w1, w2=w2, variant=variant, k2_bias=k2_bias,
-                     v2_bias=v2_bias)
+                     v2_bias=v2_bias, segment_ids=segment_ids)
+    seg = None if segment_ids is None else jnp.asarray(segment_ids).astype(jnp.int32)
     d = q.shape[-1]
     scale = float(1.0 / math.sqrt(d) if scale is None else scale)
     k2_bias = reference.default_k2_bias(d) if k2_bias is None else float(k2_bias)
@@ -171,10 +186,10 @@ def two_simplicial_attention(
         q, k1, k2 = reference.determinant_operands(q, k1, k2)
     w1e, w2e = reference.effective_windows(q.shape[1], w1, w2)
     if impl == "xla":
-        return reference.reference_op(q, k1, v1, k2, v2, w1e, w2e, scale)
+        return reference.reference_op(q, k1, v1, k2, v2, seg, w1e, w2e, scale)
     cfg, kernel = Config(w1e, w2e, scale), _backend_op(impl)
     op = lambda *qkv: kernel(*qkv, cfg)  # noqa: E731
     if impl != "pallas":
-        return op(q, k1, v1, k2, v2)
+        return op(q, k1, v1, k2, v2, seg)
     # Mosaic kernels run per chip: batch rows and K/V-head groups split over the mesh (common.partitioned)
-    return common.partitioned(op, (q, k1, v1, k2, v2), ("b.h.",) * 5, "b.h.")
+    return common.partitioned(op, (q, k1, v1, k2, v2, seg), ("b.h.",) * 5 + ("b.",), "b.h.")

@@ -43,14 +43,21 @@ def _fa():
     return fa
 
 
-def unsupported(dtype, d_qk: int, d_v: int) -> str | None:
+def unsupported(dtype, d_qk: int, d_v: int, segments: bool = False) -> str | None:
     """Why cuDNN's flash attention cannot take these inputs (a phrase naming the fix, following
-    "implementation='cudnn'"), or None."""
+    "implementation='cudnn'"), or None.
+
+    Packed documents are refused: the k1 side would need a per-query window start (the document's), which
+    cuDNN's causal sliding window cannot take; its mask / bias argument is a dense [B, 1, S, S] tensor read
+    once per head of every offset group, and its packed (offsets) layout is not wired through the backward
+    primitive bound here. The Triton kernels mask exactly at the same cost (docs/notes/simplicial.md)."""
     if dtype != jnp.bfloat16:  # float16: the delta carrier O' = D e / |e|^2 can leave float16's range
         return f"needs bfloat16 inputs, got {dtype}; use 'triton' or None"
     if d_qk % 8 or d_qk > 256 or d_v % 8 or d_v > 256:
         return (f"needs head dims that are multiples of 8 and <= 256 (determinant: q/k "
                 f"is 2x head_dim); got q/k {d_qk}, v {d_v}; use 'triton' or None")
+    if segments:
+        return "cannot mask packed documents (segment_ids); use 'triton' or None"
     return None
 
 
@@ -129,8 +136,9 @@ def _groups(w2: int, size: int):
     return [list(range(t0, min(t0 + size, w2))) for t0 in range(0, w2, size)]
 
 
-def forward(q, k1, v1, k2, v2, cfg):
-    """Returns out [B,S,Hq,Dv] (q.dtype) and lse [B,S,Hq] (float32, natural log)."""
+def forward(q, k1, v1, k2, v2, seg, cfg):
+    """Returns out [B,S,Hq,Dv] (q.dtype) and lse [B,S,Hq] (float32, natural log). seg must be None (unsupported)."""
+    assert seg is None, "cudnn: segment_ids are refused by unsupported()"
     b, s, hq, _ = q.shape
     kv, dv = k1.shape[2], v1.shape[-1]
     g = hq // kv
@@ -151,8 +159,9 @@ def forward(q, k1, v1, k2, v2, cfg):
     return acc.reshape(b, s, hq, dv).astype(q.dtype), run.reshape(b, s, hq)
 
 
-def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
+def backward(q, k1, v1, k2, v2, seg, do, lse, delta, cfg):
     """Returns dq, dk1, dv1 and the per-query rows t2, u2 [B,S,Hkv,w2,D] (float32; row r <-> k = i - w2 + 1 + r)."""
+    assert seg is None, "cudnn: segment_ids are refused by unsupported()"
     b, s, hq, d = q.shape
     kv, dv = k1.shape[2], v1.shape[-1]
     g = hq // kv

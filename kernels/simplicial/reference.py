@@ -45,6 +45,27 @@ def biased_operands(k2: jax.Array, v2: jax.Array, k2_bias: float, v2_bias: float
     return k2, v2
 
 
+def segment_starts(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int [B, S] -> (first, run), int32 [B, S], for the kernels' document masks.
+
+    first[b, i]: the first position of row b holding segment_ids[b, i], a canonical id (first[j] == first[i]
+    iff the ids are equal; it is < S, so float32 holds it exactly) and the earliest key of i's document.
+    run[b, i]: the start of i's run of equal ids, so every position in [run, i] is in i's document
+    (first <= run <= i; first == run unless an id recurs after another one).
+    """
+    seg = segment_ids.astype(jnp.int32)
+    b, s = seg.shape
+    pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    order = jnp.argsort(seg, axis=1, stable=True)  # equal ids stay in position order
+    ids = jnp.take_along_axis(seg, order, axis=1)
+    head = jnp.concatenate([jnp.ones((b, 1), bool), ids[:, 1:] != ids[:, :-1]], axis=1)
+    group_first = jnp.take_along_axis(order, jax.lax.cummax(jnp.where(head, pos, 0), axis=1), axis=1)
+    first = jnp.zeros((b, s), jnp.int32).at[jnp.arange(b)[:, None], order].set(group_first.astype(jnp.int32))
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    run = jax.lax.cummax(jnp.where(starts, pos, 0), axis=1)
+    return first, run
+
+
 def _permute_chunks(x: jax.Array, perm: tuple[int, int, int]) -> jax.Array:
     x3 = x.reshape(*x.shape[:-1], x.shape[-1] // 3, 3)
     return x3[..., list(perm)].reshape(x.shape)
@@ -72,13 +93,14 @@ def _windows(x: jax.Array, start: jax.Array, chunk: int, w: int) -> jax.Array:
 
 
 def two_simplicial_reference(q, k1, v1, k2, v2, *, w1: int, w2: int, scale: float, k2_bias: float = 0.0,
-                             v2_bias: float = 0.0, chunk: int | None = None):
-    """Trilinear 2-simplicial attention with causal sliding windows.
+                             v2_bias: float = 0.0, chunk: int | None = None, segment_ids: jax.Array | None = None):
+    """Trilinear 2-simplicial attention with causal sliding windows, optionally within packed documents.
 
-    q: [B, S, Hq, Dk]; k1, k2: [B, S, Hkv, Dk]; v1, v2: [B, S, Hkv, Dv]. Returns [B, S, Hq, Dv] in q.dtype.
-    With k2 <- k2 + k2_bias, v2 <- v2 + v2_bias (`biased_operands`; the public op applies them before its
-    variant's transform and passes 0 here): A_ijk = scale * sum_l q_il k1_jl k2_kl for i-w1 < j <= i,
-    i-w2 < k <= i; P = softmax over (j, k); o_i = sum_jk P_ijk v1_j * v2_k. Accumulation is float32.
+    q: [B, S, Hq, Dk]; k1, k2: [B, S, Hkv, Dk]; v1, v2: [B, S, Hkv, Dv]; segment_ids: int [B, S] or None.
+    Returns [B, S, Hq, Dv] in q.dtype. With k2 <- k2 + k2_bias, v2 <- v2 + v2_bias (`biased_operands`; the
+    public op applies them before its variant's transform and passes 0 here): A_ijk = scale * sum_l q_il k1_jl
+    k2_kl for i-w1 < j <= i, i-w2 < k <= i (and seg_j = seg_k = seg_i when segment_ids is given); P = softmax
+    over those (j, k); o_i = sum_jk P_ijk v1_j * v2_k. Every query keeps (i, i). Accumulation is float32.
     """
     k2, v2 = biased_operands(k2, v2, k2_bias, v2_bias)
     b, s, hq, dk = q.shape
@@ -95,46 +117,58 @@ def two_simplicial_reference(q, k1, v1, k2, v2, *, w1: int, w2: int, scale: floa
 
     qp = jnp.pad(q, ((0, 0), (0, s_pad - s), (0, 0), (0, 0))).reshape(b, n_chunks, chunk, hkv, g, dk)
     k1p, v1p, k2p, v2p = pad(k1, w1), pad(v1, w1), pad(k2, w2), pad(v2, w2)
+    if segment_ids is None:
+        seg_q = seg1 = seg2 = jnp.zeros((b, n_chunks), jnp.int32)  # unused placeholders for lax.map
+    else:
+        seg = segment_ids.astype(jnp.int32)[:, :, None, None]
+        seg_q = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, s_pad - s))).reshape(b, n_chunks, chunk)
+        seg1, seg2 = pad(seg, w1), pad(seg, w2)  # padding is outside every window (position < 0 or > i)
 
     @jax.checkpoint
     def one_chunk(args):
-        q_c, c = args
+        q_c, sq_c, c = args
         start = c * chunk
         qpos = start + jnp.arange(chunk)
         jpos = qpos[:, None] - w1 + 1 + jnp.arange(w1)[None, :]
         kpos = qpos[:, None] - w2 + 1 + jnp.arange(w2)[None, :]
-        mask = (jpos >= 0)[:, :, None] & (kpos >= 0)[:, None, :]  # [chunk, w1, w2]
+        mask = ((jpos >= 0)[:, :, None] & (kpos >= 0)[:, None, :])[None]  # [1 or B, chunk, w1, w2]
+        if segment_ids is not None:  # same document as the query: seg_j == seg_i and seg_k == seg_i
+            same1 = _windows(seg1, start, chunk, w1)[..., 0, 0] == sq_c[:, :, None]  # [B, chunk, w1]
+            same2 = _windows(seg2, start, chunk, w2)[..., 0, 0] == sq_c[:, :, None]
+            mask = mask & same1[:, :, :, None] & same2[:, :, None, :]
         k1w, v1w = _windows(k1p, start, chunk, w1), _windows(v1p, start, chunk, w1)
         k2w, v2w = _windows(k2p, start, chunk, w2), _windows(v2p, start, chunk, w2)
         # q * k2 first: the [.., w2, D] operand is small, then one batched matmul against k1's window.
         qk2 = jnp.einsum("bcngd,bcknd->bcngkd", q_c, k2w, preferred_element_type=jnp.float32)
         logits = jnp.einsum("bcngkd,bcjnd->bcngjk", qk2, k1w.astype(jnp.float32)) * scale
-        logits = jnp.where(mask[None, :, None, None], logits, -jnp.inf)
+        logits = jnp.where(mask[:, :, None, None], logits, -jnp.inf)
         flat = logits.reshape(*logits.shape[:4], w1 * w2)
         p = jax.nn.softmax(flat, axis=-1).reshape(logits.shape)
         # sum_jk P v1_j * v2_k = sum_k v2_k * (sum_j P_jk v1_j)
         pv1 = jnp.einsum("bcngjk,bcjnd->bcngkd", p, v1w.astype(jnp.float32))
         return jnp.einsum("bcngkd,bcknd->bcngd", pv1, v2w.astype(jnp.float32))
 
-    out = jax.lax.map(one_chunk, (jnp.moveaxis(qp, 1, 0), jnp.arange(n_chunks)))
+    out = jax.lax.map(one_chunk, (jnp.moveaxis(qp, 1, 0), jnp.moveaxis(seg_q, 1, 0), jnp.arange(n_chunks)))
     out = jnp.moveaxis(out, 0, 1).reshape(b, s_pad, hq, dv)[:, :s]
     return out.astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def reference_op(q, k1, v1, k2, v2, w1, w2, scale):
-    """two_simplicial_reference with a custom VJP that re-runs the chunked forward under jax.vjp."""
-    return two_simplicial_reference(q, k1, v1, k2, v2, w1=w1, w2=w2, scale=scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def reference_op(q, k1, v1, k2, v2, segment_ids, w1, w2, scale):
+    """two_simplicial_reference with a custom VJP that re-runs the chunked forward under jax.vjp
+    (segment_ids: int [B, S] or None, no gradient)."""
+    return two_simplicial_reference(q, k1, v1, k2, v2, w1=w1, w2=w2, scale=scale, segment_ids=segment_ids)
 
 
-def _ref_fwd(q, k1, v1, k2, v2, w1, w2, scale):
-    return reference_op(q, k1, v1, k2, v2, w1, w2, scale), (q, k1, v1, k2, v2)
+def _ref_fwd(q, k1, v1, k2, v2, segment_ids, w1, w2, scale):
+    return reference_op(q, k1, v1, k2, v2, segment_ids, w1, w2, scale), (q, k1, v1, k2, v2, segment_ids)
 
 
 def _ref_bwd(w1, w2, scale, res, g):
-    f = functools.partial(two_simplicial_reference, w1=w1, w2=w2, scale=scale)
-    _, vjp = jax.vjp(lambda *a: f(*a), *res)
-    return vjp(g)
+    *args, segment_ids = res
+    f = functools.partial(two_simplicial_reference, w1=w1, w2=w2, scale=scale, segment_ids=segment_ids)
+    _, vjp = jax.vjp(lambda *a: f(*a), *args)
+    return (*vjp(g), None)
 
 
 reference_op.defvjp(_ref_fwd, _ref_bwd)

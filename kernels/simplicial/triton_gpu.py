@@ -8,6 +8,11 @@ per-row online softmax merged per head in the epilogue. No element-wise work sca
 the softmax itself. Inputs are the public [B, S, H, D] layout, contiguous; offsets use int64 bases.
 Backward: a per-query kernel (dq, dk2/dv2 rows) and a per-k1-block kernel (dk1, dv1), 8 GEMM units, no atomics.
 Logits are kept in log2 units (b_r carries log2(e)) so every exponential is a bare exp2.
+Packed documents (constexpr SEG; SEG=False compiles none of this): SEGS [B, S] holds each position's canonical
+document id (the first position of its id, reference.segment_starts) and RUNS the start of its run. A query's
+rows of other documents' k2 keys are dropped like rows before position 0; k1 columns are masked by id only in
+blocks that are not wholly inside the query's run (so the whole-block fast loop stays select-free), and the
+k1 loops start at the block of the document's first position.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels import common
+from kernels.simplicial import reference
 
 _NEG = tl.constexpr(common.NEG_INF)  # Triton kernels may only read constexpr globals
 _INF = tl.constexpr(float("inf"))
@@ -55,11 +61,15 @@ def _rows(xh, xw, GH: tl.constexpr, W2P: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(LSE, DELTA, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
-               W2: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr):
-    """Per row: lse of its head in log2 units (+inf for rows of padded k2 slots or heads) and delta."""
+def _row_stats(LSE, DELTA, SEGS, doc, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+               W2: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, SEG: tl.constexpr):
+    """Per row: lse of its head in log2 units (+inf for rows of padded k2 slots or heads, or of k2 keys in
+    another document than `doc`) and delta."""
     r = tl.arange(0, GH * W2P)
-    valid = (r % W2P < W2) & (i - W2 + 1 + r % W2P >= 0) & (tile * GH + r // W2P < G)
+    kpos = i - W2 + 1 + r % W2P
+    valid = (r % W2P < W2) & (kpos >= 0) & (tile * GH + r // W2P < G)
+    if SEG:
+        valid = valid & (tl.load(SEGS + b * S + kpos, mask=valid, other=-1) == doc)
     hoff = (b * S + i).to(tl.int64) * (HKV * G) + kvh * G + tile * GH + r // W2P
     lse = tl.load(LSE + hoff, mask=valid, other=0.0)
     lse2 = tl.where(valid, lse * _LOG2E, _INF)
@@ -67,17 +77,19 @@ def _row_stats(LSE, DELTA, b, i, kvh, tile, S: tl.constexpr, HKV: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S: tl.constexpr, HKV: tl.constexpr,
+def _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S: tl.constexpr, HKV: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, BJ: tl.constexpr,
-               PREC: tl.constexpr, MASKED: tl.constexpr):
+               PREC: tl.constexpr, MASKED: tl.constexpr, SEG: tl.constexpr):
     """One online-softmax step over k1 block n (logits in log2 units). MASKED=False for blocks wholly inside
-    [0, i]: no per-element select (all but <= 2 blocks of a query)."""
+    [run start, i] (unpacked: [0, i]): no per-element select (all but <= 2 blocks of most queries)."""
     dk = tl.arange(0, DKP)
     dv = tl.arange(0, DVP)
     jpos = j_first + n * BJ + tl.arange(0, BJ)
     cvalid = jpos >= 0
     if MASKED:
         cvalid = cvalid & (jpos <= i)
+        if SEG:
+            cvalid = cvalid & (tl.load(SEGS + b * S + jpos, mask=cvalid, other=-1) == doc)
     off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
     k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
     offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
@@ -94,10 +106,10 @@ def _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
+def _fwd_kernel(Q, K1, V1, K2, V2, SEGS, RUNS, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                 W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr,
                 DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr, SCALE: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, SEG: tl.constexpr):
     i = tl.program_id(0)
     b = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -110,23 +122,38 @@ def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G
     m = tl.full((M,), _NEG, tl.float32)
     l = tl.zeros((M,), tl.float32)
     acc = tl.zeros((M, DVP), tl.float32)
-    # Blocks n_lo <= n < NB cover the window j_first..i; those in [n_full, n_hi) lie wholly in [0, i]. Order:
-    # the (partial) block holding position 0 first, so every step sees a valid column and m is real.
+    # Blocks n_lo <= n < NB cover the window j_first..i from `first`, the first position that can hold a key
+    # (0; packed: the document's first position); those in [n_full, n_hi) lie wholly in [clean, i] (clean: 0;
+    # packed: the start of i's run), where no key needs a mask. Order: the (partial) block holding `first`
+    # first, so the first step sees a valid column and m is real (only an id recurring after another run can
+    # give a block with none before it; its p = exp2(NEG - NEG) = 1 terms are wiped by alpha = 0 once m is real).
     j_first = i - W1 + 1
-    n_lo = (-j_first * (j_first < 0)) // BJ  # skip blocks wholly before position 0 (causal ramp)
-    n_full = tl.cdiv(-j_first * (j_first < 0), BJ)
+    if SEG:
+        doc = tl.load(SEGS + b * S + i)  # canonical id = the document's first position
+        clean = tl.load(RUNS + b * S + i)
+    else:
+        doc = 0
+        clean = 0
+    lo = doc - j_first
+    n_lo = (lo * (lo > 0)) // BJ  # skip blocks wholly before `first` (causal ramp, earlier documents)
+    full = clean - j_first
+    n_full = tl.cdiv(full * (full > 0), BJ)
     n_hi = W1 // BJ
     for n in range(n_lo, tl.minimum(n_full, n_hi)):
-        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, True)
+        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP,
+                               BJ, PREC, True, SEG)
     for n in range(n_full, n_hi):
-        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC,
-                               False)
+        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP,
+                               BJ, PREC, False, SEG)
     for n in range(tl.maximum(n_lo, n_hi), tl.cdiv(W1, BJ)):
-        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP, BJ, PREC, True)
+        m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP,
+                               BJ, PREC, True, SEG)
     # Merge the W2P rows of each head (rows of masked blocks have p = exp(NEG - m) = 0 once m is real;
-    # every valid row meets j = i, so its m is real by the end).
+    # every valid row meets j = i, so its m is real by the end). Rows of other documents' k2 keys drop out.
     kk = tl.arange(0, W2P)
     v2m = (kk < W2) & (i - W2 + 1 + kk >= 0)
+    if SEG:
+        v2m = v2m & (tl.load(SEGS + b * S + i - W2 + 1 + kk, mask=v2m, other=-1) == doc)
     v2 = _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P)
     m2 = tl.where(v2m[None, :], tl.reshape(m, (GH, W2P)), _NEG)
     m_head = tl.max(m2, axis=1)
@@ -142,10 +169,10 @@ def _fwd_kernel(Q, K1, V1, K2, V2, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G
 
 
 @triton.jit
-def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr, HKV: tl.constexpr,
+def _bwd_q_kernel(Q, K1, V1, K2, V2, SEGS, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr, HKV: tl.constexpr,
                   G: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   DKP: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr,
-                  SCALE: tl.constexpr, PREC: tl.constexpr):
+                  SCALE: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr):
     """Per query i (all head tiles): dq, and t2/u2 rows = this query's dk2/dv2 contributions.
     Register budget: next to the f/c accumulators (64 + 64 registers a thread at M = 128, 8 warps) only the
     bf16 GEMM operands stay live in the k1 loop; the compact k2/v2 window is re-read per tile (L1 hits) and
@@ -161,19 +188,26 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr
     t2_ptr = T2 + base[:, None] * DKP + dk[None, :]
     u2_ptr = U2 + base[:, None] * DVP + dv[None, :]
     j_first = i - W1 + 1
-    n_lo = (-j_first * (j_first < 0)) // BJ
+    if SEG:
+        doc = tl.load(SEGS + b * S + i)  # canonical id = the document's first position
+    else:
+        doc = 0
+    lo = doc - j_first
+    n_lo = (lo * (lo > 0)) // BJ  # the block holding the first position that can hold a key
     for tile in range(0, tl.cdiv(G, GH)):
         q = _load_heads(Q, b, i, kvh, tile, S, HKV, G, DK, DKP, GH)
         do = _load_heads(DO, b, i, kvh, tile, S, HKV, G, DV, DVP, GH)
         k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P)
         rows = _rows(q, k2 * (SCALE * _LOG2E), GH, W2P, DKP).to(K1.dtype.element_ty)
         e = _rows(do, _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P), GH, W2P, DVP).to(K1.dtype.element_ty)
-        lse2, delta = _row_stats(LSE, DELTA, b, i, kvh, tile, S, HKV, G, W2, W2P, GH)
+        lse2, delta = _row_stats(LSE, DELTA, SEGS, doc, b, i, kvh, tile, S, HKV, G, W2, W2P, GH, SEG)
         f = tl.zeros((M, DKP), tl.float32)
         c = tl.zeros((M, DVP), tl.float32)
         for n in range(n_lo, tl.cdiv(W1, BJ)):
             jpos = j_first + n * BJ + tl.arange(0, BJ)
             cvalid = (jpos >= 0) & (jpos <= i)
+            if SEG:
+                cvalid = cvalid & (tl.load(SEGS + b * S + jpos, mask=cvalid, other=-1) == doc)
             off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
             k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
             offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
@@ -197,10 +231,10 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr
 
 
 @triton.jit
-def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, HKV: tl.constexpr,
+def _bwd_k_kernel(Q, K1, V1, K2, V2, SEGS, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, HKV: tl.constexpr,
                   G: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   DKP: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr,
-                  SCALE: tl.constexpr, PREC: tl.constexpr, TILES_PER_SPLIT: tl.constexpr):
+                  SCALE: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr, TILES_PER_SPLIT: tl.constexpr):
     """Per block of BJ k1 positions and a split of head tiles: partial dk1, dv1 (summed over splits later).
     The k2/v2 window is loaded once per query (not per head tile)."""
     jb = tl.program_id(0)
@@ -215,6 +249,8 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
     k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=in_seq[:, None] & (dk[None, :] < DK), other=0.0)
     offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
     v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=in_seq[:, None] & (dv[None, :] < DV), other=0.0)
+    if SEG:
+        segj = tl.load(SEGS + b * S + jpos, mask=in_seq, other=-1)  # canonical ids of the block's keys
     dk1 = tl.zeros((BJ, DKP), tl.float32)
     dv1 = tl.zeros((BJ, DVP), tl.float32)
     t_lo = split * TILES_PER_SPLIT
@@ -223,6 +259,11 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
     i_end = i_end - (i_end - S) * (i_end > S)
     for i in range(jb * BJ, i_end):
         cvalid = (jpos <= i) & (jpos > i - W1) & in_seq
+        if SEG:
+            doc = tl.load(SEGS + b * S + i)
+            cvalid = cvalid & (segj == doc)
+        else:
+            doc = 0
         k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P) * (SCALE * _LOG2E)
         v2 = _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P)
         for tile in range(t_lo, t_hi):
@@ -230,7 +271,7 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
             do = _load_heads(DO, b, i, kvh, tile, S, HKV, G, DV, DVP, GH)
             rows = _rows(q, k2, GH, W2P, DKP).to(K1.dtype.element_ty)  # scale * log2(e) * q * k2
             e = _rows(do, v2, GH, W2P, DVP).to(K1.dtype.element_ty)
-            lse2, delta = _row_stats(LSE, DELTA, b, i, kvh, tile, S, HKV, G, W2, W2P, GH)
+            lse2, delta = _row_stats(LSE, DELTA, SEGS, doc, b, i, kvh, tile, S, HKV, G, W2, W2P, GH, SEG)
             p = tl.where(cvalid[None, :],
                          tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
             ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
@@ -242,8 +283,9 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, DO, LSE, DELTA, DK1, DV1, S: tl.constexpr, 
     tl.store(DV1 + out[:, None] * DVP + dv[None, :], dv1, mask=in_seq[:, None])
 
 
-def _params(q, k1, v1, cfg, rows=128):
-    """Kernel constexprs; `rows` is the target M = GH * W2P of a program's GEMMs (power of two >= 16)."""
+def _params(q, k1, v1, cfg, rows=128, seg=None):
+    """Kernel constexprs; `rows` is the target M = GH * W2P of a program's GEMMs (power of two >= 16); SEG when
+    segment ids are given."""
     b, s, hq, dk = q.shape
     hkv, dv = k1.shape[2], v1.shape[-1]
     g = hq // hkv
@@ -253,7 +295,16 @@ def _params(q, k1, v1, cfg, rows=128):
         gh = 16 // w2p
     return dict(S=s, HKV=hkv, G=g, W1=cfg.w1, W2=cfg.w2, DK=dk, DV=dv, DKP=max(16, common.next_pow2(dk)),
                 DVP=max(16, common.next_pow2(dv)), W2P=w2p, GH=gh, BJ=64, SCALE=cfg.scale,
-                PREC="ieee" if q.dtype == jnp.float32 else "tf32")  # float32 inputs: exact fp32 dots
+                PREC="ieee" if q.dtype == jnp.float32 else "tf32",  # float32 inputs: exact fp32 dots
+                SEG=seg is not None)
+
+
+def _documents(seg, n: int):
+    """The kernels' SEGS (canonical ids) and RUNS (run starts) [B, S] int32, or n placeholders when unpacked
+    (SEG=False kernels never read them)."""
+    if seg is None:
+        return (jnp.zeros((1,), jnp.int32),) * n
+    return reference.segment_starts(seg)[:n]
 
 
 # Launch settings; tools/bench_simplicial.py sweeps them on the H200 and the best measured are the defaults.
@@ -274,45 +325,46 @@ def _tile_splits(n_tiles, n_programs, want=0):
     return max(x for x in range(1, n_tiles + 1) if n_tiles % x == 0 and x <= max(1, want))
 
 
-def forward(q, k1, v1, k2, v2, cfg):
-    """Returns out [B,S,Hq,Dv] (q.dtype) and lse [B,S,Hq] (float32)."""
+def forward(q, k1, v1, k2, v2, seg, cfg):
+    """Returns out [B,S,Hq,Dv] (q.dtype) and lse [B,S,Hq] (float32). seg: int32 [B, S] or None."""
     import jax_triton as jt
 
     b, s, hq, _ = q.shape
     meta, warps, stages = _split(FWD_LAUNCH)
-    p = {**_params(q, k1, v1, cfg, FWD_LAUNCH.get("ROWS", 128)), **meta}
+    p = {**_params(q, k1, v1, cfg, FWD_LAUNCH.get("ROWS", 128), seg), **meta}
     grid = (s, b * p["HKV"], triton.cdiv(p["G"], p["GH"]))
     out, lse = jt.triton_call(
-        q, k1, v1, k2, v2, kernel=_fwd_kernel,
+        q, k1, v1, k2, v2, *_documents(seg, 2), kernel=_fwd_kernel,
         out_shape=[jax.ShapeDtypeStruct((b, s, hq, p["DV"]), q.dtype), jax.ShapeDtypeStruct((b, s, hq), jnp.float32)],
         grid=grid, num_warps=warps, num_stages=stages, **p)
     return out, lse
 
 
-def backward(q, k1, v1, k2, v2, do, lse, delta, cfg):
+def backward(q, k1, v1, k2, v2, seg, do, lse, delta, cfg):
     """Two kernels: per query (dq and the per-query rows t2, u2 [B,S,Hkv,W2P,D] float32 of dk2, dv2; api.py
     sums them along the w2 diagonal) and per block of k1 positions (dk1, dv1). Returns dq, dk1, dv1, t2, u2.
     (Round 1 also had a fused one-pass backward with float32 atomics: 2.4-3x slower, deleted; see the notes.)"""
     import jax_triton as jt
 
     b, s, hq, dk = q.shape
+    (docs,) = _documents(seg, 1)
     meta, warps, stages = _split(BWD_Q_LAUNCH)
-    p = {**_params(q, k1, v1, cfg, BWD_Q_LAUNCH.get("ROWS", 128)), **meta}
+    p = {**_params(q, k1, v1, cfg, BWD_Q_LAUNCH.get("ROWS", 128), seg), **meta}
     hkv, dv, w2p = p["HKV"], p["DV"], p["W2P"]
     dq, t2, u2 = jt.triton_call(
-        q, k1, v1, k2, v2, do, lse, delta, kernel=_bwd_q_kernel,
+        q, k1, v1, k2, v2, docs, do, lse, delta, kernel=_bwd_q_kernel,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DKP"]), jnp.float32),
                    jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DVP"]), jnp.float32)],
         grid=(s, b * hkv), num_warps=warps, num_stages=stages, **p)
     meta, warps, stages = _split(BWD_K_LAUNCH)
-    p = {**_params(q, k1, v1, cfg, BWD_K_LAUNCH.get("ROWS", 128)), **meta}
+    p = {**_params(q, k1, v1, cfg, BWD_K_LAUNCH.get("ROWS", 128), seg), **meta}
     n_tiles = triton.cdiv(p["G"], p["GH"])
     n_jb = triton.cdiv(s, p["BJ"])
     # Split the head tiles over programs until there are enough to fill the GPU (splits divide n_tiles).
     splits = _tile_splits(n_tiles, n_jb * b * hkv)
     dk1, dv1 = jt.triton_call(
-        q, k1, v1, k2, v2, do, lse, delta, kernel=_bwd_k_kernel,
+        q, k1, v1, k2, v2, docs, do, lse, delta, kernel=_bwd_k_kernel,
         out_shape=[jax.ShapeDtypeStruct((splits, b, s, hkv, p["DKP"]), jnp.float32),
                    jax.ShapeDtypeStruct((splits, b, s, hkv, p["DVP"]), jnp.float32)],
         grid=(n_jb, b * hkv, splits), num_warps=warps, num_stages=stages, TILES_PER_SPLIT=n_tiles // splits, **p)

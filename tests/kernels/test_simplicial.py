@@ -48,9 +48,10 @@ def _logits_parts(q, k1, k2, variant):
     return a, dq, dk1, dk2
 
 
-def oracle(q, k1, v1, k2, v2, do, *, w1, w2, scale, variant="trilinear", k2_bias=0.0, v2_bias=0.0):
+def oracle(q, k1, v1, k2, v2, do, *, w1, w2, scale, variant="trilinear", k2_bias=0.0, v2_bias=0.0, segment_ids=None):
     """float64 forward and (dq, dk1, dv1, dk2, dv2) for cotangent `do` (Eq. 5-7, 10-16), on k2 + k2_bias and
-    v2 + v2_bias (so dk2, dv2 are also the gradients w.r.t. the unshifted k2, v2)."""
+    v2 + v2_bias (so dk2, dv2 are also the gradients w.r.t. the unshifted k2, v2). segment_ids [B, S]: the
+    pair (j, k) of query i also needs seg_j == seg_i == seg_k."""
     q = np.asarray(q, np.float64)
     hkv = k1.shape[2]
     g = q.shape[2] // hkv
@@ -59,7 +60,11 @@ def oracle(q, k1, v1, k2, v2, do, *, w1, w2, scale, variant="trilinear", k2_bias
     do = np.asarray(do, np.float64)
     s = q.shape[1]
     i, j, k = np.arange(s)[:, None, None], np.arange(s)[None, :, None], np.arange(s)[None, None, :]
-    mask = (j <= i) & (j > i - w1) & (k <= i) & (k > i - w2)
+    mask = ((j <= i) & (j > i - w1) & (k <= i) & (k > i - w2))[None, None]  # [1, 1, S, S, S]
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        same = seg[:, :, None] == seg[:, None, :]  # [B, i, j]
+        mask = mask & (same[:, None, :, :, None] & same[:, None, :, None, :])
     a, dq_of, dk1_of, dk2_of = _logits_parts(q, k1, k2, variant)
     a = np.where(mask, a * scale, -np.inf)
     a = a - a.max(axis=(3, 4), keepdims=True)
@@ -82,17 +87,32 @@ def _inputs(rng, b, s, hq, hkv, d, dtype):
     return (q, k1, v1, k2, v2), do
 
 
-# (batch, seq, q_heads, kv_heads, head_dim, w1, w2, dtype, variant, bias): bias None = bias-free (k2_bias=0,
-# v2_bias=0), "reference" = the op's defaults (Meta's k2 + 1/head_dim, v2 + 1), or (k2_bias, v2_bias)
+def _segments(b, s):
+    """Packed-document ids [b, s] (int32): even rows a standard packing (a document, a one-token document, a
+    document, a padding run of id 0 at the end); odd rows a padding run mid-row and an id that recurs after
+    other ids (equal ids are one document wherever they are, as in dot_product_attention's mask)."""
+    a = np.full(s, 3)
+    a[: s // 3], a[s // 3], a[max(s - 2, s // 3 + 1):] = 1, 2, 0
+    odd = np.resize(np.array([7, 7, 0, 0, 5, 5, 5, 7, 7, 9, 9, 9, 9]), s)
+    return np.stack([a if r % 2 == 0 else odd for r in range(b)]).astype(np.int32)
+
+
+# (batch, seq, q_heads, kv_heads, head_dim, w1, w2, dtype, variant, bias, packed): bias None = bias-free
+# (k2_bias=0, v2_bias=0), "reference" = the op's defaults (Meta's k2 + 1/head_dim, v2 + 1), or (k2_bias,
+# v2_bias); packed: segment_ids from _segments (document boundaries inside the w1 and w2 windows)
 CASES = {
-    "gqa2_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear", None),
-    "ratio64_seq_lt_w1_w2_gt_w1_bf16": (1, 7, 64, 1, 4, 9, 12, jnp.bfloat16, "trilinear", None),
-    "mqa_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear", None),
-    "determinant_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant", None),
-    "gqa2_reference_bias_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear", "reference"),
-    "mqa_reference_bias_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear", "reference"),
-    "gqa2_custom_bias_bf16": (2, 11, 4, 2, 8, 4, 3, jnp.bfloat16, "trilinear", (0.3, -0.5)),
-    "determinant_reference_bias_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant", "reference"),
+    "gqa2_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear", None, False),
+    "ratio64_seq_lt_w1_w2_gt_w1_bf16": (1, 7, 64, 1, 4, 9, 12, jnp.bfloat16, "trilinear", None, False),
+    "mqa_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear", None, False),
+    "determinant_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant", None, False),
+    "gqa2_reference_bias_f32": (2, 11, 4, 2, 8, 4, 3, jnp.float32, "trilinear", "reference", False),
+    "mqa_reference_bias_bf16": (1, 13, 8, 1, 16, 6, 5, jnp.bfloat16, "trilinear", "reference", False),
+    "gqa2_custom_bias_bf16": (2, 11, 4, 2, 8, 4, 3, jnp.bfloat16, "trilinear", (0.3, -0.5), False),
+    "determinant_reference_bias_f32": (1, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant", "reference", False),
+    "gqa2_packed_reference_bias_f32": (2, 13, 4, 2, 8, 5, 3, jnp.float32, "trilinear", "reference", True),
+    "mqa_packed_bf16": (2, 13, 8, 1, 16, 6, 4, jnp.bfloat16, "trilinear", None, True),
+    "windows_gt_seq_packed_custom_bias_bf16": (2, 9, 4, 2, 8, 12, 10, jnp.bfloat16, "trilinear", (0.3, -0.5), True),
+    "determinant_packed_f32": (2, 9, 6, 3, 6, 5, 2, jnp.float32, "determinant", "reference", True),
 }
 
 
@@ -110,8 +130,8 @@ def test_oracle_gradient_matches_finite_differences():
     (q, k1, v1, k2, v2), do = _inputs(rng, 1, 5, 2, 1, 3, jnp.float32)
     args = [np.asarray(x, np.float64) for x in (q, k1, v1, k2, v2)]
     do = np.asarray(do, np.float64)
-    for variant in ("trilinear", "determinant"):
-        kw = dict(w1=3, w2=2, scale=0.7, variant=variant)
+    for variant, seg in (("trilinear", None), ("determinant", None), ("trilinear", np.array([[3, 3, 0, 3, 0]]))):
+        kw = dict(w1=3, w2=2, scale=0.7, variant=variant, segment_ids=seg)
         _, grads = oracle(*args, do, **kw)
         for n in range(5):
             for idx in [tuple(rng.integers(0, sz) for sz in args[n].shape) for _ in range(3)]:
@@ -138,26 +158,28 @@ class TestTwoSimplicialAttention(OpTestBase):
             ("gpu", False): "cudnn"}
 
     def make(self, case, rng):
-        b, s, hq, hkv, d, w1, w2, dtype, variant, bias = CASES[case]
+        b, s, hq, hkv, d, w1, w2, dtype, variant, bias, packed = CASES[case]
         args, do = _inputs(rng, b, s, hq, hkv, d, dtype)
         op_bias, oracle_bias = _bias_kwargs(bias, d)
-        return Call(args, do, dtype, dict(w1=w1, w2=w2, variant=variant, op_bias=op_bias, oracle_bias=oracle_bias))
+        seg = jnp.asarray(_segments(b, s)) if packed else None
+        return Call(args, do, dtype, dict(w1=w1, w2=w2, variant=variant, op_bias=op_bias, oracle_bias=oracle_bias,
+                                          seg=seg))
 
     def apply(self, impl, call, *args):
         e = call.extra
         return two_simplicial_attention(*args, w1=e["w1"], w2=e["w2"], variant=e["variant"], implementation=impl,
-                                        **e["op_bias"])
+                                        segment_ids=e["seg"], **e["op_bias"])
 
     def oracle(self, case, call):
         e = call.extra
         d = call.args[0].shape[-1]
         out, grads = oracle(*call.args, call.cotangent, w1=e["w1"], w2=e["w2"], scale=1.0 / np.sqrt(d),
-                            variant=e["variant"], **e["oracle_bias"])
+                            variant=e["variant"], segment_ids=e["seg"], **e["oracle_bias"])
         return (out,), grads
 
     def facts(self, call):
         q, k1, v1, k2, v2 = call.args
-        return OP.facts(q, k1, v1, k2, v2, variant=call.extra["variant"])
+        return OP.facts(q, k1, v1, k2, v2, variant=call.extra["variant"], segment_ids=call.extra["seg"])
 
     def check_outputs(self, impl, call, outs):
         q = call.args[0]
@@ -289,6 +311,7 @@ def _interpreter_errors():
 
     from kernels.simplicial import triton_gpu as T
     from kernels.simplicial.api import Config, _diagonal_sum
+    from kernels.simplicial.reference import segment_starts
     from tests.oracle import rel_err
 
     for name in dir(interpreter):  # let the interpreter take NumPy-backed pointers (no torch here)
@@ -296,6 +319,13 @@ def _interpreter_errors():
         if isinstance(obj, type) and hasattr(obj, "_init_args_hst"):
             obj._init_args_hst = lambda self, a, k: (a, k)
             obj._restore_args_dev = lambda self, *a: None
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):  # scalars are 1-element arrays there; NumPy >= 2.5 refuses int() of them
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
 
     class Ptr:
         def __init__(self, a):
@@ -309,29 +339,35 @@ def _interpreter_errors():
             return tuple(s // self.a.itemsize for s in self.a.strides)
 
     errs = {}
-    # (batch, seq, q_heads, kv_heads, head_dim, w1, w2, rows, BJ): odd seq, GQA, w2 > seq > w1, one partial k1
-    # block; then w1 = 20 over BJ = 8 (partial, whole and partial-at-the-end blocks) with two head tiles.
-    cases = [(1, 11, 2, 1, 8, 4, 13, 16, 8), (2, 5, 4, 2, 8, 3, 2, 16, 16), (1, 37, 4, 1, 8, 20, 3, 16, 8)]
+    # (batch, seq, q_heads, kv_heads, head_dim, w1, w2, rows, BJ, packed): odd seq, GQA, w2 > seq > w1, one
+    # partial k1 block; then w1 = 20 over BJ = 8 (partial, whole and partial-at-the-end blocks) with two head
+    # tiles; then packed rows (_segments): blocks skipped before a document, masked ones before its run start.
+    cases = [(1, 11, 2, 1, 8, 4, 13, 16, 8, False), (2, 5, 4, 2, 8, 3, 2, 16, 16, False),
+             (1, 37, 4, 1, 8, 20, 3, 16, 8, False), (2, 11, 2, 1, 8, 4, 13, 16, 8, True),
+             (2, 37, 4, 1, 8, 20, 3, 16, 8, True)]
     for case in cases:
-        b, s, hq, hkv, d, w1, w2, rows, bj = case
+        b, s, hq, hkv, d, w1, w2, rows, bj, packed = case
         rng = np.random.default_rng()
         q, k1, v1, k2, v2, do = (rng.standard_normal((b, s, h, d)).astype(np.float32)
                                  for h in (hq, hkv, hkv, hkv, hkv, hq))
+        seg = _segments(b, s) if packed else None
+        docs, runs = ((np.asarray(x) for x in segment_starts(jnp.asarray(seg))) if packed
+                      else (np.zeros(1, np.int32) for _ in range(2)))
         cfg = Config(min(w1, s), min(w2, s), 1 / np.sqrt(d))
-        p = {**T._params(q, k1, v1, cfg, rows), "PREC": "ieee", "BJ": bj}
+        p = {**T._params(q, k1, v1, cfg, rows, seg), "PREC": "ieee", "BJ": bj}
         nt = triton.cdiv(p["G"], p["GH"])
         splits = T._tile_splits(nt, 1, 2)
         out, lse = np.zeros((b, s, hq, d), np.float32), np.zeros((b, s, hq), np.float32)
-        T._fwd_kernel[(s, b * hkv, nt)](*map(Ptr, (q, k1, v1, k2, v2, out, lse)), **p)
-        ref_o, ref_g = oracle(q, k1, v1, k2, v2, do, w1=cfg.w1, w2=cfg.w2, scale=cfg.scale)
+        T._fwd_kernel[(s, b * hkv, nt)](*map(Ptr, (q, k1, v1, k2, v2, docs, runs, out, lse)), **p)
+        ref_o, ref_g = oracle(q, k1, v1, k2, v2, do, w1=cfg.w1, w2=cfg.w2, scale=cfg.scale, segment_ids=seg)
         errs[f"{case} out"] = rel_err(out, ref_o)
         delta = np.sum(do * out, -1)
         dq = np.zeros_like(q)
         t2, u2 = (np.zeros((b, s, hkv, p["W2P"], p["DKP"]), np.float32) for _ in range(2))
-        T._bwd_q_kernel[(s, b * hkv)](*map(Ptr, (q, k1, v1, k2, v2, do, lse, delta, dq, t2, u2)), **p)
+        T._bwd_q_kernel[(s, b * hkv)](*map(Ptr, (q, k1, v1, k2, v2, docs, do, lse, delta, dq, t2, u2)), **p)
         dk1, dv1 = (np.zeros((splits, b, s, hkv, p["DKP"]), np.float32) for _ in range(2))
         T._bwd_k_kernel[(triton.cdiv(s, bj), b * hkv, splits)](
-            *map(Ptr, (q, k1, v1, k2, v2, do, lse, delta, dk1, dv1)), TILES_PER_SPLIT=nt // splits, **p)
+            *map(Ptr, (q, k1, v1, k2, v2, docs, do, lse, delta, dk1, dv1)), TILES_PER_SPLIT=nt // splits, **p)
         dk2, dv2 = (np.asarray(_diagonal_sum(jnp.asarray(t[..., :d]), cfg.w2)) for t in (t2, u2))
         for n, g, r in zip(("dq", "dk1", "dv1", "dk2", "dv2"), (dq, dk1.sum(0)[..., :d], dv1.sum(0)[..., :d], dk2, dv2),
                            ref_g):
@@ -340,8 +376,9 @@ def _interpreter_errors():
 
 
 def test_triton_kernels_in_interpreter():
-    """Triton kernels (fwd, two-kernel bwd) on CPU. Needs triton importable, or a directory holding
-    it in AXL_TRITON_SITE (e.g. `pip install --target DIR triton==3.6.0`, kept out of the project venv)."""
+    """Triton kernels (fwd, two-kernel bwd; unpacked and packed rows) on CPU. Needs triton importable, or a
+    directory holding it in AXL_TRITON_SITE (e.g. `pip install --target DIR triton==3.6.0`, kept out of the
+    project venv)."""
     import importlib.util
     import json
     import os
@@ -358,7 +395,7 @@ def test_triton_kernels_in_interpreter():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     errs = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(errs) == 3 * 6
+    assert len(errs) == 5 * 6
     bad = {k: v for k, v in errs.items() if not v <= 2e-5}
     assert not bad, bad
 
