@@ -9,6 +9,10 @@ device memory. Matrix products take the input dtype (bf16) with float32 accumula
 states stay float32 (states are rounded to the input dtype only as a matmul operand, as in mamba_ssm).
 Backward kernels loop over the heads of a group inside one program so dB and dC (shared by the group's heads)
 are summed in registers instead of written per head.
+Packed rows: chunk_scan and both backward kernels take r (reference.chunk_documents, int32 [b, c*Q]) and a
+constexpr SEG; with SEG they load r next to cs (one int per position) and fold r_t = r_s into the causal `where`
+they already apply per tile, r_t = 0 into the state term's row factor and r_s = r_last into dB / dx's dS_{c+1}
+row factor. SEG=False compiles the unpacked kernels unchanged (r is then a 1-element placeholder never read).
 """
 from __future__ import annotations
 
@@ -126,12 +130,13 @@ def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr
 
 
 @triton.jit
-def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, y_ptr, L: tl.constexpr,
+def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, r_ptr, y_ptr, L: tl.constexpr,
                        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
                        NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                       PREC: tl.constexpr):
+                       PREC: tl.constexpr, SEG: tl.constexpr):
     """y[t] = sum_{s<=t in chunk} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) S_c C_t + D x_t, BM rows.
-    C_t.B_s is read from cb [b,c,g,Q,Q] (heads of one (b, c) are adjacent programs: the tile stays in L2)."""
+    C_t.B_s is read from cb [b,c,g,Q,Q] (heads of one (b, c) are adjacent programs: the tile stays in L2).
+    SEG: the sum keeps r_s = r_t and the state term r_t = 0 (r [b, L] int32)."""
     pid = tl.program_id(0)
     NM: tl.constexpr = Q // BM
     m = pid % NM
@@ -152,7 +157,11 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, y_pt
     cm = tl.load(c_ptr + bcoff + tm[:, None] * (G * N) + on[None, :], mask=on[None, :] < N, other=0.0)
     st = tl.load(st_ptr + ((bb * (NC + 1) + c) * H + h) * (P * N) + on[:, None] + op[None, :] * N,
                  mask=(on[:, None] < N) & (op[None, :] < P), other=0.0)  # S_c^T [BN, BP]
-    acc = tl.dot(cm, st.to(dtype), input_precision=PREC) * tl.exp(cs_m)[:, None]
+    state_w = tl.exp(cs_m)
+    if SEG:
+        r_m = tl.load(r_ptr + bb * L + tm)
+        state_w = tl.where(r_m == 0, state_w, 0.0)  # S_c feeds only the chunk's entering document
+    acc = tl.dot(cm, st.to(dtype), input_precision=PREC) * state_w[:, None]
     for k0 in range(0, (m + 1) * BM, BK):
         ok = k0 + tl.arange(0, BK)
         tk = c * Q + ok
@@ -160,7 +169,10 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, y_pt
         dt_k = tl.load(dt_ptr + sbase + tk)
         cb = tl.load(cb_ptr + cbbase + om[:, None] * Q + ok[None, :])
         decay = tl.exp(tl.minimum(cs_m[:, None] - cs_k[None, :], 0.0)) * dt_k[None, :]
-        cb = tl.where(om[:, None] >= ok[None, :], cb * decay, 0.0)
+        keep = om[:, None] >= ok[None, :]
+        if SEG:
+            keep = keep & (r_m[:, None] == tl.load(r_ptr + bb * L + tk)[None, :])
+        cb = tl.where(keep, cb * decay, 0.0)
         xk = tl.load(xbase + tk[:, None] * (H * P) + op[None, :], mask=op[None, :] < P, other=0.0)
         acc += tl.dot(cb.to(dtype), xk, input_precision=PREC)
     xm = tl.load(xbase + tm[:, None] * (H * P) + op[None, :], mask=op[None, :] < P, other=0.0)
@@ -170,15 +182,15 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, y_pt
 
 
 @triton.jit
-def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_ptr, d_ptr,
+def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_ptr, d_ptr, r_ptr,
                       dx_ptr, db_ptr, ddt_ptr, dd_ptr, B_: tl.constexpr, L: tl.constexpr, H: tl.constexpr,
                       G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, NC: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, HS: tl.constexpr,
-                      PREC: tl.constexpr):
+                      PREC: tl.constexpr, SEG: tl.constexpr):
     """Source-side cotangents for BS positions s of one chunk, heads [hs*R/HS, (hs+1)*R/HS) of group g
     (see reference); dB partial sums over those heads go to slice hs of db [HS, b, c, Q, g, N].
     B_s.C_t is read (transposed) from cb [b,c,g,Q,Q]; dB has one accumulator over heads and positions (dt_s
-    folded into the operands)."""
+    folded into the operands). SEG: the t-sums keep r_t = r_s, the dS_{c+1} terms r_s = r_last."""
     pid = tl.program_id(0)
     NS: tl.constexpr = Q // BS
     R: tl.constexpr = H // G // HS
@@ -199,6 +211,9 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
     bs_ptrs = b_ptr + bcoff + ts[:, None] * (G * N) + on[None, :]
     bs = tl.load(bs_ptrs, mask=mask_n, other=0.0)
     db_acc = tl.zeros([BS, BN], dtype=tl.float32)
+    if SEG:  # the documents are shared by the heads: loaded once
+        r_s = tl.load(r_ptr + bb * L + ts)
+        tail_keep = r_s == tl.load(r_ptr + bb * L + c * Q + Q - 1)
     for i in range(R):
         h = (g * HS + hs) * R + i
         sbase = bb * H * L + h * L
@@ -210,6 +225,8 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
         dsn = tl.load(dst_ptr + ((bb * (NC + 1) + c + 1) * H + h) * (P * N) + op[:, None] * N + on[None, :],
                       mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # dS_{c+1} [BP, BN]
         tail = tl.exp(cs_last - cs_s)
+        if SEG:  # dS_{c+1} reaches only the chunk-end document
+            tail = tl.where(tail_keep, tail, 0.0)
         w_acc = tl.dot(bs, tl.trans(dsn), input_precision=PREC) * tail[:, None]  # [BS, BP]
         # dt_s (a per-row factor) folded into the left operands, so every head accumulates straight into
         # db_acc (one [BS, BN] f32 accumulator live instead of a per-head one too: fewer spills at 4 warps)
@@ -220,8 +237,10 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
             ct = tl.load(c_ptr + bcoff + tt[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
             dyt = tl.load(dy_ptr + xyoff + tt[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0)
             cs_t = tl.load(cs_ptr + sbase + tt)
-            decay = tl.where(ot[None, :] >= os_[:, None],
-                             tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)  # [BS, BT]
+            keep = ot[None, :] >= os_[:, None]
+            if SEG:
+                keep = keep & (tl.load(r_ptr + bb * L + tt)[None, :] == r_s[:, None])
+            decay = tl.where(keep, tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)  # [BS, BT]
             bc = tl.load(cb_ptr + cbbase + ot[None, :] * Q + os_[:, None]) * decay
             w_acc += tl.dot(bc.to(dtype), dyt, input_precision=PREC)
             xdy = tl.dot(xs, tl.trans(dyt), input_precision=PREC) * decay * dt_s[:, None]
@@ -236,12 +255,13 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
 
 
 @triton.jit
-def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, cdc_ptr, B_: tl.constexpr,
+def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, r_ptr, dc_ptr, cdc_ptr, B_: tl.constexpr,
                    L: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                    Q: tl.constexpr, NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
-                   BT: tl.constexpr, HS: tl.constexpr, PREC: tl.constexpr):
+                   BT: tl.constexpr, HS: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr):
     """Query-side cotangents dC (partial sums over R/HS heads of the group, slice hs of dc [HS, ...]) and
-    C_t.dC_t^h for BT positions t. One accumulator carries the head sum (see below)."""
+    C_t.dC_t^h for BT positions t. One accumulator carries the head sum (see below). SEG: the s-sum keeps
+    r_s = r_t, the state term r_t = 0."""
     pid = tl.program_id(0)
     NT: tl.constexpr = Q // BT
     R: tl.constexpr = H // G // HS
@@ -261,6 +281,8 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
     ct = tl.load(c_ptr + bcoff + tt[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
     dc_acc = tl.zeros([BT, BN], dtype=tl.float32)
     r_prev = tl.zeros([BT], dtype=tl.float32)
+    if SEG:
+        r_t = tl.load(r_ptr + bb * L + tt)
     for i in range(R):
         h = (g * HS + hs) * R + i
         sbase = bb * H * L + h * L
@@ -269,8 +291,11 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
         dyt = tl.load(dy_ptr + xyoff + tt[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0)
         st = tl.load(st_ptr + ((bb * (NC + 1) + c) * H + h) * (P * N) + op[:, None] * N + on[None, :],
                      mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # S_c [BP, BN]
+        state_w = tl.exp(cs_t)
+        if SEG:
+            state_w = tl.where(r_t == 0, state_w, 0.0)
         # carry the running head sum in the product's accumulator (no second [BT, BN] f32 live)
-        dch = tl.dot(dyt, st, input_precision=PREC) * tl.exp(cs_t)[:, None] + dc_acc
+        dch = tl.dot(dyt, st, input_precision=PREC) * state_w[:, None] + dc_acc
         for k0 in range(0, (tb + 1) * BT, BS):
             os_ = k0 + tl.arange(0, BS)
             ts = c * Q + os_
@@ -278,8 +303,10 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, dc_ptr, 
             bs = tl.load(b_ptr + bcoff + ts[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
             cs_s = tl.load(cs_ptr + sbase + ts)
             dt_s = tl.load(dt_ptr + sbase + ts)
-            w = tl.where(ot[:, None] >= os_[None, :],
-                         tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :], 0.0)
+            keep = ot[:, None] >= os_[None, :]
+            if SEG:
+                keep = keep & (r_t[:, None] == tl.load(r_ptr + bb * L + ts)[None, :])
+            w = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :], 0.0)
             dyx = tl.dot(dyt, tl.trans(xs), input_precision=PREC) * w
             dch = tl.dot(dyx.to(dtype), bs, dch, input_precision=PREC)
         # C_t.dC_t^h as a difference of running sums C_t.(sum over heads so far): f32 cancellation error
@@ -333,6 +360,14 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
+def _docs_arg(docs):
+    """-> (r [b, c*Q] int32, SEG): the document indices flattened like cs's positions, or a never-read
+    placeholder when there are none (the kernels are then compiled without any masking)."""
+    if docs is None:
+        return jnp.zeros((1,), jnp.int32), False
+    return docs.astype(jnp.int32).reshape(docs.shape[0], -1), True
+
+
 def chunk_state(x, Bm, w):
     d = _dims(x, Bm)
     b = x.shape[0]
@@ -370,7 +405,7 @@ def chunk_cb(Bm, Cm):
                         L=nc * Q, G=g, N=N, Q=Q, NC=nc, BN=_pow2(N), CBM=cbm, CBK=cbk, PREC=prec)
 
 
-def chunk_scan(x, dt, cs, Bm, Cm, states, D, cb=None):
+def chunk_scan(x, dt, cs, Bm, Cm, states, D, docs=None, cb=None):
     """reference.chunk_scan; cb = chunk_cb(Bm, Cm), computed here when not given."""
     Bm, Cm = Bm.astype(x.dtype), Cm.astype(x.dtype)
     if cb is None:
@@ -379,9 +414,10 @@ def chunk_scan(x, dt, cs, Bm, Cm, states, D, cb=None):
     bm, bk = _blk(d["Q"], CONFIG["scan_bm"]), _blk(d["Q"], CONFIG["scan_bk"])
     bk = min(bk, bm)  # the causal loop steps whole BK tiles up to the end of the BM rows
     grid = (x.shape[0] * d["NC"] * d["H"] * (d["Q"] // bm),)
-    return _triton_call(x, dt, cs, Cm, cb, states, D.astype(F32), kernel=_chunk_scan_kernel,
+    r, seg = _docs_arg(docs)
+    return _triton_call(x, dt, cs, Cm, cb, states, D.astype(F32), r, kernel=_chunk_scan_kernel,
                         out_shape=_sds(x.shape, x.dtype), grid=grid, num_warps=CONFIG["scan_warps"],
-                        num_stages=CONFIG["scan_stages"], BM=bm, BK=bk, **d)
+                        num_stages=CONFIG["scan_stages"], BM=bm, BK=bk, SEG=seg, **d)
 
 
 def _bwd_launch(x, Bm):
@@ -395,7 +431,7 @@ def _bwd_launch(x, Bm):
     return grid, hs, meta
 
 
-def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, cb=None):
+def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, docs=None, cb=None):
     """reference.chunk_bwd_dx_dB; B_s.C_t comes from cb = chunk_cb(Bm, Cm), recomputed here when not given
     (cheaper than keeping the forward's cb as a residual)."""
     grid, hs, meta = _bwd_launch(x, Bm)
@@ -403,16 +439,18 @@ def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, cb=None):
     if cb is None:
         cb = chunk_cb(Bm, Cm)
     outs = [_sds(x.shape, x.dtype), _sds((hs,) + Bm.shape, F32), _sds(cs.shape, F32), _sds(cs.shape, F32)]
-    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm, Cm, cb, dy.astype(x.dtype), dstates, D.astype(F32),
-                                   kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid, **meta)
+    r, seg = _docs_arg(docs)
+    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm, Cm, cb, dy.astype(x.dtype), dstates, D.astype(F32), r,
+                                   kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid, SEG=seg, **meta)
     return dx, dB.sum(0), ddt, dD
 
 
-def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states):
+def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states, docs=None):
     grid, hs, meta = _bwd_launch(x, Bm)
     outs = [_sds((hs,) + Cm.shape, F32), _sds(cs.shape, F32)]
-    dC, CdC = _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype), states,
-                           kernel=_bwd_dC_kernel, out_shape=outs, grid=grid, **meta)
+    r, seg = _docs_arg(docs)
+    dC, CdC = _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype), states, r,
+                           kernel=_bwd_dC_kernel, out_shape=outs, grid=grid, SEG=seg, **meta)
     return dC.sum(0), CdC
 
 

@@ -320,3 +320,111 @@ def test_segment_ids_errors_and_one_document():
     for impl in CPU_IMPLS:
         assert_close(ssd(x, dt, A, B, C, D=D, chunk_size=4, segment_ids=seg * 3, implementation=impl),
                      ssd(x, dt, A, B, C, D=D, chunk_size=4, implementation=impl), F32)
+
+
+# ------------------------------------------------------------------------------ Triton kernels on CPU
+# chunk 16 (Triton needs a multiple of 16), seq 45: row 0 resets inside chunk 0, exactly at the chunk-1 start
+# (a one-token document at 16), right after it, inside chunk 1 and a padding run crossing into chunk 2; row 1
+# one document over two chunks, then resets at the chunk-2 start (32), at 33 (padding) and 35.
+SEGMENTS16 = np.array([[1] * 6 + [2] * 10 + [3] + [4] * 9 + [5] * 4 + [0] * 15,
+                       [7] * 32 + [8] + [0] * 2 + [9] * 10], np.int32)
+
+
+def _triton_interpreter_errors():
+    """Runs in a TRITON_INTERPRET=1 subprocess: ssd(implementation='triton') end to end (jax wrappers, custom VJP),
+    each Triton launch executed by Triton's interpreter on NumPy copies of its operands (a jax.pure_callback in
+    place of jax_triton), float32, with and without segment_ids, vs the float64 recurrence.
+    Returns {case name: rel_err}."""
+    from triton.runtime import interpreter
+
+    from kernels.ssd import api, triton_gpu
+
+    for name in dir(interpreter):  # let the interpreter take NumPy-backed pointers (no torch here)
+        obj = getattr(interpreter, name)
+        if isinstance(obj, type) and hasattr(obj, "_init_args_hst"):
+            obj._init_args_hst = lambda self, a, k: (a, k)
+            obj._restore_args_dev = lambda self, *a: None
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_index(tensor, scope):  # range() over a program-id expression: a 1-element array, not 0-d
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patch_index
+
+    class Ptr:
+        def __init__(self, a):
+            self.a = a  # must be C-contiguous and stay alive
+            self.dtype, self.shape = a.dtype, a.shape
+
+        def data_ptr(self):
+            return self.a.ctypes.data
+
+        def stride(self, *_):
+            return tuple(s // self.a.itemsize for s in self.a.strides)
+
+    def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None, **meta):
+        many = isinstance(out_shape, (list, tuple))
+        outs = list(out_shape) if many else [out_shape]
+
+        def host(*arrays):
+            ins = [np.ascontiguousarray(a) for a in arrays]
+            res = [np.full(o.shape, np.nan, o.dtype) for o in outs]  # NaN: an element no program writes shows
+            kernel[grid](*map(Ptr, ins + res), **meta)
+            return res
+
+        res = jax.pure_callback(host, outs, *args)
+        return res if many else res[0]
+
+    triton_gpu._triton_call = triton_call
+    errs = {}
+    # (name, segment ids or None, (h, P, g, N), chunk): groups > 1 and 2 heads per group; then P, N not powers
+    # of two (masked lanes), one group of 4 heads, 3 chunks of 32 with random documents
+    rng = np.random.default_rng()
+    rand_seg = np.cumsum(rng.random((1, 83)) < 0.08, axis=1).astype(np.int32)
+    rand_seg[0, 70:75] = 0
+    cases = [("seg", SEGMENTS16, (4, 8, 2, 8), 16), ("noseg", None, (4, 8, 2, 8), 16),
+             ("seg-odd", rand_seg, (4, 12, 1, 20), 32)]
+    for name, seg, (h, P, g, N), chunk in cases:
+        b, L = (2, 45) if seg is None else seg.shape
+        x, dt, A, B, C, D, h0 = make_inputs(rng, b, L, h, P, g, N, F32)
+        y_ref, f_ref = np_ssd(x, dt, A, B, C, D, h0, seg=seg)
+        dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+        dfinal = rng.standard_normal(f_ref.shape).astype(np.float32)
+        f = lambda *a, seg=seg, chunk=chunk: api._ssd_segments(chunk, "triton", *a, seg)
+        (y, final), vjp = jax.vjp(f, *map(jnp.asarray, (x, dt, A, B, C, D, h0)))
+        grads = vjp((jnp.asarray(dy), jnp.asarray(dfinal)))
+        refs = np_ssd_grads(x, dt, A, B, C, D, h0, dy, dfinal, seg=seg)
+        errs[f"{name} y"], errs[f"{name} final"] = rel_err(y, y_ref), rel_err(final, f_ref)
+        for n, got, want in zip(("x", "dt", "A", "B", "C", "D", "h0"), grads, refs):
+            errs[f"{name} d{n}"] = rel_err(got, want)
+    return errs
+
+
+TRITON_SITE_ENV = "AXL_TRITON_SITE"
+
+
+def test_triton_kernels_in_interpreter():
+    """The Triton stages (chunk_cb, chunk_state, state_passing fwd/reverse, chunk_scan, dx/dB, dC; with the
+    document masks and without) on CPU. Needs triton importable, or a directory holding it in AXL_TRITON_SITE
+    (e.g. `pip install --no-deps --target DIR triton==3.6.0`, kept out of the project venv); skips otherwise."""
+    import importlib.util
+    import json
+    import os
+    import subprocess
+    import sys
+
+    site = os.environ.get(TRITON_SITE_ENV, "")
+    if importlib.util.find_spec("triton") is None and not os.path.isdir(os.path.join(site, "triton")):
+        pytest.skip(f"triton not installed (set {TRITON_SITE_ENV} to a directory holding it)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(x for x in (root, site, os.environ.get("PYTHONPATH", "")) if x)}
+    code = "import json; from tests.kernels.test_ssd import _triton_interpreter_errors as f; print(json.dumps(f()))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    errs = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(errs) == 3 * 9
+    # float32 with IEEE dots: measured <= 1e-6 (dA, the largest); a wrong mask or term gives >= 1e-2
+    bad = {k: v for k, v in errs.items() if not v <= 2e-5}
+    assert not bad, bad
