@@ -428,3 +428,26 @@ def test_triton_kernels_in_interpreter():
     # float32 with IEEE dots: measured <= 1e-6 (dA, the largest); a wrong mask or term gives >= 1e-2
     bad = {k: v for k, v in errs.items() if not v <= 2e-5}
     assert not bad, bad
+
+
+@pytest.mark.parametrize("chip", ["v5p", "v6e"])
+def test_segment_kernels_compile_for_tpu(chip):
+    """The Pallas kernels with the document block (forward and backward, bf16, the production head shape) pass
+    Mosaic's lowering and libtpu's compile for a TPU chip on this CPU host (tools.tpu_compile; skips without
+    libtpu)."""
+    import tools.tpu_compile as tc
+
+    if tc.libtpu_path() is None:
+        pytest.skip("libtpu not installed (scripts/bootstrap.sh puts it in .venv/libtpu)")
+    S = jax.ShapeDtypeStruct
+    b, L, h, P, g, N, Q = 2, 1024, 4, 64, 1, 128, 256
+    x, bc = S((b, L, h, P), jnp.bfloat16), S((b, L, g, N), jnp.bfloat16)
+
+    def fwd_bwd(x, dt, A, B, C, D, seg, dy):
+        y, vjp = jax.vjp(lambda *a: ssd(*a[:5], chunk_size=Q, D=a[5], segment_ids=seg), x, dt, A, B, C, D)
+        return y, vjp(dy)
+
+    exported, report = tc.export_for_tpu(fwd_bwd, x, S((b, L, h), jnp.bfloat16), S((h,), jnp.float32), bc, bc,
+                                         S((h,), jnp.float32), S((b, L), jnp.int32), x, chip_name=chip)
+    tc.check_mosaic(report, ("ssd_chunk_state", "ssd_chunk_scan", "ssd_bwd_dx_dB", "ssd_bwd_dC"))
+    tc.compile_exported(exported, chip)
