@@ -15,12 +15,11 @@ in general the trilinear form is not relative-position invariant (a rotation doe
 Hadamard product by k'), and it breaks the determinant variant's rotation invariance. See
 docs/notes/simplicial_model.md.
 
-Packed documents: the op has no segment argument, so a query whose window reaches back into another
-segment would mix across documents. The layer instead zeroes its output for exactly those queries (the
-first max(w1, w2) - 1 tokens of every document that does not start its row): no information crosses a
-document boundary, queries whose windows lie inside their own document are exact, and the residual
-stream and the other layers carry the gated ones. Recipes train on unpacked rows (data.packing=false),
-where nothing is gated.
+Packed documents (segment_ids given): the op masks exactly, query i attending to the pairs (j, k) of its
+windows with segment_ids[j] == segment_ids[k] == segment_ids[i] (kernels.simplicial.two_simplicial_attention;
+the same equality rule as the attention layers' mask), so no information crosses a document boundary and every
+query of a contiguous document equals that document run alone. On a GPU the cuDNN path cannot mask, so calls with
+segment ids use the Triton kernels (implementation=None picks them; implementation="cudnn" is refused).
 """
 from __future__ import annotations
 
@@ -127,21 +126,6 @@ class SimplicialConfig(MixerConfig):
         return 3.0 * forward
 
 
-def crossing_queries(segment_ids: jax.Array, window: int) -> jax.Array:
-    """int [B, S] -> bool [B, S]: True where positions max(0, i-window+1)..i hold more than one segment run.
-
-    A run is a maximal stretch of equal ids; t_i (the start of i's run) is a running max of run starts,
-    and query i's window crosses a boundary iff t_i > max(0, i - window + 1).
-    """
-    s = segment_ids.shape[1]
-    pos = jnp.arange(s, dtype=jnp.int32)
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
-    )
-    run_start = jax.lax.cummax(jnp.where(starts, pos[None, :], 0), axis=1)
-    return run_start > jnp.maximum(pos - window + 1, 0)[None, :]
-
-
 class SimplicialAttention(nn.Module):
     """The "simplicial" mixer: x [B, S, D] -> [B, S, D] in `dtype`.
 
@@ -177,12 +161,8 @@ class SimplicialAttention(nn.Module):
             return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
         ctx = two_simplicial_attention(
             q, k1, v1, k2, v2, w1=c.w1, w2=c.w2, variant=c.variant, scale=c.scale, k2_bias=c.k2_bias,
-            v2_bias=c.v2_bias, implementation=c.implementation
+            v2_bias=c.v2_bias, segment_ids=segment_ids, implementation=c.implementation
         )
-        if segment_ids is not None:
-            # Exact isolation without a segment argument in the op: drop queries whose windows cross.
-            cross = crossing_queries(segment_ids, min(max(c.w1, c.w2), x.shape[1]))
-            ctx = jnp.where(cross[:, :, None, None], jnp.zeros((), ctx.dtype), ctx)
         return output_projection(ctx, x.shape[-1], self.dtype, self.out_init_std)
 
     def cached_core(self, q, k1, v1, k2, v2, positions, segment_ids):

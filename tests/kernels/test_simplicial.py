@@ -282,6 +282,11 @@ def test_clear_errors():
         two_simplicial_attention(*args, w1=2, w2=2, k2_bias=float("nan"))
     with pytest.raises(ValueError, match="v2_bias must be a finite number"):
         two_simplicial_attention(*args, w1=2, w2=2, v2_bias=None)
+    with pytest.raises(ValueError, match=r"segment_ids must be an integer array \[batch, seq\] = \(1, 5\), got shape "
+                       r"\(1, 4\)"):
+        two_simplicial_attention(*args, w1=2, w2=2, segment_ids=jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(ValueError, match="segment_ids must be an integer array.*float32"):
+        two_simplicial_attention(*args, w1=2, w2=2, segment_ids=jnp.zeros((1, 5)))
 
 
 def test_reference_chunking_matches_oracle():
@@ -456,7 +461,7 @@ def test_cudnn_decomposition_matches_oracle(case, group_bytes, monkeypatch):
         args = (*args[:4], args[4].at[:, 5].set(0))
     scale = 1.0 / np.sqrt(d)
     w1e, w2e = reference.effective_windows(s, w1, w2)
-    op = lambda *a: api._backend_op("cudnn")(*a, api.Config(w1e, w2e, float(scale)))
+    op = lambda *a: api._backend_op("cudnn")(*a, None, api.Config(w1e, w2e, float(scale)))
     out, vjp = jax.vjp(jax.jit(op), *args)
     grads = vjp(do)
     ref_out, ref_grads = oracle(*args, do, w1=w1, w2=w2, scale=scale)
@@ -506,3 +511,20 @@ def test_cudnn_backend_refuses_what_cudnn_cannot_take():
     assert "multiples of 8" in cudnn_gpu.unsupported(jnp.bfloat16, 12, 12)
     assert "<= 256" in cudnn_gpu.unsupported(jnp.bfloat16, 264, 128)
     assert cudnn_gpu.unsupported(jnp.bfloat16, 256, 128) is None
+    assert "cannot mask packed documents" in cudnn_gpu.unsupported(jnp.bfloat16, 128, 128, segments=True)
+
+
+def test_packed_calls_on_gpu_pick_triton(monkeypatch):
+    """cuDNN cannot mask documents: bf16 calls with segment_ids go to Triton, and an explicit 'cudnn' is refused
+    in one line naming the fix."""
+    call = TestTwoSimplicialAttention().make("mqa_packed_bf16", np.random.default_rng(0))
+    q, k1, v1, k2, v2 = call.args
+    packed = OP.facts(q, k1, v1, k2, v2, variant="trilinear", segment_ids=call.extra["seg"])
+    with common.target_backend("gpu"):
+        monkeypatch.setattr(common, "has_jax_triton", lambda: True)
+        assert OP.pick(None, **packed) == "triton"
+        assert OP.pick(None, **{**packed, "segments": False}) == "cudnn"
+        with pytest.raises(ValueError, match=r"implementation='cudnn' cannot mask packed documents \(segment_ids\); "
+                           r"use 'triton' or None") as e:
+            OP.pick("cudnn", **packed)
+        assert "\n" not in str(e.value)
