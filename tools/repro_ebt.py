@@ -183,7 +183,7 @@ def _claims(ev: dict, metrics: dict) -> list[dict]:
                 out.append({"claim": f"thinking longer than trained ({k} steps) lowers held-out loss [{name}]",
                             "numbers": f"{c[k - 1]:.4f} at {k} steps -> best {longer:.4f} at "
                                        f"{c.index(longer) + 1} steps ({100 * _rel(c[k - 1], longer):+.2f}%)",
-                            "supported": longer < c[k - 1], "gain": _rel(c[k - 1], longer), "kind": "longer",
+                            "supported": bool(longer < c[k - 1]), "gain": _rel(c[k - 1], longer), "kind": "longer",
                             "set": name})
             sv = e[name].get("self_verification")
             if sv:
@@ -193,14 +193,14 @@ def _claims(ev: dict, metrics: dict) -> list[dict]:
                 out.append({"claim": f"self-verification (best of G by energy) lowers it further [{name}]",
                             "numbers": ", ".join(f"G={x}: {g[x]:.4f}" for x in gs)
                                        + f" ({100 * _rel(g[gs[0]], best):+.2f}% best vs G={gs[0]})",
-                            "supported": best < g[gs[0]], "gain": _rel(g[gs[0]], best), "kind": "verify",
+                            "supported": bool(best < g[gs[0]]), "gain": _rel(g[gs[0]], best), "kind": "verify",
                             "set": name})
         for kind, what in (("longer", "thinking longer"), ("verify", "self-verification")):
             gains = {c["set"]: c["gain"] for c in out if c.get("kind") == kind}
             if "id" in gains and "ood" in gains:
                 out.append({"claim": f"the {what} gain is larger out of distribution",
                             "numbers": f"ID {100 * gains['id']:+.2f}% vs OOD {100 * gains['ood']:+.2f}%",
-                            "supported": gains["ood"] > gains["id"] and gains["ood"] > 0})
+                            "supported": bool(gains["ood"] > gains["id"] and gains["ood"] > 0)})
     dec = ev.get("decoder")
     if e and dec:
         k = e["trained_steps"][1]
@@ -209,7 +209,7 @@ def _claims(ev: dict, metrics: dict) -> list[dict]:
                 el, dl = e[name]["curve"][k - 1], dec[name]["decoder_loss"]
                 out.append({"claim": f"EBT loss approaches the same-size Transformer++ at equal tokens [{name}]",
                             "numbers": f"EBT {el:.4f} vs decoder {dl:.4f} (gap {el - dl:+.4f} nats)",
-                            "supported": el <= dl})
+                            "supported": bool(el <= dl)})
     if "ebt" in metrics:
         base = metrics["ebt"]["eval_loss"]
         for r in ("no_replay", "no_langevin", "fixed_steps"):
@@ -217,7 +217,7 @@ def _claims(ev: dict, metrics: dict) -> list[dict]:
                 v = metrics[r]["eval_loss"]
                 out.append({"claim": f"the regularizer matters: {LABELS[r]} is worse",
                             "numbers": f"eval loss {v:.4f} vs {base:.4f} with it ({v - base:+.4f})",
-                            "supported": v > base})
+                            "supported": bool(v > base)})
     return out
 
 
