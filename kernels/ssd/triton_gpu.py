@@ -9,10 +9,16 @@ device memory. Matrix products take the input dtype (bf16) with float32 accumula
 states stay float32 (states are rounded to the input dtype only as a matmul operand, as in mamba_ssm).
 Backward kernels loop over the heads of a group inside one program so dB and dC (shared by the group's heads)
 are summed in registers instead of written per head.
-Packed rows: chunk_scan and both backward kernels take r (reference.chunk_documents, int32 [b, c*Q]) and a
-constexpr SEG; with SEG they load r next to cs (one int per position) and fold r_t = r_s into the causal `where`
-they already apply per tile, r_t = 0 into the state term's row factor and r_s = r_last into dB / dx's dS_{c+1}
-row factor. SEG=False compiles the unpacked kernels unchanged (r is then a 1-element placeholder never read).
+Packed rows: chunk_scan and both backward kernels take a constexpr SEG and, with it, one int32 per position of
+their tile rows (`_doc_bounds`): start_t (query-side kernels) or end_s (dx/dB), the chunk-relative first / last
+position of that row's document. As r is non-decreasing, "same document and causal" is s in [max(start_t, 0), t],
+i.e. t in [s, end_s]: the kernels test it with ONE unsigned compare per element, (s - lo_t) <= (t - lo_t) as
+uint32 (a negative s - lo_t wraps above any bound), in place of the causal compare: no per-tile load, no
+second per-element test (a two-compare form took chunk_scan from 168 to 254 registers at the default tiles,
+sm_90a, i.e. 3 -> 2 programs per SM; this form keeps 168). The state term's row factor is zeroed where
+start_t >= 0 (r_t != 0) and dS_{c+1}'s where end_s < Q - 1. Rows whose documents begin late skip the tiles before them
+(the s loop starts at the block's first start_t, the t loop ends after its last end_s). SEG=False compiles
+the unpacked kernels unchanged (the bounds pointer is then a 1-element placeholder never read).
 """
 from __future__ import annotations
 
@@ -130,13 +136,13 @@ def _state_passing_kernel(st_ptr, decay_ptr, init_ptr, fwd_ptr, out_ptr, dot_ptr
 
 
 @triton.jit
-def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, r_ptr, y_ptr, L: tl.constexpr,
+def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, start_ptr, y_ptr, L: tl.constexpr,
                        H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
                        NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                        PREC: tl.constexpr, SEG: tl.constexpr):
     """y[t] = sum_{s<=t in chunk} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + exp(cs_t) S_c C_t + D x_t, BM rows.
     C_t.B_s is read from cb [b,c,g,Q,Q] (heads of one (b, c) are adjacent programs: the tile stays in L2).
-    SEG: the sum keeps r_s = r_t and the state term r_t = 0 (r [b, L] int32)."""
+    SEG: the sum keeps s >= start_t (same document) and the state term start_t = -1 (the entering document)."""
     pid = tl.program_id(0)
     NM: tl.constexpr = Q // BM
     m = pid % NM
@@ -159,19 +165,25 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, r_pt
                  mask=(on[:, None] < N) & (op[None, :] < P), other=0.0)  # S_c^T [BN, BP]
     state_w = tl.exp(cs_m)
     if SEG:
-        r_m = tl.load(r_ptr + bb * L + tm)
-        state_w = tl.where(r_m == 0, state_w, 0.0)  # S_c feeds only the chunk's entering document
+        start_m = tl.load(start_ptr + bb * L + tm)
+        state_w = tl.where(start_m < 0, state_w, 0.0)  # S_c feeds only the chunk's entering document
+        lo_m = tl.maximum(start_m, 0)
+        span_m = (om - lo_m).to(tl.uint32)
+        k_lo = tl.min(lo_m, axis=0) // BK * BK  # earlier tiles hold other documents only
+    else:
+        k_lo = 0
     acc = tl.dot(cm, st.to(dtype), input_precision=PREC) * state_w[:, None]
-    for k0 in range(0, (m + 1) * BM, BK):
+    for k0 in range(k_lo, (m + 1) * BM, BK):
         ok = k0 + tl.arange(0, BK)
         tk = c * Q + ok
         cs_k = tl.load(cs_ptr + sbase + tk)
         dt_k = tl.load(dt_ptr + sbase + tk)
         cb = tl.load(cb_ptr + cbbase + om[:, None] * Q + ok[None, :])
         decay = tl.exp(tl.minimum(cs_m[:, None] - cs_k[None, :], 0.0)) * dt_k[None, :]
-        keep = om[:, None] >= ok[None, :]
-        if SEG:
-            keep = keep & (r_m[:, None] == tl.load(r_ptr + bb * L + tk)[None, :])
+        if SEG:  # lo_t <= s <= t in one compare
+            keep = (ok[None, :] - lo_m[:, None]).to(tl.uint32) <= span_m[:, None]
+        else:
+            keep = om[:, None] >= ok[None, :]
         cb = tl.where(keep, cb * decay, 0.0)
         xk = tl.load(xbase + tk[:, None] * (H * P) + op[None, :], mask=op[None, :] < P, other=0.0)
         acc += tl.dot(cb.to(dtype), xk, input_precision=PREC)
@@ -182,7 +194,7 @@ def _chunk_scan_kernel(x_ptr, dt_ptr, cs_ptr, c_ptr, cb_ptr, st_ptr, d_ptr, r_pt
 
 
 @triton.jit
-def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_ptr, d_ptr, r_ptr,
+def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_ptr, d_ptr, end_ptr,
                       dx_ptr, db_ptr, ddt_ptr, dd_ptr, B_: tl.constexpr, L: tl.constexpr, H: tl.constexpr,
                       G: tl.constexpr, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, NC: tl.constexpr,
                       BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, HS: tl.constexpr,
@@ -190,7 +202,8 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
     """Source-side cotangents for BS positions s of one chunk, heads [hs*R/HS, (hs+1)*R/HS) of group g
     (see reference); dB partial sums over those heads go to slice hs of db [HS, b, c, Q, g, N].
     B_s.C_t is read (transposed) from cb [b,c,g,Q,Q]; dB has one accumulator over heads and positions (dt_s
-    folded into the operands). SEG: the t-sums keep r_t = r_s, the dS_{c+1} terms r_s = r_last."""
+    folded into the operands). SEG: the t-sums keep t <= end_s (same document), the dS_{c+1} terms
+    end_s = Q - 1 (the chunk-end document)."""
     pid = tl.program_id(0)
     NS: tl.constexpr = Q // BS
     R: tl.constexpr = H // G // HS
@@ -212,8 +225,11 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
     bs = tl.load(bs_ptrs, mask=mask_n, other=0.0)
     db_acc = tl.zeros([BS, BN], dtype=tl.float32)
     if SEG:  # the documents are shared by the heads: loaded once
-        r_s = tl.load(r_ptr + bb * L + ts)
-        tail_keep = r_s == tl.load(r_ptr + bb * L + c * Q + Q - 1)
+        end_s = tl.load(end_ptr + bb * L + ts)
+        span_s = (end_s - os_).to(tl.uint32)
+        t_hi = (tl.max(end_s, axis=0) // BT + 1) * BT  # later tiles hold other documents only
+    else:
+        t_hi = Q
     for i in range(R):
         h = (g * HS + hs) * R + i
         sbase = bb * H * L + h * L
@@ -226,20 +242,21 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
                       mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # dS_{c+1} [BP, BN]
         tail = tl.exp(cs_last - cs_s)
         if SEG:  # dS_{c+1} reaches only the chunk-end document
-            tail = tl.where(tail_keep, tail, 0.0)
+            tail = tl.where(end_s == Q - 1, tail, 0.0)
         w_acc = tl.dot(bs, tl.trans(dsn), input_precision=PREC) * tail[:, None]  # [BS, BP]
         # dt_s (a per-row factor) folded into the left operands, so every head accumulates straight into
         # db_acc (one [BS, BN] f32 accumulator live instead of a per-head one too: fewer spills at 4 warps)
         db_acc += tl.dot(xs, dsn, input_precision=PREC) * (tail * dt_s)[:, None]
-        for k0 in range(sb * BS, Q, BT):
+        for k0 in range(sb * BS, t_hi, BT):
             ot = k0 + tl.arange(0, BT)
             tt = c * Q + ot
             ct = tl.load(c_ptr + bcoff + tt[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
             dyt = tl.load(dy_ptr + xyoff + tt[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0)
             cs_t = tl.load(cs_ptr + sbase + tt)
-            keep = ot[None, :] >= os_[:, None]
-            if SEG:
-                keep = keep & (tl.load(r_ptr + bb * L + tt)[None, :] == r_s[:, None])
+            if SEG:  # s <= t <= end_s in one compare
+                keep = (ot[None, :] - os_[:, None]).to(tl.uint32) <= span_s[:, None]
+            else:
+                keep = ot[None, :] >= os_[:, None]
             decay = tl.where(keep, tl.exp(tl.minimum(cs_t[None, :] - cs_s[:, None], 0.0)), 0.0)  # [BS, BT]
             bc = tl.load(cb_ptr + cbbase + ot[None, :] * Q + os_[:, None]) * decay
             w_acc += tl.dot(bc.to(dtype), dyt, input_precision=PREC)
@@ -255,13 +272,13 @@ def _bwd_dx_dB_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, cb_ptr, dy_ptr, dst_p
 
 
 @triton.jit
-def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, r_ptr, dc_ptr, cdc_ptr, B_: tl.constexpr,
+def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, start_ptr, dc_ptr, cdc_ptr, B_: tl.constexpr,
                    L: tl.constexpr, H: tl.constexpr, G: tl.constexpr, P: tl.constexpr, N: tl.constexpr,
                    Q: tl.constexpr, NC: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
                    BT: tl.constexpr, HS: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr):
     """Query-side cotangents dC (partial sums over R/HS heads of the group, slice hs of dc [HS, ...]) and
     C_t.dC_t^h for BT positions t. One accumulator carries the head sum (see below). SEG: the s-sum keeps
-    r_s = r_t, the state term r_t = 0."""
+    s >= start_t, the state term start_t = -1 (as chunk_scan)."""
     pid = tl.program_id(0)
     NT: tl.constexpr = Q // BT
     R: tl.constexpr = H // G // HS
@@ -282,7 +299,12 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, r_ptr, d
     dc_acc = tl.zeros([BT, BN], dtype=tl.float32)
     r_prev = tl.zeros([BT], dtype=tl.float32)
     if SEG:
-        r_t = tl.load(r_ptr + bb * L + tt)
+        start_t = tl.load(start_ptr + bb * L + tt)
+        lo_t = tl.maximum(start_t, 0)
+        span_t = (ot - lo_t).to(tl.uint32)
+        s_lo = tl.min(lo_t, axis=0) // BS * BS
+    else:
+        s_lo = 0
     for i in range(R):
         h = (g * HS + hs) * R + i
         sbase = bb * H * L + h * L
@@ -293,19 +315,20 @@ def _bwd_dC_kernel(x_ptr, dt_ptr, cs_ptr, b_ptr, c_ptr, dy_ptr, st_ptr, r_ptr, d
                      mask=(op[:, None] < P) & mask_n, other=0.0).to(dtype)  # S_c [BP, BN]
         state_w = tl.exp(cs_t)
         if SEG:
-            state_w = tl.where(r_t == 0, state_w, 0.0)
+            state_w = tl.where(start_t < 0, state_w, 0.0)
         # carry the running head sum in the product's accumulator (no second [BT, BN] f32 live)
         dch = tl.dot(dyt, st, input_precision=PREC) * state_w[:, None] + dc_acc
-        for k0 in range(0, (tb + 1) * BT, BS):
+        for k0 in range(s_lo, (tb + 1) * BT, BS):
             os_ = k0 + tl.arange(0, BS)
             ts = c * Q + os_
             xs = tl.load(x_ptr + xyoff + ts[:, None] * (H * P) + op[None, :], mask=mask_p, other=0.0)
             bs = tl.load(b_ptr + bcoff + ts[:, None] * (G * N) + on[None, :], mask=mask_n, other=0.0)
             cs_s = tl.load(cs_ptr + sbase + ts)
             dt_s = tl.load(dt_ptr + sbase + ts)
-            keep = ot[:, None] >= os_[None, :]
-            if SEG:
-                keep = keep & (r_t[:, None] == tl.load(r_ptr + bb * L + ts)[None, :])
+            if SEG:  # lo_t <= s <= t in one compare
+                keep = (os_[None, :] - lo_t[:, None]).to(tl.uint32) <= span_t[:, None]
+            else:
+                keep = ot[:, None] >= os_[None, :]
             w = tl.where(keep, tl.exp(tl.minimum(cs_t[:, None] - cs_s[None, :], 0.0)) * dt_s[None, :], 0.0)
             dyx = tl.dot(dyt, tl.trans(xs), input_precision=PREC) * w
             dch = tl.dot(dyx.to(dtype), bs, dch, input_precision=PREC)
@@ -360,12 +383,25 @@ def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def _docs_arg(docs):
-    """-> (r [b, c*Q] int32, SEG): the document indices flattened like cs's positions, or a never-read
-    placeholder when there are none (the kernels are then compiled without any masking)."""
+def _doc_bounds(docs, which):
+    """r [b, c, Q] (reference.chunk_documents) -> (bounds [b, c*Q] int32, SEG) for the kernels. which="start":
+    start_t, the chunk-relative index of the first position of t's document, -1 where that document was open at
+    the chunk's start (r_t = 0); which="end": end_s, the index of the last position of s's document in the chunk
+    (Q - 1 where it runs to the chunk's end, i.e. r_s = r_last). r is non-decreasing, so for t >= s:
+    r_t = r_s <=> s >= start_t <=> t <= end_s. docs None -> a never-read placeholder and SEG False (the kernels
+    are then compiled without any masking)."""
     if docs is None:
         return jnp.zeros((1,), jnp.int32), False
-    return docs.astype(jnp.int32).reshape(docs.shape[0], -1), True
+    r = docs.astype(jnp.int32)
+    Q = r.shape[-1]
+    q = jnp.arange(Q, dtype=jnp.int32)
+    if which == "start":  # a position opens a document where r steps (r_{-1} = 0: the entering document)
+        prev = jnp.concatenate([jnp.zeros_like(r[..., :1]), r[..., :-1]], axis=-1)
+        out = jax.lax.cummax(jnp.where(r != prev, q, -1), axis=2)
+    else:  # a position closes one where r steps next (the chunk's last position always does)
+        nxt = jnp.concatenate([r[..., 1:], jnp.full_like(r[..., :1], -1)], axis=-1)
+        out = jax.lax.cummin(jnp.where(r != nxt, q, Q - 1), axis=2, reverse=True)
+    return out.reshape(r.shape[0], -1), True
 
 
 def chunk_state(x, Bm, w):
@@ -414,8 +450,8 @@ def chunk_scan(x, dt, cs, Bm, Cm, states, D, docs=None, cb=None):
     bm, bk = _blk(d["Q"], CONFIG["scan_bm"]), _blk(d["Q"], CONFIG["scan_bk"])
     bk = min(bk, bm)  # the causal loop steps whole BK tiles up to the end of the BM rows
     grid = (x.shape[0] * d["NC"] * d["H"] * (d["Q"] // bm),)
-    r, seg = _docs_arg(docs)
-    return _triton_call(x, dt, cs, Cm, cb, states, D.astype(F32), r, kernel=_chunk_scan_kernel,
+    start, seg = _doc_bounds(docs, "start")
+    return _triton_call(x, dt, cs, Cm, cb, states, D.astype(F32), start, kernel=_chunk_scan_kernel,
                         out_shape=_sds(x.shape, x.dtype), grid=grid, num_warps=CONFIG["scan_warps"],
                         num_stages=CONFIG["scan_stages"], BM=bm, BK=bk, SEG=seg, **d)
 
@@ -439,8 +475,8 @@ def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, docs=None, cb=None):
     if cb is None:
         cb = chunk_cb(Bm, Cm)
     outs = [_sds(x.shape, x.dtype), _sds((hs,) + Bm.shape, F32), _sds(cs.shape, F32), _sds(cs.shape, F32)]
-    r, seg = _docs_arg(docs)
-    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm, Cm, cb, dy.astype(x.dtype), dstates, D.astype(F32), r,
+    end, seg = _doc_bounds(docs, "end")
+    dx, dB, ddt, dD = _triton_call(x, dt, cs, Bm, Cm, cb, dy.astype(x.dtype), dstates, D.astype(F32), end,
                                    kernel=_bwd_dx_dB_kernel, out_shape=outs, grid=grid, SEG=seg, **meta)
     return dx, dB.sum(0), ddt, dD
 
@@ -448,8 +484,8 @@ def chunk_bwd_dx_dB(x, dt, cs, Bm, Cm, dy, dstates, D, docs=None, cb=None):
 def chunk_bwd_dC(x, dt, cs, Bm, Cm, dy, states, docs=None):
     grid, hs, meta = _bwd_launch(x, Bm)
     outs = [_sds((hs,) + Cm.shape, F32), _sds(cs.shape, F32)]
-    r, seg = _docs_arg(docs)
-    dC, CdC = _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype), states, r,
+    start, seg = _doc_bounds(docs, "start")
+    dC, CdC = _triton_call(x, dt, cs, Bm.astype(x.dtype), Cm.astype(x.dtype), dy.astype(x.dtype), states, start,
                            kernel=_bwd_dC_kernel, out_shape=outs, grid=grid, SEG=seg, **meta)
     return dC.sum(0), CdC
 

@@ -383,9 +383,15 @@ def _triton_interpreter_errors():
     rng = np.random.default_rng()
     rand_seg = np.cumsum(rng.random((1, 83)) < 0.08, axis=1).astype(np.int32)
     rand_seg[0, 70:75] = 0
-    cases = [("seg", SEGMENTS16, (4, 8, 2, 8), 16), ("noseg", None, (4, 8, 2, 8), 16),
-             ("seg-odd", rand_seg, (4, 12, 1, 20), 32)]
-    for name, seg, (h, P, g, N), chunk in cases:
+    # then 16/32-row tiles in chunks of 64 (several tiles per chunk: the tile skipping before a row block's
+    # first document start and after its last document end; e.g. rows 32-63 hold documents from 7, 36, 37, 55),
+    # documents of 1-37 tokens, padding runs of 2 and 24
+    many = np.repeat(np.array([1, 2, 3, 4, 5, 6, 0, 7, 0], np.int32), [7, 29, 1, 18, 37, 9, 2, 23, 24])[None]
+    tiles16 = dict(scan_bm=32, scan_bk=16, cb_bm=32, cb_bk=16, bwd_blk=16)
+    cases = [("seg", SEGMENTS16, (4, 8, 2, 8), 16, {}), ("noseg", None, (4, 8, 2, 8), 16, {}),
+             ("seg-odd", rand_seg, (4, 12, 1, 20), 32, {}), ("seg-tiles", many, (2, 8, 1, 8), 64, tiles16)]
+    for name, seg, (h, P, g, N), chunk, config in cases:
+        triton_gpu.CONFIG.update(config)  # this subprocess only
         b, L = (2, 45) if seg is None else seg.shape
         x, dt, A, B, C, D, h0 = make_inputs(rng, b, L, h, P, g, N, F32)
         y_ref, f_ref = np_ssd(x, dt, A, B, C, D, h0, seg=seg)
@@ -424,7 +430,7 @@ def test_triton_kernels_in_interpreter():
     res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     errs = json.loads(res.stdout.strip().splitlines()[-1])
-    assert len(errs) == 3 * 9
+    assert len(errs) == 4 * 9
     # float32 with IEEE dots: measured <= 1e-6 (dA, the largest); a wrong mask or term gives >= 1e-2
     bad = {k: v for k, v in errs.items() if not v <= 2e-5}
     assert not bad, bad
