@@ -375,9 +375,11 @@ def run_all(a) -> int:
                       f"{(r.get('peak_memory_bytes') or 0)/2**30:.1f} GiB, hot op {r.get('hot_op')} "
                       f"{r.get('hot_op_tflops') or 0:.0f} TFLOP/s", flush=True)
             else:
-                tail = [ln for ln in (p.stderr or p.stdout).strip().splitlines() if ln.strip()]
-                rows.append({"recipe": recipe, "preset": preset, "error": (tail[-1] if tail else "failed")[:160]})
-                print(f"  failed: {rows[-1]['error']}", flush=True)
+                lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
+                if "--------------------" in lines:  # JAX's traceback-filtering note follows the error
+                    lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
+                rows.append({"recipe": recipe, "preset": preset, "error": (lines[-1] if lines else "failed")[:300]})
+                print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
     print(f"\ndevice: {jax.devices()[0].device_kind}  jax {jax.__version__}"
           + (f"  anchor: jax bf16 matmul 8192^3 {anchor/1e12:.0f} TFLOP/s" if anchor else ""))
     print("| preset | step | tokens/s | model TFLOP/s | MFU | of matmul anchor | hot op alone | of hot op | peak mem |")
