@@ -457,3 +457,27 @@ def test_segment_kernels_compile_for_tpu(chip):
                                          S((h,), jnp.float32), S((b, L), jnp.int32), x, chip_name=chip)
     tc.check_mosaic(report, ("ssd_chunk_state", "ssd_chunk_scan", "ssd_bwd_dx_dB", "ssd_bwd_dC"))
     tc.compile_exported(exported, chip)
+
+
+def test_pallas_segments_under_mesh_match_single_program():
+    """Pallas with segment_ids under an 8-device data x fsdp x tensor CPU mesh runs in common.partitioned's
+    shard_map (segment_ids split with the batch rows): outputs and all gradients equal the single-program ones."""
+    import flax.linen as nn
+
+    from axlearn_like import sharding as shd
+
+    rng = np.random.default_rng()
+    x, dt, A, B, C, D, h0 = make_inputs(rng, 4, 16, 4, 8, 1, 8, F32)
+    seg = np.array([[1] * 3 + [2] * 13, [1] * 8 + [0] * 8, [5] * 16, [1] + [2] * 9 + [3] * 6], np.int32)
+
+    def f(*a):
+        out, vjp = jax.vjp(lambda *a: ssd(*a[:5], chunk_size=8, D=a[5], initial_state=a[6], segment_ids=seg,
+                                          return_final_state=True, implementation="pallas"), *a)
+        return out, vjp(jax.tree.map(lambda o: jnp.cos(o).astype(o.dtype), out))
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 1, 2), shd.MESH_AXES)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.DEFAULT_RULES):
+        got = jax.jit(f)(x, dt, A, B, C, D, h0)
+    want = jax.jit(f)(x, dt, A, B, C, D, h0)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
