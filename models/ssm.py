@@ -28,11 +28,14 @@ only rows that restarted from zero are recorded. So fitted noise never fits its 
 Recurrent inference: when the caller makes the `cache` collection mutable, each mixer continues from its
 cached conv window and SSM state and writes them back, so a sequence can be fed in pieces of any length
 (chunked evaluation) or one token at a time (decode); see `decode_step`, `generate`, `chunked_logits`.
-Packed rows (segment_ids from the data pipeline): by default the documents of a row share the recurrent state
-and the conv window. With `document_reset=True` a training/eval apply given segment_ids restarts both at every
-document (kernels.ssd segment_ids; conv taps reading an earlier document are zeroed); the row's initial state
-(and tbtt's carried conv window) feed only its first document, and the carried/cached final state is the last
-document's. Decode and chunked evaluation pass no segment_ids and are unchanged.
+Packed rows (segment_ids from the data pipeline): by default (`document_reset=None`) a training/eval apply given
+segment_ids restarts the recurrent state and the conv window at every real document start (kernels.ssd
+segment_ids, on every implementation; conv taps reading an earlier document are zeroed), while padding (id 0)
+continues the document before it: so packed rows isolate their documents exactly and a row holding one document
+then padding (DataConfig.packing=False) computes what it did with no segment_ids. `True` also restarts at padding
+runs (padding is a document of its own); `False` ignores segment_ids (documents share state and conv window).
+The row's initial state (and tbtt's carried conv window) feed only its first document, and the carried/cached
+final state is the last document's. Decode and chunked evaluation pass no segment_ids and are unchanged.
 """
 from __future__ import annotations
 
@@ -71,12 +74,14 @@ class Mamba2Config(MixerConfig):
     running mean so early statistics are unbiased). fitted_noise_scope: "head" (one Gaussian per layer and
     head, pooled over its P x N entries: the paper's IID fit) or "element" (one per (head, P, N) entry).
 
-    document_reset: when True and the apply gets segment_ids (packed rows), each document starts from a zero
-    SSM state and an empty conv window, exactly as if it were alone in its row (mamba_ssm's seq_idx). The
-    trade-off: exact document isolation vs speed; the reset is implemented only by the XLA chunked SSD (plain
-    autodiff backward), so on GPU it replaces the fused Triton kernel (slower, more activation memory) and
-    cannot be combined with implementation "pallas"/"triton". False (default) is bit-identical to a mixer
-    that ignores segment_ids: documents leak state into the next one, which the fused kernels allow.
+    document_reset: what an apply given segment_ids (packed rows) does at document starts. None (default): each
+    real document starts from a zero SSM state and an empty conv window, exactly as if it were alone in its row
+    (mamba_ssm's seq_idx); padding (id 0) continues the document before it, so rows of one document plus padding
+    (unpacked data) compute as with no segment_ids, and packed data is isolated per document. True: the same, and
+    padding runs restart too (a document of their own: the final state of a row ending in padding is then the
+    padding's own). False: segment_ids are ignored (bit-identical to a mixer without them; documents leak state
+    into the next one). Every kernels.ssd implementation takes the resets (the fused kernels mask per document;
+    measured cost in docs/notes/ssd.md).
     """
 
     kind: ClassVar[str] = "mamba2"
@@ -100,7 +105,7 @@ class Mamba2Config(MixerConfig):
     stats_momentum: float = 0.99
     fitted_noise_scope: str = "head"
     track_states: bool = True
-    document_reset: bool = False
+    document_reset: bool | None = None
 
     def validate(self) -> None:
         for key in ("d_state", "head_dim", "expand", "d_conv", "ngroups", "chunk_size"):
@@ -117,11 +122,13 @@ class Mamba2Config(MixerConfig):
         require(self.fitted_noise_scope in FITTED_NOISE_SCOPES, "fitted_noise_scope",
                 f"{self.fitted_noise_scope!r} is not one of {list(FITTED_NOISE_SCOPES)}")
         check_implementation(self.implementation, SSD_IMPLEMENTATIONS, "ssd")
-        # the op's own rule (kernels.ssd.OP.unsupported): which implementations take segment_ids
-        fused_no_reset = self.implementation is not None and SSD_OP.unsupported(self.implementation, segments=True)
-        require(not (self.document_reset and fused_no_reset), "document_reset",
-                f"needs implementation None or 'xla' (the fused {self.implementation!r} SSD has no document "
-                f"reset); set implementation=None or document_reset=False")
+        require(self.document_reset in (None, True, False), "document_reset",
+                f"must be None (reset at real documents), True or False, got {self.document_reset!r}")
+        # the op's own rule (kernels.ssd.OP.unsupported): a refusal that only segment_ids cause
+        why = self.implementation is not None and SSD_OP.unsupported(self.implementation, segments=True)
+        no_reset = why and why != SSD_OP.unsupported(self.implementation, segments=False)
+        require(not (self.document_reset is not False and no_reset), "document_reset",
+                f"the {self.implementation!r} SSD {why}; set implementation=None or document_reset=False")
 
     def dims(self, d_model: int) -> tuple[int, int]:
         """-> (d_inner, num_heads); ConfigError when d_model does not fit head_dim / ngroups."""
@@ -254,8 +261,10 @@ class Mamba2(nn.Module):
         pad = None
         if decoding and segment_ids is not None:  # cached decoding: segment id 0 marks right padding
             pad, segment_ids = segment_ids == 0, None
-        if not c.document_reset:
-            segment_ids = None  # documents share state and conv window (fused kernels allowed)
+        if c.document_reset is False:
+            segment_ids = None  # documents share state and conv window
+        elif c.document_reset is None and segment_ids is not None:
+            segment_ids = padding_continues(segment_ids)
         b, L, d_model = u.shape
         d_inner, H = c.dims(d_model)
         P, G, N, K = c.head_dim, c.ngroups, c.d_state, c.d_conv
@@ -370,6 +379,15 @@ class Mamba2(nn.Module):
         keep = jnp.ones((shape[0],), F32) if positions is None else (positions[:, 0] != 0).astype(F32)
         conv = jax.lax.stop_gradient(carry_conv.value) * keep[:, None, None]
         return h0 * keep[:, None, None, None], conv.astype(self.dtype)
+
+
+def padding_continues(segment_ids):
+    """int [b, L] -> int32 [b, L] with every padding id 0 replaced by the last nonzero id before it (leading padding
+    stays 0): the resets of document_reset=None, where padding belongs to the document it follows."""
+    seg = jnp.asarray(segment_ids).astype(jnp.int32)
+    pos = jnp.arange(seg.shape[1], dtype=jnp.int32)
+    last = jax.lax.cummax(jnp.where(seg != 0, pos, -1), axis=1)  # the last real position so far
+    return jnp.where(last >= 0, jnp.take_along_axis(seg, jnp.maximum(last, 0), axis=1), 0)
 
 
 # ------------------------------------------------------------------------------- recurrent inference API

@@ -1,6 +1,7 @@
 """Mamba-2 mixer: float64 NumPy oracle of the whole block, init, weight decay, recurrent decode and chunked
 evaluation, and the length-generalization initial states (stats / carry semantics)."""
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -269,16 +270,50 @@ def test_document_reset_isolates_packed_documents():
 
 def test_document_reset_model_level_and_config():
     """Through LanguageModel (scanned stack) the batch's segment_ids reach the mixers: row 0 packs two documents
-    of 9 tokens, row 1 holds the second alone (then padding); the config rejects the fused kernels."""
-    lm = _model(scan=True, document_reset=True)
+    of 9 tokens, row 1 holds the second alone (then padding). Every SSD implementation takes the resets now
+    (issue 18: the Triton and Pallas kernels mask per document), so the config accepts them with the fused ones
+    (it used to refuse document_reset=True with implementation="triton")."""
+    lm = _model(scan=True)  # document_reset None, the default: resets at real documents
     batch = _batch(2, 18)
     tok = batch["inputs"].at[1, :9].set(batch["inputs"][0, 9:])
     seg = jnp.asarray(np.array([[1] * 9 + [2] * 9, [1] * 9 + [0] * 9], np.int32))
     v = _vars(lm, batch)
     logits = lm.apply(v, {**batch, "inputs": tok, "segment_ids": seg})[0]
     assert_close(logits[0, 9:], logits[1, :9], jnp.float32, "doc 2 packed vs alone")
+    for reset in (None, True):
+        for impl in ("triton", "pallas", "xla"):
+            dataclasses.replace(SSM, document_reset=reset, implementation=impl).validate()
     with pytest.raises(ConfigError, match="document_reset"):
-        dataclasses.replace(SSM, document_reset=True, implementation="triton").validate()
+        dataclasses.replace(SSM, document_reset="yes").validate()
+
+
+def test_default_document_reset_isolates_packed_rows_and_keeps_unpacked_ones():
+    """document_reset=None (the default): packed rows restart at every real document (as True), while padding
+    continues the document before it, so a row of one document then padding (unpacked data) computes exactly
+    what it does with no segment_ids, final (carried) state included; True restarts the padding run instead."""
+    from models.ssm import padding_continues
+
+    np.testing.assert_array_equal(padding_continues(np.array([[0, 0, 3, 3, 0, 2, 0, 0]])), [[0, 0, 3, 3, 3, 2, 2, 2]])
+    assert SSM.document_reset is None
+    L = 20
+    u = jax.random.normal(jax.random.key(8), (3, L, 16), jnp.float32)
+    seg = np.array([[1] * 7 + [2] * 10 + [0] * 3, [5] * 13 + [0] * 7, [4] * L], np.int32)  # packed; unpacked
+    cfg = dataclasses.replace(SSM, initial_state="state_passing")
+    layer, v = _init_layer(cfg, u)
+    carry = jax.tree.map(lambda a: jax.random.normal(jax.random.key(9), a.shape), v["carry"])
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def run(seg, reset):
+        m = layer.clone(cfg=dataclasses.replace(cfg, document_reset=reset))
+        y, new = m.apply({**v, "carry": carry}, u, segment_ids=seg, train=True, mutable=["carry", "stats"])
+        return y, new["carry"]["ssm_state"]
+
+    (auto, auto_final), (full, full_final), (plain, plain_final) = run(seg, None), run(seg, True), run(None, None)
+    assert_close(auto[0, :17], full[0, :17], jnp.float32, "packed row: real documents as with True")
+    assert rel_err(auto[0, 7:17], plain[0, 7:17]) > 1e-2  # ... and the second document was reset
+    assert_close(auto[1:], plain[1:], jnp.float32, "one document + padding, and one document: as no segment_ids")
+    assert_close(auto_final[1:], plain_final[1:], jnp.float32, "their final states too")
+    assert rel_err(full_final[1], plain_final[1]) > 1e-2  # True: the final state is the padding run's own
 
 
 # --- fitted noise: fitted to zero-initialised states only, one Gaussian per layer and head ---------------------
