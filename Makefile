@@ -22,7 +22,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: interop lint
-	XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadscope --timeout 600 --durations=12 $(PYTEST_ARGS)
+	AXL_TRITON_SITE="$${AXL_TRITON_SITE:-$(abspath $(VENV))/triton}" XLA_FLAGS="$${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" $(PY) -m pytest -q -n 2 --dist loadscope --timeout 600 --durations=12 $(PYTEST_ARGS)
 
 test-gpu:
 	python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests

@@ -46,6 +46,20 @@ if [ ! -f "$ltstamp" ]; then
     echo "bootstrap: warning: $LIBTPU did not install (see $VENV/libtpu-install.log): TPU compile tests are skipped" >&2
   fi
 fi
+# triton (jax-triton's compiler, not a dependency on CPU) into $VENV/triton, outside sys.path: the Triton kernels'
+# CPU tests run them in Triton's interpreter (TRITON_INTERPRET=1) from a subprocess that adds this directory
+# (AXL_TRITON_SITE, set by `make test`). ~170 MB download.
+TRITON="triton==3.6.0"
+trstamp="$VENV/triton/.installed-$TRITON"
+if [ ! -f "$trstamp" ]; then
+  echo "bootstrap: installing $TRITON into $VENV/triton (Triton interpreter tests of the GPU kernels)"
+  rm -rf "$VENV/triton"
+  if "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/triton" "$TRITON" >"$VENV/triton-install.log" 2>&1; then
+    touch "$trstamp"
+  else
+    echo "bootstrap: warning: $TRITON did not install (see $VENV/triton-install.log): Triton interpreter tests are skipped" >&2
+  fi
+fi
 # --interop: also .venv-interop (Python 3.11) with pyproject.toml's `interop` extra, for the Hugging Face tests.
 if [ "${1:-}" = "--interop" ]; then
   IVENV=${INTEROP_VENV:-.venv-interop}
