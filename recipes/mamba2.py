@@ -109,7 +109,7 @@ def repro_lengthgen() -> ExperimentConfig:
     Python installation's sources and docs (data.paths=python_install), tokenized by the BPE that
     `tools.repro_lengthgen` trains into <root>/tokenizer.json. Unpacked rows (packing=False: each row is one
     window of one document, padded), so every training sequence starts from h_{-1} = 0 exactly as in the
-    paper, with no document reset and hence the fused SSD kernel on GPU. Sizing arithmetic:
+    paper (no document reset is needed). Sizing arithmetic:
     docs/results/lengthgen.md."""
     cfg = config()
     cfg.name = "mamba2_repro_lengthgen"
