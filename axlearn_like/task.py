@@ -4,7 +4,8 @@ A Task is built from the model config (`cfg.model.build()`), so a checkpoint reb
 config alone (`axlearn_like.checkpoint.load`). A subclass implements `init` and `loss`; the rest has defaults
 that the trainer calls generically (docs/architecture.md, "Tasks and the trainer"):
 
-  batch_spec(data)                     global batch shapes (default: the token batch of axlearn_like.data)
+  batch_spec(data)                     global batch shapes (default: the token batch of axlearn_like.data,
+                                       without segment_ids for one-document rows)
   init / loss                          training
   flops_per_token, tokens_per_example  throughput and MFU
   eval_metrics(sums, cfg)              reported eval metrics from the eval batches' sums
@@ -134,8 +135,15 @@ class Task(abc.ABC):
         return token_batch(batch_size, seq_len)
 
     def batch_spec(self, data: Any) -> dict[str, jax.ShapeDtypeStruct]:
-        """The global batch the data config `data` yields, as shapes (sets the train step's input shardings)."""
-        return jax.eval_shape(lambda: self.example_batch(data.global_batch_size, getattr(data, "seq_len", 1)))
+        """The global batch the train and eval steps take for the data config `data`, as shapes (sets their
+        input shardings; `axlearn_like.evaluation.global_batch` drops any other key the data yields).
+        `segment_ids` is left out when `data.multi_document_rows` is False (rows of one document from position
+        0, then padding): there a causal model computes the same real-position outputs without them, and
+        attention would pay a dense [B, 1, S, S] mask for nothing."""
+        spec = jax.eval_shape(lambda: self.example_batch(data.global_batch_size, getattr(data, "seq_len", 1)))
+        if not getattr(data, "multi_document_rows", True):
+            spec.pop("segment_ids", None)
+        return spec
 
     def param_count(self, seq_len: int = 8) -> int:
         shapes = jax.eval_shape(lambda: self.init(jax.random.key(0), self.example_batch(1, seq_len)))

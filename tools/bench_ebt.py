@@ -33,7 +33,8 @@ def time_step(cfg, iters: int, profile: str | None = None) -> float:
         batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "loss_mask": np.ones((b, s), np.float32),
                  "segment_ids": np.ones((b, s), np.int32),
                  "positions": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))}
-        batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items()}
+        # The step's batch spec decides the keys (no segment_ids for one-document rows: DataConfig.multi_document_rows).
+        batch = {k: jax.device_put(v, batch_sh[k]) for k, v in batch.items() if k in batch_sh}
         step = step.lower(state, batch).compile()  # compile once; the same executable is timed
         temp_gib = getattr(step.memory_analysis(), "temp_size_in_bytes", 0) / 2**30
         for _ in range(2):

@@ -193,6 +193,8 @@ def main(argv=None) -> int:
         step_fn, batch_sh = trainer.make_train_step(setup, cfg)
         state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(jax.random.PRNGKey(0))
         batches = []
+        # global_batch keeps the keys of the step's batch spec: segment_ids only for presets whose data packs
+        # documents (DataConfig.multi_document_rows), as a real run of the preset.
         for _ in range(4):  # rotate a few random batches (never time on zeros)
             toks = rng.integers(0, vocab, (g, s + 1), dtype=np.int32)
             local = {"inputs": toks[:, :-1], "targets": toks[:, 1:], "loss_mask": np.ones((g, s), np.float32),

@@ -27,7 +27,7 @@ class DataConfig:
       seq_len, global_batch_size: each batch is [global_batch_size, seq_len] across all processes.
       eval_fraction: fraction of documents (or task examples) held out for split="eval".
       packing: pack documents into full rows (False: one document piece per row, padded).
-        Generated tasks always hold one example per row.
+        Generated tasks always hold one example per row. See `multi_document_rows`.
       mode: "shuffled" (rows shuffled per epoch) or "tbtt" (row r is one continuous stream across steps).
       seed: fixes document split, row order and generated examples.
     """
@@ -61,6 +61,17 @@ class DataConfig:
 
             check_task_kwargs(self.task, self.task_kwargs)
             require(self.mode == "shuffled", "data.mode", "generated tasks only support mode='shuffled'")
+
+    @property
+    def multi_document_rows(self) -> bool:
+        """Whether a row can hold pieces of more than one document: packed rows and tbtt streams (documents
+        concatenated). False (packing=False, generated tasks): each row is at most one document, starting at its
+        first position, then padding. The default `Task.batch_spec` then leaves `segment_ids` out of the
+        step's batch: for a causal model the mask changes nothing at a real (loss-bearing) position, and it
+        costs attention a dense [B, 1, S, S] mask."""
+        if self.mode == "tbtt":
+            return True
+        return self.packing and self.source != "task"
 
     def make_iterator(self, *, split: str = "train", process_index: int = 0, process_count: int = 1):
         """This process's grain iterator (axlearn_like.data.make_iterator). The trainer asks any root `data`

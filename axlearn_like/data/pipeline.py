@@ -4,7 +4,8 @@ process's slice, so the iterator state is one integer (the next batch index) and
 Batch layout (per process, b = global_batch_size / process_count rows; process p holds global rows
 [p*b, (p+1)*b), so the global batch at a step is the same for every process_count):
   inputs int32[b, S], targets int32[b, S] (= the next token), loss_mask float32[b, S],
-  segment_ids int32[b, S] (1, 2, ... per document within the row; 0 = padding),
+  segment_ids int32[b, S] (1, 2, ... per document within the row; 0 = padding; when rows hold at most one
+  document, `DataConfig.multi_document_rows` False, the trainer's batch spec leaves them out of the step),
   positions int32[b, S] (position within the document as far as the model can see it: a document cut by
   the row start counts from the row start (from the stream start in tbtt mode), so positions == 0 exactly
   where a model's context / recurrent state for a document begins).
