@@ -51,13 +51,13 @@ def unsupported(dtype, d_qk: int, d_v: int, segments: bool = False) -> str | Non
     cuDNN's causal sliding window cannot take; its mask / bias argument is a dense [B, 1, S, S] tensor read
     once per head of every offset group, and its packed (offsets) layout is not wired through the backward
     primitive bound here. The Triton kernels mask exactly at the same cost (docs/notes/simplicial.md)."""
+    if segments:  # first: no dtype or shape change would make this call run
+        return "cannot mask packed documents (segment_ids); use 'triton' or None"
     if dtype != jnp.bfloat16:  # float16: the delta carrier O' = D e / |e|^2 can leave float16's range
         return f"needs bfloat16 inputs, got {dtype}; use 'triton' or None"
     if d_qk % 8 or d_qk > 256 or d_v % 8 or d_v > 256:
         return (f"needs head dims that are multiples of 8 and <= 256 (determinant: q/k "
                 f"is 2x head_dim); got q/k {d_qk}, v {d_v}; use 'triton' or None")
-    if segments:
-        return "cannot mask packed documents (segment_ids); use 'triton' or None"
     return None
 
 
