@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The device machine's checks and benchmarks, one stage per call (each < 10 min):
-#   bash scripts/gpu_session.sh tests   # every `pytest -m gpu` test (kernels, models)
+#   bash scripts/gpu_session.sh tests   # every `pytest -m gpu` test (kernels, models; > 4 min)
+#   bash scripts/gpu_session.sh kernels # the kernels' `pytest -m gpu` tests only (~3 min)
 #   bash scripts/gpu_session.sh bench   # python -m tools.bench_train --all (every recipe's GPU preset, one table)
 #   bash scripts/gpu_session.sh generate  # python -m tools.bench_generate on the dense preset vs HF transformers
+# The GPU presets (bench) are sized for one H200 (141 GB): ask the device for nvidia-h200 with needs_h200; on an
+# H100 (80 GB) dense_lm:gpu_1b and moe:deepseek_v3_gpu run out of memory (docs/benchmarks.md, 2026-12-07).
 # On the lent GPU image (docs/benchmarks.md, "How to measure"): carry .whl (scripts from the workplace fetch
 # grain + jax-triton wheels into it); logs go to $OUT when it is set.
 set -uo pipefail
@@ -17,9 +20,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 case "${1:-tests}" in
   tests) AXL_TEST_GPU=1 python3 -m pytest -m gpu -o addopts="" -p no:cacheprovider -q -rf --durations=10 \
            tests/kernels tests/models "${@:2}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+  kernels) AXL_TEST_GPU=1 python3 -m pytest -m gpu -o addopts="" -p no:cacheprovider -q -rf --tb=line \
+           tests/kernels "${@:2}" 2>&1 | tee "$OUT/gpu_kernel_tests.log" | tail -40 ;;
   bench) python3 -m tools.bench_train --all --steps "${STEPS:-5}" --json "$OUT/bench_all.json" "${@:2}" 2>&1 \
            | tee "$OUT/bench_all.log" | tail -30 ;;
   generate) python3 -m tools.bench_generate --recipe dense_lm --preset gpu_1b --batch 1,32 "${@:2}" 2>&1 \
            | tee "$OUT/bench_generate.log" | tail -30 ;;
-  *) echo "usage: $0 tests|bench|generate [args]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests|kernels|bench|generate [args]" >&2; exit 2 ;;
 esac

@@ -1,5 +1,5 @@
 """Cached generation speed: `python -m tools.bench_generate [--recipe dense_lm] [--preset gpu_1b] [--batch 1,32]
-[--prompt-len 512] [--new-tokens 256] [--set k=v ...] [--no-anchor] [--out FILE]`.
+[--prompt-len 512] [--new-tokens 256] [--unroll K] [--set k=v ...] [--no-anchor] [--out FILE]`.
 
 For each batch size: prefill tokens/s (one jit-compiled `prefill` of batch x prompt-len random tokens into a
 cache sized prompt-len + new-tokens) and decode tokens/s (one jit-compiled loop of new-tokens greedy
@@ -51,8 +51,8 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int) -> dict:
-    """Prefill and decode timings of the cached path (module doc)."""
+def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int, unroll: int = 1) -> dict:
+    """Prefill and decode timings of the cached path (module doc); `unroll` decode steps per loop iteration."""
     b, p = prompt.shape
     max_len = p + new_tokens
     prefill = jax.jit(lambda v, t: task.prefill(v, t, max_len=max_len))
@@ -64,7 +64,7 @@ def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int) -> d
             logits, cache = task.decode_step(v, tok[:, None], cache)
             return (jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache), None
 
-        (tok, _), _ = jax.lax.scan(step, (tok, cache), None, length=new_tokens)
+        (tok, _), _ = jax.lax.scan(step, (tok, cache), None, length=new_tokens, unroll=unroll)
         return tok
 
     tokens = jnp.asarray(prompt)
@@ -159,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--unroll", type=int, default=1,
+                   help="decode steps per iteration of the jitted loop (fewer loop round trips per token)")
     p.add_argument("--set", action="append", default=[], help="config overrides on the preset")
     p.add_argument("--no-anchor", action="store_true", help="skip the Hugging Face anchor")
     p.add_argument("--out", default=None, help="also write the results as JSON")
@@ -170,7 +172,8 @@ def main(argv=None) -> int:
     dtype = cfg.model.dtype
     params = {**variables, "params": _cast(variables["params"], task.cfg.compute_dtype)}  # inference weights
     rows = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "recipe": a.recipe, "preset": a.preset,
-            "dtype": dtype, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "param_count":
+            "dtype": dtype, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "unroll": a.unroll,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "param_count":
             int(sum(x.size for x in jax.tree.leaves(variables["params"])))}
     hf_model = torch = None
     if a.no_anchor:
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
     table = []
     for b in batches:
         prompt = rng.integers(1, cfg.model.vocab_size, (b, a.prompt_len), dtype=np.int32)
-        ours = time_ours(task, params, prompt, a.new_tokens, a.reps)
+        ours = time_ours(task, params, prompt, a.new_tokens, a.reps, a.unroll)
         rows[f"batch{b}"] = {"ours": ours}
         line = [b, ours["prefill_tok_s"], ours["decode_tok_s"], ours["decode_ms_per_step"]]
         if hf_model is not None:

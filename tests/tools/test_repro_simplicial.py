@@ -43,11 +43,16 @@ def test_simplicial_pipeline_resumes_and_reports(tmp_path, capsys):
 
     root = str(tmp_path / "simp")
     hyb, dense = os.path.join(root, "s_hybrid"), os.path.join(root, "s_dense")
-    # Call 1, interrupted: each step sleeps 3 s (the trainer's fault-injection hook), the 1.2 s budget runs out
-    # inside the first run, whose loop saves at the end of its current step (the budget's SIGTERM repeats every
-    # 5 s, so one lands in the loop before its 4th step); the call then stops (the dense twin is left alone).
-    out = _cli("train", root, "--sizes", "s", "--max-minutes", "0.02", *_sets(TINY), AXL_FAULT_SLEEP_S=3)
-    assert os.path.isfile(os.path.join(root, "tokenizer.json"))
+    # The corpus tokenizer first (what `train` does when it is missing), so that call 1's budget is not spent on it
+    # on a slow machine before the first run starts.
+    r = helpers.run([sys.executable, "-m", "tools.train_tokenizer", "--out", os.path.join(root, "tokenizer.json"),
+                     "--paths", "stdlib", "--vocab-size", "300", "--max-bytes", "120000"], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # Call 1, interrupted: each step sleeps 3 s (the trainer's fault-injection hook), the 3 s budget runs out
+    # while the first run compiles or steps, and its loop saves at the end of its current step (a SIGTERM that
+    # arrives before the loop is kept, and it repeats every 5 s, so one lands before the 4th step); the call then
+    # stops (the dense twin is left alone).
+    out = _cli("train", root, "--sizes", "s", "--max-minutes", "0.05", *_sets(TINY), AXL_FAULT_SLEEP_S=3)
     cut = latest_step(hyb)
     assert cut is not None and 1 <= cut < 4, out
     assert not os.path.isdir(dense) and f"s_hybrid: stopped at step {cut} of 4" in out
