@@ -36,7 +36,17 @@ import os
 import sys
 
 from axlearn_like.cli import tool_main
-from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_stage, sets_argv
+from tools.repro_util import (
+    Deadline,
+    StageLog,
+    ensure_tokenizer,
+    latest_step,
+    print_status,
+    remember_sets,
+    remembered_sets,
+    run_stage,
+    sets_argv,
+)
 
 RECIPE = "ebt"
 PRESETS = {"decoder": "decoder_repro_text", "ebt": "repro_text", "no_replay": "repro_text_no_replay",
@@ -47,18 +57,6 @@ DEFAULT_ROOT = "runs/ebt_repro"
 LABELS = {"decoder": "Transformer++ (same size)", "ebt": "EBT (reference S2 recipe)", "no_replay": "EBT, no replay",
           "no_langevin": "EBT, no Langevin noise", "fixed_steps": "EBT, fixed step size and count"}
 OOD_MAX_BYTES = 16_000_000
-
-
-def _check_sets(root: str, sets: list[str]) -> list[str]:
-    path = os.path.join(root, "repro.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)["sets"]
-        if sets and sets != stored:
-            raise ValueError(f"{root} was started with --set {stored}; rerun with no --set (they are remembered) "
-                             f"or the same ones, or use another root")
-        return stored
-    return list(sets)
 
 
 def _argv(root: str, run: str, sets: list[str]) -> list[str]:
@@ -77,14 +75,11 @@ def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | N
         raise ValueError(f"--runs: {bad or runs} not in {list(RUNS)}")
     runs = sorted(runs, key=RUNS.index)  # the decoder (seconds) before the EBTs (minutes)
     deadline = Deadline(max_minutes)
-    fresh = not os.path.isfile(os.path.join(root, "repro.json"))
-    sets = _check_sets(root, sets)
+    sets = remembered_sets(root, sets)
     cfgs = {r: build_config(ebt.config, _argv(root, r, sets), ebt.PRESETS, prog="python -m recipes.ebt")[0]
             for r in runs}  # a bad --set fails here, before anything is written
     os.makedirs(root, exist_ok=True)
-    if fresh:
-        with open(os.path.join(root, "repro.json"), "w") as f:
-            json.dump({"recipe": RECIPE, "sets": sets}, f, indent=1)
+    remember_sets(root, RECIPE, sets)
     ensure_tokenizer(os.path.join(root, "tokenizer.json"), cfgs[runs[0]], max_bytes=tokenizer_bytes, stream=stream)
     log = StageLog(root)
     for r in runs:
@@ -352,24 +347,7 @@ def report(root: str, *, batches: int = 8, max_steps: int = 16, groups=(1, 4, 16
 
 
 def status(root: str, stream=None) -> int:
-    from axlearn_like import rundir
-    from tools.compare_runs import read_metrics
-
-    for r in RUNS:
-        d = os.path.join(root, r)
-        cfg_path = os.path.join(d, "config.json")
-        if os.path.isfile(cfg_path):
-            step = latest_step(d)
-            if step is None and os.path.isfile(os.path.join(d, "metrics.jsonl")):
-                step = f"- (no checkpoint here; metrics to step {max(read_metrics(d), default=0)})"
-            print(f"{r:<12} step {step} of {rundir.read_config_file(cfg_path).trainer.steps}", file=stream)
-        else:
-            print(f"{r:<12} not started", file=stream)
-    for rec in StageLog(root).records():
-        print(f"  {rec['started']} {rec.get('run', ''):<12} {rec['status']:<26} {rec['wall_s']:>8.1f}s steps "
-              f"{rec.get('from_step')} -> {rec.get('to_step', rec.get('target_step'))}  [{rec['device']}]",
-              file=stream)
-    return 0
+    return print_status(root, RUNS, stream)
 
 
 @tool_main

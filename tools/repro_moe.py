@@ -27,25 +27,23 @@ import os
 import sys
 
 from axlearn_like.cli import tool_main
-from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_stage, sets_argv
+from tools.repro_util import (
+    Deadline,
+    StageLog,
+    ensure_tokenizer,
+    latest_step,
+    print_status,
+    remember_sets,
+    remembered_sets,
+    run_stage,
+    sets_argv,
+)
 
 RECIPE = "moe"
 RUNS = ("aux_free_seq", "aux_free", "aux_loss", "no_balance", "limited")
 DEFAULT_ROOT = "runs/moe_balance"
 LABELS = {"aux_free_seq": "aux-free + seq loss", "aux_free": "aux-free", "aux_loss": "aux loss",
           "no_balance": "no balancing", "limited": "aux-free + seq, group-limited"}
-
-
-def _check_sets(root: str, sets: list[str]) -> list[str]:
-    path = os.path.join(root, "repro.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)["sets"]
-        if sets and sets != stored:
-            raise ValueError(f"{root} was started with --set {stored}; rerun with no --set (they are remembered) "
-                             f"or the same ones, or use another root")
-        return stored
-    return list(sets)
 
 
 def _argv(root: str, name: str, sets: list[str]) -> list[str]:
@@ -63,14 +61,11 @@ def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | N
     if bad or not runs:
         raise ValueError(f"--runs: {bad or runs} not in {list(RUNS)}")
     deadline = Deadline(max_minutes)
-    fresh = not os.path.isfile(os.path.join(root, "repro.json"))
-    sets = _check_sets(root, sets)
+    sets = remembered_sets(root, sets)
     cfgs = {r: build_config(moe.config, _argv(root, r, sets), moe.PRESETS, prog="python -m recipes.moe")[0]
             for r in runs}  # a bad --set fails here, before anything is written
     os.makedirs(root, exist_ok=True)
-    if fresh:
-        with open(os.path.join(root, "repro.json"), "w") as f:
-            json.dump({"recipe": RECIPE, "sets": sets}, f, indent=1)
+    remember_sets(root, RECIPE, sets)
     ensure_tokenizer(os.path.join(root, "tokenizer.json"), cfgs[runs[0]], max_bytes=tokenizer_bytes, stream=stream)
     log = StageLog(root)
     for r in runs:
@@ -170,24 +165,7 @@ def report(root: str, *, x: str = "step", stream=None) -> dict:
 
 
 def status(root: str, stream=None) -> int:
-    from axlearn_like import rundir
-    from tools.compare_runs import read_metrics
-
-    for r in RUNS:
-        d = os.path.join(root, r)
-        cfg_path = os.path.join(d, "config.json")
-        if os.path.isfile(cfg_path):
-            step = latest_step(d)
-            if step is None and os.path.isfile(os.path.join(d, "metrics.jsonl")):
-                step = f"- (no checkpoint here; metrics to step {max(read_metrics(d), default=0)})"
-            print(f"{r:<14} step {step} of {rundir.read_config_file(cfg_path).trainer.steps}", file=stream)
-        else:
-            print(f"{r:<14} not started", file=stream)
-    for rec in StageLog(root).records():
-        print(f"  {rec['started']} {rec.get('run', ''):<14} {rec['status']:<26} {rec['wall_s']:>8.1f}s steps "
-              f"{rec.get('from_step')} -> {rec.get('to_step', rec.get('target_step'))}  [{rec['device']}]",
-              file=stream)
-    return 0
+    return print_status(root, RUNS, stream)
 
 
 @tool_main

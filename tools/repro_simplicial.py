@@ -34,7 +34,17 @@ import os
 import sys
 
 from axlearn_like.cli import tool_main
-from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_stage, sets_argv
+from tools.repro_util import (
+    Deadline,
+    StageLog,
+    ensure_tokenizer,
+    latest_step,
+    print_status,
+    remember_sets,
+    remembered_sets,
+    run_stage,
+    sets_argv,
+)
 
 RECIPE = "simplicial"
 VARIANTS = ("hybrid", "dense")
@@ -67,18 +77,6 @@ def _parse_sizes(text: str) -> list[str]:
     return [s for s in known if s in sizes]  # smallest first, whatever the order given
 
 
-def _check_sets(root: str, sets: list[str]) -> list[str]:
-    path = os.path.join(root, "repro.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            stored = json.load(f)["sets"]
-        if sets and sets != stored:
-            raise ValueError(f"{root} was started with --set {stored}; rerun with no --set (they are remembered) "
-                             f"or the same ones, or use another root")
-        return stored
-    return list(sets)
-
-
 def _argv(root: str, size: str, variant: str, sets: list[str]) -> list[str]:
     tok = os.path.join(root, "tokenizer.json")
     preset = f"repro_{size}" if variant == "hybrid" else f"repro_{size}_dense"
@@ -99,17 +97,14 @@ def _configs(root: str, sizes: list[str], sets: list[str]) -> dict:
 def train(root: str, sizes: list[str], sets: list[str], *, max_minutes: float | None = None,
           tokenizer_bytes: int = 100_000_000, stream=None) -> int:
     deadline = Deadline(max_minutes)
-    fresh = not os.path.isfile(os.path.join(root, "repro.json"))
-    sets = _check_sets(root, sets)
+    sets = remembered_sets(root, sets)
     cfgs = _configs(root, sizes, sets)  # a bad --set fails here, before anything is written
     steps = {c.trainer.steps * c.data.global_batch_size * c.data.seq_len for c in cfgs.values()}
     if len(steps) > 1:
         print(f"note: the runs differ in training tokens ({sorted(steps)}): the comparison is at equal tokens only "
               f"within a size", file=stream)
     os.makedirs(root, exist_ok=True)
-    if fresh:
-        with open(os.path.join(root, "repro.json"), "w") as f:
-            json.dump({"recipe": RECIPE, "sets": sets}, f, indent=1)
+    remember_sets(root, RECIPE, sets)
     first = cfgs[(sizes[0], VARIANTS[0])]
     ensure_tokenizer(os.path.join(root, "tokenizer.json"), first, max_bytes=tokenizer_bytes, stream=stream)
     log = StageLog(root)
@@ -332,25 +327,7 @@ def report(root: str, *, stream=None) -> dict:
 
 
 def status(root: str, stream=None) -> int:
-    from axlearn_like import rundir
-    from tools.compare_runs import read_metrics
-
-    for z in _sizes():
-        for v in VARIANTS:
-            name, d = run_name(z, v), os.path.join(root, run_name(z, v))
-            cfg_path = os.path.join(d, "config.json")
-            if os.path.isfile(cfg_path):
-                step = latest_step(d)
-                if step is None and os.path.isfile(os.path.join(d, "metrics.jsonl")):
-                    step = f"- (no checkpoint here; metrics to step {max(read_metrics(d), default=0)})"
-                print(f"{name:<10} step {step} of {rundir.read_config_file(cfg_path).trainer.steps}", file=stream)
-            else:
-                print(f"{name:<10} not started", file=stream)
-    for rec in StageLog(root).records():
-        print(f"  {rec['started']} {rec.get('run', ''):<10} {rec['status']:<26} {rec['wall_s']:>8.1f}s steps "
-              f"{rec.get('from_step')} -> {rec.get('to_step', rec.get('target_step'))}  [{rec['device']}]",
-              file=stream)
-    return 0
+    return print_status(root, [run_name(z, v) for z in _sizes() for v in VARIANTS], stream)
 
 
 @tool_main

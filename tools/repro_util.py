@@ -11,6 +11,9 @@
 - `run_stage(rec, label, recipe, argv, run_dir, target, deadline)`: one resumable training stage (skipped when
   done, not started when the budget is spent, else `run_recipe` in what is left of it, paused if cut short).
 - `StageLog(root)`: one JSON line per stage call in <root>/stages.jsonl (what ran, where, how long, steps).
+- `remembered_sets(root, sets)` / `remember_sets(root, recipe, sets)`: the `--set` overrides a root was started
+  with (<root>/repro.json, written once), so later calls repeat them and a different set is refused.
+- `print_status(root, runs)`: each run's checkpoint step of its target, then the stage log.
 """
 from __future__ import annotations
 
@@ -182,3 +185,50 @@ def sets_argv(sets) -> list[str]:
     for s in sets:
         out += ["--set", s]
     return out
+
+
+def remembered_sets(root: str, sets: list[str]) -> list[str]:
+    """The `--set` overrides for a call on `root`: those in <root>/repro.json if it exists (a call passing other,
+    non-empty ones is refused: one line naming the fix), else `sets`."""
+    path = os.path.join(root, "repro.json")
+    if not os.path.isfile(path):
+        return list(sets)
+    with open(path) as f:
+        stored = json.load(f)["sets"]
+    if sets and list(sets) != stored:
+        raise ValueError(f"{root} was started with --set {stored}; rerun with no --set (they are remembered) "
+                         f"or the same ones, or use another root")
+    return stored
+
+
+def remember_sets(root: str, recipe: str, sets: list[str]) -> None:
+    """Writes <root>/repro.json (the recipe and `sets`) unless it exists: it is never replaced."""
+    path = os.path.join(root, "repro.json")
+    if not os.path.isfile(path):
+        os.makedirs(root, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"recipe": recipe, "sets": list(sets)}, f, indent=1)
+
+
+def print_status(root: str, runs, stream=None) -> int:
+    """One line per run (<root>/<run>: latest checkpoint step of its configured steps, or "not started"), then one
+    line per stages.jsonl record. -> 0."""
+    from axlearn_like import rundir
+    from tools.compare_runs import read_metrics
+
+    w = max((len(r) for r in runs), default=8) + 2
+    for r in runs:
+        d = os.path.join(root, r)
+        cfg_path = os.path.join(d, "config.json")
+        if os.path.isfile(cfg_path):
+            step = latest_step(d)
+            if step is None and os.path.isfile(os.path.join(d, "metrics.jsonl")):
+                step = f"- (no checkpoint here; metrics to step {max(read_metrics(d), default=0)})"
+            print(f"{r:<{w}} step {step} of {rundir.read_config_file(cfg_path).trainer.steps}", file=stream)
+        else:
+            print(f"{r:<{w}} not started", file=stream)
+    for rec in StageLog(root).records():
+        print(f"  {rec['started']} {rec.get('run', ''):<{w}} {rec['status']:<26} {rec['wall_s']:>8.1f}s steps "
+              f"{rec.get('from_step')} -> {rec.get('to_step', rec.get('target_step'))}  [{rec['device']}]",
+              file=stream)
+    return 0
