@@ -16,6 +16,7 @@ import pytest
 
 from kernels import common
 from kernels.simplicial import OP, two_simplicial_attention
+from tests.kernels import triton_interpreter
 from tests.kernels.op_test_base import Call, OpTestBase
 from tests.oracle import assert_close
 
@@ -312,37 +313,14 @@ def _interpreter_errors():
     """Runs in a TRITON_INTERPRET=1 subprocess: the Triton fwd and both bwd kernels on NumPy buffers against
     the oracle. Returns {case/grad: rel_err}."""
     import triton
-    from triton.runtime import interpreter
 
     from kernels.simplicial import triton_gpu as T
     from kernels.simplicial.api import Config, _diagonal_sum
     from kernels.simplicial.reference import segment_starts
+    from tests.kernels.triton_interpreter import numpy_pointers
     from tests.oracle import rel_err
 
-    for name in dir(interpreter):  # let the interpreter take NumPy-backed pointers (no torch here)
-        obj = getattr(interpreter, name)
-        if isinstance(obj, type) and hasattr(obj, "_init_args_hst"):
-            obj._init_args_hst = lambda self, a, k: (a, k)
-            obj._restore_args_dev = lambda self, *a: None
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):  # scalars are 1-element arrays there; NumPy >= 2.5 refuses int() of them
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-    class Ptr:
-        def __init__(self, a):
-            self.a = a  # must be C-contiguous and stay alive
-            self.dtype, self.shape = a.dtype, a.shape
-
-        def data_ptr(self):
-            return self.a.ctypes.data
-
-        def stride(self, *_):
-            return tuple(s // self.a.itemsize for s in self.a.strides)
-
+    Ptr = numpy_pointers()
     errs = {}
     # (batch, seq, q_heads, kv_heads, head_dim, w1, w2, rows, BJ, packed): odd seq, GQA, w2 > seq > w1, one
     # partial k1 block; then w1 = 20 over BJ = 8 (partial, whole and partial-at-the-end blocks) with two head
@@ -384,22 +362,7 @@ def test_triton_kernels_in_interpreter():
     """Triton kernels (fwd, two-kernel bwd; unpacked and packed rows) on CPU. Needs triton importable, or a
     directory holding it in AXL_TRITON_SITE (e.g. `pip install --target DIR triton==3.6.0`, kept out of the
     project venv)."""
-    import importlib.util
-    import json
-    import os
-    import subprocess
-    import sys
-
-    site = os.environ.get("AXL_TRITON_SITE", "")
-    if importlib.util.find_spec("triton") is None and not os.path.isdir(os.path.join(site, "triton")):
-        pytest.skip("triton not installed (set AXL_TRITON_SITE to a directory holding it)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(x for x in (root, site, os.environ.get("PYTHONPATH", "")) if x)}
-    code = "import json; from tests.kernels.test_simplicial import _interpreter_errors as f; print(json.dumps(f()))"
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    errs = json.loads(res.stdout.strip().splitlines()[-1])
+    errs = triton_interpreter.run("tests.kernels.test_simplicial:_interpreter_errors")
     assert len(errs) == 5 * 6
     bad = {k: v for k, v in errs.items() if not v <= 2e-5}
     assert not bad, bad

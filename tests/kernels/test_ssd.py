@@ -9,6 +9,7 @@ import pytest
 
 from kernels import common
 from kernels.ssd import OP, ssd, ssd_step
+from tests.kernels import triton_interpreter
 from tests.kernels.op_test_base import Call, OpTestBase
 from tests.oracle import assert_close, rel_err
 
@@ -335,33 +336,10 @@ def _triton_interpreter_errors():
     each Triton launch executed by Triton's interpreter on NumPy copies of its operands (a jax.pure_callback in
     place of jax_triton), float32, with and without segment_ids, vs the float64 recurrence.
     Returns {case name: rel_err}."""
-    from triton.runtime import interpreter
-
     from kernels.ssd import api, triton_gpu
+    from tests.kernels.triton_interpreter import numpy_pointers
 
-    for name in dir(interpreter):  # let the interpreter take NumPy-backed pointers (no torch here)
-        obj = getattr(interpreter, name)
-        if isinstance(obj, type) and hasattr(obj, "_init_args_hst"):
-            obj._init_args_hst = lambda self, a, k: (a, k)
-            obj._restore_args_dev = lambda self, *a: None
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patch_index(tensor, scope):  # range() over a program-id expression: a 1-element array, not 0-d
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patch_index
-
-    class Ptr:
-        def __init__(self, a):
-            self.a = a  # must be C-contiguous and stay alive
-            self.dtype, self.shape = a.dtype, a.shape
-
-        def data_ptr(self):
-            return self.a.ctypes.data
-
-        def stride(self, *_):
-            return tuple(s // self.a.itemsize for s in self.a.strides)
+    Ptr = numpy_pointers()
 
     def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None, **meta):
         many = isinstance(out_shape, (list, tuple))
@@ -407,29 +385,11 @@ def _triton_interpreter_errors():
     return errs
 
 
-TRITON_SITE_ENV = "AXL_TRITON_SITE"
-
-
 def test_triton_kernels_in_interpreter():
     """The Triton stages (chunk_cb, chunk_state, state_passing fwd/reverse, chunk_scan, dx/dB, dC; with the
     document masks and without) on CPU. Needs triton importable, or a directory holding it in AXL_TRITON_SITE
     (e.g. `pip install --no-deps --target DIR triton==3.6.0`, kept out of the project venv); skips otherwise."""
-    import importlib.util
-    import json
-    import os
-    import subprocess
-    import sys
-
-    site = os.environ.get(TRITON_SITE_ENV, "")
-    if importlib.util.find_spec("triton") is None and not os.path.isdir(os.path.join(site, "triton")):
-        pytest.skip(f"triton not installed (set {TRITON_SITE_ENV} to a directory holding it)")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(x for x in (root, site, os.environ.get("PYTHONPATH", "")) if x)}
-    code = "import json; from tests.kernels.test_ssd import _triton_interpreter_errors as f; print(json.dumps(f()))"
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    errs = json.loads(res.stdout.strip().splitlines()[-1])
+    errs = triton_interpreter.run("tests.kernels.test_ssd:_triton_interpreter_errors")
     assert len(errs) == 4 * 9
     # float32 with IEEE dots: measured <= 1e-6 (dA, the largest); a wrong mask or term gives >= 1e-2
     bad = {k: v for k, v in errs.items() if not v <= 2e-5}
