@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import site
 import sys
-import sysconfig
 
 from axlearn_like.checkpoint import CheckpointConfig
 from axlearn_like.cli import recipe_main
 from axlearn_like.data import DataConfig
+from axlearn_like.data.sources import installation_roots
 from axlearn_like.optimizers import OptimizerConfig
 from axlearn_like.task import SampleConfig
 from axlearn_like.trainer import ExperimentConfig, TrainerConfig
@@ -148,13 +147,7 @@ def code_paths() -> tuple[str, ...]:
     """Globs of every *.py file of the running Python installation (stdlib and site-packages): the in-distribution
     corpus. Its prose (*.md, *.rst, *.txt, package READMEs: `tools.repro_ebt.prose_files`) is the held-out
     out-of-distribution set, so no prose is trained on."""
-    paths = sysconfig.get_paths()
-    roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
-    try:
-        roots.update(site.getsitepackages())
-    except AttributeError:  # some embedded / virtualenv builds have no getsitepackages
-        pass
-    return tuple(os.path.join(r, "**", "*.py") for r in sorted(roots) if os.path.isdir(r))
+    return tuple(os.path.join(r, "**", "*.py") for r in installation_roots())
 
 
 def _repro_dims(attention: type[AttentionConfig]) -> dict:

@@ -73,20 +73,25 @@ PYTHON_INSTALL_SUFFIXES = (".py", ".pyi", ".rst", ".md", ".txt")
 PYTHON_INSTALL_MAX_FILE_BYTES = 1_000_000  # larger files are generated tables / data dumps, not prose or code
 
 
-def python_install_files() -> list[str]:
-    """The running interpreter's installation as a text corpus: every *.py, *.pyi, *.rst, *.md, *.txt and
-    dist-info METADATA (package READMEs) under the stdlib, the site-packages (sysconfig's and `site`'s) and
-    their subdirectories, tests included, hidden dirs and __pycache__ skipped, files over 1 MB skipped;
-    deduplicated by real path, sorted. Its size depends on what is installed (a CUDA image with torch,
-    transformers, jax: hundreds of MB)."""
+def installation_roots() -> list[str]:
+    """The running interpreter's stdlib and site-packages directories (sysconfig's and `site`'s), sorted."""
     paths = sysconfig.get_paths()
     roots = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
     try:
         roots.update(site.getsitepackages())
     except AttributeError:  # some embedded / virtualenv builds have no getsitepackages
         pass
+    return sorted(r for r in roots if os.path.isdir(r))
+
+
+def python_install_files() -> list[str]:
+    """The running interpreter's installation as a text corpus: every *.py, *.pyi, *.rst, *.md, *.txt and
+    dist-info METADATA (package READMEs) under the stdlib, the site-packages (sysconfig's and `site`'s) and
+    their subdirectories, tests included, hidden dirs and __pycache__ skipped, files over 1 MB skipped;
+    deduplicated by real path, sorted. Its size depends on what is installed (a CUDA image with torch,
+    transformers, jax: hundreds of MB)."""
     seen: dict[str, str] = {}
-    for root in sorted(r for r in roots if os.path.isdir(r)):
+    for root in installation_roots():
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
             for f in filenames:
