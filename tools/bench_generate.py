@@ -1,5 +1,6 @@
 """Cached generation speed: `python -m tools.bench_generate [--recipe dense_lm] [--preset gpu_1b] [--batch 1,32]
-[--prompt-len 512] [--new-tokens 256] [--unroll K] [--set k=v ...] [--no-anchor] [--out FILE]`.
+[--prompt-len 512] [--new-tokens 256] [--unroll K] [--set k=v ...] [--no-anchor] [--vs-recompute
+[--candidates G]] [--out FILE]`.
 
 For each batch size: prefill tokens/s (one jit-compiled `prefill` of batch x prompt-len random tokens into a
 cache sized prompt-len + new-tokens) and decode tokens/s (one jit-compiled loop of new-tokens greedy
@@ -13,11 +14,16 @@ of 1 new token, decode = (time of new-tokens - time of 1) over the new-tokens - 
 printed note when torch / transformers / a CUDA device are missing or no HF family writes the model.
 Timing: tools.benchutil.timeit (warm-up, back-to-back calls, median) for ours; medians of `--reps` synchronised
 generate calls for HF.
+
+`--vs-recompute` also times `Task.generate` end to end (greedy) with cached decoding and with the whole buffer
+re-run per new token (cached=False), for any model with cached decoding (the EBT included: its observed stream
+is encoded once instead of once per token and candidate; `--candidates G` for its self-verification).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import statistics
@@ -79,6 +85,28 @@ def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int, unro
     return {"prefill_ms": prefill_ms, "prefill_tok_s": b * p / (prefill_ms / 1e3),
             "decode_ms_per_step": decode_ms / new_tokens, "decode_tok_s": b * new_tokens / (decode_ms / 1e3),
             "compile_s": compile_s}
+
+
+def time_generate(task, params, prompt: np.ndarray, new_tokens: int, reps: int, **kw) -> dict:
+    """`Task.generate` end to end (greedy), cached decoding vs re-running the whole buffer per new token
+    (cached=False), same prompt and kw (e.g. the EBT's num_candidates): median seconds of `reps` calls after one
+    warm-up (the compile) each."""
+    b = prompt.shape[0]
+    out = {}
+    for name, cached in (("cached", True), ("recompute", False)):
+        def call(cached=cached):
+            return jax.block_until_ready(task.generate(params, prompt, new_tokens, jax.random.key(1), temperature=0.0,
+                                                       cached=cached, **kw))
+        call()
+        ts = []
+        for _ in range(max(1, reps)):
+            t0 = time.perf_counter()
+            call()
+            ts.append(time.perf_counter() - t0)
+        s = statistics.median(ts)
+        out[name] = {"s": s, "tok_s": b * new_tokens / s}
+    out["speedup"] = out["recompute"]["s"] / out["cached"]["s"]
+    return out
 
 
 def export_hf_folder(model_cfg, params, stats, out_dir: str, dtype: str) -> str:
@@ -163,12 +191,21 @@ def main(argv=None) -> int:
                    help="decode steps per iteration of the jitted loop (fewer loop round trips per token)")
     p.add_argument("--set", action="append", default=[], help="config overrides on the preset")
     p.add_argument("--no-anchor", action="store_true", help="skip the Hugging Face anchor")
+    p.add_argument("--vs-recompute", action="store_true",
+                   help="also time Task.generate cached vs recompute (any model with cached decoding, e.g. the EBT)")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="with --vs-recompute: num_candidates, for a generate that takes it (EBT self-verification)")
     p.add_argument("--out", default=None, help="also write the results as JSON")
     a = p.parse_args(argv)
     if a.prompt_len < 1 or a.new_tokens < 1:
         raise SystemExit("error: --prompt-len and --new-tokens must be >= 1")
     batches = [int(x) for x in a.batch.split(",") if x]
     cfg, task, variables = _model(a.recipe, a.preset, list(a.set))
+    gen_kw = {}
+    if a.candidates != 1:
+        if "num_candidates" not in inspect.signature(task.generate).parameters:
+            raise SystemExit(f"error: --candidates: {type(task).__name__}.generate takes no num_candidates; drop it")
+        gen_kw["num_candidates"] = a.candidates
     dtype = cfg.model.dtype
     params = {**variables, "params": _cast(variables["params"], task.cfg.compute_dtype)}  # inference weights
     rows = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "recipe": a.recipe, "preset": a.preset,
@@ -195,6 +232,8 @@ def main(argv=None) -> int:
             rows[f"batch{b}"]["hf"] = hf
             rows[f"batch{b}"]["decode_speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
             line += [hf["prefill_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]]
+        if a.vs_recompute:
+            rows[f"batch{b}"]["generate"] = time_generate(task, params, prompt, a.new_tokens, a.reps, **gen_kw)
         table.append(line)
         print(f"batch {b}: {json.dumps(rows[f'batch{b}'])}", flush=True)
     benchutil.report(rows, a.out)
@@ -207,6 +246,12 @@ def main(argv=None) -> int:
         if len(line) > 4:
             cells += [f"{line[4]:.0f}", f"{line[5]:.0f}", f"{line[6]:.2f}x"]
         print("| " + " | ".join(cells) + " |")
+    if a.vs_recompute:
+        print(f"\nTask.generate, {a.new_tokens} new tokens (num_candidates {a.candidates}): cached vs recompute")
+        print("| batch | cached tok/s | recompute tok/s | cached speedup |\n|---|---|---|---|")
+        for b in batches:
+            g = rows[f"batch{b}"]["generate"]
+            print(f"| {b} | {g['cached']['tok_s']:.1f} | {g['recompute']['tok_s']:.1f} | {g['speedup']:.1f}x |")
     return 0
 
 

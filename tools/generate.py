@@ -3,10 +3,11 @@
     python -m tools.generate RUN_DIR --prompt "def " --tokens 200 [--temperature 0.8] [--top-k 40] [--top-p 0.9]
         [--seed 0] [--recompute]
 
-Every model whose mixer kinds implement cached decoding (`MixerConfig.decode_cache`: attention, MLA,
-2-simplicial, Mamba-2) prefills the prompt once and then runs one jit-compiled fixed-shape
-`decode_step` per token (KV / latent / window caches; a constant-size state for pure Mamba-2 stacks);
-others (e.g. the EBT) and `--recompute` re-run the whole sequence per new token.
+Every model with cached decoding (`Task.supports_cached_decoding`: stacks whose mixer kinds implement it,
+`MixerConfig.decode_cache`: attention, MLA, 2-simplicial, Mamba-2; and the EBT's efficient form, whose observed
+stream is the cache) prefills the prompt once and then runs one jit-compiled fixed-shape `decode_step` per
+token (KV / latent / window caches; a constant-size state for pure Mamba-2 stacks); other models and
+`--recompute` re-run the whole sequence per new token.
 """
 from __future__ import annotations
 
