@@ -54,6 +54,19 @@ def prefix_check(name, fwd, args, w1, w2, n=256):
     return err
 
 
+def packed_segments(b, s, mean, seed=0):
+    """int32 [b, s] document ids 1, 2, ... per row, lengths uniform in [mean/2, 3 mean/2] (the last one cut)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((b, s), np.int32)
+    for r in range(b):
+        pos, doc = 0, 1
+        while pos < s:
+            n = int(rng.integers(max(1, mean // 2), 3 * mean // 2 + 1))
+            out[r, pos:pos + n] = doc
+            pos, doc = pos + n, doc + 1
+    return jnp.asarray(out)
+
+
 def peak_gib():
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use", 0) / 2**30
@@ -110,6 +123,8 @@ def main():
     ap.add_argument("--cudnn-sweep", action="store_true",
                     help="time the cuDNN backend's GROUP_SWEEP (the Triton launches at their defaults)")
     ap.add_argument("--profile", action="store_true", help="print the fwd+bwd device time per kernel")
+    ap.add_argument("--packed", default="", metavar="L,...",
+                    help="also time triton with segment_ids: packed documents of mean length L (issue 18: <= 5%% cost)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     from kernels.simplicial import triton_gpu  # needs triton: GPU machine only
@@ -164,6 +179,18 @@ def main():
                best_bwd=(str(best_b[0]), t_fb), peak_gib_after_triton=peak)
     rows.append(("triton", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", t_fwd, flops / t_fwd / 1e9, t_fb,
                  3.5 * flops / t_fb / 1e9))
+    for mean in [int(x) for x in a.packed.split(",") if x]:
+        seg = packed_segments(b, s, mean)
+        f = lambda *x, seg=seg: two_simplicial_attention(*x, w1=w1, w2=w2, segment_ids=seg, implementation="triton")
+        tp = timed(f"packed ~{mean} fwd", "", jax.jit(f), 10)  # timed() rates a kind ending in "fwd" as forward
+        tpb = timed(f"packed ~{mean} fwd+bwd", "", jax.jit(lambda *x, f=f: jax.vjp(f, *x)[1](do)), 5)
+        if tp and tpb:
+            log[f"packed_{mean}"] = {"fwd_ms": tp, "fwd_bwd_ms": tpb, "fwd_ratio": tp / t_fwd,
+                                     "fwd_bwd_ratio": tpb / t_fb}
+            print(f"packed documents ~{mean} tokens: fwd {tp / t_fwd:.3f}x, fwd+bwd {tpb / t_fb:.3f}x the unpacked "
+                  f"kernel", flush=True)
+            rows.append((f"triton, packed docs ~{mean}", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", tp, flops / tp / 1e9, tpb,
+                         3.5 * flops / tpb / 1e9))
     _cudnn(rows, log, a, args, make, timed, flops, (b, s, hq, hkv, d))
     rows.append(("FBGEMM Triton (anchor)", f"B{b} S{s} Hq{hq} Hkv{hkv} D{d}", 28.3, 8.47e12 / 28.3e-3 / 1e12,
                  375.0, 3.5 * 8.47e12 / 375e-3 / 1e12))
