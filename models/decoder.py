@@ -67,8 +67,11 @@ class DecoderConfig:
     layer_pattern / ffn_pattern: mixer and FFN kind configs (models/kinds.py), repeated cyclically.
     init_std: std of every input-side matrix and the embeddings; output projections (attention out, MLP
     down) use init_std / sqrt(2 * num_layers) when scale_out_init (GPT-2). z_loss_weight: weight of
-    mean(logsumexp(logits)^2) added to the training loss (PaLM). sample: the text sample printed after
-    training (models.lm.NextTokenTask.final_hook).
+    mean(logsumexp(logits)^2) added to the training loss (PaLM). loss_chunk: 0, or compute the loss's logits
+    (and cross-entropy, z-loss, accuracy) `loss_chunk` positions at a time under rematerialization, so the
+    float32 [B, S, vocab] logits and their gradient never exist at once (models.lm.LanguageModel.loss; the
+    head's matmul runs once more in the backward). sample: the text sample printed after training
+    (models.lm.NextTokenTask.final_hook).
     """
 
     vocab_size: int = 256
@@ -84,6 +87,7 @@ class DecoderConfig:
     init_std: float = 0.02
     scale_out_init: bool = True
     z_loss_weight: float = 0.0
+    loss_chunk: int = 0
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
 
     # Kind names of the string patterns saved before layer kinds were typed configs -> (config class, the old
@@ -158,6 +162,7 @@ class DecoderConfig:
         require(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
         require(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         require(self.z_loss_weight >= 0, "z_loss_weight", f"must be >= 0, got {self.z_loss_weight}")
+        require(self.loss_chunk >= 0, "loss_chunk", f"must be 0 (off) or a number of positions, got {self.loss_chunk}")
 
     @classmethod
     def migrate_dict(cls, d: dict) -> dict:
@@ -289,12 +294,20 @@ class Decoder(nn.Module):
 
     __call__(tokens int32 [B,S], *, positions [B,S] (default 0..S-1), segment_ids [B,S] (None: one
     document per row), train, return_hidden) -> float32 logits [B,S,vocab], or the final normed hidden
-    states [B,S,D] when return_hidden.
+    states [B,S,D] when return_hidden. `logits(h)`: the output projection alone, hidden [..., D] -> float32
+    logits [..., vocab] (`apply(..., method=Decoder.logits)`; the chunked loss calls it per chunk).
     """
 
     cfg: DecoderConfig
 
-    @nn.compact
+    def setup(self):
+        cfg = self.cfg
+        self.embed = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.init_std)
+        self.stack = DecoderStack(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.compute_dtype, out_dtype=jnp.float32,
+                                 kernel_init=nn.initializers.normal(cfg.init_std))
+
     def __call__(
         self,
         tokens: jax.Array,
@@ -304,24 +317,15 @@ class Decoder(nn.Module):
         train: bool = False,
         return_hidden: bool = False,
     ) -> jax.Array:
-        cfg = self.cfg
         if positions is None:
             positions = default_positions(tokens)
-        embed = Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, cfg.init_std, name="embed")
-        h = DecoderStack(cfg, name="stack")(embed(tokens), positions=positions, segment_ids=segment_ids, train=train)
+        h = self.stack(self.embed(tokens), positions=positions, segment_ids=segment_ids, train=train)
         if return_hidden:
             return h
-        if cfg.tie_embeddings:
-            return embed.attend(h)
-        logits = Dense(
-            cfg.vocab_size,
-            ("embed", "vocab"),
-            dtype=cfg.compute_dtype,
-            out_dtype=jnp.float32,
-            kernel_init=nn.initializers.normal(cfg.init_std),
-            name="lm_head",
-        )(h)
-        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return nn.with_logical_constraint(self.logits(h), ("batch", "length", "vocab"))
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return self.embed.attend(h) if self.cfg.tie_embeddings else self.lm_head(h)
 
 
 # --- converting between scanned and unscanned layouts ----------------------------------------------------

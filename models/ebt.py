@@ -343,6 +343,8 @@ class EBTConfig(DecoderConfig):
 
     def validate(self) -> None:
         super().validate()
+        require(self.loss_chunk == 0, "loss_chunk", "the EBT thinks over whole predicted distributions [B, S, V] "
+                "(no chunked loss); set 0")
         kinds = [m.kind for m in self.layer_pattern]
         require(all(isinstance(m, System2AttentionConfig) for m in self.layer_pattern), "layer_pattern",
                 f"an EBT needs System-2 attention in every layer (ebt_attention), got {kinds}")

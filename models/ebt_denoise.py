@@ -76,6 +76,7 @@ class DenoiseConfig(DecoderConfig):
 
     def validate(self) -> None:
         super().validate()
+        require(self.loss_chunk == 0, "loss_chunk", "the denoiser's loss is not a token cross-entropy; set 0")
         require(self.kind in ("ebt", "denoiser"), "kind", f"{self.kind!r} is not 'ebt' or 'denoiser'")
         require(self.image_size % self.patch_size == 0, "patch_size",
                 f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")

@@ -6,6 +6,8 @@ token and per byte, and the sample printed after training (the model config's `s
 Loss (training objective, per micro-batch):
     L = CE + z_loss_weight * mean(logsumexp(logits)^2) + sum of every 'aux_loss' leaf sown into 'intermediates'
 where CE = sum(loss_mask * -log softmax(logits)[target]) / max(sum(loss_mask), 1), softmax in float32.
+With `loss_chunk` (DecoderConfig) the per-position terms come from `chunked_token_losses`: the same numbers,
+the logits made `loss_chunk` positions at a time and remade in the backward.
 
 Layer conventions read here (generic, never by parameter path):
   * `self.sow("intermediates", "aux_loss", scalar)`: added to L (under scan: summed over the layers axis);
@@ -36,6 +38,31 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return logz - target_logit, logz
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, S, V], targets [B, S] -> (CE, logsumexp, argmax == target as float32), each [B, S]."""
+    ce, logz = cross_entropy(logits, targets)
+    return ce, logz, (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+
+def chunked_token_losses(head, h: jax.Array, targets: jax.Array, chunk: int):
+    """`token_losses(head(h), targets)` without the whole [B, S, V] logits: h [B, S, D] goes through `head`
+    (hidden [B, c, D] -> float32 logits [B, c, V]) `chunk` positions at a time in a scan whose body is
+    rematerialized, so the backward remakes one chunk's logits at a time (S padded to a multiple of chunk)."""
+    b, s, d = h.shape
+    chunk = min(chunk, s)
+    n = -(-s // chunk)
+    pad = n * chunk - s
+    hc = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+    tc = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(x):
+        return token_losses(head(x[0]), x[1])
+
+    out = jax.lax.map(one, (hc, tc))  # three [n, B, chunk]
+    return tuple(o.swapaxes(0, 1).reshape(b, n * chunk)[:, :s] for o in out)
 
 
 def collect_intermediates(intermediates: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -138,8 +165,14 @@ class LanguageModel(NextTokenTask):
         )
 
     def loss(self, variables: dict[str, Any], batch: Batch, rng: jax.Array, *, train: bool):
-        logits, mutated = self.apply(variables, batch, rng, train=train)
-        ce, logz = cross_entropy(logits, batch["targets"])
+        if self.cfg.loss_chunk:
+            h, mutated = self.apply(variables, batch, rng, train=train, return_hidden=True)
+            params = {"params": variables["params"]}
+            head = lambda x: self.module.apply(params, x, method=Decoder.logits)  # noqa: E731
+            ce, logz, correct = chunked_token_losses(head, h, batch["targets"], self.cfg.loss_chunk)
+        else:
+            logits, mutated = self.apply(variables, batch, rng, train=train)
+            ce, logz, correct = token_losses(logits, batch["targets"])
         mask = batch["loss_mask"].astype(jnp.float32)
         tokens = jnp.sum(mask)
         denom = jnp.maximum(tokens, 1.0)
@@ -147,7 +180,6 @@ class LanguageModel(NextTokenTask):
         z_loss = self.cfg.z_loss_weight * jnp.sum(jnp.square(logz) * mask) / denom
         aux_loss, layer_metrics = collect_intermediates(mutated.get("intermediates", {}))
         total = ce_loss + z_loss + aux_loss
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         metrics = {
             "loss": ce_loss,
             "aux_loss": aux_loss,
