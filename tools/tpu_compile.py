@@ -104,8 +104,10 @@ def libtpu_env():
     if path is None:
         raise ValueError("--compile needs libtpu: run `make venv` (scripts/bootstrap.sh installs it into "
                          f"{sys.prefix}/libtpu) or set TPU_LIBRARY_PATH to a libtpu.so")
-    # A CPU host is no TPU VM: no metadata-server lookups, and no worker list to find.
+    # A CPU host is no TPU VM: no metadata-server lookups, and no worker list to find; and no chip to guard, so
+    # no /tmp/libtpu_lockfile either (two test processes compiling at once failed on it: "ABORTED ... lockfile").
     env = {"TPU_LIBRARY_PATH": path, "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3")}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
