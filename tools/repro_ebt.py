@@ -46,6 +46,7 @@ from tools.repro_util import (
     remembered_sets,
     run_stage,
     sets_argv,
+    write_summary,
 )
 
 RECIPE = "ebt"
@@ -337,12 +338,7 @@ def report(root: str, *, batches: int = 8, max_steps: int = 16, groups=(1, 4, 16
                "claims": _claims(ev, metrics)}
     if ev:
         _plots(out, ev, settings)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(_md(summary))
-    print(_md(summary), file=stream)
-    print(f"wrote {out}/", file=stream)
+    write_summary(out, summary, _md(summary), stream)
     return summary
 
 

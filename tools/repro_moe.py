@@ -22,7 +22,6 @@ last 10%). docs/results/moe_balance.md has the GPU commands.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -37,6 +36,7 @@ from tools.repro_util import (
     remembered_sets,
     run_stage,
     sets_argv,
+    write_summary,
 )
 
 RECIPE = "moe"
@@ -155,12 +155,7 @@ def report(root: str, *, x: str = "step", stream=None) -> dict:
         if loads:
             plot_moe.plot(loads, os.path.join(out, f"expert_load_{r}.png"))
     summary = _summary(root, runs)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"labels": dict(zip(runs, labels)), "runs": summary}, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(_md(summary))
-    print(_md(summary), file=stream)
-    print(f"wrote {out}/", file=stream)
+    write_summary(out, {"labels": dict(zip(runs, labels)), "runs": summary}, _md(summary), stream)
     return summary
 
 

@@ -29,7 +29,6 @@ runs reached, and whether the gap grows with size). docs/results/simplicial.md h
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -44,6 +43,7 @@ from tools.repro_util import (
     remembered_sets,
     run_stage,
     sets_argv,
+    write_summary,
 )
 
 RECIPE = "simplicial"
@@ -316,13 +316,7 @@ def report(root: str, *, stream=None) -> dict:
     gaps = _gaps(runs)
     if gaps["sizes"]:
         _plot_gaps(gaps, os.path.join(out, "gap.png"))
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"labels": LABELS, "runs": runs, **gaps}, f, indent=1)
-    text = _md(runs, gaps)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(text)
-    print(text, file=stream)
-    print(f"wrote {out}/", file=stream)
+    write_summary(out, {"labels": LABELS, "runs": runs, **gaps}, _md(runs, gaps), stream)
     return {"runs": runs, **gaps}
 
 

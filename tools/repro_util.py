@@ -14,6 +14,7 @@
 - `remembered_sets(root, sets)` / `remember_sets(root, recipe, sets)`: the `--set` overrides a root was started
   with (<root>/repro.json, written once), so later calls repeat them and a different set is refused.
 - `print_status(root, runs)`: each run's checkpoint step of its target, then the stage log.
+- `write_summary(out, data, md)`: <out>/summary.json and summary.md, the markdown also printed.
 """
 from __future__ import annotations
 
@@ -232,3 +233,13 @@ def print_status(root: str, runs, stream=None) -> int:
               f"{rec.get('from_step')} -> {rec.get('to_step', rec.get('target_step'))}  [{rec['device']}]",
               file=stream)
     return 0
+
+
+def write_summary(out: str, data: dict, md: str, stream=None) -> None:
+    """<out>/summary.json (`data`) and <out>/summary.md (`md`); prints the markdown and where it went."""
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(md)
+    print(md, file=stream)
+    print(f"wrote {out}/", file=stream)
