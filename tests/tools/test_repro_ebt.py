@@ -37,8 +37,9 @@ def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
 
     root = tmp_path / "ebt"
     args = [a for s in SETS for a in ("--set", s)]
-    # 1. an interrupted call: each step sleeps 0.3 s (slack on a loaded machine); SIGTERM once the EBT saved step 1
-    proc = subprocess.Popen(_train_cmd(root, *args), cwd=helpers.REPO, env=helpers.env(1, AXL_FAULT_SLEEP_S=0.3),
+    # 1. an interrupted call: SIGTERM once the EBT saved step 1; each step sleeps 0.6 s, so the 5 steps left give the
+    # signal >= 3 s to land on a loaded machine
+    proc = subprocess.Popen(_train_cmd(root, *args), cwd=helpers.REPO, env=helpers.env(1, AXL_FAULT_SLEEP_S=0.6),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (root / "ebt" / "checkpoints" / "1").is_dir():
