@@ -27,15 +27,9 @@ import sys
 
 from axlearn_like.cli import tool_main
 from tools.repro_util import (
-    Deadline,
-    StageLog,
-    ensure_tokenizer,
-    latest_step,
     print_status,
-    remember_sets,
-    remembered_sets,
-    run_stage,
     sets_argv,
+    train_runs,
     write_summary,
 )
 
@@ -54,28 +48,11 @@ def _argv(root: str, name: str, sets: list[str]) -> list[str]:
 
 def train(root: str, runs: list[str], sets: list[str], *, max_minutes: float | None = None,
           tokenizer_bytes: int = 100_000_000, stream=None) -> int:
-    from axlearn_like.cli import build_config
-    from recipes import moe
-
     bad = [r for r in runs if r not in RUNS]
     if bad or not runs:
         raise ValueError(f"--runs: {bad or runs} not in {list(RUNS)}")
-    deadline = Deadline(max_minutes)
-    sets = remembered_sets(root, sets)
-    cfgs = {r: build_config(moe.config, _argv(root, r, sets), moe.PRESETS, prog="python -m recipes.moe")[0]
-            for r in runs}  # a bad --set fails here, before anything is written
-    os.makedirs(root, exist_ok=True)
-    remember_sets(root, RECIPE, sets)
-    ensure_tokenizer(os.path.join(root, "tokenizer.json"), cfgs[runs[0]], max_bytes=tokenizer_bytes, stream=stream)
-    log = StageLog(root)
-    for r in runs:
-        d = os.path.join(root, r)
-        target = cfgs[r].trainer.steps
-        with log.stage("train", run=r, from_step=latest_step(d), target_step=target) as rec:
-            code = run_stage(rec, r, RECIPE, _argv(root, r, sets), d, target, deadline, stream=stream)
-        if code is not None:
-            return code
-    return 0
+    return train_runs(root, RECIPE, runs, lambda r, sets: _argv(root, r, sets), sets, max_minutes=max_minutes,
+                      tokenizer_bytes=tokenizer_bytes, stream=stream)
 
 
 # ----------------------------------------------------------------------------------------------------- report

@@ -34,15 +34,10 @@ import sys
 
 from axlearn_like.cli import tool_main
 from tools.repro_util import (
-    Deadline,
     StageLog,
-    ensure_tokenizer,
-    latest_step,
     print_status,
-    remember_sets,
-    remembered_sets,
-    run_stage,
     sets_argv,
+    train_runs,
     write_summary,
 )
 
@@ -96,27 +91,16 @@ def _configs(root: str, sizes: list[str], sets: list[str]) -> dict:
 
 def train(root: str, sizes: list[str], sets: list[str], *, max_minutes: float | None = None,
           tokenizer_bytes: int = 100_000_000, stream=None) -> int:
-    deadline = Deadline(max_minutes)
-    sets = remembered_sets(root, sets)
-    cfgs = _configs(root, sizes, sets)  # a bad --set fails here, before anything is written
-    steps = {c.trainer.steps * c.data.global_batch_size * c.data.seq_len for c in cfgs.values()}
-    if len(steps) > 1:
-        print(f"note: the runs differ in training tokens ({sorted(steps)}): the comparison is at equal tokens only "
-              f"within a size", file=stream)
-    os.makedirs(root, exist_ok=True)
-    remember_sets(root, RECIPE, sets)
-    first = cfgs[(sizes[0], VARIANTS[0])]
-    ensure_tokenizer(os.path.join(root, "tokenizer.json"), first, max_bytes=tokenizer_bytes, stream=stream)
-    log = StageLog(root)
-    for z in sizes:
-        for v in VARIANTS:
-            name, d = run_name(z, v), os.path.join(root, run_name(z, v))
-            target = cfgs[(z, v)].trainer.steps
-            with log.stage("train", run=name, from_step=latest_step(d), target_step=target) as rec:
-                code = run_stage(rec, name, RECIPE, _argv(root, z, v, sets), d, target, deadline, stream=stream)
-            if code is not None:
-                return code
-    return 0
+    runs = {run_name(z, v): (z, v) for z in sizes for v in VARIANTS}
+
+    def check(cfgs):
+        tokens = {c.trainer.steps * c.data.global_batch_size * c.data.seq_len for c in cfgs.values()}
+        if len(tokens) > 1:
+            print(f"note: the runs differ in training tokens ({sorted(tokens)}): the comparison is at equal tokens "
+                  f"only within a size", file=stream)
+
+    return train_runs(root, RECIPE, list(runs), lambda r, sets: _argv(root, *runs[r], sets), sets,
+                      max_minutes=max_minutes, tokenizer_bytes=tokenizer_bytes, check=check, stream=stream)
 
 
 # ------------------------------------------------------------------------------------------------ model counts

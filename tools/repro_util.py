@@ -15,6 +15,8 @@
   with (<root>/repro.json, written once), so later calls repeat them and a different set is refused.
 - `print_status(root, runs)`: each run's checkpoint step of its target, then the stage log.
 - `write_summary(out, data, md)`: <out>/summary.json and summary.md, the markdown also printed.
+- `train_runs(root, recipe, runs, argv_of, sets, ...)`: the drivers' `train`: every run's config built first (a
+  bad --set fails before anything is written), the --set remembered, the tokenizer, then each run as a stage.
 """
 from __future__ import annotations
 
@@ -243,3 +245,35 @@ def write_summary(out: str, data: dict, md: str, stream=None) -> None:
         f.write(md)
     print(md, file=stream)
     print(f"wrote {out}/", file=stream)
+
+
+def train_runs(root: str, recipe: str, runs: list[str], argv_of, sets: list[str], *, max_minutes: float | None = None,
+               tokenizer_bytes: int = 100_000_000, check=None, stream=None) -> int:
+    """Trains `runs` (names; run r in <root>/r, `python -m recipes.<recipe> argv_of(r, sets)`) in order within
+    one `--max-minutes` budget, after remembering `sets` (`remembered_sets`) and training <root>/tokenizer.json
+    if missing (with the first run's data config). `check(cfgs)`, if given, sees every run's config first (to
+    print notes). -> 0, or the exit code of a run that failed; a run cut by the budget saves and the call stops
+    (rerunning it continues)."""
+    import importlib
+
+    from axlearn_like.cli import build_config
+
+    deadline = Deadline(max_minutes)
+    sets = remembered_sets(root, sets)
+    module = importlib.import_module(f"recipes.{recipe}")
+    cfgs = {r: build_config(module.config, argv_of(r, sets), module.PRESETS, prog=f"python -m recipes.{recipe}")[0]
+            for r in runs}  # a bad --set fails here, before anything is written
+    if check is not None:
+        check(cfgs)
+    os.makedirs(root, exist_ok=True)
+    remember_sets(root, recipe, sets)
+    ensure_tokenizer(os.path.join(root, "tokenizer.json"), cfgs[runs[0]], max_bytes=tokenizer_bytes, stream=stream)
+    log = StageLog(root)
+    for r in runs:
+        d = os.path.join(root, r)
+        target = cfgs[r].trainer.steps
+        with log.stage("train", run=r, from_step=latest_step(d), target_step=target) as rec:
+            code = run_stage(rec, r, recipe, argv_of(r, sets), d, target, deadline, stream=stream)
+        if code is not None:
+            return code
+    return 0
