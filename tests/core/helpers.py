@@ -47,6 +47,18 @@ def run(cmd, devices=1, timeout=300, **more) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env(devices, **more), capture_output=True, text=True, timeout=timeout)
 
 
+def run_tool(tool: str, *args, **more) -> str:
+    """`python -m tools.<tool> args` in a subprocess (extra env vars in `more`); asserts it exits 0 -> stdout."""
+    r = run([sys.executable, "-m", f"tools.{tool}", *map(str, args)], timeout=600, **more)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return r.stdout
+
+
+def assert_png(path) -> None:
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+
+
 def losses(run_dir) -> dict[int, float]:
     """step -> train loss from metrics.jsonl (the last row wins if a step was logged twice)."""
     from axlearn_like.metrics import train_losses

@@ -4,6 +4,8 @@ import os
 import numpy as np
 import pytest
 
+from tests.core import helpers
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
@@ -22,17 +24,12 @@ def run_dir(tmp_path_factory):
     return str(d)
 
 
-def _png(path):
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
 def test_length_eval(run_dir, tmp_path, capsys):
     from tools import length_eval
 
     out = str(tmp_path / "len.png")
     res = length_eval.evaluate([run_dir], [64, 160], num_seqs=2, chunk=48, out=out)
-    _png(out)
+    helpers.assert_png(out)
     r = res[run_dir]
     assert [row["length"] for row in r["rows"]] == [64, 160] and r["loss"].shape == (160,)
     assert all(np.isfinite(row["mean_loss"]) and 0 < row["mean_loss"] < 10 for row in r["rows"])
@@ -49,7 +46,7 @@ def test_effrem(run_dir, tmp_path):
 
     out = str(tmp_path / "eff.png")
     res = effrem.run([run_dir], 40, points=6, num_seqs=2, chunk=16, out=out)[run_dir]
-    _png(out)
+    helpers.assert_png(out)
     e = np.asarray(res["effrem"])
     assert res["t"][0] == 0 and e[0] == 0.0
     assert np.all((e >= 0) & (e <= 1)) and e[-1] > 0
@@ -75,7 +72,7 @@ def test_passkey_eval(run_dir, tmp_path):
 
     out = str(tmp_path / "pk.png")
     acc = passkey_eval.run(run_dir, [110, 150], [0.0, 1.0], trials=2, chunk=64, out=out)
-    _png(out)
+    helpers.assert_png(out)
     assert acc.shape == (2, 2) and np.all((acc >= 0) & (acc <= 1))
 
 

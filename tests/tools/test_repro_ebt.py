@@ -26,11 +26,6 @@ def _train_cmd(root, *more):
     return [sys.executable, "-m", "tools.repro_ebt", "train", str(root), "--tokenizer-bytes", "60000", *more]
 
 
-def _png(path):
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
-
-
 def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
     from tools import repro_ebt
     from tools.repro_util import latest_step
@@ -66,7 +61,7 @@ def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
     assert repro_ebt.main(["report", str(root), "--batches", "1", "--max-steps", "4", "--groups", "1,2"]) == 0
     rep = root / "report"
     for name in ("thinking", "self_verification", "loss_vs_tokens"):
-        _png(rep / f"{name}.png")
+        helpers.assert_png(rep / f"{name}.png")
     s = json.loads((rep / "summary.json").read_text())
     assert set(s["runs"]) == {"decoder", "ebt"}
     p = [s["runs"][r]["params"] for r in ("decoder", "ebt")]

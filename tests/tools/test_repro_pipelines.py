@@ -8,13 +8,13 @@ The training and evaluation stages run as the commands themselves, in subprocess
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import pytest
 
 from axlearn_like import config as config_lib
 from tests.core import helpers
+from tools.repro_util import sets_argv
 
 # The GPU presets at toy size: 1 scanned Mamba-2 layer of d_model 32, a 300-id BPE, rows of 16 tokens.
 LG_SETS = ["model.d_model=32", "model.num_layers=1", "model.vocab_size=300", "model.dtype=float32",
@@ -34,28 +34,13 @@ MOE_SETS = ["model.d_model=32", "model.num_layers=2", "model.vocab_size=300", "m
             "trainer.progress=false"]
 
 
-def _sets(sets):
-    return [a for s in sets for a in ("--set", s)]
-
-
-def _cli(tool, *args):
-    r = helpers.run([sys.executable, "-m", f"tools.{tool}", *map(str, args)], timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    return r.stdout
-
-
-def _png(path):
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
-
-
 def test_lengthgen_pipeline(tmp_path, capsys):
     from axlearn_like import rundir
     from tools import repro_lengthgen as rl
     from tools.repro_util import latest_step
 
     root = str(tmp_path / "lg")
-    _cli("repro_lengthgen", "pretrain", root, *_sets(LG_SETS))
+    helpers.run_tool("repro_lengthgen", "pretrain", root, *sets_argv(LG_SETS))
     assert os.path.isfile(os.path.join(root, "tokenizer.json")) and latest_step(os.path.join(root, "pretrain")) == 4
     assert rl.main(["pretrain", root]) == 0  # finished: skipped, with the remembered --set
     assert "already at step 4 of 4" in capsys.readouterr().out
@@ -65,7 +50,7 @@ def test_lengthgen_pipeline(tmp_path, capsys):
     assert rl.main(["posttrain", root, "--init", "bogus"]) == 2
     capsys.readouterr()
 
-    out = _cli("repro_lengthgen", "posttrain", root, "--init", "tbtt", "--steps", "2")
+    out = helpers.run_tool("repro_lengthgen", "posttrain", root, "--init", "tbtt", "--steps", "2")
     post = rl.post_dir(root, "tbtt")
     assert latest_step(post) == 6
     cfg = rundir.read_config_file(os.path.join(post, "config.json"))
@@ -76,11 +61,11 @@ def test_lengthgen_pipeline(tmp_path, capsys):
     args = ["eval", root, "--multiples", "1,4", "--num-seqs", "2", "--chunk", "16", "--effrem-T", "32",
             "--effrem-points", "4", "--effrem-seqs", "1", "--passkey-multiples", "8", "--passkey-depths", "0,1",
             "--passkey-trials", "2"]
-    _cli("repro_lengthgen", *args)
+    helpers.run_tool("repro_lengthgen", *args)
     ev = os.path.join(root, "eval")
     for name in ("length_eval", "effrem", "passkey_pretrain", "passkey_post_tbtt", "pretrain_curves",
                  "posttrain_curves"):
-        _png(os.path.join(ev, f"{name}.png"))
+        helpers.assert_png(os.path.join(ev, f"{name}.png"))
     with open(os.path.join(ev, "summary.json")) as f:
         s = json.load(f)
     assert list(s["runs"]) == ["pretrain", "post_tbtt"] and s["steps"] == {"pretrain": 4, "post_tbtt": 6}
@@ -101,11 +86,11 @@ def test_moe_balance_pipeline_and_compare_runs(tmp_path, capsys):
     from tools import compare_runs, repro_moe
 
     root = str(tmp_path / "moe")
-    _cli("repro_moe", "train", root, "--runs", "aux_free,no_balance", *_sets(MOE_SETS))
+    helpers.run_tool("repro_moe", "train", root, "--runs", "aux_free,no_balance", *sets_argv(MOE_SETS))
     assert repro_moe.main(["report", root]) == 0
     rep = os.path.join(root, "report")
     for name in ("loss", "maxvio", "maxvio_batch_max", "expert_load_aux_free", "expert_load_no_balance"):
-        _png(os.path.join(rep, f"{name}.png"))
+        helpers.assert_png(os.path.join(rep, f"{name}.png"))
     with open(os.path.join(rep, "summary.json")) as f:
         s = json.load(f)["runs"]
     assert set(s) == {"aux_free", "no_balance"}
@@ -118,7 +103,7 @@ def test_moe_balance_pipeline_and_compare_runs(tmp_path, capsys):
     runs = [os.path.join(root, "aux_free"), os.path.join(root, "no_balance")]
     assert compare_runs.main([*runs, "--metrics", "loss,eval/loss,train/*/maxvio_batch,nope", "--x", "tokens",
                               "--logx", "--out", out]) == 0
-    _png(out)
+    helpers.assert_png(out)
     text = capsys.readouterr().out
     assert "no run has nope" in text and "train/*/maxvio_batch" in text
     with open(out[:-4] + ".json") as f:

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.core import helpers
+from tools.repro_util import sets_argv
 
 # The GPU presets at toy size: 4 layers of d_model 32 (layer 3 simplicial, xla), a 300-id BPE, rows of 16 tokens.
 TINY = ["model.d_model=32", "model.num_layers=4", "model.vocab_size=300", "model.dtype=float32",
@@ -20,21 +21,6 @@ TINY = ["model.d_model=32", "model.num_layers=4", "model.vocab_size=300", "model
         "data.max_bytes=120000", "data.seq_len=16", "data.global_batch_size=4", "trainer.steps=4",
         "optimizer.warmup_steps=1", "trainer.log_every=1", "trainer.eval_every=2", "trainer.eval_batches=1",
         "checkpoint.every_steps=2", "checkpoint.async_save=false", "trainer.progress=false"]
-
-
-def _sets(sets):
-    return [a for s in sets for a in ("--set", s)]
-
-
-def _cli(*args, **env):
-    r = helpers.run([sys.executable, "-m", "tools.repro_simplicial", *map(str, args)], timeout=600, **env)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
-    return r.stdout
-
-
-def _png(path):
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
 
 
 def test_simplicial_pipeline_resumes_and_reports(tmp_path, capsys):
@@ -52,13 +38,15 @@ def test_simplicial_pipeline_resumes_and_reports(tmp_path, capsys):
     # while the first run compiles or steps, and its loop saves at the end of its current step (a SIGTERM that
     # arrives before the loop is kept, and it repeats every 5 s, so one lands before the 4th step); the call then
     # stops (the dense twin is left alone).
-    out = _cli("train", root, "--sizes", "s", "--max-minutes", "0.05", *_sets(TINY), AXL_FAULT_SLEEP_S=3)
+    out = helpers.run_tool("repro_simplicial", "train", root, "--sizes", "s", "--max-minutes", "0.05",
+                           *sets_argv(TINY), AXL_FAULT_SLEEP_S=3)
     cut = latest_step(hyb)
     assert cut is not None and 1 <= cut < 4, out
     assert not os.path.isdir(dense) and f"s_hybrid: stopped at step {cut} of 4" in out
     assert [r["status"] for r in StageLog(root).records()] == ["paused (time budget)"]
 
-    out = _cli("train", root, "--sizes", "s")  # call 2: the remembered --set, resumes the hybrid, trains the twin
+    # call 2: the remembered --set, resumes the hybrid, trains the twin
+    out = helpers.run_tool("repro_simplicial", "train", root, "--sizes", "s")
     assert f"Resuming from checkpoint at step {cut}" in out
     assert latest_step(hyb) == 4 and latest_step(dense) == 4
     from axlearn_like import rundir
@@ -77,7 +65,7 @@ def test_simplicial_pipeline_resumes_and_reports(tmp_path, capsys):
     s = rs.report(root)
     rep = os.path.join(root, "report")
     for name in ("loss_tokens", "loss_flops", "gap"):
-        _png(os.path.join(rep, f"{name}.png"))
+        helpers.assert_png(os.path.join(rep, f"{name}.png"))
     with open(os.path.join(rep, "summary.json")) as f:
         saved = json.load(f)
     assert set(saved["runs"]) == {"s_hybrid", "s_dense"} and saved["gap_grows_with_size"] is None
