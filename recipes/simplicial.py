@@ -1,8 +1,8 @@
 """Hybrid byte-level LM with 2-simplicial attention every 4th layer (Roy et al. 2025), the rest global attention.
 
 Default: the tiny CPU model of recipes.dense_lm (4 layers, d_model 192) with layer 3 a sliding-window
-2-simplicial mixer (4 query heads on 1 K/V head, w1=32, w2=4 at seq 128), on unpacked stdlib rows (data.packing=false,
-so no simplicial query ever has its window gated at a document boundary; see models/simplicial.py).
+2-simplicial mixer (4 query heads on 1 K/V head, w1=32, w2=4 at seq 128), on unpacked stdlib rows (data.packing=false:
+one document per row, so the model gets no segment_ids and a GPU keeps the cuDNN simplicial path).
 
     python -m recipes.simplicial                     # the hybrid alone (~1-2 min on 2 CPU cores)
     python -m recipes.simplicial --preset compare    # hybrid and the dense baseline at equal steps, one table
@@ -121,7 +121,7 @@ def repro(size: str) -> SimplicialExperimentConfig:
     report puts beside the losses. bf16 compute, float32 weights, remat save_named (as dense_lm gpu_1b).
     Data: the Python installation's sources and docs (data.paths=python_install, as recipes.moe _balance_gpu and
     recipes.mamba2 repro_lengthgen), unpacked rows of 1024 tokens (packing=False: a document always starts its
-    row, so no simplicial query is gated at a document boundary; models/simplicial.py), 64 rows = 65536
+    row, so the model gets no segment_ids, DataConfig.multi_document_rows), 64 rows = 65536
     tokens/step, REPRO_STEPS steps. AdamW (b2 0.95, wd 0.1, clip 1), warmup 40, cosine to 0.1 x peak."""
     if size not in REPRO_SIZES:
         raise ValueError(f"size {size!r} is not one of {list(REPRO_SIZES)}")

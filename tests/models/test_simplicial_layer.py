@@ -75,7 +75,7 @@ def test_layer_equals_direct_op_call(cfg):
     want = np.asarray(jnp.einsum("bshk,hkd->bsd", ctx, p["out"]["kernel"]))
     got = np.asarray(_apply(cfg)(p, x, pos, None))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # and the same with a segment_ids row of one document (nothing gated)
+    # and the same with a segment_ids row of one document (the mask removes nothing)
     got_seg = np.asarray(_apply(cfg)(p, x, pos, jnp.ones((2, 9), jnp.int32)))
     np.testing.assert_allclose(got_seg, want, rtol=1e-5, atol=1e-5)
 
