@@ -825,6 +825,15 @@ class EBT(NextTokenTask):
         return _think_jit(self, params, tokens, rng, positions, segment_ids, int(steps), int(num_candidates),
                           float(langevin_std))
 
+    def step_losses(self, variables, batch: Batch, rng, steps: int, langevin_std: float = 0.0) -> jax.Array:
+        """The thinking curve of one batch from one run: the loss-masked next-token CE summed over the batch after
+        each of steps 1..`steps` -> float32 [steps]. One start per position, drawn from rng as `think` draws it,
+        so entry k - 1 is the CE of think(steps=k) with langevin_std 0 (the noise-free eval's setting)."""
+        tokens, kw = _inputs(batch)
+        return _step_losses_jit(self, variables["params"], jnp.asarray(tokens, jnp.int32),
+                                jnp.asarray(batch["targets"]), jnp.asarray(batch["loss_mask"], jnp.float32),
+                                kw["positions"], kw["segment_ids"], rng, int(steps), float(langevin_std))
+
     def generate(self, variables, prompt_tokens, num_new: int, rng, temperature: float = 1.0,
                  top_k: int | None = None, *, steps: int | None = None, num_candidates: int = 1, **kw) -> jax.Array:
         """Samples num_new tokens after prompt_tokens [B,P] -> [B, P+num_new] (axlearn_like.task.Task.generate;
@@ -910,14 +919,29 @@ def _think_impl(task: EBT, params, tokens, rng, positions, segment_ids, steps, g
                              steps, g, langevin_std)
 
 
+def _think_from_random_starts(task: EBT, energy_fn, params, rows: tuple[int, int], rng, steps, langevin_std,
+                              final_energy: bool = False) -> ThinkResult:
+    """`think` from y_0 = task.initial_logits for `rows` = (rows, S) (rng split into the start and the noise: one
+    convention for EBT.think and EBT.step_losses, so equal rngs give equal runs)."""
+    r_init, r_noise = jax.random.split(rng)
+    return think(energy_fn, task.initial_logits(r_init, rows), alpha_value(params), steps, langevin_std=langevin_std,
+                 rng=r_noise, final_energy=final_energy)
+
+
+def _step_losses_impl(task: EBT, params, tokens, targets, mask, positions, segment_ids, rng, steps, langevin_std):
+    energy_fn = task._energy_fn(params, tokens, {"positions": positions, "segment_ids": segment_ids})
+    res = _think_from_random_starts(task, energy_fn, params, tokens.shape, rng, steps, langevin_std)
+    return jnp.sum(cross_entropy(res.logits, targets[None])[0] * mask[None], axis=(1, 2))  # [steps]
+
+
+_step_losses_jit = jax.jit(_step_losses_impl, static_argnums=(0, 8, 9))
+
+
 def _think_candidates(task: EBT, energy_fn, params, shape, rng, steps, g, langevin_std):
     """Thinking from g random starts per position of a [B, S] batch (energy_fn takes the g * B rows,
     candidate-major) and self-verification (`EBT.think`'s result dict)."""
     b, s = shape
-    r_init, r_noise = jax.random.split(rng)
-    y0 = task.initial_logits(r_init, (g * b, s))
-    res = think(energy_fn, y0, alpha_value(params), steps, langevin_std=langevin_std, rng=r_noise,
-                final_energy=True)
+    res = _think_from_random_starts(task, energy_fn, params, (g * b, s), rng, steps, langevin_std, final_energy=True)
     final = res.logits[-1].reshape(g, b, s, -1)
     energies = res.energies.reshape(steps + 1, g, b, s)
     best = jnp.argmin(energies[-1], axis=0)  # [B,S]

@@ -98,32 +98,15 @@ def _masked_ce(logits, b) -> tuple[float, float]:
     return float((ce * m).sum()), float(m.sum())
 
 
-def _step_ce_impl(task, params, tokens, targets, mask, positions, segment_ids, rng, steps, noise):
-    from models.ebt import alpha_value, think
-    from models.lm import cross_entropy
-
-    kw = {"positions": positions, "segment_ids": segment_ids}
-    r_init, r_noise = jax.random.split(rng)  # as EBT.think: the same start for the same rng
-    y0 = task.initial_logits(r_init, tokens.shape)
-    res = think(task._energy_fn(params, tokens, kw), y0, alpha_value(params), steps, langevin_std=noise, rng=r_noise)
-    ce = cross_entropy(res.logits, targets[None])[0]  # [steps, B, S]
-    return jnp.sum(ce * mask[None], axis=(1, 2))
-
-
-_step_ce = jax.jit(_step_ce_impl, static_argnums=(0, 8, 9))
-
-
 def think_curve(task, variables, batches, max_steps: int, *, noise: float = 0.0, seed: int = 100) -> list[float]:
     """Held-out CE (nats/token) after each of 1..max_steps thinking steps, from one max_steps-long run per batch
-    (rng PRNGKey(seed + i) for batch i, as `EBT.think`, so entry k equals `think(steps=k + 1)` when noise = 0).
+    (`EBT.step_losses` with rng PRNGKey(seed + i) for batch i, so entry k equals `think(steps=k + 1)` when
+    noise = 0).
     -> [max_steps] floats."""
     tot, n = np.zeros(max_steps), 0.0
     for i, b in enumerate(batches):
-        m = jnp.asarray(b["loss_mask"], jnp.float32)
-        sums = _step_ce(task, variables["params"], jnp.asarray(b["inputs"], jnp.int32), jnp.asarray(b["targets"]), m,
-                        jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"]), jax.random.PRNGKey(seed + i),
-                        int(max_steps), float(noise))
-        tot, n = tot + np.asarray(sums, np.float64), n + float(np.asarray(m, np.float64).sum())
+        sums = task.step_losses(variables, b, jax.random.PRNGKey(seed + i), max_steps, noise)
+        tot, n = tot + np.asarray(sums, np.float64), n + float(np.asarray(b["loss_mask"], np.float64).sum())
     return list(tot / max(n, 1.0))
 
 

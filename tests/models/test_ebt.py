@@ -343,6 +343,23 @@ def test_self_verification_picks_min_energy(model):
     np.testing.assert_allclose(np.asarray(e), np.asarray(out["energy"]), rtol=1e-4, atol=1e-5)
 
 
+def test_step_losses_is_the_thinking_curve_of_think(model):
+    """EBT.step_losses (one run, the CE after each step) equals think(steps=k)'s masked CE for every k with the
+    same rng and no noise: the same start, the same steps."""
+    from models.lm import cross_entropy
+
+    task, params = model
+    bt = {**batch(3, 6, seed=21), "loss_mask": jnp.asarray(np.random.default_rng(2).random((3, 6)) > 0.3,
+                                                             jnp.float32)}
+    rng = jax.random.key(22)
+    curve = np.asarray(task.step_losses({"params": params}, bt, rng, 3))
+    for k in (1, 2, 3):
+        out = task.think({"params": params}, bt["inputs"], rng, steps=k, langevin_std=0.0)
+        want = float(jnp.sum(cross_entropy(out["logits"], bt["targets"])[0] * bt["loss_mask"]))
+        np.testing.assert_allclose(curve[k - 1], want, rtol=1e-5)
+    assert curve[0] != curve[2]
+
+
 def test_more_thinking_lowers_energy_after_training():
     cfg = small_cfg(num_layers=1, think_steps=1, think_steps_random=2, alpha_init=10.0)  # trained on K in {1,2,3}
     task = cfg.build()
