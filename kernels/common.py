@@ -182,6 +182,16 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def check_segment_ids(op: str, segment_ids, batch: int, seq: int) -> None:
+    """Op.validate helper: segment_ids None or an integer array [batch, seq]; else a one-line ValueError."""
+    if segment_ids is None:
+        return
+    shape, dtype = tuple(getattr(segment_ids, "shape", ())), getattr(segment_ids, "dtype", None)
+    if shape != (batch, seq) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{op}: segment_ids must be an integer array [batch, seq] = {(batch, seq)}, got shape "
+                         f"{shape} dtype {dtype or type(segment_ids).__name__}")
+
+
 def check_attention_shapes(op: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids=None) -> None:
     """Op.validate helper for (grouped-query) attention: q [batch, seq, heads, head_dim], k and v of one shape
     [batch, seq, kv_heads, head_dim] with heads % kv_heads == 0, segment_ids [batch, seq] or None. Raises a

@@ -124,11 +124,7 @@ class TwoSimplicialAttention(Op):
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
                 default = " or None (1 / head_dim)" if name == "k2_bias" else ""
                 raise ValueError(f"{_OP}: {name} must be a finite number (0 = no bias){default}, got {bias!r}")
-        if segment_ids is not None:
-            shape, dtype = tuple(getattr(segment_ids, "shape", ())), getattr(segment_ids, "dtype", None)
-            if shape != (b, s) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-                raise ValueError(f"{_OP}: segment_ids must be an integer array [batch, seq] = {(b, s)}, got shape "
-                                 f"{shape} dtype {dtype or type(segment_ids).__name__}")
+        common.check_segment_ids(_OP, segment_ids, b, s)
 
     def facts(self, q, k1, v1, k2, v2, *, variant, segment_ids=None, **_):
         d = q.shape[-1]

@@ -88,10 +88,7 @@ class SSD(Op):
             err(f"D must be [heads] = {(h,)} or None, got {D.shape}")
         if initial_state is not None and initial_state.shape != (b, h, P, N):
             err(f"initial_state must be [batch, heads, head_dim, d_state] = {(b, h, P, N)}, got {initial_state.shape}")
-        if segment_ids is not None and (segment_ids.shape != (b, L)
-                                        or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
-            err(f"segment_ids must be int [batch, seq] = {(b, L)} or None, "
-                f"got {segment_ids.dtype}{list(segment_ids.shape)}")
+        common.check_segment_ids(self.name, segment_ids, b, L)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             err(f"chunk_size must be a positive int, got {chunk_size!r}")
         for name, v in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
