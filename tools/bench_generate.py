@@ -1,5 +1,5 @@
 """Cached generation speed: `python -m tools.bench_generate [--recipe dense_lm] [--preset gpu_1b] [--batch 1,32]
-[--prompt-len 512] [--new-tokens 256] [--unroll K] [--set k=v ...] [--no-anchor] [--vs-recompute
+[--prompt-len 512] [--new-tokens 256] [--unroll K] [--kernel-profile N] [--set k=v ...] [--no-anchor] [--vs-recompute
 [--candidates G]] [--out FILE]`.
 
 For each batch size: prefill tokens/s (one jit-compiled `prefill` of batch x prompt-len random tokens into a
@@ -57,8 +57,10 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int, unroll: int = 1) -> dict:
-    """Prefill and decode timings of the cached path (module doc); `unroll` decode steps per loop iteration."""
+def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int, unroll: int = 1,
+              kernel_profile: int = 0) -> dict:
+    """Prefill and decode timings of the cached path (module doc); `unroll` decode steps per loop iteration;
+    `kernel_profile` N > 0 also prints the device time per kernel of N decode loops, per decode step."""
     b, p = prompt.shape
     max_len = p + new_tokens
     prefill = jax.jit(lambda v, t: task.prefill(v, t, max_len=max_len))
@@ -82,7 +84,15 @@ def time_ours(task, params, prompt: np.ndarray, new_tokens: int, reps: int, unro
     prefill_ms = benchutil.timeit(prefill, (params, tokens), reps=reps, warmup=1, rounds=min(reps, 5))[0]
     decode_ms = benchutil.timeit(decode, (params, cache, first), reps=max(1, reps // 2), warmup=1,
                                  rounds=min(max(1, reps // 2), 3))[0]
-    return {"prefill_ms": prefill_ms, "prefill_tok_s": b * p / (prefill_ms / 1e3),
+    out = {}
+    if kernel_profile > 0:
+        prof = benchutil.device_ops(decode, (params, cache, first), calls=kernel_profile, top=25)
+        prof = {"per_call_ms": prof["per_call_ms"] / new_tokens, "kinds": {k: v / new_tokens for k, v in
+                prof["kinds"].items()}, "ops": [(n, ms / new_tokens, c / new_tokens) for n, ms, c in prof["ops"]]}
+        benchutil.print_device_ops(f"decode step, batch {b} (per step, averaged over {new_tokens})", prof,
+                                   decode.lower(params, cache, first).compile().as_text())
+        out["device_busy_ms_per_step"] = prof["per_call_ms"]
+    return {**out, "prefill_ms": prefill_ms, "prefill_tok_s": b * p / (prefill_ms / 1e3),
             "decode_ms_per_step": decode_ms / new_tokens, "decode_tok_s": b * new_tokens / (decode_ms / 1e3),
             "compile_s": compile_s}
 
@@ -190,6 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--unroll", type=int, default=1,
                    help="decode steps per iteration of the jitted loop (fewer loop round trips per token)")
     p.add_argument("--set", action="append", default=[], help="config overrides on the preset")
+    p.add_argument("--kernel-profile", type=int, default=0, metavar="N",
+                   help="trace N decode loops; print device time per kernel per decode step")
     p.add_argument("--no-anchor", action="store_true", help="skip the Hugging Face anchor")
     p.add_argument("--vs-recompute", action="store_true",
                    help="also time Task.generate cached vs recompute (any model with cached decoding, e.g. the EBT)")
@@ -224,7 +236,7 @@ def main(argv=None) -> int:
     table = []
     for b in batches:
         prompt = rng.integers(1, cfg.model.vocab_size, (b, a.prompt_len), dtype=np.int32)
-        ours = time_ours(task, params, prompt, a.new_tokens, a.reps, a.unroll)
+        ours = time_ours(task, params, prompt, a.new_tokens, a.reps, a.unroll, a.kernel_profile)
         rows[f"batch{b}"] = {"ours": ours}
         line = [b, ours["prefill_tok_s"], ours["decode_tok_s"], ours["decode_ms_per_step"]]
         if hf_model is not None:

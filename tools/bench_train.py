@@ -352,7 +352,6 @@ def run_all(a) -> int:
         if unknown:
             raise SystemExit(f"error: --only {','.join(unknown)} not in ALL; choose from "
                              + ",".join(f"{r}:{p}" for r, p in ALL))
-    anchor = None if a.no_anchor or jax.default_backend() == "cpu" else _matmul_anchor()
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for recipe, preset in entries:
@@ -382,6 +381,9 @@ def run_all(a) -> int:
                     lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
                 rows.append({"recipe": recipe, "preset": preset, "error": (lines[-1] if lines else "failed")[:300]})
                 print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
+    # The anchor runs after the presets: touching the GPU here first would preallocate this process's share of
+    # its memory while each preset's process runs (seen as cudaErrorMemoryAllocation in their first step).
+    anchor = None if a.no_anchor or jax.default_backend() == "cpu" else _matmul_anchor()
     print(f"\ndevice: {jax.devices()[0].device_kind}  jax {jax.__version__}"
           + (f"  anchor: jax bf16 matmul 8192^3 {anchor/1e12:.0f} TFLOP/s" if anchor else ""))
     print("| preset | step | tokens/s | model TFLOP/s | MFU | of matmul anchor | hot op alone | of hot op | peak mem |")

@@ -4,6 +4,9 @@ on 2 devices reproduces the uninterrupted losses bitwise."""
 import gzip
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +108,23 @@ def test_resume_on_two_devices_is_bitwise(tmp_path, capsys):
 def test_bench_train_all_only_rejects_an_unknown_entry_before_running_anything(capsys):
     with pytest.raises(SystemExit, match=r"--only dense_lm:nope not in ALL; choose from simplicial:gpu_1b"):
         bench_train.main(["--all", "--only", "dense_lm:gpu_1b,dense_lm:nope"])
+
+
+def test_bench_train_all_starts_no_backend_before_the_presets_run():
+    """The parent of --all must not initialise a device backend before its preset processes run: on a GPU that
+    preallocates the parent's share of memory and the presets fail with cudaErrorMemoryAllocation."""
+    code = """
+import subprocess, sys
+from jax._src import xla_bridge
+from tools import bench_train
+seen = []
+def fake_run(cmd, **kw):
+    seen.append(xla_bridge.backends_are_initialized())
+    return subprocess.CompletedProcess(cmd, 1, "", "preset failed")
+subprocess.run = fake_run
+bench_train.main(["--all", "--only", "dense_lm:gpu_1b,moe:gpu_0p8b"])
+print("SEEN", seen)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert "SEEN [False, False]" in p.stdout, p.stdout + p.stderr
