@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.params import param_init
+from kernels.common import backend
 from models.kinds import FFNConfig, LayerContext
 
 Dtype = Any
@@ -98,12 +99,22 @@ class DenseGeneral(nn.Module):
             jnp.float32,
         )
         out_dtype = self.out_dtype or self.dtype
+        xs = x.astype(self.dtype)
+        one_row = backend() == "gpu" and 0 not in axes and all(x.shape[a] == 1 for a in range(x.ndim) if a not in axes)
+        if one_row:
+            # One token of one row (batch-1 decoding): XLA:GPU rewrites a vector x matrix dot whose operands hold
+            # < 10M elements into multiply + reduce, which for the attention projections runs at a third of the
+            # GEMV's bandwidth (docs/benchmarks.md, cached generation). Two identical rows behind a barrier keep
+            # it a matrix product; the second row is dropped.
+            xs = jax.lax.optimization_barrier(jnp.concatenate([xs, xs], axis=0))
         y = jax.lax.dot_general(
-            x.astype(self.dtype),
+            xs,
             kernel.astype(self.dtype),
             ((axes, tuple(range(len(axes)))), ((), ())),
             preferred_element_type=out_dtype,
         )
+        if one_row:
+            y = y[:1]
         if self.use_bias:
             bias = self.param(
                 "bias",

@@ -58,6 +58,27 @@ def test_dense_general_matches_oracle(dtype):
     assert_close(out.astype(jnp.float32), ref, dtype, "dense")
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_dense_general_one_row_on_gpu_stays_a_matrix_product(batch):
+    """Traced for GPU, one row (batch-1 decoding) goes through two identical rows behind an optimization barrier
+    (so XLA:GPU keeps a matrix product instead of its multiply + reduce rewrite); same values as the plain dot;
+    more rows are untouched."""
+    from kernels import common
+
+    x = _rand(0, (batch, 1, 3, 4))
+    mod = DenseGeneral(6, ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=jnp.float32)
+    params = {"kernel": _rand(2, (3, 4, 6))}
+    plain = mod.apply({"params": params}, x)
+    with common.target_backend("gpu"):
+        hlo = jax.jit(mod.apply).lower({"params": params}, x).as_text()
+        out = mod.apply({"params": params}, x)
+    assert ("optimization_barrier" in hlo) == (batch == 1), hlo
+    assert out.shape == (batch, 1, 6)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-6, atol=1e-6)
+    ref = np.einsum("bsij,ijk->bsk", np.float64(x), np.float64(params["kernel"]))
+    assert_close(out, ref, jnp.float32, "dense one row")
+
+
 def test_dense_general_bad_axes_is_one_clear_error():
     with pytest.raises(ValueError, match="kernel_axes"):
         jax.eval_shape(lambda: DenseGeneral(4, ("embed",)).init(jax.random.key(0), jnp.ones((2, 3))))
