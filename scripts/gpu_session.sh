@@ -5,8 +5,8 @@
 #   bash scripts/gpu_session.sh bench   # python -m tools.bench_train --all (every recipe's GPU preset, one table)
 #   bash scripts/gpu_session.sh generate  # python -m tools.bench_generate on the dense preset vs HF transformers
 #   bash scripts/gpu_session.sh verify  # kernels + packed-row costs + generate --unroll 4, time-boxed (~9 min)
-# The GPU presets (bench) are sized for one H200 (141 GB): ask the device for nvidia-h200 with needs_h200; on an
-# H100 (80 GB) dense_lm:gpu_1b and moe:deepseek_v3_gpu run out of memory (docs/benchmarks.md, 2026-12-07).
+# dense_lm:gpu_1b and simplicial:gpu_1b are sized for one H200 (141 GB): ask for nvidia-h200 with needs_h200; the
+# other presets fit an H100 (80 GB) at their defaults (docs/benchmarks.md, 2026-12-07).
 # On the lent GPU image (docs/benchmarks.md, "How to measure"): carry .whl (scripts from the workplace fetch
 # grain + jax-triton wheels into it); logs go to $OUT when it is set.
 set -uo pipefail
