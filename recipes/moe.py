@@ -201,8 +201,7 @@ def deepseek_v3_gpu() -> ExperimentConfig:
     8 layers, d_model 1024; MLA with 16 heads, KV latent 256, query latent 512, d_n 64 + d_r 32, d_v 64 (V3's
     128 + 64 / 128 halved, so the padded head dim 96 takes cuDNN flash attention); first FFN dense (4096), then 64
     routed experts of width 512 in 8 groups (best 4 kept, top-6, sigmoid, route_scale 2.5, aux-loss-free bias +
-    sequence loss) + 1 shared;
-    vocab 32768, seq 2048, bf16."""
+    sequence loss) + 1 shared; vocab 32768, seq 2048, bf16."""
     cfg = gpu_0p8b()
     cfg.name = "moe_deepseek_v3_gpu"
     cfg.model.layer_pattern = (MLAConfig(num_heads=16, kv_lora_rank=256, q_lora_rank=512, qk_nope_head_dim=64,
