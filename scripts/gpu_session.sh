@@ -2,7 +2,9 @@
 # The device machine's checks and benchmarks, one stage per call (each < 10 min):
 #   bash scripts/gpu_session.sh tests   # every `pytest -m gpu` test (kernels, models; > 4 min)
 #   bash scripts/gpu_session.sh kernels # the kernels' `pytest -m gpu` tests only (~3 min)
-#   bash scripts/gpu_session.sh bench   # python -m tools.bench_train --all (every recipe's GPU preset, one table)
+#   bash scripts/gpu_session.sh bench   # python -m tools.bench_train --all (every recipe's GPU preset, one table);
+#                                       # carrying .anchors (scripts/fetch_anchors.sh) adds mamba2:gpu_340m's
+#                                       # PyTorch + mamba_ssm anchor row and the tokens/s ratio (issue 18)
 #   bash scripts/gpu_session.sh generate  # python -m tools.bench_generate on the dense preset vs HF transformers
 #   bash scripts/gpu_session.sh verify  # kernels + packed-row costs + generate, time-boxed (~9 min)
 # dense_lm:gpu_1b and simplicial:gpu_1b are sized for one H200 (141 GB): ask for nvidia-h200 with needs_h200; the

@@ -8,7 +8,9 @@ the preset's hot op alone (`hot_op`: the kernel of its most expensive non-GEMM l
 shapes, forward + backward), so each preset's model TFLOP/s reads against its own kernel-level ceiling.
 
 `--all` runs every recipe's GPU presets (`ALL`), each in its own process (an OOM stays that preset's row), and
-prints one table.
+prints one table. With `--mamba-anchor SRC` (default `.anchors/mamba` when it exists: scripts/fetch_anchors.sh),
+`mamba2:gpu_340m` is followed by the same model in PyTorch + mamba_ssm's Triton kernels (tools.bench_mamba_torch,
+its own process, same --steps): one more row and the tokens/s ratio (issue 18: >= 1.3x).
 
 `--json PATH` also writes every number as one JSON object (read by tools.bench_scaling); `--profile-steps N`
 traces N more steps with jax.profiler and reports the share of step time spent in each collective kind
@@ -172,6 +174,9 @@ def main(argv=None) -> int:
     p.add_argument("--preset-timeout", type=float, default=None, metavar="S",
                    help="with --all: give up on a preset after S seconds (its row says so)")
     p.add_argument("--no-hot-op", action="store_true", help="skip timing the preset's hot op alone")
+    p.add_argument("--mamba-anchor", default=None, metavar="SRC",
+                   help="with --all: mamba_ssm sources for the PyTorch anchor of mamba2:gpu_340m "
+                        "(default .anchors/mamba if it exists; 'none' turns it off)")
     p.add_argument("--kernel-profile", type=int, default=0, metavar="N",
                    help="trace N more steps; print device time per kernel kind and the top kernels")
     a = p.parse_args(argv)
@@ -338,6 +343,67 @@ def main(argv=None) -> int:
 # The GPU presets `--all` runs: (recipe, preset). EBT's per-inner-step ratio is tools.bench_ebt's job.
 ALL = (("simplicial", "gpu_1b"), ("moe", "deepseek_v3_gpu"), ("dense_lm", "gpu_1b"), ("moe", "gpu_0p8b"),
        ("mamba2", "gpu_340m"), ("ebt", "gpu"))
+# The preset that tools.bench_mamba_torch mirrors in PyTorch + mamba_ssm (issue 18's anchor), and where --all
+# looks for mamba_ssm's sources by default (scripts/fetch_anchors.sh; git-ignored, never part of the project).
+MAMBA_ANCHOR = ("mamba2", "gpu_340m")
+MAMBA_ANCHOR_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".anchors", "mamba")
+
+
+def mamba_anchor_src(arg: str | None) -> str | None:
+    """--mamba-anchor -> the sources' folder, or None (no anchor): the default one if it exists; 'none' / ''."""
+    if arg is None:
+        return MAMBA_ANCHOR_SRC if os.path.isdir(MAMBA_ANCHOR_SRC) else None
+    return None if arg.strip().lower() in ("", "none") else arg
+
+
+def _error_lines(p) -> list[str]:
+    """A failed child's output lines, up to the error (JAX's traceback-filtering note follows the error)."""
+    lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
+    if "--------------------" in lines:
+        lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
+    return lines
+
+
+def run_mamba_anchor(a, src: str, d: str) -> dict:
+    """tools.bench_mamba_torch in its own process (same --steps / --warmup / --set) -> its row, labelled, with
+    `anchor` set; a failure (exit 2: no sources, torch, triton or CUDA; an OOM) keeps the row with the error."""
+    import subprocess
+
+    recipe, preset = MAMBA_ANCHOR
+    row = {"recipe": recipe, "preset": preset, "anchor": "pytorch+mamba_ssm",
+           "label": f"{recipe}:{preset} (PyTorch + mamba_ssm Triton, conv1d torch fallback)"}
+    path = os.path.join(d, "mamba_torch.json")
+    cmd = [sys.executable, "-m", "tools.bench_mamba_torch", "--src", src, "--recipe", recipe, "--preset", preset,
+           "--steps", str(a.steps), "--warmup", str(a.warmup), "--json", path]
+    for kv in a.set:
+        cmd += ["--set", kv]
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.preset_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{row['label']}: timed out after {a.preset_timeout:.0f} s", flush=True)
+        return {**row, "error": f"timed out after {a.preset_timeout:.0f} s"}
+    print(f"{row['label']}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
+    if p.returncode == 0 and os.path.exists(path):
+        with open(path) as f:
+            res = json.load(f)
+        row["label"] = f"{recipe}:{preset} (PyTorch + mamba_ssm Triton, conv1d {res.get('conv1d', 'torch fallback')})"
+        print(f"  step {res['step_s']*1e3:.1f} ms, {res['tokens_per_s']:,.0f} tokens/s, peak "
+              f"{(res.get('peak_memory_bytes') or 0)/2**30:.1f} GiB, params {res.get('params')} "
+              f"(ours {res.get('params_jax')})", flush=True)
+        return {**res, **row}
+    lines = _error_lines(p)
+    print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
+    return {**row, "error": (lines[-1] if lines else "failed")[:300]}
+
+
+def mamba_anchor_ratio(rows: list[dict]) -> float | None:
+    """tokens/s of our mamba2:gpu_340m over its PyTorch anchor's, None unless both rows ran."""
+    ours = [r for r in rows if (r["recipe"], r["preset"]) == MAMBA_ANCHOR and not r.get("anchor")]
+    theirs = [r for r in rows if (r["recipe"], r["preset"]) == MAMBA_ANCHOR and r.get("anchor")]
+    if not ours or not theirs or "error" in ours[0] or "error" in theirs[0]:
+        return None
+    return ours[0]["tokens_per_s"] / theirs[0]["tokens_per_s"]
 
 
 def run_all(a) -> int:
@@ -352,9 +418,16 @@ def run_all(a) -> int:
         if unknown:
             raise SystemExit(f"error: --only {','.join(unknown)} not in ALL; choose from "
                              + ",".join(f"{r}:{p}" for r, p in ALL))
+    jobs = [(recipe, preset, False) for recipe, preset in entries]
+    anchor_src = mamba_anchor_src(a.mamba_anchor)
+    if anchor_src and MAMBA_ANCHOR in entries:  # the PyTorch anchor runs right after its preset
+        jobs.insert(entries.index(MAMBA_ANCHOR) + 1, (*MAMBA_ANCHOR, True))
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for recipe, preset in entries:
+        for recipe, preset, torch_anchor in jobs:
+            if torch_anchor:
+                rows.append(run_mamba_anchor(a, anchor_src, d))
+                continue
             path = os.path.join(d, f"{recipe}_{preset}.json")
             cmd = [sys.executable, "-m", "tools.bench_train", "--recipe", recipe, "--preset", preset, "--steps",
                    str(a.steps), "--warmup", str(a.warmup), "--no-anchor", "--no-save", "--json", path]
@@ -376,9 +449,7 @@ def run_all(a) -> int:
                       f"{(r.get('peak_memory_bytes') or 0)/2**30:.1f} GiB, hot op {r.get('hot_op')} "
                       f"{r.get('hot_op_tflops') or 0:.0f} TFLOP/s", flush=True)
             else:
-                lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
-                if "--------------------" in lines:  # JAX's traceback-filtering note follows the error
-                    lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
+                lines = _error_lines(p)
                 rows.append({"recipe": recipe, "preset": preset, "error": (lines[-1] if lines else "failed")[:300]})
                 print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
     # The anchor runs after the presets: touching the GPU here first would preallocate this process's share of
@@ -389,9 +460,14 @@ def run_all(a) -> int:
     print("| preset | step | tokens/s | model TFLOP/s | MFU | of matmul anchor | hot op alone | of hot op | peak mem |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        name = f"{r['recipe']}:{r['preset']}"
+        name = r.get("label") or f"{r['recipe']}:{r['preset']}"
         if "error" in r:
             print(f"| {name} | failed: {r['error']} | | | | | | | |")
+            continue
+        if r.get("anchor"):  # PyTorch (TFLOP/s by our FLOPs/token of the same model); no MFU / hot op
+            print(f"| {name} | {r['step_s']*1e3:.1f} ms | {r['tokens_per_s']:,.0f} "
+                  f"| {r.get('model_tflops_per_device') or 0:.1f} | - | - | - | - "
+                  f"| {(r.get('peak_memory_bytes') or 0)/2**30:.1f} GiB |")
             continue
         tf = r["model_tflops_per_device"]
         mfu = f"{100*r['mfu']:.1f}%" if r.get("mfu") else "-"
@@ -401,8 +477,14 @@ def run_all(a) -> int:
         mem = f"{r['peak_memory_bytes']/2**30:.1f} GiB" if r.get("peak_memory_bytes") else "-"
         print(f"| {name} | {r['step_s']*1e3:.1f} ms | {r['tokens_per_s']:,.0f} | {tf:.1f} | {mfu} | {anc} | {hot} "
               f"| {share} | {mem} |")
+    ratio = mamba_anchor_ratio(rows)
+    if any(r.get("anchor") for r in rows):
+        name = ":".join(MAMBA_ANCHOR)
+        print(f"{name} tokens/s vs the PyTorch anchor: " + (f"{ratio:.2f}x" if ratio else "n/a (a row failed)")
+              + " (goal >= 1.3x)")
     if a.json:
-        _write_json(a.json, {"anchor_matmul_tflops": anchor / 1e12 if anchor else None, "presets": rows})
+        _write_json(a.json, {"anchor_matmul_tflops": anchor / 1e12 if anchor else None, "presets": rows,
+                             "mamba2_vs_pytorch": ratio})
     return 0 if all("error" not in r for r in rows) else 1
 
 
