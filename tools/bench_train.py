@@ -364,11 +364,29 @@ def _error_lines(p) -> list[str]:
     return lines
 
 
+def _run_child(name: str, cmd: list[str], path: str, timeout: float | None) -> dict:
+    """One benchmark process that writes its JSON result to `path` -> that result, or {"error": its last line}
+    (timed out, or failed: the failure's last lines are printed)."""
+    import subprocess
+
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: timed out after {timeout:.0f} s", flush=True)
+        return {"error": f"timed out after {timeout:.0f} s"}
+    print(f"{name}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
+    if p.returncode == 0 and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    lines = _error_lines(p)
+    print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
+    return {"error": (lines[-1] if lines else "failed")[:300]}
+
+
 def run_mamba_anchor(a, src: str, d: str) -> dict:
     """tools.bench_mamba_torch in its own process (same --steps / --warmup / --set) -> its row, labelled, with
     `anchor` set; a failure (exit 2: no sources, torch, triton or CUDA; an OOM) keeps the row with the error."""
-    import subprocess
-
     recipe, preset = MAMBA_ANCHOR
     row = {"recipe": recipe, "preset": preset, "anchor": "pytorch+mamba_ssm",
            "label": f"{recipe}:{preset} (PyTorch + mamba_ssm Triton, conv1d torch fallback)"}
@@ -377,24 +395,14 @@ def run_mamba_anchor(a, src: str, d: str) -> dict:
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--json", path]
     for kv in a.set:
         cmd += ["--set", kv]
-    t = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.preset_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"{row['label']}: timed out after {a.preset_timeout:.0f} s", flush=True)
-        return {**row, "error": f"timed out after {a.preset_timeout:.0f} s"}
-    print(f"{row['label']}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
-    if p.returncode == 0 and os.path.exists(path):
-        with open(path) as f:
-            res = json.load(f)
-        row["label"] = f"{recipe}:{preset} (PyTorch + mamba_ssm Triton, conv1d {res.get('conv1d', 'torch fallback')})"
-        print(f"  step {res['step_s']*1e3:.1f} ms, {res['tokens_per_s']:,.0f} tokens/s, peak "
-              f"{(res.get('peak_memory_bytes') or 0)/2**30:.1f} GiB, params {res.get('params')} "
-              f"(ours {res.get('params_jax')})", flush=True)
-        return {**res, **row}
-    lines = _error_lines(p)
-    print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
-    return {**row, "error": (lines[-1] if lines else "failed")[:300]}
+    res = _run_child(row["label"], cmd, path, a.preset_timeout)
+    if "error" in res:
+        return {**row, **res}
+    row["label"] = f"{recipe}:{preset} (PyTorch + mamba_ssm Triton, conv1d {res.get('conv1d', 'torch fallback')})"
+    print(f"  step {res['step_s']*1e3:.1f} ms, {res['tokens_per_s']:,.0f} tokens/s, peak "
+          f"{(res.get('peak_memory_bytes') or 0)/2**30:.1f} GiB, params {res.get('params')} "
+          f"(ours {res.get('params_jax')})", flush=True)
+    return {**res, **row}
 
 
 def mamba_anchor_ratio(rows: list[dict]) -> float | None:
@@ -409,8 +417,6 @@ def mamba_anchor_ratio(rows: list[dict]) -> float | None:
 def run_all(a) -> int:
     """Each preset of ALL in its own process (`--json`), then one table; a preset that fails (OOM) keeps its
     row with the error's last line."""
-    import subprocess
-
     entries = list(ALL)
     if a.only:
         entries = [tuple(e.split(":", 1)) for e in a.only.split(",")]
@@ -433,25 +439,12 @@ def run_all(a) -> int:
                    str(a.steps), "--warmup", str(a.warmup), "--no-anchor", "--no-save", "--json", path]
             for kv in a.set:
                 cmd += ["--set", kv]
-            t = time.perf_counter()
-            try:
-                p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.preset_timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{recipe}:{preset}: timed out after {a.preset_timeout:.0f} s", flush=True)
-                rows.append({"recipe": recipe, "preset": preset, "error": f"timed out after {a.preset_timeout:.0f} s"})
-                continue
-            print(f"{recipe}:{preset}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
-            if p.returncode == 0 and os.path.exists(path):
-                with open(path) as f:
-                    rows.append(json.load(f))
-                r = rows[-1]
+            r = {"recipe": recipe, "preset": preset, **_run_child(f"{recipe}:{preset}", cmd, path, a.preset_timeout)}
+            rows.append(r)
+            if "error" not in r:
                 print(f"  step {r['step_s']*1e3:.1f} ms, {r['model_tflops_per_device']:.1f} TFLOP/s, peak "
                       f"{(r.get('peak_memory_bytes') or 0)/2**30:.1f} GiB, hot op {r.get('hot_op')} "
                       f"{r.get('hot_op_tflops') or 0:.0f} TFLOP/s", flush=True)
-            else:
-                lines = _error_lines(p)
-                rows.append({"recipe": recipe, "preset": preset, "error": (lines[-1] if lines else "failed")[:300]})
-                print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
     # The anchor runs after the presets: touching the GPU here first would preallocate this process's share of
     # its memory while each preset's process runs (seen as cudaErrorMemoryAllocation in their first step).
     anchor = None if a.no_anchor or jax.default_backend() == "cpu" else _matmul_anchor()
