@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tools import benchutil
 from tools.benchutil import capture_trace
 
 
@@ -50,8 +51,6 @@ def _matmul_anchor(n: int = 8192, reps: int = 10) -> float:
 
 
 def _timed_fwd_bwd(loss, args, reps: int = 10) -> float:
-    from tools import benchutil
-
     g = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
     return benchutil.timeit(g, args, reps, warmup=2)[0] / 1e3  # seconds
 
@@ -239,8 +238,6 @@ def main(argv=None) -> int:
                 ck.close()
         host_metrics = {k: np.asarray(jax.device_get(v)) for k, v in m.items()}
         if a.kernel_profile > 0:
-            from tools import benchutil
-
             box = [state]
 
             def one_step(batch):
@@ -356,34 +353,6 @@ def mamba_anchor_src(arg: str | None) -> str | None:
     return None if arg.strip().lower() in ("", "none") else arg
 
 
-def _error_lines(p) -> list[str]:
-    """A failed child's output lines, up to the error (JAX's traceback-filtering note follows the error)."""
-    lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
-    if "--------------------" in lines:
-        lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
-    return lines
-
-
-def _run_child(name: str, cmd: list[str], path: str, timeout: float | None) -> dict:
-    """One benchmark process that writes its JSON result to `path` -> that result, or {"error": its last line}
-    (timed out, or failed: the failure's last lines are printed)."""
-    import subprocess
-
-    t = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"{name}: timed out after {timeout:.0f} s", flush=True)
-        return {"error": f"timed out after {timeout:.0f} s"}
-    print(f"{name}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
-    if p.returncode == 0 and os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    lines = _error_lines(p)
-    print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
-    return {"error": (lines[-1] if lines else "failed")[:300]}
-
-
 def run_mamba_anchor(a, src: str, d: str) -> dict:
     """tools.bench_mamba_torch in its own process (same --steps / --warmup / --set) -> its row, labelled, with
     `anchor` set; a failure (exit 2: no sources, torch, triton or CUDA; an OOM) keeps the row with the error."""
@@ -395,7 +364,7 @@ def run_mamba_anchor(a, src: str, d: str) -> dict:
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--json", path]
     for kv in a.set:
         cmd += ["--set", kv]
-    res = _run_child(row["label"], cmd, path, a.preset_timeout)
+    res = benchutil.run_child(row["label"], cmd, path, a.preset_timeout)
     if "error" in res:
         return {**row, **res}
     row["label"] = f"{recipe}:{preset} (PyTorch + mamba_ssm Triton, conv1d {res.get('conv1d', 'torch fallback')})"
@@ -439,7 +408,8 @@ def run_all(a) -> int:
                    str(a.steps), "--warmup", str(a.warmup), "--no-anchor", "--no-save", "--json", path]
             for kv in a.set:
                 cmd += ["--set", kv]
-            r = {"recipe": recipe, "preset": preset, **_run_child(f"{recipe}:{preset}", cmd, path, a.preset_timeout)}
+            res = benchutil.run_child(f"{recipe}:{preset}", cmd, path, a.preset_timeout)
+            r = {"recipe": recipe, "preset": preset, **res}
             rows.append(r)
             if "error" not in r:
                 print(f"  step {r['step_s']*1e3:.1f} ms, {r['model_tflops_per_device']:.1f} TFLOP/s, peak "

@@ -46,6 +46,35 @@ def report(rows: dict, out: str | None) -> None:
             json.dump(rows, f, indent=2)
 
 
+def error_lines(p) -> list[str]:
+    """A failed child process's (subprocess.CompletedProcess) non-empty output lines, up to the error (JAX's
+    traceback-filtering note follows it)."""
+    lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
+    if "--------------------" in lines:
+        lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
+    return lines
+
+
+def run_child(name: str, cmd: list[str], path: str, timeout: float | None) -> dict:
+    """One benchmark process that writes its JSON result to `path` -> that result, or {"error": its last line}
+    (timed out, or failed: the failure's last lines are printed)."""
+    import subprocess
+
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"{name}: timed out after {timeout:.0f} s", flush=True)
+        return {"error": f"timed out after {timeout:.0f} s"}
+    print(f"{name}: exit {p.returncode} in {time.perf_counter() - t:.0f} s", flush=True)
+    if p.returncode == 0 and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    lines = error_lines(p)
+    print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
+    return {"error": (lines[-1] if lines else "failed")[:300]}
+
+
 def timeit_sync(f, args, reps: int = 20, warmup: int = 3) -> tuple[float, float]:
     """(median ms, spread ms = max - min) of `reps` calls of f(*args), each synchronised on its own."""
     for _ in range(warmup):
