@@ -1,6 +1,7 @@
 """Cached generation speed: `python -m tools.bench_generate [--recipe dense_lm] [--preset gpu_1b] [--batch 1,32]
 [--prompt-len 512] [--new-tokens 256] [--unroll K] [--kernel-profile N] [--set k=v ...] [--no-anchor] [--vs-recompute
-[--candidates G]] [--out FILE]`.
+[--candidates G]] [--out FILE]`, or `--all [--only R:P,...] [--preset-timeout S]`: every GPU preset with cached
+decoding (`ALL`), each in its own process, one table.
 
 For each batch size: prefill tokens/s (one jit-compiled `prefill` of batch x prompt-len random tokens into a
 cache sized prompt-len + new-tokens) and decode tokens/s (one jit-compiled loop of new-tokens greedy
@@ -189,6 +190,46 @@ def time_hf(model, torch, prompt: np.ndarray, new_tokens: int, reps: int) -> dic
             "decode_tok_s": b * max(new_tokens - 1, 1) / decode_s}
 
 
+# The GPU presets `--all` runs: (recipe, preset), each with cached decoding; HF anchors where tools.export_hf
+# writes the model (dense_lm, moe, mamba2); the others print the anchor's skip note.
+ALL = (("dense_lm", "gpu_1b"), ("moe", "deepseek_v3_gpu"), ("mamba2", "gpu_340m"), ("simplicial", "gpu_1b"),
+       ("ebt", "gpu"))
+
+
+def run_all(a) -> int:
+    """Each preset of ALL (or --only) in its own process (`--out`), then one table; a preset that fails keeps its
+    row with the error's last line. The parent never touches a device (each child preallocates its own)."""
+    entries = benchutil.select_entries(ALL, a.only)
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        for recipe, preset in entries:
+            path = os.path.join(d, f"{recipe}_{preset}.json")
+            cmd = [sys.executable, "-m", "tools.bench_generate", "--recipe", recipe, "--preset", preset, "--batch",
+                   a.batch, "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens), "--reps",
+                   str(a.reps), "--out", path] + (["--no-anchor"] if a.no_anchor else [])
+            for kv in a.set:
+                cmd += ["--set", kv]
+            results.append((f"{recipe}:{preset}", benchutil.run_child(f"{recipe}:{preset}", cmd, path,
+                                                                       a.preset_timeout)))
+    print(f"\nprompt {a.prompt_len}, {a.new_tokens} new tokens, greedy")
+    print("| preset | batch | prefill tok/s | decode tok/s | decode ms/step | HF decode tok/s | decode vs HF |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results:
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} | | | | | |")
+            continue
+        for key in sorted((k for k in r if k.startswith("batch")), key=lambda k: int(k[5:])):
+            ours, hf = r[key]["ours"], r[key].get("hf")
+            anchor = (f"{hf['decode_tok_s']:.0f} | {r[key]['decode_speedup_vs_hf']:.2f}x" if hf
+                      else "- | " + r.get("anchor", {}).get("note", "-"))
+            print(f"| {name} | {key[5:]} | {ours['prefill_tok_s']:.0f} | {ours['decode_tok_s']:.0f} "
+                  f"| {ours['decode_ms_per_step']:.2f} | {anchor} |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(results), f, indent=2)
+    return 0 if all("error" not in r for _, r in results) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="dense_lm")
@@ -208,9 +249,15 @@ def main(argv=None) -> int:
     p.add_argument("--candidates", type=int, default=1,
                    help="with --vs-recompute: num_candidates, for a generate that takes it (EBT self-verification)")
     p.add_argument("--out", default=None, help="also write the results as JSON")
+    p.add_argument("--all", action="store_true", help="every GPU preset with cached decoding (ALL), one process each")
+    p.add_argument("--only", default=None, metavar="R:P,...", help="with --all: only these recipe:preset entries")
+    p.add_argument("--preset-timeout", type=float, default=None, metavar="S",
+                   help="with --all: give up on a preset after S seconds (its row says so)")
     a = p.parse_args(argv)
     if a.prompt_len < 1 or a.new_tokens < 1:
         raise SystemExit("error: --prompt-len and --new-tokens must be >= 1")
+    if a.all:
+        return run_all(a)
     batches = [int(x) for x in a.batch.split(",") if x]
     cfg, task, variables = _model(a.recipe, a.preset, list(a.set))
     gen_kw = {}

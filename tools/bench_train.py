@@ -386,13 +386,7 @@ def mamba_anchor_ratio(rows: list[dict]) -> float | None:
 def run_all(a) -> int:
     """Each preset of ALL in its own process (`--json`), then one table; a preset that fails (OOM) keeps its
     row with the error's last line."""
-    entries = list(ALL)
-    if a.only:
-        entries = [tuple(e.split(":", 1)) for e in a.only.split(",")]
-        unknown = [f"{r}:{p}" for r, p in entries if (r, p) not in ALL]
-        if unknown:
-            raise SystemExit(f"error: --only {','.join(unknown)} not in ALL; choose from "
-                             + ",".join(f"{r}:{p}" for r, p in ALL))
+    entries = benchutil.select_entries(ALL, a.only)
     jobs = [(recipe, preset, False) for recipe, preset in entries]
     anchor_src = mamba_anchor_src(a.mamba_anchor)
     if anchor_src and MAMBA_ANCHOR in entries:  # the PyTorch anchor runs right after its preset

@@ -55,6 +55,19 @@ def error_lines(p) -> list[str]:
     return lines
 
 
+def select_entries(all_entries: tuple, only: str | None) -> list[tuple[str, str]]:
+    """An `--all` bench's (recipe, preset) entries: all of them, or those `--only R:P,...` names (an unknown name
+    is one error line naming the choices)."""
+    if not only:
+        return list(all_entries)
+    entries = [tuple(e.split(":", 1)) for e in only.split(",") if e]
+    unknown = [":".join(e) for e in entries if e not in all_entries]
+    if unknown:
+        raise SystemExit(f"error: --only {','.join(unknown)} not in ALL; choose from "
+                         + ",".join(f"{r}:{p}" for r, p in all_entries))
+    return entries
+
+
 def run_child(name: str, cmd: list[str], path: str, timeout: float | None) -> dict:
     """One benchmark process that writes its JSON result to `path` -> that result, or {"error": its last line}
     (timed out, or failed: the failure's last lines are printed)."""

@@ -38,3 +38,46 @@ def test_bench_generate_candidates_needs_a_generate_that_takes_them():
     with pytest.raises(SystemExit, match="LanguageModel.generate takes no num_candidates"):
         bench_generate.main(["--recipe", "dense_lm", "--preset", "default", "--no-anchor", "--vs-recompute",
                              "--candidates", "2"])
+
+
+def test_bench_generate_all_one_table_from_its_preset_processes():
+    """--all runs each preset in its own process (faked here: it writes the preset's JSON or fails) without
+    initialising a device backend in the parent first, and prints one table: per batch, ours and HF's decode and
+    their ratio, the anchor's skip note where there is none, the failure's last line for a failed preset."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, subprocess, sys
+from jax._src import xla_bridge
+from tools import bench_generate
+seen = []
+def fake_run(cmd, **kw):
+    seen.append(xla_bridge.backends_are_initialized())
+    preset = cmd[cmd.index("--preset") + 1]
+    if preset == "gpu_340m":
+        return subprocess.CompletedProcess(cmd, 1, "", "RESOURCE_EXHAUSTED: out of memory")
+    ours = {"prefill_tok_s": 1000.0, "decode_tok_s": 700.0, "decode_ms_per_step": 1.43}
+    row = {"anchor": {"note": "HF anchor skipped: no export"}, "batch1": {"ours": ours}}
+    if preset == "gpu_1b":
+        row["batch1"]["hf"] = {"decode_tok_s": 350.0}
+        row["batch1"]["decode_speedup_vs_hf"] = 2.0
+    json.dump(row, open(cmd[cmd.index("--out") + 1], "w"))
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+subprocess.run = fake_run
+rc = bench_generate.main(["--all", "--only", "dense_lm:gpu_1b,ebt:gpu,mamba2:gpu_340m", "--batch", "1"])
+print("SEEN", seen, "RC", rc)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    out = p.stdout
+    assert "SEEN [False, False, False] RC 1" in out, out + p.stderr
+    assert "| dense_lm:gpu_1b | 1 | 1000 | 700 | 1.43 | 350 | 2.00x |" in out, out
+    assert "| ebt:gpu | 1 | 1000 | 700 | 1.43 | - | HF anchor skipped: no export |" in out, out
+    assert "| mamba2:gpu_340m | failed: RESOURCE_EXHAUSTED: out of memory |" in out, out
+
+
+def test_bench_generate_all_only_rejects_an_unknown_entry():
+    with pytest.raises(SystemExit, match=r"--only dense_lm:nope not in ALL"):
+        bench_generate.main(["--all", "--only", "dense_lm:nope"])
