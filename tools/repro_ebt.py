@@ -37,6 +37,7 @@ import sys
 
 from axlearn_like.cli import tool_main
 from tools.repro_util import (
+    add_stage_args,
     latest_step,
     print_status,
     sets_argv,
@@ -334,10 +335,7 @@ def main(argv=None) -> int:
     for a in (a_train, a_rep, a_stat):
         a.add_argument("root", nargs="?", default=DEFAULT_ROOT)
     a_train.add_argument("--runs", default="decoder,ebt", help=f"comma-separated subset of {','.join(RUNS)}")
-    a_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    a_train.add_argument("--max-minutes", type=float, default=None,
-                         help="wall-clock budget of this call (tokenizer, corpus and compiles included)")
-    a_train.add_argument("--tokenizer-bytes", type=int, default=30_000_000)
+    add_stage_args(a_train, tokenizer_bytes=30_000_000)
     a_rep.add_argument("--batches", type=int, default=8, help="eval batches per held-out set")
     a_rep.add_argument("--max-steps", type=int, default=16, help="thinking steps of the loss-vs-steps curve")
     a_rep.add_argument("--groups", default="1,4,16", help="self-verification candidate counts G")

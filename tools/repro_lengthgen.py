@@ -34,7 +34,7 @@ import sys
 
 from axlearn_like.checkpoint import checkpoint_dir
 from axlearn_like.cli import tool_main
-from tools.repro_util import Deadline, StageLog, ensure_tokenizer, latest_step, run_stage, sets_argv
+from tools.repro_util import Deadline, StageLog, add_stage_args, ensure_tokenizer, latest_step, run_stage, sets_argv
 
 RECIPE, PRESET = "mamba2", "repro_lengthgen"
 INITS = ("zeros", "state_passing", "fitted_noise", "tbtt")
@@ -398,12 +398,8 @@ def main(argv=None) -> int:
     a_stat = sub.add_parser("status", help="stage progress and the stage log")
     for a in (a_pre, a_post, a_eval, a_stat):
         a.add_argument("root", nargs="?", default=DEFAULT_ROOT)
-    for a in (a_pre, a_post):
-        a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        a.add_argument("--max-minutes", type=float, default=None,
-                       help="wall-clock budget of this call, tokenizer and compiles included; training stops cleanly "
-                            "at it (checkpoint, exit 0) and a rerun continues")
-    a_pre.add_argument("--tokenizer-bytes", type=int, default=100_000_000, help="BPE training sample size")
+    add_stage_args(a_pre, tokenizer_bytes=100_000_000)
+    add_stage_args(a_post)
     a_post.add_argument("--init", required=True, help=f"comma-separated subset of {','.join(INITS)}")
     a_post.add_argument("--steps", type=int, default=None, help="post-training steps (default: --fraction)")
     a_post.add_argument("--fraction", type=float, default=None,

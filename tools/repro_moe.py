@@ -27,6 +27,7 @@ import sys
 
 from axlearn_like.cli import tool_main
 from tools.repro_util import (
+    add_stage_args,
     print_status,
     sets_argv,
     train_runs,
@@ -150,10 +151,7 @@ def main(argv=None) -> int:
     for a in (a_train, a_rep, a_stat):
         a.add_argument("root", nargs="?", default=DEFAULT_ROOT)
     a_train.add_argument("--runs", default=",".join(RUNS[:4]), help=f"comma-separated subset of {','.join(RUNS)}")
-    a_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    a_train.add_argument("--max-minutes", type=float, default=None,
-                         help="wall-clock budget of this call (tokenizer, corpus and compiles included)")
-    a_train.add_argument("--tokenizer-bytes", type=int, default=100_000_000)
+    add_stage_args(a_train, tokenizer_bytes=100_000_000)
     a_rep.add_argument("--x", default="step", choices=("step", "tokens", "flops"))
     a = p.parse_args(argv)
     if a.cmd == "train":

@@ -35,6 +35,7 @@ import sys
 from axlearn_like.cli import tool_main
 from tools.repro_util import (
     StageLog,
+    add_stage_args,
     print_status,
     sets_argv,
     train_runs,
@@ -320,14 +321,12 @@ def main(argv=None) -> int:
         a.add_argument("root", nargs="?", default=None)
     for a in (a_plan, a_train):
         a.add_argument("--sizes", default=",".join(_sizes()), help=f"comma-separated subset of {','.join(_sizes())}")
-        a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    a_plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_stage_args(a_train, tokenizer_bytes=100_000_000)
     a_plan.add_argument("--dense-tflops", type=float, default=300.0,
                         help="throughput of everything but the simplicial op (model FLOP count)")
     a_plan.add_argument("--simplicial-tflops", type=float, default=150.0,
                         help="throughput of the simplicial op (its extra_flops count)")
-    a_train.add_argument("--max-minutes", type=float, default=None,
-                         help="wall-clock budget of this call (tokenizer, corpus and compiles included)")
-    a_train.add_argument("--tokenizer-bytes", type=int, default=100_000_000)
     a = p.parse_args(argv)
     root = a.root or _default_root()
     if a.cmd == "plan":

@@ -237,6 +237,17 @@ def print_status(root: str, runs, stream=None) -> int:
     return 0
 
 
+def add_stage_args(parser, *, tokenizer_bytes: int | None = None) -> None:
+    """The arguments every repro tool's training stage takes: --set (remembered per root), --max-minutes and,
+    where the stage may train the corpus tokenizer, --tokenizer-bytes (default `tokenizer_bytes`)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="wall-clock budget of this call, tokenizer and compiles included; training stops cleanly "
+                             "at it (checkpoint, exit 0) and a rerun continues")
+    if tokenizer_bytes is not None:
+        parser.add_argument("--tokenizer-bytes", type=int, default=tokenizer_bytes, help="BPE training sample size")
+
+
 def write_summary(out: str, data: dict, md: str, stream=None) -> None:
     """<out>/summary.json (`data`) and <out>/summary.md (`md`); prints the markdown and where it went."""
     with open(os.path.join(out, "summary.json"), "w") as f:
