@@ -15,8 +15,8 @@ from tests.oracle import assert_close
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(backend() != "gpu", reason="needs a CUDA GPU")]
 
-
-@pytest.mark.parametrize(
+# (b, L, heads, head_dim, groups, d_state, chunk) per dtype
+SHAPES = pytest.mark.parametrize(
     "dtype,shape",
     [
         (np.float32, (2, 300, 4, 24, 2, 20, 64)),  # odd head_dim/d_state (masked tiles), groups > 1, ragged seq
@@ -24,6 +24,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(backend() != "gpu", reason="ne
     ],
     ids=["f32-odd", "bf16-mamba2"],
 )
+
+
+@SHAPES
 def test_triton_forward_backward_vs_float64(dtype, shape):
     _check_triton_vs_float64(dtype, shape)
 
@@ -45,14 +48,7 @@ def packed_segments(rng, b, L, chunk, mean_len):
 BF16_FACTORS = {"A": 15.0, "dt": 3.0, "x": 2.0, "B": 2.0, "C": 2.0, "D": 2.0, "initial_state": 2.0}
 
 
-@pytest.mark.parametrize(
-    "dtype,shape",
-    [
-        (np.float32, (2, 300, 4, 24, 2, 20, 64)),  # odd head_dim/d_state (masked tiles), groups > 1, ragged seq
-        (ml_dtypes.bfloat16, (2, 700, 8, 64, 1, 128, 256)),  # the benchmark's head shape, 3 chunks
-    ],
-    ids=["f32-odd", "bf16-mamba2"],
-)
+@SHAPES
 def test_triton_segments_vs_float64_and_xla(dtype, shape):
     """Packed rows on the GPU: Triton forward, final state and every gradient with segment_ids (documents of
     mean length ~Q/3, a one-token document at a chunk start, padding runs) vs the float64 recurrence, and vs the
