@@ -32,34 +32,27 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -c "import jax, flax, optax, orbax.checkpoint, grain" || { echo "error: dependency install failed; see the pip output above" >&2; exit 1; }
   touch "$stamp"
 fi
+# install_aside SPEC DIR PURPOSE SKIPPED: pip-installs SPEC (no deps) into $VENV/DIR, outside sys.path, once (a
+# stamp per SPEC); a failed download is a warning naming what is skipped, not a bootstrap failure.
+install_aside() {
+  local spec=$1 dir="$VENV/$2" stamp="$VENV/$2/.installed-$1" log="$VENV/$2-install.log"
+  [ -f "$stamp" ] && return 0
+  echo "bootstrap: installing $spec into $dir ($3)"
+  rm -rf "$dir"
+  if "$VENV/bin/python" -m pip install -q --no-deps --target "$dir" "$spec" >"$log" 2>&1; then
+    touch "$stamp"
+  else
+    echo "bootstrap: warning: $spec did not install (see $log): $4 are skipped" >&2
+  fi
+}
 # libtpu, the TPU compiler (jax 0.11.2's pin), for `tools.tpu_compile --compile` and its tests: Mosaic's and
-# XLA:TPU's compile on a CPU host (~220 MB download). Into $VENV/libtpu, outside sys.path: an importable libtpu
-# would make every JAX program probe for a TPU; tools/tpu_compile.py points JAX at it only to compile.
-LIBTPU="libtpu==0.0.48.1"
-ltstamp="$VENV/libtpu/.installed-$LIBTPU"
-if [ ! -f "$ltstamp" ]; then
-  echo "bootstrap: installing $LIBTPU into $VENV/libtpu (TPU compiler for tools.tpu_compile)"
-  rm -rf "$VENV/libtpu"
-  if "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/libtpu" "$LIBTPU" >"$VENV/libtpu-install.log" 2>&1; then
-    touch "$ltstamp"
-  else
-    echo "bootstrap: warning: $LIBTPU did not install (see $VENV/libtpu-install.log): TPU compile tests are skipped" >&2
-  fi
-fi
-# triton (jax-triton's compiler, not a dependency on CPU) into $VENV/triton, outside sys.path: the Triton kernels'
-# CPU tests run them in Triton's interpreter (TRITON_INTERPRET=1) from a subprocess that adds this directory
-# (AXL_TRITON_SITE, set by `make test`). ~170 MB download.
-TRITON="triton==3.6.0"
-trstamp="$VENV/triton/.installed-$TRITON"
-if [ ! -f "$trstamp" ]; then
-  echo "bootstrap: installing $TRITON into $VENV/triton (Triton interpreter tests of the GPU kernels)"
-  rm -rf "$VENV/triton"
-  if "$VENV/bin/python" -m pip install -q --no-deps --target "$VENV/triton" "$TRITON" >"$VENV/triton-install.log" 2>&1; then
-    touch "$trstamp"
-  else
-    echo "bootstrap: warning: $TRITON did not install (see $VENV/triton-install.log): Triton interpreter tests are skipped" >&2
-  fi
-fi
+# XLA:TPU's compile on a CPU host (~220 MB download). Outside sys.path: an importable libtpu would make every JAX
+# program probe for a TPU; tools/tpu_compile.py points JAX at it only to compile.
+install_aside "libtpu==0.0.48.1" libtpu "TPU compiler for tools.tpu_compile" "TPU compile tests"
+# triton (jax-triton's compiler, not a dependency on CPU): the Triton kernels' CPU tests run them in Triton's
+# interpreter (TRITON_INTERPRET=1) from a subprocess that adds $VENV/triton (AXL_TRITON_SITE, set by `make test`).
+# ~170 MB download.
+install_aside "triton==3.6.0" triton "Triton interpreter tests of the GPU kernels" "Triton interpreter tests"
 # --interop: also .venv-interop (Python 3.11) with pyproject.toml's `interop` extra, for the Hugging Face tests.
 if [ "${1:-}" = "--interop" ]; then
   IVENV=${INTEROP_VENV:-.venv-interop}
