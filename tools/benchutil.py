@@ -16,6 +16,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import tempfile
 import time
 
@@ -46,15 +47,6 @@ def report(rows: dict, out: str | None) -> None:
             json.dump(rows, f, indent=2)
 
 
-def error_lines(p) -> list[str]:
-    """A failed child process's (subprocess.CompletedProcess) non-empty output lines, up to the error (JAX's
-    traceback-filtering note follows it)."""
-    lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
-    if "--------------------" in lines:
-        lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
-    return lines
-
-
 def select_entries(all_entries: tuple, only: str | None) -> list[tuple[str, str]]:
     """An `--all` bench's (recipe, preset) entries: all of them, or those `--only R:P,...` names (an unknown name
     is one error line naming the choices)."""
@@ -70,9 +62,7 @@ def select_entries(all_entries: tuple, only: str | None) -> list[tuple[str, str]
 
 def run_child(name: str, cmd: list[str], path: str, timeout: float | None) -> dict:
     """One benchmark process that writes its JSON result to `path` -> that result, or {"error": its last line}
-    (timed out, or failed: the failure's last lines are printed)."""
-    import subprocess
-
+    (timed out, or failed: the failure's last lines are printed, up to JAX's traceback-filtering note)."""
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -83,7 +73,9 @@ def run_child(name: str, cmd: list[str], path: str, timeout: float | None) -> di
     if p.returncode == 0 and os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    lines = error_lines(p)
+    lines = [ln for ln in (p.stderr or p.stdout).splitlines() if ln.strip()]
+    if "--------------------" in lines:  # JAX's traceback-filtering note follows the error
+        lines = lines[:len(lines) - lines[::-1].index("--------------------") - 1]
     print("  failed:\n    " + "\n    ".join(ln[:300] for ln in lines[-12:]), flush=True)
     return {"error": (lines[-1] if lines else "failed")[:300]}
 
