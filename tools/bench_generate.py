@@ -151,6 +151,9 @@ def hf_anchor_setup(model_cfg, params, stats, dtype: str):
         return None, None, {"note": f"HF anchor skipped: {e.name} is not installed"}
     if not torch.cuda.is_available():
         return None, None, {"note": "HF anchor skipped: torch sees no CUDA device"}
+    if os.environ.get("TRITON_CACHE_DIR") == "":
+        # jax_triton blanks it at import (it compiles in memory); the static cache's torch.compile needs a directory
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_generate_triton_")
     tmp = tempfile.mkdtemp(prefix="bench_generate_hf_")
     try:
         model_type = export_hf_folder(model_cfg, params, stats, tmp, dtype)
@@ -221,7 +224,7 @@ def run_all(a) -> int:
         for key in sorted((k for k in r if k.startswith("batch")), key=lambda k: int(k[5:])):
             ours, hf = r[key]["ours"], r[key].get("hf")
             anchor = (f"{hf['decode_tok_s']:.0f} | {r[key]['decode_speedup_vs_hf']:.2f}x" if hf
-                      else "- | " + r.get("anchor", {}).get("note", "-"))
+                      else "- | " + r[key].get("anchor_error", r.get("anchor", {}).get("note", "-")))
             print(f"| {name} | {key[5:]} | {ours['prefill_tok_s']:.0f} | {ours['decode_tok_s']:.0f} "
                   f"| {ours['decode_ms_per_step']:.2f} | {anchor} |")
     if a.out:
@@ -287,10 +290,18 @@ def main(argv=None) -> int:
         rows[f"batch{b}"] = {"ours": ours}
         line = [b, ours["prefill_tok_s"], ours["decode_tok_s"], ours["decode_ms_per_step"]]
         if hf_model is not None:
-            hf = time_hf(hf_model, torch, prompt, a.new_tokens, max(1, a.reps // 2))
+            try:
+                hf = time_hf(hf_model, torch, prompt, a.new_tokens, max(1, a.reps // 2))
+            except Exception as e:  # noqa: BLE001 - the anchor failing must not lose our row
+                hf = None
+                rows[f"batch{b}"]["anchor_error"] = f"HF anchor failed: {type(e).__name__}: {str(e)[:200]}"
+                print(rows[f"batch{b}"]["anchor_error"], flush=True)
+        if hf_model is not None and hf is not None:
             rows[f"batch{b}"]["hf"] = hf
             rows[f"batch{b}"]["decode_speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
             line += [hf["prefill_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]]
+        elif hf_model is not None:
+            line += [None] * 3
         if a.vs_recompute:
             rows[f"batch{b}"]["generate"] = time_generate(task, params, prompt, a.new_tokens, a.reps, **gen_kw)
         table.append(line)
@@ -303,7 +314,8 @@ def main(argv=None) -> int:
     for line in table:
         cells = [str(line[0]), f"{line[1]:.0f}", f"{line[2]:.0f}", f"{line[3]:.2f}"]
         if len(line) > 4:
-            cells += [f"{line[4]:.0f}", f"{line[5]:.0f}", f"{line[6]:.2f}x"]
+            cells += ([f"{line[4]:.0f}", f"{line[5]:.0f}", f"{line[6]:.2f}x"] if line[4] is not None
+                      else ["-", "-", "anchor failed"])
         print("| " + " | ".join(cells) + " |")
     if a.vs_recompute:
         print(f"\nTask.generate, {a.new_tokens} new tokens (num_candidates {a.candidates}): cached vs recompute")

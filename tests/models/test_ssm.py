@@ -67,6 +67,26 @@ def test_layer_matches_float64_oracle(dtype):
     assert_close(out, ref, dtype, "mamba2 layer", factor=2.0)
 
 
+def test_short_inputs_take_whole_16_row_chunks(monkeypatch):
+    """Inputs shorter than chunk_size (init, prompts) run with the chunk rounded up to a multiple of 16 (the Triton
+    kernels' tile; a chunk of exactly L = 8 made them refuse the mamba2 GPU preset's init), and the padded tail
+    leaves output and state exact."""
+    import models.ssm as ssm_mod
+
+    seen = []
+    real = ssm_mod.ssd
+    monkeypatch.setattr(ssm_mod, "ssd", lambda *a, chunk_size, **k: seen.append(chunk_size) or real(
+        *a, chunk_size=chunk_size, **k))
+    cfg = dataclasses.replace(SSM, chunk_size=64)
+    for L, want in ((8, 16), (13, 16), (40, 48), (70, 64)):
+        u = jax.random.normal(jax.random.key(L), (2, L, 16), jnp.float32)
+        layer, v = _init_layer(cfg, u)
+        seen.clear()
+        out = layer.apply(v, u)
+        assert seen == [want], (L, seen)
+        assert_close(out, _layer_oracle(v["params"], u, cfg, 1e-6)[0], jnp.float32, f"mamba2 layer, L={L}")
+
+
 def test_init_and_no_weight_decay():
     cfg = dataclasses.replace(SSM, dt_min=0.01, dt_max=0.05)
     u = jnp.zeros((1, 4, 32))

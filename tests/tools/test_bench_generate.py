@@ -21,6 +21,25 @@ def test_bench_generate_tiny_cpu(tmp_path, capsys):
     assert "| batch | prefill tok/s | decode tok/s |" in capsys.readouterr().out
 
 
+def test_bench_generate_keeps_our_rows_when_the_hf_anchor_fails(tmp_path, monkeypatch, capsys):
+    """An anchor that raises mid-run (on the GPU image: torch.compile's Triton without a cache directory) is
+    recorded per batch; our numbers and the table stay."""
+    def broken_anchor(*a, **k):
+        raise RuntimeError("Could not create or locate cache dir")
+
+    monkeypatch.setattr(bench_generate, "hf_anchor_setup", lambda *a: (object(), None, {"model_type": "llama"}))
+    monkeypatch.setattr(bench_generate, "time_hf", broken_anchor)
+    out = tmp_path / "gen.json"
+    argv = ["--recipe", "dense_lm", "--preset", "default", "--batch", "1", "--prompt-len", "6", "--new-tokens", "3",
+            "--reps", "1", "--out", str(out), "--set", "model.num_layers=1", "--set", "model.d_model=32",
+            "--set", "model.layer_pattern.0.head_dim=8", "--set", "model.ffn_pattern.0.mlp_dim=32"]
+    assert bench_generate.main(argv) == 0
+    row = json.loads(out.read_text())["batch1"]
+    assert row["ours"]["decode_tok_s"] > 0 and "hf" not in row
+    assert row["anchor_error"] == "HF anchor failed: RuntimeError: Could not create or locate cache dir"
+    assert "| - | - | anchor failed |" in capsys.readouterr().out
+
+
 def test_bench_generate_vs_recompute_ebt_candidates(tmp_path, capsys):
     """--vs-recompute times Task.generate cached and recomputed for the EBT (no HF export), with --candidates."""
     out = tmp_path / "gen.json"
@@ -60,22 +79,27 @@ def fake_run(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "RESOURCE_EXHAUSTED: out of memory")
     ours = {"prefill_tok_s": 1000.0, "decode_tok_s": 700.0, "decode_ms_per_step": 1.43}
     row = {"anchor": {"note": "HF anchor skipped: no export"}, "batch1": {"ours": ours}}
+    if preset == "deepseek_v3_gpu":
+        row["batch1"]["anchor_error"] = "HF anchor failed: RuntimeError: no cache dir"
     if preset == "gpu_1b":
         row["batch1"]["hf"] = {"decode_tok_s": 350.0}
         row["batch1"]["decode_speedup_vs_hf"] = 2.0
     json.dump(row, open(cmd[cmd.index("--out") + 1], "w"))
     return subprocess.CompletedProcess(cmd, 0, "", "")
 subprocess.run = fake_run
-rc = bench_generate.main(["--all", "--only", "dense_lm:gpu_1b,ebt:gpu,mamba2:gpu_340m", "--batch", "1"])
+only = "dense_lm:gpu_1b,ebt:gpu,mamba2:gpu_340m,moe:deepseek_v3_gpu"
+rc = bench_generate.main(["--all", "--only", only, "--batch", "1"])
 print("SEEN", seen, "RC", rc)
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     out = p.stdout
-    assert "SEEN [False, False, False] RC 1" in out, out + p.stderr
+    assert "SEEN [False, False, False, False] RC 1" in out, out + p.stderr
     assert "| dense_lm:gpu_1b | 1 | 1000 | 700 | 1.43 | 350 | 2.00x |" in out, out
     assert "| ebt:gpu | 1 | 1000 | 700 | 1.43 | - | HF anchor skipped: no export |" in out, out
     assert "| mamba2:gpu_340m | failed: RESOURCE_EXHAUSTED: out of memory |" in out, out
+    assert "| moe:deepseek_v3_gpu | 1 | 1000 | 700 | 1.43 | - | HF anchor failed: RuntimeError: no cache dir |" \
+        in out, out
 
 
 def test_bench_generate_all_only_rejects_an_unknown_entry():
