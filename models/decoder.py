@@ -33,7 +33,7 @@ from models.layers import DTYPES, Dense, Embed, MLPConfig, RMSNorm, get_dtype
 
 def _remat_policies() -> dict[str, Any]:
     cp = jax.checkpoint_policies
-    names = ("qkv_proj", "attn_context", "attn_out", "mlp_gate", "mlp_up", "mlp_hidden")
+    names = ("qkv_proj", "attn_context", "attn_out", "mlp_gate", "mlp_up", "mlp_hidden", "ssm_in_proj")
     return {
         "none": None,  # no rematerialisation
         "full": cp.nothing_saveable,  # keep only each block's input

@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.params import param_init
@@ -273,6 +274,7 @@ class Mamba2(nn.Module):
 
         zxbcdt = Dense(2 * d_inner + 2 * G * N + H, ("embed", "mlp"), dtype=self.dtype,
                        kernel_init=nn.initializers.normal(self.init_std), name="in_proj")(u)
+        zxbcdt = checkpoint_name(zxbcdt, "ssm_in_proj")  # remat "save_named" keeps it: the block's widest GEMM
         z, xBC, dt_raw = jnp.split(zxbcdt, [d_inner, d_inner + conv_dim], axis=-1)
         bound = 1.0 / math.sqrt(K)  # PyTorch's default for a depthwise conv (fan_in = K)
         conv_w = self.param("conv_kernel", param_init(_uniform(bound), ("conv", "mlp")), (K, conv_dim), F32)

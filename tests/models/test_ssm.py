@@ -87,6 +87,19 @@ def test_short_inputs_take_whole_16_row_chunks(monkeypatch):
         assert_close(out, _layer_oracle(v["params"], u, cfg, 1e-6)[0], jnp.float32, f"mamba2 layer, L={L}")
 
 
+def test_save_named_remat_keeps_the_in_projection(capsys):
+    """remat "save_named" keeps the mixer's in_proj output (the widest GEMM of a Mamba-2 block) instead of
+    recomputing it in the backward; "full" keeps nothing of the block."""
+    from models.decoder import remat_policy
+
+    u = jax.random.normal(jax.random.key(1), (2, 13, 16), jnp.float32)
+    layer, v = _init_layer(SSM, u)
+    for name, kept in (("save_named", True), ("full", False)):
+        f = jax.checkpoint(lambda v, u: layer.apply(v, u).sum(), policy=remat_policy(name))
+        jax.ad_checkpoint.print_saved_residuals(f, v, u)
+        assert ("named 'ssm_in_proj'" in capsys.readouterr().out) == kept, name
+
+
 def test_init_and_no_weight_decay():
     cfg = dataclasses.replace(SSM, dt_min=0.01, dt_max=0.05)
     u = jnp.zeros((1, 4, 32))
