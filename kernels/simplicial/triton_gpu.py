@@ -11,8 +11,9 @@ Logits are kept in log2 units (b_r carries log2(e)) so every exponential is a ba
 Packed documents (constexpr SEG; SEG=False compiles none of this): SEGS [B, S] holds each position's canonical
 document id (the first position of its id, reference.segment_starts) and RUNS the start of its run. A query's
 rows of other documents' k2 keys are dropped like rows before position 0; k1 columns are masked by id only in
-blocks that are not wholly inside the query's run (so the whole-block fast loop stays select-free), and the
-k1 loops start at the block of the document's first position.
+blocks that are not wholly inside the query's run (so the whole-block fast loop stays select-free), the
+k1 loops start at the block of the document's first position, and the dk1/dv1 kernel skips the queries that
+see no key of its block.
 """
 from __future__ import annotations
 
@@ -259,14 +260,17 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, SEGS, DO, LSE, DELTA, DK1, DV1, S: tl.const
     i_end = i_end - (i_end - S) * (i_end > S)
     for i in range(jb * BJ, i_end):
         cvalid = (jpos <= i) & (jpos > i - W1) & in_seq
+        t_stop = t_hi
         if SEG:
             doc = tl.load(SEGS + b * S + i)
             cvalid = cvalid & (segj == doc)
+            # a query of another document sees none of the block: no GEMMs (bwd_q's n_lo skip, key side)
+            t_stop = t_lo + (t_hi - t_lo) * (tl.max(cvalid.to(tl.int32), axis=0) > 0)
         else:
             doc = 0
         k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P) * (SCALE * _LOG2E)
         v2 = _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P)
-        for tile in range(t_lo, t_hi):
+        for tile in range(t_lo, t_stop):
             q = _load_heads(Q, b, i, kvh, tile, S, HKV, G, DK, DKP, GH)
             do = _load_heads(DO, b, i, kvh, tile, S, HKV, G, DV, DVP, GH)
             rows = _rows(q, k2, GH, W2P, DKP).to(K1.dtype.element_ty)  # scale * log2(e) * q * k2
