@@ -206,6 +206,7 @@ def deepseek_v3_gpu() -> ExperimentConfig:
     sequence loss) + 1 shared; vocab 32768, seq 2048, bf16."""
     cfg = gpu_0p8b()
     cfg.name = "moe_deepseek_v3_gpu"
+    cfg.data.global_batch_size = 16  # the measured setting (gpu_0p8b went to 32 rows after it)
     cfg.model.layer_pattern = (MLAConfig(num_heads=16, kv_lora_rank=256, q_lora_rank=512, qk_nope_head_dim=64,
                                          qk_rope_head_dim=32, v_head_dim=64),)
     cfg.model.ffn_pattern = tuple(dataclasses.replace(f, num_groups=8, topk_groups=4) if isinstance(f, MoEConfig) else f
