@@ -170,11 +170,39 @@ def _fwd_kernel(Q, K1, V1, K2, V2, SEGS, RUNS, O, LSE, S: tl.constexpr, HKV: tl.
 
 
 @triton.jit
-def _bwd_q_kernel(Q, K1, V1, K2, V2, SEGS, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr, HKV: tl.constexpr,
+def _bwd_q_block(rows, e, lse2, delta, f, c, K1, V1, SEGS, doc, b, kvh, n, j_first, lo, hi, S: tl.constexpr,
+                 HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr,
+                 BJ: tl.constexpr, PREC: tl.constexpr, IDS: tl.constexpr):
+    """dq kernel's step over the keys of k1 block n in [lo, hi]: f += dS @ k1, c += P @ v1. IDS: also mask by
+    document id (keys before the query's run start, only where an id recurs); otherwise the bounds alone decide
+    (keys in [run start, i], or [0, i] unpacked): the loop that runs for almost every block has no id loads,
+    which cost the kernel ~1.8x the loop's instructions and register spills."""
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    jpos = j_first + n * BJ + tl.arange(0, BJ)
+    cvalid = (jpos >= lo) & (jpos <= hi)
+    if IDS:
+        cvalid = cvalid & (tl.load(SEGS + b * S + jpos, mask=cvalid, other=-1) == doc)
+    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
+    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
+    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
+    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    p = tl.where(cvalid[None, :], tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
+    ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
+    f += tl.dot(ds.to(K1.dtype.element_ty), k1, input_precision=PREC)
+    c += tl.dot(p.to(V1.dtype.element_ty), v1, input_precision=PREC)
+    return f, c
+
+
+@triton.jit
+def _bwd_q_kernel(Q, K1, V1, K2, V2, SEGS, RUNS, DO, LSE, DELTA, DQ, T2, U2, S: tl.constexpr, HKV: tl.constexpr,
                   G: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                   DKP: tl.constexpr, DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr,
-                  SCALE: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr):
-    """Per query i (all head tiles): dq, and t2/u2 rows = this query's dk2/dv2 contributions.
+                  SCALE: tl.constexpr, PREC: tl.constexpr, SEG: tl.constexpr, RECUR: tl.constexpr):
+    """Per query i (all head tiles): dq, and t2/u2 rows = this query's dk2/dv2 contributions. RECUR (with SEG):
+    some id recurs after another run, so keys before a query's run start may still be its document's; without
+    it the k1 loop is the unpacked one with the run start as its lower bound (the id loop's mere presence costs
+    the hot loop ~100 spill stores: counted in the sm_90a SASS).
     Register budget: next to the f/c accumulators (64 + 64 registers a thread at M = 128, 8 warps) only the
     bf16 GEMM operands stay live in the k1 loop; the compact k2/v2 window is re-read per tile (L1 hits) and
     t2/u2 are summed over tiles in their output rows (same program, no atomics), not in registers."""
@@ -191,10 +219,15 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, SEGS, DO, LSE, DELTA, DQ, T2, U2, S: tl.con
     j_first = i - W1 + 1
     if SEG:
         doc = tl.load(SEGS + b * S + i)  # canonical id = the document's first position
+        clean = tl.load(RUNS + b * S + i)
     else:
         doc = 0
+        clean = 0
     lo = doc - j_first
     n_lo = (lo * (lo > 0)) // BJ  # the block holding the first position that can hold a key
+    run = clean - j_first
+    n_run = (run * (run > 0)) // BJ  # the block holding the run start (the window's first block if before it)
+    n_ids = (n_run + 1) * (clean > doc) * (run > 0)  # blocks n_lo..n_run hold keys in [first, run start)
     for tile in range(0, tl.cdiv(G, GH)):
         q = _load_heads(Q, b, i, kvh, tile, S, HKV, G, DK, DKP, GH)
         do = _load_heads(DO, b, i, kvh, tile, S, HKV, G, DV, DVP, GH)
@@ -204,20 +237,13 @@ def _bwd_q_kernel(Q, K1, V1, K2, V2, SEGS, DO, LSE, DELTA, DQ, T2, U2, S: tl.con
         lse2, delta = _row_stats(LSE, DELTA, SEGS, doc, b, i, kvh, tile, S, HKV, G, W2, W2P, GH, SEG)
         f = tl.zeros((M, DKP), tl.float32)
         c = tl.zeros((M, DVP), tl.float32)
-        for n in range(n_lo, tl.cdiv(W1, BJ)):
-            jpos = j_first + n * BJ + tl.arange(0, BJ)
-            cvalid = (jpos >= 0) & (jpos <= i)
-            if SEG:
-                cvalid = cvalid & (tl.load(SEGS + b * S + jpos, mask=cvalid, other=-1) == doc)
-            off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
-            k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-            offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
-            v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
-            p = tl.where(cvalid[None, :],
-                         tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
-            ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
-            f += tl.dot(ds.to(K1.dtype.element_ty), k1, input_precision=PREC)
-            c += tl.dot(p.to(V1.dtype.element_ty), v1, input_precision=PREC)
+        for n in range(n_run, tl.cdiv(W1, BJ)):  # keys in [run start, i]
+            f, c = _bwd_q_block(rows, e, lse2, delta, f, c, K1, V1, SEGS, doc, b, kvh, n, j_first, clean, i, S, HKV,
+                                DK, DV, DKP, DVP, BJ, PREC, False)
+        if RECUR:  # keys in [first, run start) of an id that recurs after another run: ids decide
+            for n in range(n_lo, n_ids):
+                f, c = _bwd_q_block(rows, e, lse2, delta, f, c, K1, V1, SEGS, doc, b, kvh, n, j_first, doc, clean - 1,
+                                    S, HKV, DK, DV, DKP, DVP, BJ, PREC, True)
         f3 = tl.reshape(f, (GH, W2P, DKP))
         k2 = _load_window(K2, b, i, kvh, S, HKV, W2, DK, DKP, W2P)
         dq = tl.sum(f3 * k2[None, :, :], axis=1) * SCALE
@@ -351,16 +377,22 @@ def backward(q, k1, v1, k2, v2, seg, do, lse, delta, cfg):
     import jax_triton as jt
 
     b, s, hq, dk = q.shape
-    (docs,) = _documents(seg, 1)
+    docs, runs = _documents(seg, 2)
     meta, warps, stages = _split(BWD_Q_LAUNCH)
     p = {**_params(q, k1, v1, cfg, BWD_Q_LAUNCH.get("ROWS", 128), seg), **meta}
     hkv, dv, w2p = p["HKV"], p["DV"], p["W2P"]
-    dq, t2, u2 = jt.triton_call(
-        q, k1, v1, k2, v2, docs, do, lse, delta, kernel=_bwd_q_kernel,
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DKP"]), jnp.float32),
-                   jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DVP"]), jnp.float32)],
-        grid=(s, b * hkv), num_warps=warps, num_stages=stages, **p)
+    def bwd_q(recur):
+        return jt.triton_call(
+            q, k1, v1, k2, v2, docs, runs, do, lse, delta, kernel=_bwd_q_kernel,
+            out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                       jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DKP"]), jnp.float32),
+                       jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DVP"]), jnp.float32)],
+            grid=(s, b * hkv), num_warps=warps, num_stages=stages, RECUR=recur, **p)
+
+    if seg is None:
+        dq, t2, u2 = bwd_q(False)
+    else:  # the id loop only where some id recurs (rare: packing gives every document one run)
+        dq, t2, u2 = jax.lax.cond(jnp.any(runs != docs), lambda: bwd_q(True), lambda: bwd_q(False))
     meta, warps, stages = _split(BWD_K_LAUNCH)
     p = {**_params(q, k1, v1, cfg, BWD_K_LAUNCH.get("ROWS", 128), seg), **meta}
     n_tiles = triton.cdiv(p["G"], p["GH"])

@@ -324,10 +324,11 @@ def _interpreter_errors():
     errs = {}
     # (batch, seq, q_heads, kv_heads, head_dim, w1, w2, rows, BJ, packed): odd seq, GQA, w2 > seq > w1, one
     # partial k1 block; then w1 = 20 over BJ = 8 (partial, whole and partial-at-the-end blocks) with two head
-    # tiles; then packed rows (_segments): blocks skipped before a document, masked ones before its run start.
+    # tiles; then packed rows (_segments): blocks skipped before a document, masked ones before its run start,
+    # with an id that recurs (the dq kernel's RECUR id loop) and without (one row: its plain loop alone).
     cases = [(1, 11, 2, 1, 8, 4, 13, 16, 8, False), (2, 5, 4, 2, 8, 3, 2, 16, 16, False),
              (1, 37, 4, 1, 8, 20, 3, 16, 8, False), (2, 11, 2, 1, 8, 4, 13, 16, 8, True),
-             (2, 37, 4, 1, 8, 20, 3, 16, 8, True)]
+             (2, 37, 4, 1, 8, 20, 3, 16, 8, True), (1, 37, 4, 1, 8, 20, 3, 16, 8, True)]
     for case in cases:
         b, s, hq, hkv, d, w1, w2, rows, bj, packed = case
         rng = np.random.default_rng()
@@ -347,7 +348,9 @@ def _interpreter_errors():
         delta = np.sum(do * out, -1)
         dq = np.zeros_like(q)
         t2, u2 = (np.zeros((b, s, hkv, p["W2P"], p["DKP"]), np.float32) for _ in range(2))
-        T._bwd_q_kernel[(s, b * hkv)](*map(Ptr, (q, k1, v1, k2, v2, docs, do, lse, delta, dq, t2, u2)), **p)
+        recur = bool(packed and np.any(runs != docs))  # as backward() picks it
+        T._bwd_q_kernel[(s, b * hkv)](*map(Ptr, (q, k1, v1, k2, v2, docs, runs, do, lse, delta, dq, t2, u2)),
+                                      RECUR=recur, **p)
         dk1, dv1 = (np.zeros((splits, b, s, hkv, p["DKP"]), np.float32) for _ in range(2))
         T._bwd_k_kernel[(triton.cdiv(s, bj), b * hkv, splits)](
             *map(Ptr, (q, k1, v1, k2, v2, docs, do, lse, delta, dk1, dv1)), TILES_PER_SPLIT=nt // splits, **p)
@@ -363,7 +366,7 @@ def test_triton_kernels_in_interpreter():
     directory holding it in AXL_TRITON_SITE (e.g. `pip install --target DIR triton==3.6.0`, kept out of the
     project venv)."""
     errs = triton_interpreter.run("tests.kernels.test_simplicial:_interpreter_errors")
-    assert len(errs) == 5 * 6
+    assert len(errs) == 6 * 6
     bad = {k: v for k, v in errs.items() if not v <= 2e-5}
     assert not bad, bad
 
