@@ -139,28 +139,33 @@ def test_cudnn_backward_keeps_one_offset_group_alive(monkeypatch):
     assert temp < w2 * per_offset, f"temporaries {temp / 2**20:.0f} MiB"
 
 
-def _packed_segments(b, s, rng):
+def _packed_segments(b, s, rng, recur=True):
     """Random packing: documents of 1..3*w-ish tokens, ids increasing per row, a padding (0) tail on row 0, and
-    one recurring id on row 1 (equal ids are one document)."""
+    with `recur` one recurring id on row 1 (equal ids are one document; the dq kernel's RECUR variant)."""
     seg = np.cumsum(rng.uniform(size=(b, s)) < 0.02, axis=1).astype(np.int32) + 1
+    seg[0, s // 2] = seg[0, s // 2 - 1] + 1000  # a one-token document (with recur, its document goes on after it)
+    if not recur:
+        seg[0, s // 2 + 1:] += 2000  # a new document after it: every id one run
     seg[0, -7:] = 0
-    seg[0, s // 2] = seg[0, s // 2 - 1] + 1000  # a one-token document
-    if b > 1:
+    if b > 1 and recur:
         seg[1, s // 3: s // 3 + 40] = seg[1, 0]  # the first document's id again
     return seg
 
 
-@pytest.mark.parametrize("case", ["paper_like_bf16", "gqa_odd_bf16", "seq_lt_w1_w2_gt_w1_f32"])
-def test_triton_packed_matches_reference(case):
+@pytest.mark.parametrize("case,recur", [("paper_like_bf16", True), ("gqa_odd_bf16", True),
+                                        ("seq_lt_w1_w2_gt_w1_f32", True), ("paper_like_bf16", False),
+                                        ("seq_lt_w1_w2_gt_w1_f32", False)])
+def test_triton_packed_matches_reference(case, recur):
     """Exact document masking (segment_ids) in the Triton kernels, fwd and every gradient, against the jnp
-    reference with the same segment ids; implementation=None must pick Triton for it (cuDNN cannot mask)."""
+    reference with the same segment ids; implementation=None must pick Triton for it (cuDNN cannot mask).
+    recur=False: every id one run, as packing gives (the dq kernel's plain variant)."""
     if jax.default_backend() != "gpu":
         pytest.skip("needs a GPU")
     b, s, hq, hkv, d, w1, w2, dtype, variant = CASES[case]
     rng = np.random.default_rng()
     mk = lambda h: jnp.asarray(rng.standard_normal((b, s, h, d)), dtype)
     args, do = (mk(hq), mk(hkv), mk(hkv), mk(hkv), mk(hkv)), mk(hq)
-    seg = jnp.asarray(_packed_segments(b, s, rng))
+    seg = jnp.asarray(_packed_segments(b, s, rng, recur))
     kw = dict(w1=w1, w2=w2, variant=variant, segment_ids=seg, **BIASES[case])
     with jax.default_matmul_precision("highest"):
         ref_out, ref_vjp = jax.vjp(jax.jit(lambda *a: two_simplicial_attention(*a, implementation="xla", **kw)),
