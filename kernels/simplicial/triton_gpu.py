@@ -78,23 +78,31 @@ def _row_stats(LSE, DELTA, SEGS, doc, b, i, kvh, tile, S: tl.constexpr, HKV: tl.
 
 
 @triton.jit
+def _kv_rows(K1, V1, b, kvh, jpos, valid, S: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+             DKP: tl.constexpr, DVP: tl.constexpr):
+    """k1 [BJ, DKP] and v1 [BJ, DVP] rows of positions jpos of K/V head kvh (zeros where not valid)."""
+    dk = tl.arange(0, DKP)
+    dv = tl.arange(0, DVP)
+    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
+    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=valid[:, None] & (dk[None, :] < DK), other=0.0)
+    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
+    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=valid[:, None] & (dv[None, :] < DV), other=0.0)
+    return k1, v1
+
+
+@triton.jit
 def _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S: tl.constexpr, HKV: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, BJ: tl.constexpr,
                PREC: tl.constexpr, MASKED: tl.constexpr, SEG: tl.constexpr):
     """One online-softmax step over k1 block n (logits in log2 units). MASKED=False for blocks wholly inside
     [run start, i] (unpacked: [0, i]): no per-element select (all but <= 2 blocks of most queries)."""
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
     jpos = j_first + n * BJ + tl.arange(0, BJ)
     cvalid = jpos >= 0
     if MASKED:
         cvalid = cvalid & (jpos <= i)
         if SEG:
             cvalid = cvalid & (tl.load(SEGS + b * S + jpos, mask=cvalid, other=-1) == doc)
-    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
-    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
-    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    k1, v1 = _kv_rows(K1, V1, b, kvh, jpos, cvalid, S, HKV, DK, DV, DKP, DVP)
     s = tl.dot(rows, tl.trans(k1), input_precision=PREC)
     if MASKED:
         s = tl.where(cvalid[None, :], s, _NEG)
@@ -177,16 +185,11 @@ def _bwd_q_block(rows, e, lse2, delta, f, c, K1, V1, SEGS, doc, b, kvh, n, j_fir
     document id (keys before the query's run start, only where an id recurs); otherwise the bounds alone decide
     (keys in [run start, i], or [0, i] unpacked): the loop that runs for almost every block has no id loads,
     which cost the kernel ~1.8x the loop's instructions and register spills."""
-    dk = tl.arange(0, DKP)
-    dv = tl.arange(0, DVP)
     jpos = j_first + n * BJ + tl.arange(0, BJ)
     cvalid = (jpos >= lo) & (jpos <= hi)
     if IDS:
         cvalid = cvalid & (tl.load(SEGS + b * S + jpos, mask=cvalid, other=-1) == doc)
-    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
-    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=cvalid[:, None] & (dk[None, :] < DK), other=0.0)
-    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
-    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=cvalid[:, None] & (dv[None, :] < DV), other=0.0)
+    k1, v1 = _kv_rows(K1, V1, b, kvh, jpos, cvalid, S, HKV, DK, DV, DKP, DVP)
     p = tl.where(cvalid[None, :], tl.exp2(tl.dot(rows, tl.trans(k1), input_precision=PREC) - lse2[:, None]), 0.0)
     ds = p * (tl.dot(e, tl.trans(v1), input_precision=PREC) - delta[:, None])
     f += tl.dot(ds.to(K1.dtype.element_ty), k1, input_precision=PREC)
@@ -272,10 +275,7 @@ def _bwd_k_kernel(Q, K1, V1, K2, V2, SEGS, DO, LSE, DELTA, DK1, DV1, S: tl.const
     dv = tl.arange(0, DVP)
     jpos = jb * BJ + tl.arange(0, BJ)
     in_seq = jpos < S
-    off = (b * S + jpos).to(tl.int64) * (HKV * DK) + kvh * DK
-    k1 = tl.load(K1 + off[:, None] + dk[None, :], mask=in_seq[:, None] & (dk[None, :] < DK), other=0.0)
-    offv = (b * S + jpos).to(tl.int64) * (HKV * DV) + kvh * DV
-    v1 = tl.load(V1 + offv[:, None] + dv[None, :], mask=in_seq[:, None] & (dv[None, :] < DV), other=0.0)
+    k1, v1 = _kv_rows(K1, V1, b, kvh, jpos, in_seq, S, HKV, DK, DV, DKP, DVP)
     if SEG:
         segj = tl.load(SEGS + b * S + jpos, mask=in_seq, other=-1)  # canonical ids of the block's keys
     dk1 = tl.zeros((BJ, DKP), tl.float32)
