@@ -346,6 +346,9 @@ MAMBA_ANCHOR = ("mamba2", "gpu_340m")
 MAMBA_ANCHOR_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".anchors", "mamba")
 
 
+ANCHOR_MIN_TIMEOUT = 240.0  # seconds for the PyTorch anchor's process under --preset-timeout
+
+
 def mamba_anchor_src(arg: str | None) -> str | None:
     """--mamba-anchor -> the sources' folder, or None (no anchor): the default one if it exists; 'none' / ''."""
     if arg is None:
@@ -364,7 +367,9 @@ def run_mamba_anchor(a, src: str, d: str) -> dict:
            "--steps", str(a.steps), "--warmup", str(a.warmup), "--json", path]
     for kv in a.set:
         cmd += ["--set", kv]
-    res = benchutil.run_child(row["label"], cmd, path, a.preset_timeout)
+    # its first step autotunes mamba_ssm's Triton kernels (~80 s on an H100): never less than ANCHOR_MIN_TIMEOUT
+    timeout = None if a.preset_timeout is None else max(a.preset_timeout, ANCHOR_MIN_TIMEOUT)
+    res = benchutil.run_child(row["label"], cmd, path, timeout)
     if "error" in res:
         return {**row, **res}
     row["label"] = f"{recipe}:{preset} (PyTorch + mamba_ssm Triton, conv1d {res.get('conv1d', 'torch fallback')})"

@@ -96,9 +96,11 @@ def test_tool_exits_2_with_one_line_without_sources(tmp_path, make):
     assert len(lines) == 1 and lines[0].startswith(f"error: --src {src}") and "fetch_anchors.sh" in lines[0], lines
 
 
-def _fake_run(calls, anchor_rc=0):
+def _fake_run(calls, anchor_rc=0, timeouts=None):
     def run(cmd, **kw):
         calls.append(cmd)
+        if timeouts is not None:
+            timeouts.append(kw.get("timeout"))
         path = cmd[cmd.index("--json") + 1]
         if "tools.bench_mamba_torch" in cmd:
             if anchor_rc:
@@ -134,6 +136,16 @@ def test_bench_train_all_adds_the_anchor_row_and_ratio(tmp_path, monkeypatch, ca
     res = json.loads(out.read_text())
     assert res["mamba2_vs_pytorch"] == pytest.approx(1.25)
     assert [r.get("anchor") for r in res["presets"]] == [None, "pytorch+mamba_ssm"]
+
+
+def test_bench_train_all_gives_the_anchor_time_to_autotune(tmp_path, monkeypatch, capsys):
+    """--preset-timeout 80 (enough for our preset) killed the anchor during mamba_ssm's ~80 s autotuning on an
+    H100: the anchor gets at least ANCHOR_MIN_TIMEOUT."""
+    calls, timeouts = [], []
+    monkeypatch.setattr(subprocess, "run", _fake_run(calls, timeouts=timeouts))
+    bench_train.main(["--all", "--only", "mamba2:gpu_340m", "--no-anchor", "--mamba-anchor", str(tmp_path),
+                      "--preset-timeout", "80"])
+    assert timeouts == [80.0, bench_train.ANCHOR_MIN_TIMEOUT] and bench_train.ANCHOR_MIN_TIMEOUT >= 200
 
 
 def test_bench_train_all_keeps_a_failed_anchor_as_a_row(tmp_path, monkeypatch, capsys):
