@@ -381,6 +381,7 @@ def backward(q, k1, v1, k2, v2, seg, do, lse, delta, cfg):
     meta, warps, stages = _split(BWD_Q_LAUNCH)
     p = {**_params(q, k1, v1, cfg, BWD_Q_LAUNCH.get("ROWS", 128), seg), **meta}
     hkv, dv, w2p = p["HKV"], p["DV"], p["W2P"]
+
     def bwd_q(recur):
         return jt.triton_call(
             q, k1, v1, k2, v2, docs, runs, do, lse, delta, kernel=_bwd_q_kernel,
