@@ -50,13 +50,14 @@ def numpy_pointers():
     return Ptr
 
 
-def run(target: str, timeout: int = 300):
-    """target "module:function" -> the function's JSON-able result, computed in an interpreter subprocess."""
+def run(target: str, timeout: int = 300, interpret: bool = True):
+    """target "module:function" -> the function's JSON-able result, computed in an interpreter subprocess
+    (interpret=False: Triton's compiler instead, e.g. to compile kernels for a GPU target on the CPU)."""
     site = os.environ.get(SITE_ENV, "")
     if importlib.util.find_spec("triton") is None and not os.path.isdir(os.path.join(site, "triton")):
         pytest.skip(f"triton not installed (set {SITE_ENV} to a directory holding it)")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "TRITON_INTERPRET": "1" if interpret else "0", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(x for x in (root, site, os.environ.get("PYTHONPATH", "")) if x)}
     module, fn = target.split(":")
     code = f"import json; from {module} import {fn} as f; print(json.dumps(f()))"
