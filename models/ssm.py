@@ -326,8 +326,8 @@ class Mamba2(nn.Module):
         if decoding and L == 1:
             y, final = ssd_step(init_state, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], D)
             y = y[:, None]
-        else:  # short inputs (init, prompts) take a short chunk, whole tiles of 16 for the Triton kernels
-            y, final = ssd(x, dt, A, Bm, Cm, chunk_size=min(c.chunk_size, -(-max(L, 1) // 16) * 16), D=D,
+        else:
+            y, final = ssd(x, dt, A, Bm, Cm, chunk_size=c.chunk_size, D=D,
                            initial_state=init_state, return_final_state=True, implementation=c.implementation,
                            segment_ids=segment_ids)
 

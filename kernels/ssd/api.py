@@ -114,7 +114,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
     Args:
       x: [batch, seq, heads, head_dim]; dt: [batch, seq, heads] positive (softplus and bias already applied);
       A: [heads] negative; B, C: [batch, seq, groups, d_state], heads a multiple of groups;
-      chunk_size: SSD chunk length Q (any seq; padded internally);
+      chunk_size: SSD chunk length Q (any seq; padded internally; a seq shorter than Q runs as one chunk of
+        whole 16-row tiles, the Triton kernels' unit, instead of being padded to Q);
       D: [heads] skip connection or None; initial_state: [batch, heads, head_dim, d_state] or None (zeros);
       implementation: "xla", "pallas", "triton" or None (per backend);
       segment_ids: int [batch, seq] or None (packed rows, like mamba_ssm's seq_idx): the state restarts from 0
@@ -128,6 +129,7 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, initial_state=None, return_fi
     impl = OP.select(implementation, x, dt, A, B, C, D, initial_state, chunk_size, segment_ids)
     b, L, h, P = x.shape
     N = B.shape[3]
+    chunk_size = min(chunk_size, -(-max(L, 1) // 16) * 16)
     if D is None:
         D = jnp.zeros((h,), F32)
     if initial_state is None:

@@ -70,13 +70,12 @@ def test_layer_matches_float64_oracle(dtype):
 def test_short_inputs_take_whole_16_row_chunks(monkeypatch):
     """Inputs shorter than chunk_size (init, prompts) run with the chunk rounded up to a multiple of 16 (the Triton
     kernels' tile; a chunk of exactly L = 8 made them refuse the mamba2 GPU preset's init), and the padded tail
-    leaves output and state exact."""
-    import models.ssm as ssm_mod
+    leaves output and state exact. Observed where kernels.ssd runs its chunks."""
+    from kernels.ssd import api
 
     seen = []
-    real = ssm_mod.ssd
-    monkeypatch.setattr(ssm_mod, "ssd", lambda *a, chunk_size, **k: seen.append(chunk_size) or real(
-        *a, chunk_size=chunk_size, **k))
+    real = api._ssd_segments
+    monkeypatch.setattr(api, "_ssd_segments", lambda chunk_size, *a: seen.append(chunk_size) or real(chunk_size, *a))
     cfg = dataclasses.replace(SSM, chunk_size=64)
     for L, want in ((8, 16), (13, 16), (40, 48), (70, 64)):
         u = jax.random.normal(jax.random.key(L), (2, L, 16), jnp.float32)
