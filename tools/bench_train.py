@@ -344,8 +344,6 @@ ALL = (("simplicial", "gpu_1b"), ("moe", "deepseek_v3_gpu"), ("dense_lm", "gpu_1
 # looks for mamba_ssm's sources by default (scripts/fetch_anchors.sh; git-ignored, never part of the project).
 MAMBA_ANCHOR = ("mamba2", "gpu_340m")
 MAMBA_ANCHOR_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".anchors", "mamba")
-
-
 ANCHOR_MIN_TIMEOUT = 240.0  # seconds for the PyTorch anchor's process under --preset-timeout
 
 

@@ -1,12 +1,6 @@
 """tools.kernel_sass: Hopper machine code of a Triton kernel compiled on the CPU, counted per loop."""
-import os
-import subprocess
-import sys
-
 from tests.kernels import triton_interpreter
 from tools import kernel_sass
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SASS = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;
@@ -27,18 +21,20 @@ def test_loops_are_the_backward_branches_with_their_counts():
                                         "HGMMA": 1}]
 
 
+def _cli_output():
+    """Runs in a subprocess with Triton's compiler (as triton_interpreter.run does for the interpreter tests)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert kernel_sass.main(["tests.tools.sass_fixture:scaled_row_sums", "--type", "N=i32",
+                                 "--const", "BLOCK=128"]) == 0
+    return buf.getvalue()
+
+
 def test_compiles_a_kernel_for_sm90_without_a_gpu():
-    site = os.environ.get(triton_interpreter.SITE_ENV, "")
-    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('triton') is None)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(x for x in (ROOT, site) if x), "JAX_PLATFORMS": "cpu"}
-    if subprocess.run([sys.executable, "-c", code], env=env).returncode:
-        import pytest
-        pytest.skip(f"triton not installed (set {triton_interpreter.SITE_ENV} to a directory holding it)")
-    p = subprocess.run([sys.executable, "-m", "tools.kernel_sass", "tests.tools.sass_fixture:scaled_row_sums",
-                        "--type", "N=i32", "--const", "BLOCK=128"], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    head, table = p.stdout.split("\n", 1)
+    head, table = triton_interpreter.run("tests.tools.test_kernel_sass:_cli_output", interpret=False).split("\n", 1)
     assert "(sm_90, 4 warps, 2 stages)" in head and "spill stores 0 B" in head, head
     rows = [r for r in table.splitlines() if r.startswith("| 0x")]
     assert len(rows) >= 1 and all(int(r.split("|")[2]) > 0 for r in rows), table
