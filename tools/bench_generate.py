@@ -293,15 +293,13 @@ def main(argv=None) -> int:
             try:
                 hf = time_hf(hf_model, torch, prompt, a.new_tokens, max(1, a.reps // 2))
             except Exception as e:  # noqa: BLE001 - the anchor failing must not lose our row
-                hf = None
                 rows[f"batch{b}"]["anchor_error"] = f"HF anchor failed: {type(e).__name__}: {str(e)[:200]}"
                 print(rows[f"batch{b}"]["anchor_error"], flush=True)
-        if hf_model is not None and hf is not None:
-            rows[f"batch{b}"]["hf"] = hf
-            rows[f"batch{b}"]["decode_speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
-            line += [hf["prefill_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]]
-        elif hf_model is not None:
-            line += [None] * 3
+                line += [None] * 3
+            else:
+                rows[f"batch{b}"]["hf"] = hf
+                rows[f"batch{b}"]["decode_speedup_vs_hf"] = ours["decode_tok_s"] / hf["decode_tok_s"]
+                line += [hf["prefill_tok_s"], hf["decode_tok_s"], ours["decode_tok_s"] / hf["decode_tok_s"]]
         if a.vs_recompute:
             rows[f"batch{b}"]["generate"] = time_generate(task, params, prompt, a.new_tokens, a.reps, **gen_kw)
         table.append(line)
