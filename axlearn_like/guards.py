@@ -1,7 +1,8 @@
 """Guards of a training run against bad input and bad numbers.
 
 - `preflight(cfg)`: user errors that would otherwise surface mid-run (a vocabulary smaller than the
-  tokenizer's, an evaluation with no eval data), as one ConfigError line before anything compiles.
+  tokenizer's, an evaluation with no eval data, an XLA option XLA does not know), as one ConfigError line
+  before the model compiles.
 - `all_finite(*trees)`: inside the jitted train step, one fused reduction telling whether every float leaf
   of the updated state is finite, so a step whose update overflows (learning rate 1e39: finite loss and
   gradient, infinite parameters) is treated like a non-finite loss under `trainer.nan_policy`.
@@ -26,10 +27,24 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def check_xla_options(options: dict) -> dict | None:
+    """-> `options` for jax.jit's compiler_options (None when empty), after compiling a one-op function with
+    them, so a misspelt name is one line naming the key here rather than an XLA error after the model traced."""
+    if not options:
+        return None
+    try:
+        jax.jit(lambda: jnp.zeros(()), compiler_options=options).lower().compile()
+    except Exception as e:  # XLA raises a runtime error per bad name or value: report its first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"trainer.xla_options: {first} (names as in XLA_FLAGS without the leading --)") from None
+    return dict(options)
+
+
 def preflight(cfg: Any, *, process_index: int = 0, process_count: int = 1) -> None:
     """Checks a run's config against its data before step 1 (see the module doc); raises ConfigError."""
     from axlearn_like.data import DataConfig, make_iterator, make_tokenizer
 
+    check_xla_options(cfg.trainer.xla_options)
     data = cfg.data
     if not isinstance(data, DataConfig):
         return  # a task that brings its own data config validates it itself

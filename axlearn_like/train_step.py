@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from axlearn_like import sharding as sharding_lib
-from axlearn_like.guards import all_finite
+from axlearn_like.guards import all_finite, check_xla_options
 from axlearn_like.state import TrainState, finalize_step_statistics
 from axlearn_like.state_setup import StateSetup
 
@@ -86,11 +86,12 @@ def make_train_step(setup: StateSetup, cfg):
         in_shardings=(setup.state_sharding, batch_sh),
         out_shardings=(setup.state_sharding, None),
         donate_argnums=(0,),
+        compiler_options=check_xla_options(cfg.trainer.xla_options),
     ), batch_sh
 
 
-def make_eval_step(setup: StateSetup, batch_sh):
-    """-> jitted eval_step(state, batch) -> {"loss_sum": loss x tokens, "tokens", the other metrics (scalars and
+def make_eval_step(setup: StateSetup, batch_sh, xla_options: dict | None = None):
+    """`xla_options`: trainer.xla_options. -> jitted eval_step(state, batch) -> {"loss_sum": loss x tokens, "tokens", the other metrics (scalars and
     small arrays, e.g. an MoE layer's expert loads, which the task's eval_metrics may aggregate)}."""
     task = setup.task
 
@@ -101,4 +102,5 @@ def make_eval_step(setup: StateSetup, batch_sh):
         return {"loss_sum": metrics.get("loss", loss) * tokens, "tokens": tokens,
                 **{k: v for k, v in metrics.items() if k not in ("loss", "tokens")}}
 
-    return jax.jit(eval_step, in_shardings=(setup.state_sharding, batch_sh))
+    return jax.jit(eval_step, in_shardings=(setup.state_sharding, batch_sh),
+                   compiler_options=check_xla_options(xla_options or {}))

@@ -58,9 +58,16 @@ class TrainerConfig:
     max_skipped_steps: int = 20  # nan_policy=skip: more skipped steps than this in one run attempt stops it
     seed: int = 0
     progress: bool = True
+    # XLA compiler options of the jitted train and eval steps (jax.jit's compiler_options): XLA_FLAGS names
+    # without the leading "--", e.g. {"xla_gpu_enable_triton_gemm": false}. Unlike XLA_FLAGS they are per run,
+    # saved in config.json, and checked by name before the step compiles (train_step.check_xla_options).
+    xla_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         require(self.steps >= 1, "trainer.steps", "must be >= 1")
+        for k, v in self.xla_options.items():
+            require(isinstance(v, (bool, int, float, str)), f"trainer.xla_options.{k}",
+                    f"must be a bool, number or string, got {v!r}")
         require(self.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
         require(self.log_every >= 1, "trainer.log_every", "must be >= 1")
         require(self.eval_every >= 1, "trainer.eval_every", "must be >= 1")
@@ -269,7 +276,7 @@ def _train(r: _Run) -> dict:
     tcfg, task = cfg.trainer, r.setup.task
     with jax.set_mesh(r.setup.mesh), nn.logical_axis_rules(r.setup.rules):
         train_step, batch_sh = make_train_step(r.setup, cfg)
-        eval_step = make_eval_step(r.setup, batch_sh)
+        eval_step = make_eval_step(r.setup, batch_sh, tcfg.xla_options)
         state = _restore_or_init(r)
         start_step = step = int(jax.device_get(state.step))
         writer = r.writer = MetricsWriter(r.run_dir, resume_step=start_step)

@@ -189,6 +189,8 @@ def _cli(argv, capsys):
     (["trainer.nan_policy=ignore"], "trainer.nan_policy"),
     (["optimizer.param_dtype=float16"], "optimizer.param_dtype"),
     (["model.no_such_field=1"], "unknown config key"),
+    (['trainer.xla_options={"xla_gpu_enable_triton_gemmm": false}'], "trainer.xla_options: "),
+    (['trainer.xla_options={"xla_gpu_enable_triton_gemm": "maybe"}'], "trainer.xla_options: "),
 ])
 def test_user_errors_are_one_line(sets, fragment, capsys, tmp_path):
     argv = ["--run-dir", str(tmp_path / "r")]
@@ -197,6 +199,18 @@ def test_user_errors_are_one_line(sets, fragment, capsys, tmp_path):
     code, err = _cli(argv, capsys)
     assert code == 2, err
     assert err.startswith("error:") and "\n" not in err and fragment in err, err
+
+
+def test_xla_options_reach_the_compiled_train_and_eval_steps(tmp_path):
+    """trainer.xla_options go to XLA with the steps: an xla_dump_to there makes XLA write both modules."""
+    cfg = helpers.tiny_config(["mesh.data=1", f'trainer.xla_options={{"xla_dump_to": "{tmp_path}"}}'])
+    setup, step, batch_sh, state = _setup(cfg, jax.devices()[:1])
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        batch = global_batch(_batches(cfg, 1)[0], batch_sh)
+        state, _ = step(state, batch)
+        trainer.make_eval_step(setup, batch_sh, cfg.trainer.xla_options)(state, batch)
+    dumped = " ".join(os.listdir(tmp_path))
+    assert "jit_train_step" in dumped and "jit_eval_step" in dumped, dumped
 
 
 def test_unwritable_run_dir_is_one_line(capsys, tmp_path):
