@@ -91,8 +91,9 @@ def make_train_step(setup: StateSetup, cfg):
 
 
 def make_eval_step(setup: StateSetup, batch_sh, xla_options: dict | None = None):
-    """`xla_options`: trainer.xla_options. -> jitted eval_step(state, batch) -> {"loss_sum": loss x tokens, "tokens", the other metrics (scalars and
-    small arrays, e.g. an MoE layer's expert loads, which the task's eval_metrics may aggregate)}."""
+    """-> jitted eval_step(state, batch) -> {"loss_sum": loss x tokens, "tokens", the other metrics (scalars and
+    small arrays, e.g. an MoE layer's expert loads, which the task's eval_metrics may aggregate)}.
+    `xla_options`: trainer.xla_options."""
     task = setup.task
 
     def eval_step(state: TrainState, batch):

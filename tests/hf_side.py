@@ -1,5 +1,5 @@
 """The Hugging Face side of the interop tests; runs in the interop venv (Python 3.11, torch CPU, transformers),
-never in the project's venv, and imports nothing of the project.
+never in the project's venv, and imports nothing of the project but `tools/hf_anchor.py` (torch only).
 
 `python tests/hf_side.py JOBS.json RESULT.json`: JOBS.json is a list of jobs, run in order in one process:
   {"op": "build", "config": {model_type, ...}, "dir": OUT, "dtype": "float32" | "bfloat16", "seed": 0,
@@ -10,6 +10,9 @@ never in the project's venv, and imports nothing of the project.
   {"op": "logits", "dir": DIR, "tokens": ..., "logits": PATH.npy, "patch": ...}
       from_pretrained(DIR) in float32 on `tokens` -> PATH.npy; the result records the loading info
       (missing / unexpected / mismatched keys) and the class that loaded.
+  {"op": "greedy", "dir": DIR, "tokens": [[int]], "new_tokens": n}
+      from_pretrained(DIR) in float32: tools.hf_anchor's decoding (the method it picks and its tokens, and
+      time_hf on the CPU) beside greedy tokens by re-running the whole sequence per new token.
 A test module that needs another kind of HF-side check adds an op to `run` here.
 Patch "mamba2_group_norm": transformers' CPU Mamba2 path normalises the gated output over all of d_inner,
 while its CUDA kernels (and mamba_ssm, which trained the checkpoints) normalise per group of
@@ -117,6 +120,22 @@ def run(job: dict) -> dict:
         return {"class": type(model).__name__,
                 "loading": {k: sorted(map(str, v)) for k, v in loading.items() if k != "error_msgs"},
                 "error_msgs": [str(e) for e in loading.get("error_msgs", [])]}
+    if op == "greedy":
+        import os
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tools import hf_anchor
+
+        model = AutoModelForCausalLM.from_pretrained(job["dir"], dtype=torch.float32).eval()
+        ids, n = torch.tensor(job["tokens"], dtype=torch.long), job["new_tokens"]
+        method, gen = hf_anchor.decoder(model, torch, ids)
+        seq = ids
+        with torch.no_grad():
+            for _ in range(n):
+                logits = model(seq, use_cache=False).logits
+                seq = torch.cat([seq, logits[:, -1:].argmax(-1)], 1)
+        timing = hf_anchor.time_hf(model, torch, np.asarray(job["tokens"]), n, reps=1, device="cpu")
+        return {"method": method, "tokens": gen(n).tolist(), "recompute": seq.tolist(), "timing": timing}
     raise ValueError(f"unknown op {op!r}")
 
 

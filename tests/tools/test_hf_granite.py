@@ -6,7 +6,8 @@ linear rope scaling and n_groups 2 (bf16, sharded, untied; the reference's gated
 mamba2 family, tests/hf_side.py "granite_group_norm", and a test pins that transformers' CPU path differs).
 Then export -> from_pretrained(OUT) logits and bit-equal tensors; round trips from project runs (the `hybrid`
 preset and the default Mamba-2 + MLP recipe); the imported run continues training with the recipe's command;
-every Granite field without an exact counterpart is a one-line error. Two HF subprocesses in all.
+every Granite field without an exact counterpart is a one-line error; tools.bench_generate's HF anchor decodes
+the recipe's Mamba-only export. Two HF subprocesses in all.
 """
 from __future__ import annotations
 
@@ -61,8 +62,11 @@ def work(tmp_path_factory):
     jobs.append(dict(op="logits", dir=f"{w}/period3_bf16_sharded", tokens=TOKENS, logits=f"{w}/cpu_path.npy"))
     jobs += [dict(op="logits", dir=f"{w}/{k}.out", tokens=TOKENS, logits=f"{w}/{k}.out.npy", patch=PROJECT[k][2])
              for k in PROJECT]
+    jobs += [dict(op="greedy", dir=d, tokens=TOKENS, new_tokens=4)
+             for d in (f"{w}/mamba2_mlp.out", f"{w}/alternating_f32")]
     first = hf_jobs(jobs, f"{w}/hf1")
     built, project_reloaded = dict(zip(CASES, first)), dict(zip(PROJECT, first[len(CASES) + 1:]))
+    greedy = dict(zip(("mamba_only", "hybrid"), first[-2:]))
     for k in CASES:
         import_hf(f"{w}/{k}", f"{w}/{k}.run")
         ours[k] = project_logits(f"{w}/{k}.run", TOKENS)
@@ -72,7 +76,7 @@ def work(tmp_path_factory):
     reloaded = dict(zip(CASES, hf_jobs(jobs, f"{w}/hf2")), **project_reloaded)
     for k in PROJECT:
         import_hf(f"{w}/{k}.out", f"{w}/{k}.back")
-    return dict(dir=w, built=built, ours=ours, exported=exported, reloaded=reloaded)
+    return dict(dir=w, built=built, ours=ours, exported=exported, reloaded=reloaded, greedy=greedy)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -100,6 +104,18 @@ def test_export_loads_in_hf_with_same_logits_and_tensors(work, case):
     assert out["layer_types"] == CASES[case][0]["layer_types"]
     if "sharded" in case:
         assert os.path.exists(f"{w}/{case}.out/model.safetensors.index.json")
+
+
+def test_bench_generate_anchor_decodes_mamba_only_exports_by_forward_calls(work):
+    """tools.bench_generate's HF anchor (tools/hf_anchor.py): transformers' generate fails for a Granite stack of
+    Mamba layers only (the mamba2 recipe's default export, as the mamba2:gpu_340m preset), so the anchor decodes
+    by HF forward calls on HF's cache, equal to greedy re-running the whole sequence; a hybrid keeps generate."""
+    mamba_only, hybrid = work["greedy"]["mamba_only"], work["greedy"]["hybrid"]
+    assert mamba_only["method"].startswith("forward loop") and "get_seq_length" in mamba_only["method"], mamba_only
+    assert hybrid["method"] == "generate, static cache", hybrid["method"]
+    for r in (mamba_only, hybrid):
+        assert r["tokens"] == r["recompute"] and len(r["tokens"][0]) == len(TOKENS[0]) + 4
+        assert r["timing"]["method"] == r["method"] and r["timing"]["decode_tok_s"] > 0
 
 
 def test_imported_model_is_the_hybrid_stack(work):
