@@ -8,7 +8,8 @@ and key) and, for `--x tokens|flops`, RUN_DIR/config.json (tokens/step = data.gl
 FLOPs/token = the model's `flops_per_token`, as the trainer's MFU uses). One subplot per metric, one line per
 run. A metric is a key, a bare name that resolves to "train/<name>" (`loss` -> `train/loss`), or an fnmatch
 pattern averaged over the keys it matches in each record (`train/*/maxvio_batch`: MaxVio_batch averaged over
-the MoE layers; `--agg max` takes the maximum instead). Non-scalar values are skipped. Prints, per run and
+the MoE layers; `--agg max` takes the maximum instead). Non-scalar values are skipped. `--smooth K` draws
+training metrics as a moving average over K logged points and eval metrics as they are. Prints, per run and
 metric, the last value and its step (and the minimum for loss-like metrics); writes the PNG (default
 compare_runs.png in the current directory) and the table as JSON beside it.
 """
@@ -91,6 +92,13 @@ def x_scale(run_dir: str, x: str) -> float:
     return tokens * float(task.flops_per_token(data.seq_len))
 
 
+def curve(key: str, v: np.ndarray, k: int) -> np.ndarray:
+    """The values drawn for metric `key`: a moving average over k logged points for training metrics; eval
+    metrics as they are (each point evaluates one model state, logged a few times a run: a moving average
+    would mix the start of training into the final point)."""
+    return v if key.startswith("eval/") else _smooth(v, k)
+
+
 def _smooth(v: np.ndarray, k: int) -> np.ndarray:
     if k <= 1 or len(v) < 2:
         return v
@@ -137,7 +145,7 @@ def compare(run_dirs, metrics, *, x: str = "step", logx: bool = False, logy: boo
             xs = steps * scale
             if logx:
                 xs = np.maximum(xs, scale)  # step 0 has no place on a log axis
-            ax.plot(xs, _smooth(vals, smooth), label=lab, marker="." if len(steps) < 30 else None)
+            ax.plot(xs, curve(key, vals, smooth), label=lab, marker="." if len(steps) < 30 else None)
             drawn += 1
             table[lab][metric] = {"step": int(steps[-1]), "last": float(vals[-1]), "min": float(vals.min()),
                                   "n": int(len(steps))}
@@ -183,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--logy", action="store_true")
     p.add_argument("--labels", default=None, help="comma-separated, one per run dir (default: dir names)")
     p.add_argument("--min-step", type=int, default=0, help="drop points before this step")
-    p.add_argument("--smooth", type=int, default=1, help="moving average over K logged points")
+    p.add_argument("--smooth", type=int, default=1,
+                   help="moving average over K logged points of the training metrics (eval points drawn as they are)")
     p.add_argument("--agg", default="mean", choices=("mean", "max"), help="reduction over a pattern's keys")
     p.add_argument("--title", default=None)
     p.add_argument("--out", default="compare_runs.png")

@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import numpy as np
 import pytest
 
 from axlearn_like import config as config_lib
@@ -128,6 +129,9 @@ def test_compare_runs_reads_patterns_and_later_rows(tmp_path):
     steps, v = compare_runs.series(m, "train/*/maxvio_batch")
     assert steps.tolist() == [1] and v.tolist() == [2.0]
     assert compare_runs.series(m, "train/*/maxvio_batch", agg="max")[1].tolist() == [3.0]
+    v = np.array([4.0, 2.0, 1.0])  # --smooth averages training points, never evaluations of other model states
+    assert compare_runs.curve("eval/maxvio_global", v, 5).tolist() == [4.0, 2.0, 1.0]
+    assert compare_runs.curve("train/loss", v, 2).tolist() == [4.0, 3.0, 1.5]
     with pytest.raises(ValueError, match="--labels"):
         compare_runs.compare([str(d)], ["loss"], labels=["a", "b"], out=str(tmp_path / "x.png"))
 
