@@ -60,7 +60,7 @@ class TrainerConfig:
     progress: bool = True
     # XLA compiler options of the jitted train and eval steps (jax.jit's compiler_options): XLA_FLAGS names
     # without the leading "--", e.g. {"xla_gpu_enable_triton_gemm": false}. Unlike XLA_FLAGS they are per run,
-    # saved in config.json, and checked by name before the step compiles (train_step.check_xla_options).
+    # saved in config.json, and checked by name before the step compiles (guards.check_xla_options).
     xla_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
