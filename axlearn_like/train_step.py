@@ -93,7 +93,7 @@ def make_train_step(setup: StateSetup, cfg):
 def make_eval_step(setup: StateSetup, batch_sh, xla_options: dict | None = None):
     """-> jitted eval_step(state, batch) -> {"loss_sum": loss x tokens, "tokens", the other metrics (scalars and
     small arrays, e.g. an MoE layer's expert loads, which the task's eval_metrics may aggregate)}.
-    `xla_options`: trainer.xla_options."""
+    `xla_options`: trainer.xla_options, as checked by preflight and make_train_step."""
     task = setup.task
 
     def eval_step(state: TrainState, batch):
@@ -104,4 +104,4 @@ def make_eval_step(setup: StateSetup, batch_sh, xla_options: dict | None = None)
                 **{k: v for k, v in metrics.items() if k not in ("loss", "tokens")}}
 
     return jax.jit(eval_step, in_shardings=(setup.state_sharding, batch_sh),
-                   compiler_options=check_xla_options(xla_options or {}))
+                   compiler_options=xla_options or None)

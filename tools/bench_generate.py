@@ -11,10 +11,10 @@ weights cast to its compute dtype (timing does not depend on the values; the pro
 Anchor, same run, same weights: Hugging Face transformers `generate` with its static KV cache
 (cache_implementation="static"; greedy, new-tokens forced; where transformers' generate fails for the model,
 HF's forward on its own cache one token per call, named in the row: tools/hf_anchor.py) on the model exported
-to a temporary folder by
-the `tools.export_hf` family code (tools/hf; in bf16 when the preset computes in bf16): prefill = a generate
-of 1 new token, decode = (time of new-tokens - time of 1) over the new-tokens - 1 later tokens. Skipped with a
-printed note when torch / transformers / a CUDA device are missing or no HF family writes the model.
+to a temporary folder by the `tools.export_hf` family code (tools/hf; in bf16 when the preset computes in
+bf16): prefill = a generate of 1 new token, decode = (time of new-tokens - time of 1) over the new-tokens - 1
+later tokens. Skipped with a printed note when torch / transformers / a CUDA device are missing or no HF family
+writes the model.
 Timing: tools.benchutil.timeit (warm-up, back-to-back calls, median) for ours; medians of `--reps` synchronised
 generate calls for HF.
 
