@@ -22,7 +22,9 @@ goes first. One record per run and call in ROOT/stages.jsonl.
 - self-verification: the lowest-energy of G candidates at the trained maximum of steps under the inference Langevin
   noise (`tools.ebt_think.self_verification`), for `ebt`;
 - the decoder's loss on the same batches (`tools.ebt_think.decoder_loss`).
-Results are cached in ROOT/report/eval_<run>.json per checkpoint step and settings. It writes ROOT/report/:
+Results are cached in ROOT/report/eval_<run>.json per checkpoint step and settings; a run whose checkpoints are
+not here (trained in another session, its metrics and evaluation carried back) is reported from that file when
+it was made with the same settings. It writes ROOT/report/:
 thinking.png (loss vs steps, ID and OOD, decoder lines), self_verification.png, loss_vs_tokens.png (train and eval
 loss of every run vs tokens; `tools.compare_runs`), summary.md / summary.json (every number and a claims table).
 docs/results/ebt.md has the GPU commands and the sizing.
@@ -104,16 +106,22 @@ def _eval_run(root: str, run: str, sets: dict, settings: dict, stream=None) -> d
 
     d = os.path.join(root, run)
     step = latest_step(d)
-    if step is None:
-        print(f"{run}: no checkpoint here (metrics only); skipping its evaluations", file=stream)
-        return None
     cache = os.path.join(root, "report", f"eval_{run}.json")
-    key = {"step": step, **settings}
+    old = None
     if os.path.isfile(cache):
         with open(cache) as f:
             old = json.load(f)
-        if old.get("key") == key:
+    if step is None:
+        # A run trained on another machine: its evaluation came back with its metrics (the GPU calls' tarball).
+        if old is not None and {k: v for k, v in old.get("key", {}).items() if k != "step"} == settings:
+            print(f"{run}: no checkpoint here; using the evaluation at step {old['step']} in {cache}", file=stream)
             return old
+        print(f"{run}: no checkpoint here (metrics only) and no evaluation with these settings in {cache}; "
+              "skipping its evaluations", file=stream)
+        return None
+    key = {"step": step, **settings}
+    if old is not None and old.get("key") == key:
+        return old
     task, variables, cfg = checkpoint.load(d)
     out = {"key": key, "step": step}
     for name, batches in sets.items():

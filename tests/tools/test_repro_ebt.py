@@ -80,6 +80,17 @@ def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
     stamp = os.path.getmtime(rep / "eval_ebt.json")
     assert repro_ebt.main(["report", str(root), "--batches", "1", "--max-steps", "4", "--groups", "1,2"]) == 0
     assert os.path.getmtime(rep / "eval_ebt.json") == stamp  # same checkpoint and settings: not recomputed
+    # 4. another machine (the GPU calls' tarball: metrics, configs, the report's evaluations; no checkpoints):
+    # the report reads the carried evaluations instead of dropping the runs
+    far = tmp_path / "far"
+    for rel in ("decoder/metrics.jsonl", "decoder/config.json", "ebt/metrics.jsonl", "ebt/config.json",
+                "report/eval_decoder.json", "report/eval_ebt.json"):
+        os.makedirs((far / rel).parent, exist_ok=True)
+        (far / rel).write_bytes((root / rel).read_bytes())
+    assert repro_ebt.main(["report", str(far), "--batches", "1", "--max-steps", "4", "--groups", "1,2"]) == 0
+    assert json.loads((far / "report" / "summary.json").read_text())["eval"] == s["eval"]
+    assert repro_ebt.main(["report", str(far), "--batches", "2", "--max-steps", "4", "--groups", "1,2"]) == 0
+    assert json.loads((far / "report" / "summary.json").read_text())["eval"] == {}  # other settings: not reused
     capsys.readouterr()
     assert repro_ebt.main(["status", str(root)]) == 0
     text = capsys.readouterr().out
