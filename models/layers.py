@@ -11,6 +11,7 @@ Conventions shared by every model layer:
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -66,6 +67,32 @@ class RMSNorm(nn.Module):
         return (x32 * inv * scale).astype(self.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot_wide_out(x: jax.Array, w: jax.Array, dims) -> jax.Array:
+    """dot_general(x, w, dims) returned float32 from low-precision x, w, with the backward in x's dtype.
+
+    Autodiff of a dot with preferred_element_type=float32 transposes with the float32 cotangent against the
+    bf16 operand, which XLA runs as float32 (TF32) GEMMs: for the logits ([tokens, d] x [d, vocab]) those two
+    GEMMs were 12% of the moe:gpu_0p8b step on an H100 (docs/benchmarks.md, "Head backward"). Here the cotangent
+    is rounded to x's dtype first, as every other layer's cotangent already is, so both backward GEMMs run in
+    bf16 (float32 accumulation) and produce x's / w's dtype.
+    """
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+def _dot_wide_out_fwd(x, w, dims):
+    return _dot_wide_out(x, w, dims), (x, w)
+
+
+def _dot_wide_out_bwd(dims, res, ct):
+    x, w = res
+    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=x.dtype), x, w)
+    return vjp(ct.astype(x.dtype))
+
+
+_dot_wide_out.defvjp(_dot_wide_out_fwd, _dot_wide_out_bwd)
+
+
 class DenseGeneral(nn.Module):
     """y = x . W contracting `axis` of x with the leading axes of W; W has shape in_shape + features.
 
@@ -107,12 +134,11 @@ class DenseGeneral(nn.Module):
             # GEMV's bandwidth (docs/benchmarks.md, cached generation). Two identical rows behind a barrier keep
             # it a matrix product; the second row is dropped.
             xs = jax.lax.optimization_barrier(jnp.concatenate([xs, xs], axis=0))
-        y = jax.lax.dot_general(
-            xs,
-            kernel.astype(self.dtype),
-            ((axes, tuple(range(len(axes)))), ((), ())),
-            preferred_element_type=out_dtype,
-        )
+        dims = ((axes, tuple(range(len(axes)))), ((), ()))
+        if jnp.dtype(out_dtype) == jnp.float32 and jnp.dtype(self.dtype).itemsize < 4:
+            y = _dot_wide_out(xs, kernel.astype(self.dtype), dims)
+        else:
+            y = jax.lax.dot_general(xs, kernel.astype(self.dtype), dims, preferred_element_type=out_dtype)
         if one_row:
             y = y[:1]
         if self.use_bias:

@@ -128,10 +128,13 @@ def gpu() -> ExperimentConfig:
                           ffn_pattern=(MLPConfig(mlp_dim=2048),), dtype="bfloat16", think_steps=2, think_steps_random=0,
                           langevin_std=0.1,
                           replay_size=0, replay_fraction=0.0,
+                          # second order through the last step only, as the reference's S2 scripts train
+                          # (--truncate_mcmc): 1.87x the decoder per inner step on an H100, against 2.72x through
+                          # both steps (tools.bench_ebt, docs/benchmarks.md, 2026-12-07)
+                          detach_earlier=True,
                           # measured fastest on the H200 (tools.bench_ebt, docs/notes/ebt.md): jvp second order with
                           # the predicted stream on the fused kernels.jvp_attention Triton kernels (the GPU default
-                          # in jvp mode): 41.2 ms/step, 2.83-2.90x the decoder per inner step, 4.9 GiB XLA temp
-                          # (jnp attention: 62.3 ms; reverse mode: 80.5 ms, 27 GiB).
+                          # in jvp mode; jnp attention was 1.5x slower, reverse mode 1.9x and 5x the memory)
                           second_order="jvp")
     cfg.data.seq_len, cfg.data.global_batch_size = 512, 16
     cfg.model.sample.tokens = 0

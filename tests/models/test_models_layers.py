@@ -1,4 +1,6 @@
 """models.layers vs float64 NumPy oracles: RMSNorm, DenseGeneral, SwiGLU MLP, RoPE, Embed/attend."""
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -77,6 +79,35 @@ def test_dense_general_one_row_on_gpu_stays_a_matrix_product(batch):
     np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-6, atol=1e-6)
     ref = np.einsum("bsij,ijk->bsk", np.float64(x), np.float64(params["kernel"]))
     assert_close(out, ref, jnp.float32, "dense one row")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float32_logits_head_gradients_and_backward_dtype(dtype):
+    """out_dtype=float32 (the logits head): float32 values forward; gradients against float64 for an odd shape; and
+    in bf16 the backward's two GEMMs take bf16 operands (a float32 cotangent against the bf16 kernel made XLA run
+    them as float32 / TF32 GEMMs, 12% of an MoE step)."""
+    x = _rand(0, (3, 5, 13), 0.5)
+    w = _rand(1, (13, 37), 0.5)
+    ct = _rand(2, (3, 5, 37))
+    mod = DenseGeneral(37, ("embed", "vocab"), dtype=dtype, out_dtype=jnp.float32)
+
+    def f(xx, kk):
+        return jnp.sum(mod.apply({"params": {"kernel": kk}}, xx) * ct)
+
+    out = mod.apply({"params": {"kernel": w}}, x)
+    assert out.dtype == jnp.float32
+    x64, w64, c64 = (np.float64(a) for a in (x, w, ct))
+    if dtype == jnp.bfloat16:  # the operands are rounded to bf16 first
+        x64, w64 = (np.float64(np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))) for a in (x, w))
+    assert_close(out, x64 @ w64, jnp.float32 if dtype == jnp.float32 else dtype, "logits")
+    gx, gw = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
+    assert gx.dtype == jnp.float32 and gw.dtype == jnp.float32
+    assert_close(gx, c64 @ w64.T, dtype, "d logits / dx")
+    assert_close(gw, np.einsum("bsd,bsv->dv", x64, c64), dtype, "d logits / dW")
+    hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).as_text()
+    operand_types = re.findall(r"dot_general.*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo)
+    want = "bf16" if dtype == jnp.bfloat16 else "f32"
+    assert len(operand_types) == 2 and all(t == (want, want) for t in operand_types), operand_types
 
 
 def test_dense_general_bad_axes_is_one_clear_error():
