@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.custom_derivatives import SymbolicZero
 
 from axlearn_like.config import ConfigError, config_class, require
 from axlearn_like.params import param_init
@@ -67,30 +68,34 @@ class RMSNorm(nn.Module):
         return (x32 * inv * scale).astype(self.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _dot_wide_out(x: jax.Array, w: jax.Array, dims) -> jax.Array:
-    """dot_general(x, w, dims) returned float32 from low-precision x, w, with the backward in x's dtype.
+    """dot_general(x, w, dims) returned float32 from low-precision x, w, with derivatives in x's dtype.
 
     Autodiff of a dot with preferred_element_type=float32 transposes with the float32 cotangent against the
     bf16 operand, which XLA runs as float32 (TF32) GEMMs: for the logits ([tokens, d] x [d, vocab]) those two
-    GEMMs were 12% of the moe:gpu_0p8b step on an H100 (docs/benchmarks.md, "Head backward"). Here the cotangent
-    is rounded to x's dtype first, as every other layer's cotangent already is, so both backward GEMMs run in
-    bf16 (float32 accumulation) and produce x's / w's dtype.
+    GEMMs were 12% of the moe:gpu_0p8b step on an H100 (docs/benchmarks.md, "Head backward"). Here the tangent
+    products run in x's dtype (float32 accumulation) and are widened after, so their transposes round the
+    cotangent to bf16 first, as every other layer's cotangent already is, and both backward GEMMs run in bf16.
+    A custom JVP rather than a custom VJP: the EBT differentiates its energy head to second order in forward
+    mode, which a custom VJP does not support.
     """
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
 
-def _dot_wide_out_fwd(x, w, dims):
-    return _dot_wide_out(x, w, dims), (x, w)
+def _dot_wide_out_jvp(dims, primals, tangents):
+    x, w = primals
+    tx, tw = tangents
+    y = _dot_wide_out(x, w, dims)
+    t = jnp.zeros_like(y)
+    if not isinstance(tx, SymbolicZero):
+        t = t + jax.lax.dot_general(tx, w, dims, preferred_element_type=x.dtype).astype(jnp.float32)
+    if not isinstance(tw, SymbolicZero):
+        t = t + jax.lax.dot_general(x, tw, dims, preferred_element_type=x.dtype).astype(jnp.float32)
+    return y, t
 
 
-def _dot_wide_out_bwd(dims, res, ct):
-    x, w = res
-    _, vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=x.dtype), x, w)
-    return vjp(ct.astype(x.dtype))
-
-
-_dot_wide_out.defvjp(_dot_wide_out_fwd, _dot_wide_out_bwd)
+_dot_wide_out.defjvp(_dot_wide_out_jvp, symbolic_zeros=True)
 
 
 class DenseGeneral(nn.Module):

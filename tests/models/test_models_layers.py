@@ -83,9 +83,9 @@ def test_dense_general_one_row_on_gpu_stays_a_matrix_product(batch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_float32_logits_head_gradients_and_backward_dtype(dtype):
-    """out_dtype=float32 (the logits head): float32 values forward; gradients against float64 for an odd shape; and
-    in bf16 the backward's two GEMMs take bf16 operands (a float32 cotangent against the bf16 kernel made XLA run
-    them as float32 / TF32 GEMMs, 12% of an MoE step)."""
+    """out_dtype=float32 (the logits head): float32 values forward; gradients and a forward-over-reverse product
+    (the EBT's second order) against float64 for an odd shape; and in bf16 the backward's two GEMMs take bf16
+    operands (a float32 cotangent against the bf16 kernel made XLA run them as TF32 GEMMs, 12% of an MoE step)."""
     x = _rand(0, (3, 5, 13), 0.5)
     w = _rand(1, (13, 37), 0.5)
     ct = _rand(2, (3, 5, 37))
@@ -105,6 +105,11 @@ def test_float32_logits_head_gradients_and_backward_dtype(dtype):
     assert_close(gx, c64 @ w64.T, dtype, "d logits / dx")
     assert_close(gw, np.einsum("bsd,bsv->dv", x64, c64), dtype, "d logits / dW")
     hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).as_text()
+    # forward over reverse (the EBT's second order through its energy head): d/dW (dL/dx) . tW = ct . tW^T
+    tw = _rand(3, (13, 37), 0.5)
+    _, hvp = jax.jvp(lambda kk: jax.grad(f)(x, kk), (w,), (tw,))
+    tw64 = np.float64(tw) if dtype == jnp.float32 else np.float64(np.asarray(tw.astype(dtype).astype(jnp.float32)))
+    assert_close(hvp, c64 @ tw64.T, dtype, "forward over reverse")
     operand_types = re.findall(r"dot_general.*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo)
     want = "bf16" if dtype == jnp.bfloat16 else "f32"
     assert len(operand_types) == 2 and all(t == (want, want) for t in operand_types), operand_types
