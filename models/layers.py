@@ -74,7 +74,7 @@ def _dot_wide_out(x: jax.Array, w: jax.Array, dims) -> jax.Array:
 
     Autodiff of a dot with preferred_element_type=float32 transposes with the float32 cotangent against the
     bf16 operand, which XLA runs as float32 (TF32) GEMMs: for the logits ([tokens, d] x [d, vocab]) those two
-    GEMMs were 12% of the moe:gpu_0p8b step on an H100 (docs/benchmarks.md, "Head backward"). Here the tangent
+    GEMMs were 12% of the moe:gpu_0p8b step on an H100 (docs/benchmarks.md, "The MoE preset's profile"). The tangent
     products run in x's dtype (float32 accumulation) and are widened after, so their transposes round the
     cotangent to bf16 first, as every other layer's cotangent already is, and both backward GEMMs run in bf16.
     A custom JVP rather than a custom VJP: the EBT differentiates its energy head to second order in forward
