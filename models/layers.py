@@ -98,6 +98,14 @@ def _dot_wide_out_jvp(dims, primals, tangents):
 _dot_wide_out.defjvp(_dot_wide_out_jvp, symbolic_zeros=True)
 
 
+def _dot(x: jax.Array, w: jax.Array, dims, out_dtype) -> jax.Array:
+    """dot_general of x and w (both already in the compute dtype) returned in out_dtype; a float32 result from a
+    narrower compute dtype (logits) goes through `_dot_wide_out`, so its backward stays in the compute dtype."""
+    if jnp.dtype(out_dtype) == jnp.float32 and jnp.dtype(x.dtype).itemsize < 4:
+        return _dot_wide_out(x, w, dims)
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=out_dtype)
+
+
 class DenseGeneral(nn.Module):
     """y = x . W contracting `axis` of x with the leading axes of W; W has shape in_shape + features.
 
@@ -139,11 +147,7 @@ class DenseGeneral(nn.Module):
             # GEMV's bandwidth (docs/benchmarks.md, cached generation). Two identical rows behind a barrier keep
             # it a matrix product; the second row is dropped.
             xs = jax.lax.optimization_barrier(jnp.concatenate([xs, xs], axis=0))
-        dims = ((axes, tuple(range(len(axes)))), ((), ()))
-        if jnp.dtype(out_dtype) == jnp.float32 and jnp.dtype(self.dtype).itemsize < 4:
-            y = _dot_wide_out(xs, kernel.astype(self.dtype), dims)
-        else:
-            y = jax.lax.dot_general(xs, kernel.astype(self.dtype), dims, preferred_element_type=out_dtype)
+        y = _dot(xs, kernel.astype(self.dtype), ((axes, tuple(range(len(axes)))), ((), ())), out_dtype)
         if one_row:
             y = y[:1]
         if self.use_bias:
@@ -333,7 +337,6 @@ class Embed(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def attend(self, x: jax.Array) -> jax.Array:
-        logits = jnp.einsum(
-            "bsd,vd->bsv", x.astype(self.dtype), self.embedding.astype(self.dtype), preferred_element_type=jnp.float32
-        )
+        logits = _dot(x.astype(self.dtype), self.embedding.astype(self.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                      jnp.float32)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

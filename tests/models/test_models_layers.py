@@ -82,34 +82,41 @@ def test_dense_general_one_row_on_gpu_stays_a_matrix_product(batch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_float32_logits_head_gradients_and_backward_dtype(dtype):
-    """out_dtype=float32 (the logits head): float32 values forward; gradients and a forward-over-reverse product
-    (the EBT's second order) against float64 for an odd shape; and in bf16 the backward's two GEMMs take bf16
-    operands (a float32 cotangent against the bf16 kernel made XLA run them as TF32 GEMMs, 12% of an MoE step)."""
+@pytest.mark.parametrize("head", ["dense", "tied"])
+def test_float32_logits_head_gradients_and_backward_dtype(head, dtype):
+    """Both logits heads (DenseGeneral with out_dtype=float32; the tied Embed.attend): float32 values forward;
+    gradients and a forward-over-reverse product (the EBT's second order) against float64 for an odd shape; and in
+    bf16 the backward's two GEMMs take bf16 operands (a float32 cotangent against the bf16 weights made XLA run
+    them as TF32 GEMMs, 12% of an MoE step)."""
     x = _rand(0, (3, 5, 13), 0.5)
-    w = _rand(1, (13, 37), 0.5)
     ct = _rand(2, (3, 5, 37))
-    mod = DenseGeneral(37, ("embed", "vocab"), dtype=dtype, out_dtype=jnp.float32)
+    if head == "dense":  # kernel [D, V]
+        mod, name, method, w, tw = DenseGeneral(37, ("embed", "vocab"), dtype=dtype, out_dtype=jnp.float32), \
+            "kernel", None, _rand(1, (13, 37), 0.5), _rand(3, (13, 37), 0.5)
+    else:  # embedding [V, D]
+        mod, name, method, w, tw = Embed(num_embeddings=37, features=13, dtype=dtype), "embedding", Embed.attend, \
+            _rand(1, (37, 13), 0.5), _rand(3, (37, 13), 0.5)
 
-    def f(xx, kk):
-        return jnp.sum(mod.apply({"params": {"kernel": kk}}, xx) * ct)
+    def f(xx, ww):
+        return jnp.sum(mod.apply({"params": {name: ww}}, xx, method=method) * ct)
 
-    out = mod.apply({"params": {"kernel": w}}, x)
+    def f64(a):  # what the layer computes with: the operands rounded to its dtype
+        return np.float64(np.asarray(jnp.asarray(a).astype(dtype).astype(jnp.float32)))
+
+    x64, c64 = f64(x), np.float64(ct)
+    m64, t64 = (f64(a) if head == "dense" else f64(a).T for a in (w, tw))  # as [D, V]
+    out = mod.apply({"params": {name: w}}, x, method=method)
     assert out.dtype == jnp.float32
-    x64, w64, c64 = (np.float64(a) for a in (x, w, ct))
-    if dtype == jnp.bfloat16:  # the operands are rounded to bf16 first
-        x64, w64 = (np.float64(np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))) for a in (x, w))
-    assert_close(out, x64 @ w64, jnp.float32 if dtype == jnp.float32 else dtype, "logits")
+    assert_close(out, x64 @ m64, jnp.float32 if dtype == jnp.float32 else dtype, "logits")
     gx, gw = jax.jit(jax.grad(f, argnums=(0, 1)))(x, w)
     assert gx.dtype == jnp.float32 and gw.dtype == jnp.float32
-    assert_close(gx, c64 @ w64.T, dtype, "d logits / dx")
-    assert_close(gw, np.einsum("bsd,bsv->dv", x64, c64), dtype, "d logits / dW")
+    assert_close(gx, c64 @ m64.T, dtype, "d logits / dx")
+    gw_ref = np.einsum("bsd,bsv->dv", x64, c64)
+    assert_close(gw, gw_ref if head == "dense" else gw_ref.T, dtype, "d logits / dW")
+    # forward over reverse: d/dW (dL/dx) . tW = ct . tW^T
+    _, hvp = jax.jvp(lambda ww: jax.grad(f)(x, ww), (w,), (tw,))
+    assert_close(hvp, c64 @ t64.T, dtype, "forward over reverse")
     hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).as_text()
-    # forward over reverse (the EBT's second order through its energy head): d/dW (dL/dx) . tW = ct . tW^T
-    tw = _rand(3, (13, 37), 0.5)
-    _, hvp = jax.jvp(lambda kk: jax.grad(f)(x, kk), (w,), (tw,))
-    tw64 = np.float64(tw) if dtype == jnp.float32 else np.float64(np.asarray(tw.astype(dtype).astype(jnp.float32)))
-    assert_close(hvp, c64 @ tw64.T, dtype, "forward over reverse")
     operand_types = re.findall(r"dot_general.*: \(tensor<[^>]*x(\w+)>, tensor<[^>]*x(\w+)>\)", hlo)
     want = "bf16" if dtype == jnp.bfloat16 else "f32"
     assert len(operand_types) == 2 and all(t == (want, want) for t in operand_types), operand_types
