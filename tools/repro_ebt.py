@@ -3,7 +3,7 @@ in one root.
 
     python -m tools.repro_ebt train  ROOT [--runs decoder,ebt[,no_replay,no_langevin,fixed_steps]]
                                      [--set K=V ...] [--max-minutes M]
-    python -m tools.repro_ebt report ROOT [--batches N] [--max-steps K] [--groups 1,4,16]
+    python -m tools.repro_ebt report ROOT [--batches N] [--max-steps K] [--groups 1,4,16] [--finished-only]
     python -m tools.repro_ebt status ROOT
 
 `train` trains each named run with `recipes.ebt --preset <preset>` into ROOT/<run> (`ebt`: repro_text, `decoder`:
@@ -22,9 +22,10 @@ goes first. One record per run and call in ROOT/stages.jsonl.
 - self-verification: the lowest-energy of G candidates at the trained maximum of steps under the inference Langevin
   noise (`tools.ebt_think.self_verification`), for `ebt`;
 - the decoder's loss on the same batches (`tools.ebt_think.decoder_loss`).
-Results are cached in ROOT/report/eval_<run>.json per checkpoint step and settings; a run whose checkpoints are
-not here (trained in another session, its metrics and evaluation carried back) is reported from that file when
-it was made with the same settings. It writes ROOT/report/:
+Results are cached in ROOT/report/eval_<run>.json per checkpoint step and settings; `--finished-only` evaluates
+only runs at their last step, so a GPU call that ends mid-run spends no time on an evaluation a later call
+replaces. A run whose checkpoints are not here (trained in another session, its metrics and evaluation carried
+back) is reported from that file when it was made with the same settings. It writes ROOT/report/:
 thinking.png (loss vs steps, ID and OOD, decoder lines), self_verification.png, loss_vs_tokens.png (train and eval
 loss of every run vs tokens; `tools.compare_runs`), summary.md / summary.json (every number and a claims table).
 docs/results/ebt.md has the GPU commands and the sizing.
@@ -99,9 +100,10 @@ def present_runs(root: str) -> list[str]:
     return [r for r in RUNS if os.path.isfile(os.path.join(root, r, "metrics.jsonl"))]
 
 
-def _eval_run(root: str, run: str, sets: dict, settings: dict, stream=None) -> dict | None:
+def _eval_run(root: str, run: str, sets: dict, settings: dict, stream=None, *, finished_only: bool = False
+              ) -> dict | None:
     """The thinking / self-verification / decoder numbers of one run at its latest checkpoint (cached)."""
-    from axlearn_like import checkpoint
+    from axlearn_like import checkpoint, rundir
     from tools import ebt_think
 
     d = os.path.join(root, run)
@@ -111,6 +113,12 @@ def _eval_run(root: str, run: str, sets: dict, settings: dict, stream=None) -> d
     if os.path.isfile(cache):
         with open(cache) as f:
             old = json.load(f)
+    if finished_only and step is not None:
+        target = rundir.read_config_file(os.path.join(d, "config.json")).trainer.steps
+        if step < target:
+            print(f"{run}: at step {step} of {target}; not evaluated before its last step (--finished-only)",
+                  file=stream)
+            return None
     if step is None:
         # A run trained on another machine: its evaluation came back with its metrics (the GPU calls' tarball).
         if old is not None and {k: v for k, v in old.get("key", {}).items() if k != "step"} == settings:
@@ -299,7 +307,7 @@ def _md(summary: dict) -> str:
 
 
 def report(root: str, *, batches: int = 8, max_steps: int = 16, groups=(1, 4, 16), ood: bool = True,
-           stream=None) -> dict:
+           finished_only: bool = False, stream=None) -> dict:
     from axlearn_like import rundir
     from tools import compare_runs, ebt_think
 
@@ -319,7 +327,8 @@ def report(root: str, *, batches: int = 8, max_steps: int = 16, groups=(1, 4, 16
         sets["id"] = ebt_think.eval_batches(data, batches)
         if ood:
             sets["ood"] = ebt_think.eval_batches(ood_data(data), batches)
-    ev = {r: e for r in runs if (e := _eval_run(root, r, sets, settings, stream=stream)) is not None}
+    ev = {r: e for r in runs
+          if (e := _eval_run(root, r, sets, settings, stream=stream, finished_only=finished_only)) is not None}
     metrics = _run_metrics(root, runs)
     summary = {"labels": {r: LABELS[r] for r in runs}, "settings": settings, "runs": metrics, "eval": ev,
                "claims": _claims(ev, metrics)}
@@ -348,13 +357,16 @@ def main(argv=None) -> int:
     a_rep.add_argument("--max-steps", type=int, default=16, help="thinking steps of the loss-vs-steps curve")
     a_rep.add_argument("--groups", default="1,4,16", help="self-verification candidate counts G")
     a_rep.add_argument("--no-ood", action="store_true", help="skip the out-of-distribution (prose) set")
+    a_rep.add_argument("--finished-only", action="store_true",
+                       help="evaluate only runs at their last step (the GPU calls: an unfinished run's evaluation "
+                            "is replaced later anyway)")
     a = p.parse_args(argv)
     if a.cmd == "train":
         return train(a.root, [r for r in a.runs.split(",") if r], a.set, max_minutes=a.max_minutes,
                      tokenizer_bytes=a.tokenizer_bytes)
     if a.cmd == "report":
         report(a.root, batches=a.batches, max_steps=a.max_steps, groups=tuple(int(g) for g in a.groups.split(",")),
-               ood=not a.no_ood)
+               ood=not a.no_ood, finished_only=a.finished_only)
         return 0
     return status(a.root)
 

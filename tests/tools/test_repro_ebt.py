@@ -45,6 +45,12 @@ def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
     assert proc.returncode == 0, out[-3000:]
     assert latest_step(str(root / "decoder")) == 6 and 1 <= latest_step(str(root / "ebt")) < 6, out[-3000:]
     assert "ebt: stopped at step" in out
+    # the GPU calls' report: the unfinished EBT is not evaluated (a later call would replace it), the decoder is
+    rargs = ["--batches", "1", "--max-steps", "4", "--groups", "1,2"]
+    assert repro_ebt.main(["report", str(root), *rargs, "--finished-only"]) == 0
+    assert set(json.loads((root / "report" / "summary.json").read_text())["eval"]) == {"decoder"}
+    assert not (root / "report" / "eval_ebt.json").exists()
+    assert re.search(r"^ebt: at step [1-5] of 6; not evaluated", capsys.readouterr().out, re.M)
 
     # 2. the same command again (the --set are remembered): the decoder is skipped, the EBT resumes and finishes
     r = helpers.run(_train_cmd(root), timeout=240)
@@ -58,7 +64,7 @@ def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
     assert "was started with --set" in capsys.readouterr().err
 
     # 3. the report: thinking curves to 4 steps and G = 1, 2 on one batch of each held-out set
-    assert repro_ebt.main(["report", str(root), "--batches", "1", "--max-steps", "4", "--groups", "1,2"]) == 0
+    assert repro_ebt.main(["report", str(root), *rargs]) == 0
     rep = root / "report"
     for name in ("thinking", "self_verification", "loss_vs_tokens"):
         helpers.assert_png(rep / f"{name}.png")
@@ -78,7 +84,7 @@ def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
     md = (rep / "summary.md").read_text()
     assert "## Held-out loss, out of distribution" in md and "## Claims" in md
     stamp = os.path.getmtime(rep / "eval_ebt.json")
-    assert repro_ebt.main(["report", str(root), "--batches", "1", "--max-steps", "4", "--groups", "1,2"]) == 0
+    assert repro_ebt.main(["report", str(root), *rargs]) == 0
     assert os.path.getmtime(rep / "eval_ebt.json") == stamp  # same checkpoint and settings: not recomputed
     # 4. another machine (the GPU calls' tarball: metrics, configs, the report's evaluations; no checkpoints):
     # the report reads the carried evaluations instead of dropping the runs
@@ -87,7 +93,7 @@ def test_ebt_repro_pipeline_resumes_and_reports(tmp_path, capsys):
                 "report/eval_decoder.json", "report/eval_ebt.json"):
         os.makedirs((far / rel).parent, exist_ok=True)
         (far / rel).write_bytes((root / rel).read_bytes())
-    assert repro_ebt.main(["report", str(far), "--batches", "1", "--max-steps", "4", "--groups", "1,2"]) == 0
+    assert repro_ebt.main(["report", str(far), *rargs]) == 0
     assert json.loads((far / "report" / "summary.json").read_text())["eval"] == s["eval"]
     assert repro_ebt.main(["report", str(far), "--batches", "2", "--max-steps", "4", "--groups", "1,2"]) == 0
     assert json.loads((far / "report" / "summary.json").read_text())["eval"] == {}  # other settings: not reused
