@@ -70,5 +70,19 @@ def dot_product_attention(
     impl = OP.select(implementation, q, k, v, segment_ids)
     if impl == "xla":
         return reference_attention(q, k, v, segment_ids, scale=scale)
+    s = q.shape[1]
+    if segment_ids is not None and s % 2:
+        q, k, v, segment_ids = pad_to_even_length(q, k, v, segment_ids)
     mask = None if segment_ids is None else segment_mask(segment_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale, implementation=impl)
+    return out[:, :s]
+
+
+def pad_to_even_length(q, k, v, segment_ids):
+    """One trailing position for cuDNN, whose flash attention differentiates a masked (packed) call only at even
+    lengths (an EBT row with its time token is 257 long). Causality keeps every real query from seeing it, and its
+    own segment id (row max + 1) keeps it from attending the last document: its output is all zeros, sliced off.
+    q [B, S, H, D], k/v [B, S, K, D], segment_ids [B, S] -> the same with S + 1."""
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    own = jnp.max(segment_ids, axis=1, keepdims=True) + 1
+    return pad(q), pad(k), pad(v), jnp.concatenate([segment_ids, own.astype(segment_ids.dtype)], axis=1)

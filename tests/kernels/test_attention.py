@@ -3,6 +3,7 @@ hand-written VJP, the implementation table and the picking rule (OpTestBase); ar
 GPU (AXL_TEST_GPU=1 ... -m gpu): the same class runs "cudnn" on the bf16 cases."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -71,3 +72,23 @@ def test_argument_errors_are_one_line():
         with pytest.raises(ValueError, match=match) as e:
             dot_product_attention(*args)
         assert "\n" not in str(e.value)
+
+
+def test_even_length_padding_leaves_outputs_and_gradients_unchanged():
+    """The cuDNN path pads packed odd-length calls by one position (pad_to_even_length); on the reference the
+    padded call, sliced back, must give the same outputs and gradients as the unpadded one."""
+    from kernels.attention.api import pad_to_even_length
+    from kernels.attention.reference import attention
+
+    rng = np.random.default_rng()
+    b, s, h, kv, d = 2, 13, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.standard_normal((b, s, n, d)), jnp.float32) for n in (h, kv, kv))
+    seg = jnp.asarray(np.repeat([1, 2, 3], [4, 6, 3])[None].repeat(b, 0), jnp.int32)
+    ct = jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32)
+    plain = lambda *a: attention(*a, seg)
+    padded = lambda *a: attention(*pad_to_even_length(*a, seg))[:, :s]
+    (o1, vjp1), (o2, vjp2) = jax.vjp(plain, q, k, v), jax.vjp(padded, q, k, v)
+    assert pad_to_even_length(q, k, v, seg)[0].shape[1] == s + 1
+    np.testing.assert_allclose(o2, o1, rtol=1e-6, atol=1e-6)
+    for g2, g1 in zip(vjp2(ct), vjp1(ct)):
+        np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-5)

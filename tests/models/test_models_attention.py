@@ -100,11 +100,18 @@ def test_attention_config_errors_are_one_line(override, key):
 
 
 @pytest.mark.gpu
-def test_cudnn_matches_xla_on_gpu():
-    q, k, v = _qkv(2, 256, 8, 2, 64, jnp.bfloat16)
-    seg = jnp.concatenate([jnp.ones((2, 100), jnp.int32), 2 * jnp.ones((2, 156), jnp.int32)], 1)
+@pytest.mark.parametrize("length", [256, 257])  # 257: a packed odd row (the EBT's time token), padded for cuDNN
+def test_cudnn_matches_xla_on_gpu(length):
+    q, k, v = _qkv(2, length, 8, 2, 64, jnp.bfloat16)
+    seg = jnp.concatenate([jnp.ones((2, 100), jnp.int32), 2 * jnp.ones((2, length - 100), jnp.int32)], 1)
     for s in (None, seg):
         a = dot_product_attention(q, k, v, s, implementation="cudnn")
         b = dot_product_attention(q, k, v, s, implementation="xla")
         assert_close(a.astype(jnp.float32), np_attention(q, k, v, s), jnp.bfloat16, "cudnn")
         assert_close(b.astype(jnp.float32), np_attention(q, k, v, s), jnp.bfloat16, "xla")
+        def summed(q, k, v, s, impl):
+            return dot_product_attention(q, k, v, s, implementation=impl).astype(jnp.float32).sum()
+
+        grads = [jax.grad(summed, argnums=(0, 1, 2))(q, k, v, s, i) for i in ("cudnn", "xla")]
+        for g_cudnn, g_xla in zip(*grads):
+            assert_close(g_cudnn.astype(jnp.float32), g_xla.astype(jnp.float32), jnp.bfloat16, "cudnn grad", factor=2.0)
