@@ -8,7 +8,8 @@
 #   bash scripts/gpu_session.sh generate  # python -m tools.bench_generate on the dense preset vs HF transformers
 #   bash scripts/gpu_session.sh verify  # kernels' GPU tests + packed-row costs, time-boxed (~9 min)
 #   bash scripts/gpu_session.sh next    # docs/notes/gpu_plan.md's front rows for whichever card came (~9 min):
-#                                       # H200: the H200-sized presets (row 3) + the dense profile; H100: row 3d
+#                                       # H200: the H200-sized presets (row 3) + the dense profile; H100: the
+#                                       # EBT reproduction (row 6; carry what docs/notes/gpu_plan.md says)
 # dense_lm:gpu_1b and simplicial:gpu_1b are sized for one H200 (141 GB): ask for nvidia-h200 with needs_h200; the
 # other presets fit an H100 (80 GB) at their defaults (docs/benchmarks.md, 2026-12-07).
 # On the lent GPU image (docs/benchmarks.md, "How to measure"): carry .whl (scripts from the workplace fetch
@@ -36,16 +37,20 @@ case "${1:-tests}" in
     timeout 60 python3 -m tests.kernels.test_ssd_gpu --out "$OUT/ssd_packed.json" 2>&1 | tail -12
     timeout 180 python3 -m tools.bench_simplicial --packed 2048,512 --out "$OUT" 2>&1 | tee "$OUT/simplicial_packed.log" \
       | tail -14 ;;
-  next)  # one card-branching call: what the queue needs first from this card (carry .whl and .anchors)
+  next)  # one card-branching call: what the queue needs first from this card (carry: docs/notes/gpu_plan.md)
     export HOME=/tmp TORCHINDUCTOR_CACHE_DIR=/tmp/ti TRITON_CACHE_DIR=/tmp/tc  # the torch anchor's caches
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       OUT="$OUT/presets" STEPS=5 timeout 330 bash "$0" bench --only simplicial:gpu_1b,dense_lm:gpu_1b --preset-timeout 150
       timeout 200 python3 -m tools.bench_train --recipe dense_lm --preset gpu_1b --steps 5 --no-save --kernel-profile 3 \
         2>&1 | grep -v "slow_operation\|Constant folding" | tee "$OUT/kprof_dense.log" | tail -40
-    else
-      timeout 150 python3 -m tools.bench_train --recipe moe --preset gpu_0p8b --steps 5 --no-save 2>&1 \
-        | tee "$OUT/moe.log" | tail -14
-      OUT="$OUT/mamba2" STEPS=5 timeout 330 bash "$0" bench --only mamba2:gpu_340m --preset-timeout 300
+    else  # row 6: the EBT reproduction's run (docs/results/ebt.md); the same call again continues it
+      export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache; R=runs/ebt_repro
+      python3 -m tools.repro_ebt train $R --runs ebt --max-minutes 7 2>&1 | grep -v absl | tr '\r' '\n' \
+        | grep -v "it/s" | tee "$OUT/ebt_train.log" | tail -25
+      python3 -m tools.repro_ebt status $R
+      python3 -m tools.repro_ebt report $R --finished-only 2>&1 | grep -v absl | tail -40
+      tar czf "$OUT/ebt_repro.tgz" $R/stages.jsonl $R/tokenizer.json $R/repro.json $R/*/metrics.jsonl \
+        $R/*/config.json $R/report
     fi ;;
   *) echo "usage: $0 tests|kernels|bench|generate|verify|next [args]" >&2; exit 2 ;;
 esac
