@@ -7,6 +7,8 @@
 #                                       # PyTorch + mamba_ssm anchor row and the tokens/s ratio (issue 18)
 #   bash scripts/gpu_session.sh generate  # python -m tools.bench_generate on the dense preset vs HF transformers
 #   bash scripts/gpu_session.sh verify  # kernels' GPU tests + packed-row costs, time-boxed (~9 min)
+#   bash scripts/gpu_session.sh ebt_repro [RUNS]  # the EBT reproduction's next call (MINUTES=7 of training)
+#   bash scripts/gpu_session.sh moe_repro [RUNS]  # MoE balance runs still missing (MINUTES=8.3)
 #   bash scripts/gpu_session.sh next    # docs/notes/gpu_plan.md's front rows for whichever card came (~9 min):
 #                                       # H200: the H200-sized presets (row 3) + the dense profile; H100: the
 #                                       # EBT reproduction (row 6; carry what docs/notes/gpu_plan.md says)
@@ -43,14 +45,23 @@ case "${1:-tests}" in
       OUT="$OUT/presets" STEPS=5 timeout 330 bash "$0" bench --only simplicial:gpu_1b,dense_lm:gpu_1b --preset-timeout 150
       timeout 200 python3 -m tools.bench_train --recipe dense_lm --preset gpu_1b --steps 5 --no-save --kernel-profile 3 \
         2>&1 | grep -v "slow_operation\|Constant folding" | tee "$OUT/kprof_dense.log" | tail -40
-    else  # row 6: the EBT reproduction's run (docs/results/ebt.md); the same call again continues it
-      export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache; R=runs/ebt_repro
-      python3 -m tools.repro_ebt train $R --runs ebt --max-minutes 7 2>&1 | grep -v absl | tr '\r' '\n' \
-        | grep -v "it/s" | tee "$OUT/ebt_train.log" | tail -25
-      python3 -m tools.repro_ebt status $R
-      python3 -m tools.repro_ebt report $R --finished-only 2>&1 | grep -v absl | tail -40
-      tar czf "$OUT/ebt_repro.tgz" $R/stages.jsonl $R/tokenizer.json $R/repro.json $R/*/metrics.jsonl \
-        $R/*/config.json $R/report
+    else
+      bash "$0" ebt_repro
     fi ;;
-  *) echo "usage: $0 tests|kernels|bench|generate|verify|next [args]" >&2; exit 2 ;;
+  ebt_repro)  # row 6: the EBT reproduction's run (docs/results/ebt.md); the same call again continues it
+    export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache; R=runs/ebt_repro
+    python3 -m tools.repro_ebt train $R --runs "${2:-ebt}" --max-minutes "${MINUTES:-7}" 2>&1 | grep -v absl \
+      | tr '\r' '\n' | grep -v "it/s\|s/it" | tee "$OUT/ebt_train.log" | tail -25
+    python3 -m tools.repro_ebt status $R
+    python3 -m tools.repro_ebt report $R --finished-only 2>&1 | grep -v absl | tail -40
+    tar czf "$OUT/ebt_repro.tgz" $R/stages.jsonl $R/tokenizer.json $R/repro.json $R/*/metrics.jsonl $R/*/config.json \
+      $R/report ;;
+  moe_repro)  # row 5: MoE balance runs (docs/results/moe_balance.md); each finished run persists by its metrics
+    export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache; R=runs/moe_balance
+    python3 -m tools.repro_moe train $R --runs "${2:-aux_loss,no_balance,aux_free_seq,limited}" \
+      --max-minutes "${MINUTES:-8.3}" 2>&1 | grep -v absl | tr '\r' '\n' | grep -v "it/s\|s/it" | tee "$OUT/moe_train.log" \
+      | tail -25
+    python3 -m tools.repro_moe status $R
+    tar czf "$OUT/moe_repro.tgz" $R/stages.jsonl $R/repro.json $R/*/metrics.jsonl $R/*/config.json ;;
+  *) echo "usage: $0 tests|kernels|bench|generate|verify|next|ebt_repro|moe_repro [args]" >&2; exit 2 ;;
 esac
