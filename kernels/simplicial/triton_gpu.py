@@ -10,10 +10,11 @@ Backward: a per-query kernel (dq, dk2/dv2 rows) and a per-k1-block kernel (dk1, 
 Logits are kept in log2 units (b_r carries log2(e)) so every exponential is a bare exp2.
 Packed documents (constexpr SEG; SEG=False compiles none of this): SEGS [B, S] holds each position's canonical
 document id (the first position of its id, reference.segment_starts) and RUNS the start of its run. A query's
-rows of other documents' k2 keys are dropped like rows before position 0; k1 columns are masked by id only in
+rows of other documents' k2 keys are dropped like rows before position 0; k1 columns are masked only in
 blocks that are not wholly inside the query's run (so the whole-block fast loop stays select-free), the
 k1 loops start at the block of the document's first position, and the dk1/dv1 kernel skips the queries that
-see no key of its block.
+see no key of its block. The forward and dq kernels read ids per key only in their RECUR variant, run where
+some id recurs after another run (packing gives each document one run; then the bounds decide).
 """
 from __future__ import annotations
 
@@ -93,15 +94,19 @@ def _kv_rows(K1, V1, b, kvh, jpos, valid, S: tl.constexpr, HKV: tl.constexpr, DK
 @triton.jit
 def _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S: tl.constexpr, HKV: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr, DVP: tl.constexpr, BJ: tl.constexpr,
-               PREC: tl.constexpr, MASKED: tl.constexpr, SEG: tl.constexpr):
+               PREC: tl.constexpr, MASKED: tl.constexpr, SEG: tl.constexpr, IDS: tl.constexpr):
     """One online-softmax step over k1 block n (logits in log2 units). MASKED=False for blocks wholly inside
-    [run start, i] (unpacked: [0, i]): no per-element select (all but <= 2 blocks of most queries)."""
+    [run start, i] (unpacked: [0, i]): no per-element select (all but <= 2 blocks of most queries). Packed
+    (SEG): IDS masks by document id (some id recurs after another run); without it every document is one run
+    and its first position `doc` bounds the keys, with no id loads."""
     jpos = j_first + n * BJ + tl.arange(0, BJ)
     cvalid = jpos >= 0
     if MASKED:
         cvalid = cvalid & (jpos <= i)
-        if SEG:
+        if IDS:
             cvalid = cvalid & (tl.load(SEGS + b * S + jpos, mask=cvalid, other=-1) == doc)
+        elif SEG:
+            cvalid = cvalid & (jpos >= doc)
     k1, v1 = _kv_rows(K1, V1, b, kvh, jpos, cvalid, S, HKV, DK, DV, DKP, DVP)
     s = tl.dot(rows, tl.trans(k1), input_precision=PREC)
     if MASKED:
@@ -118,7 +123,9 @@ def _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S: tl.
 def _fwd_kernel(Q, K1, V1, K2, V2, SEGS, RUNS, O, LSE, S: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr,
                 W1: tl.constexpr, W2: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DKP: tl.constexpr,
                 DVP: tl.constexpr, W2P: tl.constexpr, GH: tl.constexpr, BJ: tl.constexpr, SCALE: tl.constexpr,
-                PREC: tl.constexpr, SEG: tl.constexpr):
+                PREC: tl.constexpr, SEG: tl.constexpr, RECUR: tl.constexpr):
+    """Per query i and head tile: out, lse. RECUR (with SEG): some id recurs after another run, so ids decide
+    which keys are the query's document; without it bounds do (the kernel then loads no id per key)."""
     i = tl.program_id(0)
     b = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -148,21 +155,24 @@ def _fwd_kernel(Q, K1, V1, K2, V2, SEGS, RUNS, O, LSE, S: tl.constexpr, HKV: tl.
     full = clean - j_first
     n_full = tl.cdiv(full * (full > 0), BJ)
     n_hi = W1 // BJ
+    IDS: tl.constexpr = SEG and RECUR
     for n in range(n_lo, tl.minimum(n_full, n_hi)):
         m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP,
-                               BJ, PREC, True, SEG)
+                               BJ, PREC, True, SEG, IDS)
     for n in range(n_full, n_hi):
         m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP,
-                               BJ, PREC, False, SEG)
+                               BJ, PREC, False, SEG, IDS)
     for n in range(tl.maximum(n_lo, n_hi), tl.cdiv(W1, BJ)):
         m, l, acc = _fwd_block(rows, m, l, acc, K1, V1, SEGS, doc, b, i, kvh, n, j_first, S, HKV, DK, DV, DKP, DVP,
-                               BJ, PREC, True, SEG)
+                               BJ, PREC, True, SEG, IDS)
     # Merge the W2P rows of each head (rows of masked blocks have p = exp(NEG - m) = 0 once m is real;
     # every valid row meets j = i, so its m is real by the end). Rows of other documents' k2 keys drop out.
     kk = tl.arange(0, W2P)
     v2m = (kk < W2) & (i - W2 + 1 + kk >= 0)
-    if SEG:
+    if IDS:
         v2m = v2m & (tl.load(SEGS + b * S + i - W2 + 1 + kk, mask=v2m, other=-1) == doc)
+    elif SEG:
+        v2m = v2m & (i - W2 + 1 + kk >= doc)
     v2 = _load_window(V2, b, i, kvh, S, HKV, W2, DV, DVP, W2P)
     m2 = tl.where(v2m[None, :], tl.reshape(m, (GH, W2P)), _NEG)
     m_head = tl.max(m2, axis=1)
@@ -363,11 +373,19 @@ def forward(q, k1, v1, k2, v2, seg, cfg):
     meta, warps, stages = _split(FWD_LAUNCH)
     p = {**_params(q, k1, v1, cfg, FWD_LAUNCH.get("ROWS", 128), seg), **meta}
     grid = (s, b * p["HKV"], triton.cdiv(p["G"], p["GH"]))
-    out, lse = jt.triton_call(
-        q, k1, v1, k2, v2, *_documents(seg, 2), kernel=_fwd_kernel,
-        out_shape=[jax.ShapeDtypeStruct((b, s, hq, p["DV"]), q.dtype), jax.ShapeDtypeStruct((b, s, hq), jnp.float32)],
-        grid=grid, num_warps=warps, num_stages=stages, **p)
-    return out, lse
+    docs, runs = _documents(seg, 2)
+
+    def fwd(recur):
+        return jt.triton_call(
+            q, k1, v1, k2, v2, docs, runs, kernel=_fwd_kernel,
+            out_shape=[jax.ShapeDtypeStruct((b, s, hq, p["DV"]), q.dtype),
+                       jax.ShapeDtypeStruct((b, s, hq), jnp.float32)],
+            grid=grid, num_warps=warps, num_stages=stages, RECUR=recur, **p)
+
+    if seg is None:
+        return tuple(fwd(False))
+    # as backward's dq kernel: the id-masked variant only where some id recurs (packing gives one run each)
+    return tuple(jax.lax.cond(jnp.any(runs != docs), lambda: fwd(True), lambda: fwd(False)))
 
 
 def backward(q, k1, v1, k2, v2, seg, do, lse, delta, cfg):
