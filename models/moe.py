@@ -176,6 +176,9 @@ class MoEConfig(FFNConfig):
     device_limited_m: int | None = None
     capacity_factor: float | None = None  # None = dropless; else per-device capacity, training only
     gamma: float = 1e-3  # bias update speed; 0 disables aux-loss-free balancing
+    # The router's init: None = fan-in scaling (std 1/sqrt(D)); DeepSeek-V2/V3 draw every parameter at std 0.006.
+    # Its scale sets how far apart the initial sigmoid scores are, hence how many gamma steps the bias needs.
+    router_init_std: float | None = None
     gamma_zero_after_step: int | None = None
     seq_aux_alpha: float = 1e-4  # V3 Eq. 17-20
     expert_aux_alpha: float = 0.0  # V1/V2 expert-level
@@ -198,6 +201,7 @@ class MoEConfig(FFNConfig):
         require(self.device_limited_m is None or self.device_limited_m >= 1, "device_limited_m", "must be None or >= 1")
         require(self.capacity_factor is None or self.capacity_factor > 0, "capacity_factor", "must be None or > 0")
         require(self.gamma >= 0, "gamma", "must be >= 0")
+        require(self.router_init_std is None or self.router_init_std > 0, "router_init_std", "must be None or > 0")
         check_implementation(self.implementation, GROUPED_MATMUL_IMPLEMENTATIONS, "grouped_matmul")
 
     def build(self, ctx: LayerContext, name: str) -> nn.Module:
@@ -439,7 +443,8 @@ class MoE(nn.Module):
         init3 = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
                                                  batch_axis=(0,))
         init2 = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        gate = self.param("gate", param_init(init2, ("embed", None)), (d, e), jnp.float32)
+        init_gate = init2 if cfg.router_init_std is None else nn.initializers.normal(cfg.router_init_std)
+        gate = self.param("gate", param_init(init_gate, ("embed", None)), (d, e), jnp.float32)
         w_gate = self.param("w_gate", param_init(init3, ("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
         w_up = self.param("w_up", param_init(init3, ("expert", "embed", "expert_mlp")), (e, d, f), jnp.float32)
         w_down = self.param("w_down", param_init(init3, ("expert", "expert_mlp", "embed")), (e, f, d), jnp.float32)

@@ -263,3 +263,13 @@ def test_layer_triton_matches_dense_gpu():
     assert_close(gxt, gxd, jnp.bfloat16, "dx")
     for name in ("w_gate", "w_up", "w_down", "gate"):
         assert_close(gt[name], gd[name], jnp.bfloat16, f"d{name}")
+
+
+def test_router_init_std():
+    """router_init_std draws the gate from N(0, std) (DeepSeek's 0.006); None keeps fan-in scaling, 1/sqrt(D).
+    A wide gate (D x 256 experts) so the sample std is within a few percent of the drawn one."""
+    x = _x(0, (1, 3, D))
+    wide = dataclasses.replace(CFG, num_experts=256, top_k=2)
+    for std, want in ((None, 1 / np.sqrt(D)), (0.006, 0.006)):
+        gate = np.asarray(_init(dataclasses.replace(wide, router_init_std=std), x)["params"]["gate"])
+        assert abs(gate.std() / want - 1) < 0.12, (std, gate.std())
