@@ -7,7 +7,7 @@
 #                                       # PyTorch + mamba_ssm anchor row and the tokens/s ratio (issue 18)
 #   bash scripts/gpu_session.sh generate  # python -m tools.bench_generate on the dense preset vs HF transformers
 #   bash scripts/gpu_session.sh verify  # kernels' GPU tests + packed-row costs, time-boxed (~9 min)
-#   bash scripts/gpu_session.sh ebt_repro [RUNS]  # the EBT reproduction's next call (MINUTES=7 of training)
+#   bash scripts/gpu_session.sh ebt_repro [RUNS]  # the EBT reproduction's next call (MINUTES=6 of training, then the report)
 #   bash scripts/gpu_session.sh moe_repro [RUNS]  # MoE balance runs still missing (MINUTES=8.3)
 #   bash scripts/gpu_session.sh next    # docs/notes/gpu_plan.md's front rows for whichever card came (~9 min):
 #                                       # H200: the H200-sized presets (row 3) + the dense profile; H100: the
@@ -50,7 +50,7 @@ case "${1:-tests}" in
     fi ;;
   ebt_repro)  # row 6: the EBT reproduction's run (docs/results/ebt.md); the same call again continues it
     export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache; R=runs/ebt_repro
-    python3 -m tools.repro_ebt train $R --runs "${2:-ebt}" --max-minutes "${MINUTES:-7}" 2>&1 | grep -v absl \
+    python3 -m tools.repro_ebt train $R --runs "${2:-ebt}" --max-minutes "${MINUTES:-6}" 2>&1 | grep -v absl \
       | tr '\r' '\n' | grep -v "it/s\|s/it" | tee "$OUT/ebt_train.log" | tail -25
     python3 -m tools.repro_ebt status $R
     python3 -m tools.repro_ebt report $R --finished-only 2>&1 | grep -v absl | tail -40
