@@ -176,8 +176,8 @@ class MoEConfig(FFNConfig):
     device_limited_m: int | None = None
     capacity_factor: float | None = None  # None = dropless; else per-device capacity, training only
     gamma: float = 1e-3  # bias update speed; 0 disables aux-loss-free balancing
-    # The router's init: None = fan-in scaling (std 1/sqrt(D)); DeepSeek-V2/V3 draw every parameter at std 0.006.
-    # Its scale sets how far apart the initial sigmoid scores are, hence how many gamma steps the bias needs.
+    # The router's init: None = fan-in scaling (std 1/sqrt(D)); DeepSeek-V2/V3 draw every parameter at std 0.006
+    # (tried for balance in docs/results/moe_balance.md: more imbalanced at our sizes, so not a preset's choice).
     router_init_std: float | None = None
     gamma_zero_after_step: int | None = None
     seq_aux_alpha: float = 1e-4  # V3 Eq. 17-20
