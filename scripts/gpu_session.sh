@@ -25,6 +25,14 @@ fi
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+
+repro_train() {  # TOOL ROOT RUNS MINUTES: one resumable training call of a tools.repro_* pipeline, then its status
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache
+  python3 -m "tools.$1" train "$2" --runs "$3" --max-minutes "$4" 2>&1 | grep -v absl | tr '\r' '\n' \
+    | grep -v "it/s\|s/it" | tee "$OUT/$1_train.log" | tail -25
+  python3 -m "tools.$1" status "$2"
+}
+
 case "${1:-tests}" in
   tests) AXL_TEST_GPU=1 python3 -m pytest -m gpu -o addopts="" -p no:cacheprovider -q -rf --durations=10 \
            tests/kernels tests/models "${@:2}" 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
@@ -49,19 +57,14 @@ case "${1:-tests}" in
       bash "$0" ebt_repro
     fi ;;
   ebt_repro)  # row 6: the EBT reproduction's run (docs/results/ebt.md); the same call again continues it
-    export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache; R=runs/ebt_repro
-    python3 -m tools.repro_ebt train $R --runs "${2:-ebt}" --max-minutes "${MINUTES:-6}" 2>&1 | grep -v absl \
-      | tr '\r' '\n' | grep -v "it/s\|s/it" | tee "$OUT/ebt_train.log" | tail -25
-    python3 -m tools.repro_ebt status $R
+    R=runs/ebt_repro
+    repro_train repro_ebt $R "${2:-ebt}" "${MINUTES:-6}"
     python3 -m tools.repro_ebt report $R --finished-only 2>&1 | grep -v absl | tail -40
     tar czf "$OUT/ebt_repro.tgz" $R/stages.jsonl $R/tokenizer.json $R/repro.json $R/*/metrics.jsonl $R/*/config.json \
       $R/report ;;
   moe_repro)  # row 5: MoE balance runs (docs/results/moe_balance.md); each finished run persists by its metrics
-    export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache; R=runs/moe_balance
-    python3 -m tools.repro_moe train $R --runs "${2:-aux_loss,no_balance,aux_free_seq,limited}" \
-      --max-minutes "${MINUTES:-8.3}" 2>&1 | grep -v absl | tr '\r' '\n' | grep -v "it/s\|s/it" | tee "$OUT/moe_train.log" \
-      | tail -25
-    python3 -m tools.repro_moe status $R
+    R=runs/moe_balance
+    repro_train repro_moe $R "${2:-aux_loss,no_balance,aux_free_seq,limited}" "${MINUTES:-8.3}"
     tar czf "$OUT/moe_repro.tgz" $R/stages.jsonl $R/repro.json $R/*/metrics.jsonl $R/*/config.json ;;
   *) echo "usage: $0 tests|kernels|bench|generate|verify|next|ebt_repro|moe_repro [args]" >&2; exit 2 ;;
 esac
