@@ -365,6 +365,14 @@ def _tile_splits(n_tiles, n_programs, want=0):
     return max(x for x in range(1, n_tiles + 1) if n_tiles % x == 0 and x <= max(1, want))
 
 
+def _by_recurrence(seg, docs, runs, call):
+    """call(RECUR): False for unpacked rows; packed, the id-reading variant only where some id recurs after another
+    run (on the device, lax.cond; rare: packing gives every document one run)."""
+    if seg is None:
+        return call(False)
+    return jax.lax.cond(jnp.any(runs != docs), lambda: call(True), lambda: call(False))
+
+
 def forward(q, k1, v1, k2, v2, seg, cfg):
     """Returns out [B,S,Hq,Dv] (q.dtype) and lse [B,S,Hq] (float32). seg: int32 [B, S] or None."""
     import jax_triton as jt
@@ -382,10 +390,7 @@ def forward(q, k1, v1, k2, v2, seg, cfg):
                        jax.ShapeDtypeStruct((b, s, hq), jnp.float32)],
             grid=grid, num_warps=warps, num_stages=stages, RECUR=recur, **p)
 
-    if seg is None:
-        return tuple(fwd(False))
-    # as backward's dq kernel: the id-masked variant only where some id recurs (packing gives one run each)
-    return tuple(jax.lax.cond(jnp.any(runs != docs), lambda: fwd(True), lambda: fwd(False)))
+    return tuple(_by_recurrence(seg, docs, runs, fwd))
 
 
 def backward(q, k1, v1, k2, v2, seg, do, lse, delta, cfg):
@@ -408,10 +413,7 @@ def backward(q, k1, v1, k2, v2, seg, do, lse, delta, cfg):
                        jax.ShapeDtypeStruct((b, s, hkv, w2p, p["DVP"]), jnp.float32)],
             grid=(s, b * hkv), num_warps=warps, num_stages=stages, RECUR=recur, **p)
 
-    if seg is None:
-        dq, t2, u2 = bwd_q(False)
-    else:  # the id loop only where some id recurs (rare: packing gives every document one run)
-        dq, t2, u2 = jax.lax.cond(jnp.any(runs != docs), lambda: bwd_q(True), lambda: bwd_q(False))
+    dq, t2, u2 = _by_recurrence(seg, docs, runs, bwd_q)
     meta, warps, stages = _split(BWD_K_LAUNCH)
     p = {**_params(q, k1, v1, cfg, BWD_K_LAUNCH.get("ROWS", 128), seg), **meta}
     n_tiles = triton.cdiv(p["G"], p["GH"])
